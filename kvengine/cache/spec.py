@@ -1,0 +1,110 @@
+"""KVCacheSpec: the shape and byte math of the KV cache. Every other module asks it how big the cache is.
+
+bytes per token = 2 (K and V) x layers x kv heads x head dim x bytes per element, plus the scales that a
+quantized KV dtype stores. A sliding-window layer holds at most its window of tokens.
+No torch import: the accounting CLI and the block manager use this without loading PyTorch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvengine.errors import ConfigError
+
+
+@dataclass(slots=True, frozen=True)
+class KVDtype:
+    """How one K or V element is stored, and what scales come with it.
+
+    `scale_bytes_per_token_head` is for K and V together, for one token in one kv head; scales kept per
+    block (such as per-channel key scales) are given amortized over `block_size` tokens by `scale_bytes`.
+    """
+
+    name: str
+    element_bits: int
+    token_scale_bytes: int = 0  # per token, per kv head, K and V together (e.g. int8: one fp16 scale each)
+    block_channel_scale_bytes: int = 0  # per block, per kv head, per channel (K's per-channel scale + zero)
+    group_size: int = 0  # V quantized in groups of this many channels (0 = per token-head)
+    group_scale_bytes: int = 0  # per V group: scale + zero-point
+
+    def scale_bytes(self, head_dim: int, block_size: int) -> float:
+        """Scale bytes for one token in one kv head (K and V together), block-level scales amortized."""
+        per_token = float(self.token_scale_bytes)
+        if self.block_channel_scale_bytes:
+            per_token += self.block_channel_scale_bytes * head_dim / block_size
+        if self.group_size:
+            per_token += self.group_scale_bytes * (head_dim // self.group_size)
+        return per_token
+
+
+KV_DTYPES: dict[str, KVDtype] = {
+    "float32": KVDtype("float32", 32),
+    "bfloat16": KVDtype("bfloat16", 16),
+    "float16": KVDtype("float16", 16),
+    # e4m3 with one fp32 scale per token and kv head for K and for V.
+    "fp8": KVDtype("fp8", 8, token_scale_bytes=8),
+    # symmetric int8, one fp32 scale per token and kv head for K and for V.
+    "int8": KVDtype("int8", 8, token_scale_bytes=8),
+    # KIVI-style int4: K per channel (fp16 scale + zero per channel per block), V per token in groups of
+    # 32 channels (fp16 scale + zero per group).
+    "int4": KVDtype("int4", 4, block_channel_scale_bytes=4, group_size=32, group_scale_bytes=4),
+}
+KV_DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16",
+                    "fp8_e4m3": "fp8", "e4m3": "fp8"}
+
+
+def kv_dtype(name: str) -> KVDtype:
+    key = KV_DTYPE_ALIASES.get(name, name)
+    if key not in KV_DTYPES:
+        raise ConfigError(f"unknown KV cache dtype '{name}' (choose from {', '.join(KV_DTYPES)})")
+    return KV_DTYPES[key]
+
+
+@dataclass(slots=True, frozen=True)
+class KVCacheSpec:
+    """The KV cache's geometry: what one token, one block and one sequence cost in bytes."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str = "float32"
+    block_size: int = 16
+    layer_windows: tuple[int | None, ...] = ()  # per layer: sliding window or None (global); empty = all global
+
+    def __post_init__(self) -> None:
+        kv_dtype(self.dtype)
+        for name in ("num_layers", "num_kv_heads", "head_dim", "block_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"KV cache {name} must be at least 1, got {getattr(self, name)}")
+
+    @property
+    def kv_dtype(self) -> KVDtype:
+        return kv_dtype(self.dtype)
+
+    @property
+    def bytes_per_token_per_layer(self) -> float:
+        """K and V of one token in one layer, scales included."""
+        d = self.kv_dtype
+        data = 2 * self.num_kv_heads * self.head_dim * d.element_bits / 8
+        return data + self.num_kv_heads * d.scale_bytes(self.head_dim, self.block_size)
+
+    @property
+    def bytes_per_token(self) -> float:
+        """K and V of one token across every layer (what a token costs while every layer holds it)."""
+        return self.num_layers * self.bytes_per_token_per_layer
+
+    @property
+    def bytes_per_block(self) -> float:
+        return self.block_size * self.bytes_per_token
+
+    def window(self, layer: int) -> int | None:
+        return self.layer_windows[layer] if self.layer_windows else None
+
+    def tokens_held(self, layer: int, context_len: int) -> int:
+        """How many tokens layer `layer` keeps for a sequence of `context_len` tokens."""
+        w = self.window(layer)
+        return context_len if w is None else min(context_len, w)
+
+    def bytes_for_sequence(self, context_len: int) -> float:
+        """KV bytes one sequence of `context_len` tokens holds, sliding-window layers capped at their window."""
+        return sum(self.tokens_held(i, context_len) for i in range(self.num_layers)) * self.bytes_per_token_per_layer

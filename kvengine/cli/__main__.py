@@ -1,0 +1,3 @@
+from kvengine.cli import main
+
+main()

@@ -1,0 +1,54 @@
+"""The short summary printed after every run: speed, what the KV cache held, what it saved."""
+
+from __future__ import annotations
+
+from typing import TextIO
+
+from kvengine.engine.output import RequestOutput
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def human_count(n: float) -> str:
+    for unit, size in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n:.0f}"
+
+
+def run_summary(llm, out: RequestOutput, file: TextIO, turn: bool = False) -> None:
+    m = out.metrics
+    spec = llm.kv_cache_spec
+    ttft = f"{m.ttft_s * 1000:.0f} ms" if m.ttft_s is not None else "-"
+    decode = f"{m.decode_tokens_per_s:.1f} tok/s" if m.decode_tokens_per_s else "-"
+    mode = "KV cache" if m.use_cache else "no cache (recompute every step)"
+    lines = [
+        f"[{mode}] prompt {m.prompt_tokens} tok, generated {m.completion_tokens} tok ({out.finish_reason}); "
+        f"time to first token {ttft}, decode {decode}, total {m.total_s:.2f} s",
+    ]
+    if m.use_cache:
+        lines.append(
+            f"KV cache held {human_bytes(m.kv_cache_bytes)} ({human_bytes(spec.bytes_per_token)}/token x "
+            f"{m.prompt_tokens + m.completion_tokens - 1} tokens, {m.blocks_held} blocks of {spec.block_size}, "
+            f"{spec.dtype}); prompt tokens computed {m.computed_prompt_tokens}, reused {m.cached_tokens}"
+            + (f" (rest not reused: {m.miss_reason})" if m.miss_reason and turn else "")
+        )
+    ratio = m.flops_no_cache / m.flops if m.flops else 0.0
+    lines.append(
+        f"matmul FLOPs (2mnp): {human_count(m.flops)} spent; a no-cache run computes "
+        f"{human_count(m.flops_no_cache)} ({ratio:.1f}x)"
+    )
+    if out.verify is not None:
+        v = out.verify
+        verdict = "identical" if v.passed else "DIFFERENT"
+        div = "none" if v.first_divergence is None else f"token {v.first_divergence}"
+        lines.append(f"verify: recomputed without cache: {verdict}; max |logit diff| {v.max_abs_logit_diff:.2e} over "
+                     f"{v.tokens_checked} steps, first diverging token: {div}")
+    for line in lines:
+        print(line, file=file)

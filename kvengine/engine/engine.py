@@ -1,0 +1,275 @@
+"""LLMEngine: the step loop. Requests in; each step schedules, runs one forward, samples, streams text out.
+
+Cached requests go through the scheduler and the paged pool; no-cache requests (the seeds' baseline)
+recompute their whole text every step in a batch of their own and never touch the pool.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+
+import torch
+
+from kvengine.accounting.flops import request_flops, step_flops
+from kvengine.cache.block_manager import BlockManager
+from kvengine.cache.pool import KVPool
+from kvengine.config import ModelConfig
+from kvengine.engine.output import RequestMetrics, RequestOutput, TextTracker, VerifyReport
+from kvengine.engine.runner import ModelRunner
+from kvengine.engine.scheduler import ScheduledSeq, Scheduler
+from kvengine.engine.sequence import FinishReason, Sequence, SequenceStatus
+from kvengine.errors import RequestError
+from kvengine.sampling import Sampler, SamplingParams
+from kvengine.weights.tokenizer import Tokenizer
+
+VERIFY_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 0.5, torch.float16: 0.1}  # max |logit diff|
+
+
+@dataclass(slots=True)
+class _Request:
+    request_id: str
+    prompt: str | None
+    seq: Sequence
+    tracker: TextTracker | None
+    verify: bool
+
+
+class LLMEngine:
+    def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer | None, pool: KVPool,
+                 block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 max_model_len: int, device: torch.device | str = "cpu", seed: int = 0) -> None:
+        self.model = model
+        self.model_config: ModelConfig = model.config
+        self.tokenizer = tokenizer
+        self.pool = pool
+        self.bm = block_manager
+        self.max_model_len = max_model_len
+        self.scheduler = Scheduler(block_manager, max_num_seqs, max_num_batched_tokens)
+        self.runner = ModelRunner(model, pool, block_manager, device)
+        self.sampler = Sampler(seed)
+        self.dtype = next(model.parameters()).dtype
+        self.requests: dict[str, _Request] = {}
+        self._by_seq: dict[int, _Request] = {}
+        self._no_cache: list[Sequence] = []
+        self._ids = itertools.count()
+        self.eos_token_ids: tuple[int, ...] = tuple(tokenizer.eos_token_ids) if tokenizer else ()
+        self.num_steps = 0
+        self.tokens_generated = 0
+
+    # -- requests ---------------------------------------------------------------------------------
+    def add_request(self, prompt: str | None, params: SamplingParams, *, prompt_token_ids: list[int] | None = None,
+                    request_id: str | None = None, use_cache: bool = True, cache_salt: str | None = None,
+                    verify: bool = False) -> str:
+        ids = self._prompt_ids(prompt, prompt_token_ids)
+        self._check_fits(len(ids), params.max_tokens, use_cache)
+        seq_id = next(self._ids)
+        request_id = request_id if request_id is not None else str(seq_id)
+        if request_id in self.requests:
+            raise RequestError(f"request id '{request_id}' is already in use", param="request_id")
+        seq = Sequence(seq_id, ids, params, use_cache=use_cache, cache_salt=cache_salt, record_logits=verify)
+        tracker = TextTracker(self.tokenizer, seq) if self.tokenizer is not None else None
+        req = _Request(request_id, prompt, seq, tracker, verify)
+        self.requests[request_id] = req
+        self._by_seq[seq_id] = req
+        if use_cache:
+            self.scheduler.add(seq)
+        else:
+            seq.status = SequenceStatus.RUNNING
+            self._no_cache.append(seq)
+        return request_id
+
+    def _prompt_ids(self, prompt: str | None, prompt_token_ids: list[int] | None) -> list[int]:
+        if prompt_token_ids is None:
+            if prompt is None or self.tokenizer is None:
+                raise RequestError("a prompt (text or token ids) is required", param="prompt")
+            prompt_token_ids = self.tokenizer.encode(prompt)
+        ids = list(prompt_token_ids)
+        if not ids:
+            raise RequestError("the prompt is empty", param="prompt")
+        vocab = self.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in ids):
+            raise RequestError(f"prompt token ids must be in [0, {vocab})", param="prompt")
+        return ids
+
+    def _check_fits(self, n_prompt: int, max_tokens: int, use_cache: bool) -> None:
+        limit = self.max_model_len
+        if n_prompt >= limit:
+            raise RequestError(f"the prompt has {n_prompt} tokens, but the context is {limit} tokens "
+                               f"(at most {limit - 1} leave room for one new token)", param="prompt")
+        if n_prompt + max_tokens > limit:
+            raise RequestError(f"this model's context is {limit} tokens, but {n_prompt + max_tokens} were "
+                               f"requested ({n_prompt} in the prompt, {max_tokens} in max_tokens)",
+                               param="max_tokens")
+        needed = self.bm.blocks_needed(n_prompt + max_tokens)
+        if use_cache and needed > self.bm.num_blocks:
+            raise RequestError(f"the request needs {needed} KV blocks but the KV cache holds "
+                               f"{self.bm.num_blocks}; raise kv_cache_memory", param="max_tokens")
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request now and free its blocks. False if it is unknown or already finished."""
+        req = self.requests.get(request_id)
+        if req is None or req.seq.is_finished:
+            return False
+        self._finish(req, FinishReason.ABORT)
+        self._release(req)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return bool(self._no_cache) or self.scheduler.has_work()
+
+    # -- the step ---------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """One engine step; returns an output for every request that produced a token or finished."""
+        outputs: list[RequestOutput] = []
+        if self._no_cache:
+            outputs += self._step_no_cache()
+        sched = self.scheduler.schedule()
+        if sched.scheduled:
+            outputs += self._step_cached(sched.scheduled)
+        self.num_steps += 1
+        return outputs
+
+    def _step_cached(self, scheduled: list[ScheduledSeq]) -> list[RequestOutput]:
+        batch = self.runner.build_cached(scheduled)
+        now = time.perf_counter()
+        sampled = [s.seq for s in scheduled if s.needs_logits]
+        for s in scheduled:
+            seq = s.seq
+            seq.first_scheduled_time = seq.first_scheduled_time or now
+            seq.flops += step_flops(self.model_config, s.num_new_tokens, s.start + s.num_new_tokens,
+                                    lm_head_tokens=int(s.needs_logits)).total
+        logits = self.runner.run(batch)  # [len(sampled), vocab]
+        for s in scheduled:
+            s.seq.num_computed_tokens += s.num_new_tokens
+            self.bm.commit(s.seq.seq_id, s.seq.token_ids, s.seq.num_computed_tokens)
+        return self._append_tokens(sampled, logits)
+
+    def _step_no_cache(self) -> list[RequestOutput]:
+        seqs = list(self._no_cache)
+        batch = self.runner.build_no_cache(seqs)
+        now = time.perf_counter()
+        for seq in seqs:
+            seq.first_scheduled_time = seq.first_scheduled_time or now
+            n = len(seq.token_ids)
+            seq.flops += step_flops(self.model_config, n, n, lm_head_tokens=1).total
+        logits = self.runner.run(batch)
+        return self._append_tokens(seqs, logits)
+
+    def _append_tokens(self, seqs: list[Sequence], logits: torch.Tensor) -> list[RequestOutput]:
+        tokens = self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        now = time.perf_counter()
+        outputs = []
+        for i, (seq, token) in enumerate(zip(seqs, tokens, strict=True)):
+            req = self._by_seq[seq.seq_id]
+            if seq.record_logits:
+                seq.step_logits.append(logits[i].clone())
+            seq.token_ids.append(token)
+            seq.token_times.append(now)
+            seq.first_token_time = seq.first_token_time or now
+            self.tokens_generated += 1
+            reason = self._stop_reason(seq, token)
+            if req.tracker is not None:
+                req.tracker.add(token, hide=reason is FinishReason.STOP)
+                if req.tracker.stopped:
+                    reason = FinishReason.STOP
+            if reason is not None:
+                self._finish(req, reason)
+            outputs.append(self._output(req, delta_tokens=[token]))
+            if reason is not None:
+                self._release(req)
+        return outputs
+
+    def _stop_reason(self, seq: Sequence, token: int) -> FinishReason | None:
+        p = seq.params
+        if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
+            return FinishReason.STOP
+        if seq.num_output_tokens >= p.max_tokens or len(seq.token_ids) >= self.max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    def _finish(self, req: _Request, reason: FinishReason) -> None:
+        seq = req.seq
+        seq.finish_reason = reason
+        seq.finish_time = time.perf_counter()
+        if req.tracker is not None:
+            req.tracker.finish()
+        seq.blocks_at_finish = len(self.bm.block_table(seq.seq_id)) if self.bm.has_seq(seq.seq_id) else 0
+
+    def _release(self, req: _Request) -> None:
+        """Free the request's blocks and forget it (its final output has been built)."""
+        seq = req.seq
+        if seq.use_cache:
+            self.scheduler.finish(seq)
+        else:
+            self._no_cache.remove(seq)
+            seq.status = SequenceStatus.FINISHED
+        del self.requests[req.request_id]
+        del self._by_seq[seq.seq_id]
+
+    # -- outputs ----------------------------------------------------------------------------------
+    def _output(self, req: _Request, delta_tokens: list[int]) -> RequestOutput:
+        seq = req.seq
+        finished = seq.finish_reason is not None
+        tracker = req.tracker
+        out = RequestOutput(
+            request_id=req.request_id,
+            prompt=req.prompt,
+            prompt_token_ids=seq.prompt_token_ids,
+            text=tracker.text if tracker else "",
+            token_ids=list(seq.output_token_ids),
+            delta_text=tracker.take_delta(finished) if tracker else "",
+            delta_token_ids=delta_tokens,
+            finished=finished,
+            finish_reason=seq.finish_reason.value if finished else None,
+        )
+        if finished:
+            out.metrics = self._metrics(seq)
+            if req.verify:
+                out.verify = self.verify(seq)
+        return out
+
+    def _metrics(self, seq: Sequence) -> RequestMetrics:
+        n_out = seq.num_output_tokens
+        ttft = seq.first_token_time - seq.arrival_time if seq.first_token_time else None
+        decode = None
+        if n_out > 1 and seq.finish_time and seq.first_token_time and seq.finish_time > seq.first_token_time:
+            decode = (n_out - 1) / (seq.token_times[-1] - seq.first_token_time)
+        blocks = seq.blocks_at_finish
+        tokens_held = seq.num_computed_tokens if seq.use_cache else 0
+        _, no_cache = request_flops(self.model_config, seq.num_prompt_tokens, n_out)
+        return RequestMetrics(
+            use_cache=seq.use_cache,
+            prompt_tokens=seq.num_prompt_tokens,
+            completion_tokens=n_out,
+            cached_tokens=seq.num_cached_tokens,
+            computed_prompt_tokens=seq.num_prompt_tokens - seq.num_cached_tokens,
+            miss_reason=seq.miss_reason,
+            blocks_held=blocks,
+            kv_cache_bytes=int(self.pool.spec.bytes_for_sequence(tokens_held)),
+            ttft_s=ttft,
+            decode_tokens_per_s=decode,
+            total_s=(seq.finish_time or time.perf_counter()) - seq.arrival_time,
+            queue_s=(seq.first_scheduled_time - seq.arrival_time) if seq.first_scheduled_time else None,
+            num_preemptions=seq.num_preemptions,
+            flops=seq.flops,
+            flops_no_cache=no_cache,
+        )
+
+    def verify(self, seq: Sequence) -> VerifyReport:
+        """Recompute the finished request with no cache at all and compare every sampled step's logits."""
+        n_steps = len(seq.step_logits)
+        tokens = seq.token_ids[: seq.num_prompt_tokens + n_steps - 1]
+        ref = self.runner.full_logits_no_cache(tokens, seq.num_prompt_tokens - 1)  # [n_steps, vocab]
+        got = torch.stack(seq.step_logits)  # [n_steps, vocab]
+        diff = (ref - got).abs().max().item() if n_steps else 0.0
+        outputs = seq.output_token_ids
+        first = None
+        for i in range(n_steps):
+            if seq.params.greedy and int(ref[i].argmax()) != outputs[i]:
+                first = i
+                break
+        seq.step_logits.clear()
+        return VerifyReport(tokens_checked=n_steps, max_abs_logit_diff=diff, first_divergence=first,
+                            tolerance=VERIFY_TOLERANCE.get(self.dtype, 0.5))

@@ -1,0 +1,48 @@
+"""User-facing errors: anything a user can cause is one of these, shown as one line (CLI) or a 4xx (server).
+
+Internal bugs stay ordinary exceptions so they keep their tracebacks.
+"""
+
+from __future__ import annotations
+
+
+class KVEngineError(Exception):
+    """Base of every error a user can cause. `param` names the offending field when there is one."""
+
+    status_code = 400
+    error_type = "invalid_request_error"
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+
+
+class ModelLoadError(KVEngineError):
+    """A model path that does not exist, a corrupt file, an unsupported architecture."""
+
+    code_default = "model_load_error"
+
+
+class ConfigError(KVEngineError):
+    """An engine or model configuration that cannot work (unknown dtype, missing config field...)."""
+
+
+class RequestError(KVEngineError):
+    """A bad request: prompt too long, max_tokens below 1, bad sampling values."""
+
+
+class ModelNotFoundError(KVEngineError):
+    status_code = 404
+    error_type = "not_found_error"
+
+
+class AuthenticationError(KVEngineError):
+    status_code = 401
+    error_type = "authentication_error"
+
+
+class OverloadedError(KVEngineError):
+    status_code = 429
+    error_type = "rate_limit_error"

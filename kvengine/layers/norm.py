@@ -1,0 +1,24 @@
+"""RMSNorm: x / rms(x) * weight, computed in float32 and cast back (as the reference implementations do).
+
+`offset` = 1.0 gives Gemma's variant, which scales by (1 + weight).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class RMSNorm(torch.nn.Module):
+    def __init__(self, dim: int, eps: float, offset: float = 0.0, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(dim, dtype=dtype), requires_grad=False)  # [dim]
+        self.eps = eps
+        self.offset = offset
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:
+            return (x32 * (self.offset + self.weight.float())).to(dtype)
+        return self.weight * x32.to(dtype)

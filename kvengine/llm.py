@@ -1,0 +1,195 @@
+"""LLM: the public Python API, in the style of vLLM.
+
+    llm = LLM()                                     # the default model (SmolLM2-135M-Instruct)
+    outs = llm.generate(["Hello"], SamplingParams(max_tokens=32, temperature=0))
+    outs = llm.chat([{"role": "user", "content": "Please tell me about Paris."}])
+    for chunk in llm.stream("Once upon a time"): print(chunk.delta_text, end="")
+
+`use_cache=False` runs the seeds' baseline (every step recomputes the whole text); `verify=True`
+recomputes each request without any cache afterwards and reports the largest logit difference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kvengine.cache.block_manager import BlockManager
+from kvengine.cache.pool import KVPool, num_blocks_for_budget
+from kvengine.cache.spec import KVCacheSpec
+from kvengine.config import EngineConfig, ModelConfig
+from kvengine.engine.engine import LLMEngine
+from kvengine.engine.output import RequestOutput
+from kvengine.errors import ConfigError, RequestError
+from kvengine.sampling import SamplingParams
+from kvengine.weights.loader import load_model
+from kvengine.weights.source import ModelSource, open_model_source
+from kvengine.weights.tokenizer import Tokenizer
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+Messages = list[dict[str, str]]
+
+
+class LLM:
+    def __init__(self, model: str | Path | None = None, *, quiet: bool = False, **engine_args: Any) -> None:
+        self.config = EngineConfig(**engine_args)
+        _apply_threads(self.config)
+        _check_device(self.config.device)
+        self.source: ModelSource = open_model_source(model, quiet=quiet)
+        dtype = TORCH_DTYPES[self.config.resolved_dtype()]
+        _check_weights(self.config, dtype)
+        net = load_model(self.source, dtype, self.config.device)
+        tokenizer = (Tokenizer.from_gguf(self.source.gguf) if self.source.gguf is not None
+                     else Tokenizer.from_folder(self.source.path))
+        self.engine = build_engine(net, tokenizer, self.config)
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module, tokenizer: Tokenizer | None = None, **engine_args: Any) -> LLM:
+        """Wrap an already-built model (tests use tiny random models this way)."""
+        self = cls.__new__(cls)
+        self.config = EngineConfig(**engine_args)
+        self.source = None
+        self.engine = build_engine(model, tokenizer, self.config)
+        return self
+
+    # -- properties -------------------------------------------------------------------------------
+    @property
+    def tokenizer(self) -> Tokenizer | None:
+        return self.engine.tokenizer
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return self.engine.model_config
+
+    @property
+    def kv_cache_spec(self) -> KVCacheSpec:
+        return self.engine.pool.spec
+
+    @property
+    def model_name(self) -> str:
+        return self.source.name if self.source is not None else self.model_config.name
+
+    # -- generation -------------------------------------------------------------------------------
+    def generate(self, prompts: str | Sequence[str] | None = None,
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
+                 prompt_token_ids: Sequence[Sequence[int]] | None = None, use_cache: bool = True,
+                 verify: bool = False, cache_salt: str | None = None) -> list[RequestOutput]:
+        """Run every prompt together (continuous batching); outputs come back in input order."""
+        ids = self._submit(prompts, sampling_params, prompt_token_ids, use_cache, verify, cache_salt)
+        finished: dict[str, RequestOutput] = {}
+        try:
+            while len(finished) < len(ids):
+                for out in self.engine.step():
+                    if out.finished:
+                        finished[out.request_id] = out
+        except BaseException:
+            for rid in ids:
+                self.engine.abort(rid)
+            raise
+        return [finished[rid] for rid in ids]
+
+    def stream(self, prompt: str | None = None, sampling_params: SamplingParams | None = None, *,
+               prompt_token_ids: Sequence[int] | None = None, use_cache: bool = True, verify: bool = False,
+               cache_salt: str | None = None) -> Iterator[RequestOutput]:
+        """One request; yields an output (with delta_text) after every token. Closing the iterator aborts."""
+        token_ids = [prompt_token_ids] if prompt_token_ids is not None else None
+        prompts = [prompt] if prompt is not None else None
+        (rid,) = self._submit(prompts, sampling_params, token_ids, use_cache, verify, cache_salt)
+        try:
+            done = False
+            while not done:
+                for out in self.engine.step():
+                    if out.request_id == rid:
+                        done = out.finished
+                        yield out
+        finally:
+            self.engine.abort(rid)
+
+    def chat(self, messages: Messages | Sequence[Messages],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             **kwargs: Any) -> list[RequestOutput]:
+        """Chat template applied to one conversation or a list of them, then generate()."""
+        return self.generate(None, sampling_params, prompt_token_ids=self.encode_chats(messages), **kwargs)
+
+    def encode_chats(self, messages: Messages | Sequence[Messages]) -> list[list[int]]:
+        if self.tokenizer is None:
+            raise RequestError("chat needs a tokenizer")
+        if not messages:
+            raise RequestError("messages must not be empty", param="messages")
+        conversations = [messages] if isinstance(messages[0], dict) else list(messages)
+        for conv in conversations:
+            if not conv:
+                raise RequestError("messages must not be empty", param="messages")
+        return [self.tokenizer.encode_chat(conv) for conv in conversations]
+
+    def _submit(self, prompts: str | Sequence[str] | None, params: Any, token_ids: Sequence[Sequence[int]] | None,
+                use_cache: bool, verify: bool, cache_salt: str | None) -> list[str]:
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        items: list[tuple[str | None, list[int] | None]]
+        if token_ids is not None:
+            items = [(None, list(t)) for t in token_ids]
+        elif prompts is not None:
+            items = [(p, None) for p in prompts]
+        else:
+            raise RequestError("give prompts or prompt_token_ids")
+        if params is None:
+            params = SamplingParams()
+        plist = [params] * len(items) if isinstance(params, SamplingParams) else list(params)
+        if len(plist) != len(items):
+            raise RequestError(f"{len(plist)} sampling params for {len(items)} prompts")
+        ids: list[str] = []
+        try:
+            for (text, toks), p in zip(items, plist, strict=True):
+                ids.append(self.engine.add_request(text, p, prompt_token_ids=toks, use_cache=use_cache,
+                                                   cache_salt=cache_salt, verify=verify))
+        except BaseException:
+            for rid in ids:
+                self.engine.abort(rid)
+            raise
+        return ids
+
+
+def build_engine(model: torch.nn.Module, tokenizer: Tokenizer | None, config: EngineConfig) -> LLMEngine:
+    """Size the KV pool from the budget, then wire pool, block manager, scheduler and runner together."""
+    mc: ModelConfig = model.config
+    max_len = config.max_model_len or mc.max_position_embeddings
+    if max_len > mc.max_position_embeddings:
+        raise ConfigError(f"max_model_len {max_len} exceeds the model's context of {mc.max_position_embeddings}")
+    dtype = next(model.parameters()).dtype
+    kv_dtype = config.kv_cache_dtype
+    if kv_dtype == "auto":
+        kv_dtype = str(dtype).removeprefix("torch.")
+    if kv_dtype not in TORCH_DTYPES:
+        raise ConfigError(f"KV cache dtype '{config.kv_cache_dtype}' is not supported (choose from auto, "
+                          f"{', '.join(TORCH_DTYPES)})")
+    spec = KVCacheSpec(mc.num_layers, mc.num_kv_heads, mc.head_dim, kv_dtype, config.block_size, mc.layer_windows)
+    num_blocks = num_blocks_for_budget(spec, config.kv_cache_memory, config.device, config.max_num_seqs * max_len)
+    pool = KVPool.allocate(spec, num_blocks, TORCH_DTYPES[kv_dtype], config.device)
+    bm = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+    return LLMEngine(model, tokenizer, pool, bm, config.max_num_seqs, config.max_num_batched_tokens, max_len,
+                     config.device, config.seed)
+
+
+def _apply_threads(config: EngineConfig) -> None:
+    if config.num_threads is not None:
+        if config.num_threads < 1:
+            raise ConfigError(f"num_threads must be at least 1, got {config.num_threads}")
+        torch.set_num_threads(config.num_threads)
+
+
+def _check_device(device: str) -> None:
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device '{device}' was asked for, but CUDA is not available in this PyTorch "
+                          f"({torch.__version__})")
+
+
+def _check_weights(config: EngineConfig, dtype: torch.dtype) -> None:
+    names = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if config.weights in names and names[config.weights] != dtype:
+        raise ConfigError(f"weights '{config.weights}' with dtype '{config.resolved_dtype()}': use the same precision")
+    if config.weights in ("int8", "int4"):
+        raise ConfigError(f"weights '{config.weights}' are not available in this build")

@@ -1,0 +1,60 @@
+"""ModelSource: where a model's config, weights and tokenizer come from (a GGUF file or a HF folder).
+
+`open_model_source(model)` resolves a name or path (fetching catalog models once) and knows how to read
+the ModelConfig without loading any weights, so the accounting commands stay fast.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvengine.config import ModelConfig
+from kvengine.errors import ConfigError, ModelLoadError
+from kvengine.weights.catalog import resolve_model
+from kvengine.weights.gguf import GGUFFile, is_gguf
+
+
+@dataclass(slots=True)
+class ModelSource:
+    path: Path
+    kind: str  # "gguf" or "hf"
+    gguf: GGUFFile | None = None
+
+    @property
+    def name(self) -> str:
+        return self.path.stem if self.kind == "gguf" else self.path.name
+
+    def model_config(self) -> ModelConfig:
+        if self.gguf is not None:
+            config = ModelConfig.from_gguf_metadata(self.gguf.metadata, name=self.name)
+            names = set(self.gguf.tensor_names())
+            return config.with_(
+                tie_word_embeddings="output.weight" not in names,
+                attention_bias="blk.0.attn_q.bias" in names,
+            )
+        return load_hf_config(self.path / "config.json", name=self.name)
+
+
+def load_hf_config(path: str | Path, name: str | None = None) -> ModelConfig:
+    p = Path(path)
+    if not p.is_file():
+        raise ModelLoadError(f"config file '{p}' does not exist")
+    try:
+        data = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"'{p}' is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"'{p}' must hold a JSON object")
+    return ModelConfig.from_hf_dict(data, name=name or p.parent.name)
+
+
+def open_model_source(model: str | Path | None, quiet: bool = False) -> ModelSource:
+    """Resolve `model` (None = the default model) to a GGUF file or a HF folder with config.json."""
+    path = resolve_model(model, quiet=quiet)
+    if path.is_dir():
+        return ModelSource(path=path, kind="hf")
+    if is_gguf(path):
+        return ModelSource(path=path, kind="gguf", gguf=GGUFFile(path))
+    raise ModelLoadError(f"'{path}' is neither a GGUF file nor a folder with config.json")

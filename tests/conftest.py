@@ -1,0 +1,34 @@
+"""Shared fixtures: tiny random models built offline (ours and the transformers reference with the same
+weights), and the default model's GGUF path (fetched by scripts/setup)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session")
+def default_gguf():
+    from kvengine.weights.catalog import catalog_path
+
+    path = catalog_path("smollm2-135m-instruct")
+    if not path.is_file():
+        pytest.skip("default model not fetched (run scripts/setup)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def default_llm(default_gguf):
+    """The real default model, fp32, shared by the tests that only read from it."""
+    from kvengine.llm import LLM
+
+    return LLM(str(default_gguf), kv_cache_memory=256 << 20, max_num_seqs=16)
+
+
+@pytest.fixture(scope="session")
+def hf_default_model(default_gguf):
+    """transformers' own loading of the same GGUF (dequantized to fp32): the reference implementation."""
+    transformers = pytest.importorskip("transformers")
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(default_gguf.parent), gguf_file=default_gguf.name, dtype=torch.float32)
+    return model.eval()

@@ -1,0 +1,67 @@
+"""Test helpers importable from any test module (tests/ is on sys.path through the root conftest)."""
+
+from __future__ import annotations
+
+import torch
+
+from kvengine.config import ModelConfig
+
+
+def tiny_pair(kind: str = "llama", seed: int = 0, **overrides):
+    """(our model, transformers model) with identical random weights, fp32, eval mode."""
+    import transformers
+
+    from kvengine.models.llama import LlamaForCausalLM
+
+    base = dict(vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5)
+    base.update(overrides)
+    cfg_cls, model_cls = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+    }[kind]
+    hf_config = cfg_cls(**base)
+    torch.manual_seed(seed)
+    hf = model_cls(hf_config).eval()
+    with torch.no_grad():  # random norms too, so a norm bug shows
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    ours = LlamaForCausalLM(ModelConfig.from_hf_dict(hf_config.to_dict(), name=f"tiny-{kind}"))
+    for name, tensor in hf.state_dict().items():
+        ours.load_weight(name, tensor)
+    return ours.eval(), hf
+
+
+def make_tiny_hf_folder(folder, vocab_size: int = 320, **overrides):
+    """A complete Hugging Face model folder (config.json, model.safetensors, tokenizer.json,
+    tokenizer_config.json with a chat template) for a tiny random Llama; byte-level BPE trained offline on
+    CPython's pydoc topics. Returns the folder."""
+    from pathlib import Path
+    from pydoc_data.topics import topics
+
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "</s>", "<|user|>", "<|bot|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(list(topics.values())[:40], trainer)
+    tok.save(str(folder / "tokenizer.json"))
+    template = ("{% for m in messages %}{{ '<|user|>' if m['role'] == 'user' else '<|bot|>' }}{{ m['content'] }}"
+                "</s>{% endfor %}{% if add_generation_prompt %}<|bot|>{% endif %}")
+    (folder / "tokenizer_config.json").write_text(
+        __import__("json").dumps({"bos_token": "<s>", "eos_token": "</s>", "chat_template": template}))
+    base = dict(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=112, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, bos_token_id=0,
+                eos_token_id=1, tie_word_embeddings=False)
+    base.update(overrides)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**base))
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder

@@ -20,6 +20,7 @@ import torch
 from kvengine.cache.block_manager import BlockManager
 from kvengine.cache.pool import KVPool, num_blocks_for_budget
 from kvengine.cache.spec import KVCacheSpec
+from kvengine.cache.spec import kv_dtype as resolve_kv_dtype
 from kvengine.config import EngineConfig, ModelConfig
 from kvengine.engine.engine import LLMEngine
 from kvengine.engine.output import RequestOutput
@@ -160,15 +161,11 @@ def build_engine(model: torch.nn.Module, tokenizer: Tokenizer | None, config: En
     if max_len > mc.max_position_embeddings:
         raise ConfigError(f"max_model_len {max_len} exceeds the model's context of {mc.max_position_embeddings}")
     dtype = next(model.parameters()).dtype
-    kv_dtype = config.kv_cache_dtype
-    if kv_dtype == "auto":
-        kv_dtype = str(dtype).removeprefix("torch.")
-    if kv_dtype not in TORCH_DTYPES:
-        raise ConfigError(f"KV cache dtype '{config.kv_cache_dtype}' is not supported (choose from auto, "
-                          f"{', '.join(TORCH_DTYPES)})")
+    kv_name = str(dtype).removeprefix("torch.") if config.kv_cache_dtype == "auto" else config.kv_cache_dtype
+    kv_dtype = resolve_kv_dtype(kv_name).name
     spec = KVCacheSpec(mc.num_layers, mc.num_kv_heads, mc.head_dim, kv_dtype, config.block_size, mc.layer_windows)
     num_blocks = num_blocks_for_budget(spec, config.kv_cache_memory, config.device, config.max_num_seqs * max_len)
-    pool = KVPool.allocate(spec, num_blocks, TORCH_DTYPES[kv_dtype], config.device)
+    pool = KVPool.allocate(spec, num_blocks, config.device)
     bm = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
     return LLMEngine(model, tokenizer, pool, bm, config.max_num_seqs, config.max_num_batched_tokens, max_len,
                      config.device, config.seed)

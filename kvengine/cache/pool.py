@@ -18,6 +18,7 @@ from kvengine.cache.spec import KVCacheSpec
 from kvengine.errors import ConfigError
 
 DEFAULT_BUDGET_CAP = 4 << 30  # bytes: the default pool never takes more than this unless asked
+FLOAT_STORAGE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class LayerKV:
@@ -76,13 +77,17 @@ class KVPool:
     layers: list[LayerKV]
 
     @staticmethod
-    def allocate(spec: KVCacheSpec, num_blocks: int, dtype: torch.dtype, device: torch.device | str) -> KVPool:
+    def allocate(spec: KVCacheSpec, num_blocks: int, device: torch.device | str) -> KVPool:
+        """The pool for `spec` (its dtype decides the storage), `num_blocks` blocks, on `device`."""
         if num_blocks < 1:
             raise ConfigError("the KV cache budget holds no block; raise kv_cache_memory")
+        if spec.dtype not in FLOAT_STORAGE:
+            raise ConfigError(f"KV cache dtype '{spec.dtype}' is not available in this build "
+                              f"(available: {', '.join(FLOAT_STORAGE)})")
         slots = num_blocks * spec.block_size
         # torch.empty: pages are committed as they are written, so a large budget costs nothing until used.
         # Nothing reads a slot before it is written (padding in batched decode points at written slots).
-        kv = torch.empty(spec.num_layers, 2, spec.num_kv_heads, slots, spec.head_dim, dtype=dtype,
+        kv = torch.empty(spec.num_layers, 2, spec.num_kv_heads, slots, spec.head_dim, dtype=FLOAT_STORAGE[spec.dtype],
                          device=device)  # [layers, 2, kv_heads, slots, head_dim]
         layers = [LayerKV(kv[i, 0], kv[i, 1], spec.block_size) for i in range(spec.num_layers)]
         return KVPool(spec=spec, num_blocks=num_blocks, kv=kv, layers=layers)

@@ -1,4 +1,4 @@
-"""The `kvengine` Typer application object; command modules register themselves on it."""
+"""The `kvengine` Typer application and its command groups; command modules register themselves on them."""
 
 from __future__ import annotations
 
@@ -12,3 +12,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+bench_app = typer.Typer(help="Benchmarks: tables, plots, a Markdown report and one JSON line.", no_args_is_help=True)
+eval_app = typer.Typer(help="Quality readouts (perplexity, logit drift, token agreement).", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+app.add_typer(eval_app, name="eval")

@@ -20,6 +20,7 @@ from kvengine.engine.output import RequestMetrics, RequestOutput, TextTracker, V
 from kvengine.engine.runner import ModelRunner
 from kvengine.engine.scheduler import ScheduledSeq, Scheduler
 from kvengine.engine.sequence import FinishReason, Sequence, SequenceStatus
+from kvengine.engine.stats import EngineStats, RequestBlocks
 from kvengine.errors import RequestError
 from kvengine.sampling import Sampler, SamplingParams
 from kvengine.weights.tokenizer import Tokenizer
@@ -118,6 +119,27 @@ class LLMEngine:
 
     def has_unfinished(self) -> bool:
         return bool(self._no_cache) or self.scheduler.has_work()
+
+    def stats(self) -> EngineStats:
+        """A snapshot of the pool and the queues (call from the thread that steps the engine)."""
+        b = self.bm.stats()
+        spec = self.pool.spec
+        requests = []
+        for req in self.requests.values():
+            seq = req.seq
+            table = self.bm.block_table(seq.seq_id) if self.bm.has_seq(seq.seq_id) else []
+            requests.append(RequestBlocks(
+                request_id=req.request_id, status=seq.status.value, blocks=len(table),
+                shared_blocks=sum(1 for blk in table if self.bm.ref_count(blk) > 1), tokens=len(seq.token_ids),
+                computed_tokens=seq.num_computed_tokens, cached_tokens=seq.num_cached_tokens))
+        return EngineStats(
+            running=len(self.scheduler.running) + len(self._no_cache), waiting=len(self.scheduler.waiting),
+            blocks_total=b.total, blocks_used=b.used, blocks_cached_free=b.cached_free, blocks_free=b.free,
+            blocks_shared=b.shared, block_size=spec.block_size, kv_dtype=spec.dtype,
+            bytes_per_token=spec.bytes_per_token, bytes_per_block=spec.bytes_per_block, pool_bytes=self.pool.nbytes,
+            prefix_hit_tokens=b.hits, prefix_query_tokens=b.queries, prefix_evictions=b.evictions,
+            tokens_generated=self.tokens_generated, preemptions=self.scheduler.num_preemptions,
+            steps=self.num_steps, requests=requests)
 
     # -- the step ---------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:

@@ -9,6 +9,7 @@ from kvengine.errors import ModelLoadError
 # architecture -> "module:Class", imported on first use
 MODELS: dict[str, str] = {
     "llama": "kvengine.models.llama:LlamaForCausalLM",
+    "gemma3": "kvengine.models.gemma3:Gemma3ForCausalLM",
 }
 
 

@@ -37,7 +37,7 @@ CONFIGS = {
 def make_runner(model, num_blocks: int = 64, block_size: int = 4):
     c = model.config
     spec = KVCacheSpec(c.num_layers, c.num_kv_heads, c.head_dim, "float32", block_size, c.layer_windows)
-    pool = KVPool.allocate(spec, num_blocks, torch.float32, "cpu")
+    pool = KVPool.allocate(spec, num_blocks, "cpu")
     bm = BlockManager(num_blocks, block_size, enable_prefix_caching=False)
     return ModelRunner(model, pool, bm), bm
 

@@ -217,12 +217,13 @@ class ModelConfig:
             common["rope_scaling"] = RopeScaling("linear", float(get("rope.scaling.factor")))
         if arch == "gemma3":
             window = int(get("attention.sliding_window", 512))
+            pre_attn = hidden // num_heads if n_layers == 62 else head_dim  # llama.cpp: 27B scales by hidden/heads
             common.update(
                 hidden_act="gelu_pytorch_tanh",
                 tie_word_embeddings=True,
                 layer_windows=tuple(None if (i + 1) % 6 == 0 else window for i in range(n_layers)),
                 rope_local_theta=10000.0,
-                query_pre_attn_scalar=float(head_dim),
+                query_pre_attn_scalar=float(pre_attn),
             )
         return ModelConfig(**common)
 
@@ -268,6 +269,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "bf16": "bfloat16", "fp16": "float16",
                  "f16": "float16", "half": "float16", "float": "float32"}
 WEIGHT_FORMATS = ("auto", "fp32", "bf16", "fp16", "int8", "int4")
+FLOAT_WEIGHTS = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def normalize_dtype(name: str) -> str:
@@ -312,6 +314,17 @@ class EngineConfig:
             raise ConfigError(f"kv_cache_memory must be positive, got {self.kv_cache_memory}")
 
     def resolved_dtype(self) -> str:
+        """The compute (activation) dtype: as asked, else the float weight format's, else float32 on CPU
+        and bfloat16 on CUDA."""
+        float_weights = FLOAT_WEIGHTS.get(self.weights)
         if self.dtype != "auto":
+            if float_weights is not None and float_weights != self.dtype:
+                raise ConfigError(f"weights '{self.weights}' and dtype '{self.dtype}' disagree; give one of them")
             return self.dtype
+        if float_weights is not None:
+            return float_weights
         return "float32" if self.device == "cpu" else "bfloat16"
+
+    @property
+    def quantized_weights(self) -> str | None:
+        return self.weights if self.weights in ("int8", "int4") else None

@@ -25,6 +25,7 @@ from kvengine.config import EngineConfig, ModelConfig
 from kvengine.engine.engine import LLMEngine
 from kvengine.engine.output import RequestOutput
 from kvengine.errors import ConfigError, RequestError
+from kvengine.layers.linear import quantize_linears
 from kvengine.sampling import SamplingParams
 from kvengine.weights.loader import load_model
 from kvengine.weights.source import ModelSource, open_model_source
@@ -41,7 +42,6 @@ class LLM:
         _check_device(self.config.device)
         self.source: ModelSource = open_model_source(model, quiet=quiet)
         dtype = TORCH_DTYPES[self.config.resolved_dtype()]
-        _check_weights(self.config, dtype)
         net = load_model(self.source, dtype, self.config.device)
         tokenizer = (Tokenizer.from_gguf(self.source.gguf) if self.source.gguf is not None
                      else Tokenizer.from_folder(self.source.path))
@@ -161,14 +161,34 @@ def build_engine(model: torch.nn.Module, tokenizer: Tokenizer | None, config: En
     if max_len > mc.max_position_embeddings:
         raise ConfigError(f"max_model_len {max_len} exceeds the model's context of {mc.max_position_embeddings}")
     dtype = next(model.parameters()).dtype
+    weights = describe_weights(dtype)
+    if config.quantized_weights:
+        if torch.device(config.device).type != "cpu":
+            raise ConfigError(f"weights '{config.weights}' use CPU kernels; on {config.device} use bf16 or fp32")
+        chosen = quantize_linears(model, config.quantized_weights, dtype)
+        weights = describe_weights(dtype, chosen)
     kv_name = str(dtype).removeprefix("torch.") if config.kv_cache_dtype == "auto" else config.kv_cache_dtype
     kv_dtype = resolve_kv_dtype(kv_name).name
     spec = KVCacheSpec(mc.num_layers, mc.num_kv_heads, mc.head_dim, kv_dtype, config.block_size, mc.layer_windows)
     num_blocks = num_blocks_for_budget(spec, config.kv_cache_memory, config.device, config.max_num_seqs * max_len)
     pool = KVPool.allocate(spec, num_blocks, config.device)
     bm = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-    return LLMEngine(model, tokenizer, pool, bm, config.max_num_seqs, config.max_num_batched_tokens, max_len,
-                     config.device, config.seed)
+    engine = LLMEngine(model, tokenizer, pool, bm, config.max_num_seqs, config.max_num_batched_tokens, max_len,
+                       config.device, config.seed)
+    engine.weights_desc = weights
+    return engine
+
+
+def describe_weights(act_dtype: torch.dtype, chosen: dict[str, str] | None = None) -> str:
+    """One line for the run summary: how the weights are stored and what the activations are."""
+    act = str(act_dtype).removeprefix("torch.")
+    if not chosen:
+        return f"weights {act}"
+    counts: dict[str, int] = {}
+    for fmt in chosen.values():
+        counts[fmt] = counts.get(fmt, 0) + 1
+    parts = ", ".join(f"{n} {fmt}" for fmt, n in sorted(counts.items()))
+    return f"weights quantized ({parts} linear layers; int4 groups of 32), activations {act}"
 
 
 def _apply_threads(config: EngineConfig) -> None:
@@ -184,9 +204,3 @@ def _check_device(device: str) -> None:
                           f"({torch.__version__})")
 
 
-def _check_weights(config: EngineConfig, dtype: torch.dtype) -> None:
-    names = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    if config.weights in names and names[config.weights] != dtype:
-        raise ConfigError(f"weights '{config.weights}' with dtype '{config.resolved_dtype()}': use the same precision")
-    if config.weights in ("int8", "int4"):
-        raise ConfigError(f"weights '{config.weights}' are not available in this build")

@@ -18,6 +18,16 @@ def default_gguf():
 
 
 @pytest.fixture(scope="session")
+def gemma_gguf():
+    from kvengine.weights.catalog import catalog_path
+
+    path = catalog_path("gemma3-270m")
+    if not path.is_file():
+        pytest.skip("Gemma 3 270M GGUF not fetched (resolve_model('gemma3-270m') fetches it)")
+    return path
+
+
+@pytest.fixture(scope="session")
 def default_llm(default_gguf):
     """The real default model, fp32, shared by the tests that only read from it."""
     from kvengine.llm import LLM

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import torch
 
+from kvengine.cache.block_manager import BlockManager
+from kvengine.cache.pool import KVPool
+from kvengine.cache.spec import KVCacheSpec
 from kvengine.config import ModelConfig
+from kvengine.engine.runner import ModelRunner
+from kvengine.engine.scheduler import ScheduledSeq
+from kvengine.engine.sequence import Sequence
 
 
 def tiny_pair(kind: str = "llama", seed: int = 0, **overrides):
@@ -65,3 +71,28 @@ def make_tiny_hf_folder(folder, vocab_size: int = 320, **overrides):
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**base))
     model.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def make_runner(model, num_blocks: int = 64, block_size: int = 4):
+    c = model.config
+    spec = KVCacheSpec(c.num_layers, c.num_kv_heads, c.head_dim, "float32", block_size, c.layer_windows)
+    pool = KVPool.allocate(spec, num_blocks, "cpu")
+    bm = BlockManager(num_blocks, block_size, enable_prefix_caching=False)
+    return ModelRunner(model, pool, bm), bm
+
+
+def cached_step(runner, bm, seqs: list[Sequence], chunk: int | None = None) -> torch.Tensor:
+    """Compute each sequence's uncomputed tokens (at most `chunk`) through the pool; returns logits rows."""
+    scheduled = []
+    for s in seqs:
+        if not bm.has_seq(s.seq_id):
+            bm.allocate(s.seq_id, s.token_ids)
+        bm.ensure_capacity(s.seq_id, len(s.token_ids))
+        n = s.num_uncomputed if chunk is None else min(chunk, s.num_uncomputed)
+        scheduled.append(ScheduledSeq(s, n))
+    batch = runner.build_cached(scheduled)
+    batch.logits_indices = torch.arange(batch.num_tokens)  # every row, to compare all positions
+    logits = runner.run(batch)
+    for s in scheduled:
+        s.seq.num_computed_tokens += s.num_new_tokens
+    return logits

@@ -240,6 +240,15 @@ def _memory_table(cfg: ModelConfig, reports: list[MemoryReport]) -> Table:
         ("KV bytes per token (all layers)", lambda r: _bytes(r.bytes_per_token)),
         (f"per sequence of {r0.context_len:,} tokens" + (" (windows capped)" if windowed else ""),
          lambda r: _bytes(r.bytes_per_sequence)),
+    ]
+    if windowed:
+        rows += [
+            ("KV bytes per token at that length (windows capped)",
+             lambda r: _bytes(r.bytes_per_sequence / r.context_len)),
+            (f"per sequence of {r0.context_len:,} tokens if no layer had a window",
+             lambda r: _bytes(r.bytes_per_token * r.context_len)),
+        ]
+    rows += [
         (f"per batch of {r0.batch}", lambda r: _bytes(r.bytes_per_batch)),
         ("parameters", lambda r: f"{r.parameters:,}"),
         ("weights", lambda r: _bytes(r.weights_bytes)),

@@ -18,6 +18,7 @@ ModelOpt = typer.Option(None, "--model", "-m",
 DtypeOpt = typer.Option("auto", "--dtype", help="Compute dtype: auto, float32/fp32, bfloat16/bf16, float16/fp16.")
 DeviceOpt = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N.")
 ThreadsOpt = typer.Option(None, "--threads", help="CPU threads for PyTorch (default: PyTorch's choice).")
+WeightsOpt = typer.Option("auto", "--weights", help="Weight storage: auto (the dtype), fp32, bf16, fp16, int8, int4.")
 KVDtypeOpt = typer.Option("auto", "--kv-dtype", help="KV cache dtype: auto (the model's dtype), float32, bfloat16, "
                           "float16, fp8, int8, int4.")
 KVMemOpt = typer.Option(None, "--kv-cache-memory", help="KV pool budget: bytes (e.g. 2e9) or a fraction of free "
@@ -31,12 +32,12 @@ def _sampling(max_tokens: int, temperature: float, top_p: float, top_k: int, see
 
 
 def _open_llm(model: str | None, dtype: str, device: str, threads: int | None, kv_dtype: str,
-              kv_memory: float | None, **kw: Any):
+              kv_memory: float | None, weights: str = "auto", **kw: Any):
     from kvengine.llm import LLM
 
     budget = int(kv_memory) if kv_memory is not None and kv_memory > 1 else kv_memory
     return LLM(model, dtype=dtype, device=device, num_threads=threads, kv_cache_dtype=kv_dtype,
-               kv_cache_memory=budget, **kw)
+               kv_cache_memory=budget, weights=weights, **kw)
 
 
 @app.command()
@@ -59,11 +60,12 @@ def generate(
     threads: int | None = ThreadsOpt,
     kv_dtype: str = KVDtypeOpt,
     kv_memory: float | None = KVMemOpt,
+    weights: str = WeightsOpt,
     as_json: bool = typer.Option(False, "--json", help="End with one JSON object on stdout (text is not streamed)."),
 ) -> None:
     """Generate text from PROMPT, streaming it, with and (--no-cache) without the KV cache."""
     params = _sampling(max_tokens, temperature, top_p, top_k, seed, ignore_eos, stop)
-    llm = _open_llm(model, dtype, device, threads, kv_dtype, kv_memory, max_num_seqs=1)
+    llm = _open_llm(model, dtype, device, threads, kv_dtype, kv_memory, weights, max_num_seqs=1)
     tok = llm.tokenizer
     if raw or tok.chat_template is None:
         ids = tok.encode(prompt)
@@ -120,10 +122,11 @@ def chat(
     threads: int | None = ThreadsOpt,
     kv_dtype: str = KVDtypeOpt,
     kv_memory: float | None = KVMemOpt,
+    weights: str = WeightsOpt,
 ) -> None:
     """Interactive multi-turn chat; each turn reuses the KV cache of the turns before it."""
     params = _sampling(max_tokens, temperature, top_p, top_k, seed, False, None)
-    llm = _open_llm(model, dtype, device, threads, kv_dtype, kv_memory, max_num_seqs=4)
+    llm = _open_llm(model, dtype, device, threads, kv_dtype, kv_memory, weights, max_num_seqs=4)
     if llm.tokenizer.chat_template is None:
         from kvengine.errors import ConfigError
 

@@ -28,6 +28,7 @@ def run_summary(llm, out: RequestOutput, file: TextIO, turn: bool = False) -> No
     ttft = f"{m.ttft_s * 1000:.0f} ms" if m.ttft_s is not None else "-"
     decode = f"{m.decode_tokens_per_s:.1f} tok/s" if m.decode_tokens_per_s else "-"
     mode = "KV cache" if m.use_cache else "no cache (recompute every step)"
+    mode += f"; {llm.engine.weights_desc}" if llm.engine.weights_desc else ""
     lines = [
         f"[{mode}] prompt {m.prompt_tokens} tok, generated {m.completion_tokens} tok ({out.finish_reason}); "
         f"time to first token {ttft}, decode {decode}, total {m.total_s:.2f} s",

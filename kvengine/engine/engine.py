@@ -25,7 +25,9 @@ from kvengine.errors import RequestError
 from kvengine.sampling import Sampler, SamplingParams
 from kvengine.weights.tokenizer import Tokenizer
 
-VERIFY_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 0.5, torch.float16: 0.1}  # max |logit diff|
+# max |logit diff| between the cached run and the no-cache recomputation. fp32 differs only by accumulation
+# order; bf16 logits of size ~30 are rounded to steps of 0.125-0.25, so a few steps of drift is expected.
+VERIFY_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 1.0, torch.float16: 0.25}
 
 
 @dataclass(slots=True)
@@ -58,6 +60,7 @@ class LLMEngine:
         self.eos_token_ids: tuple[int, ...] = tuple(tokenizer.eos_token_ids) if tokenizer else ()
         self.num_steps = 0
         self.tokens_generated = 0
+        self.weights_desc = ""  # how the weights are stored, for run summaries (set by build_engine)
 
     # -- requests ---------------------------------------------------------------------------------
     def add_request(self, prompt: str | None, params: SamplingParams, *, prompt_token_ids: list[int] | None = None,

@@ -41,6 +41,8 @@ def sdpa_gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     q_len, n_heads, dim = q.shape
     n_kv = k.shape[0]
     group = n_heads // n_kv
+    if q_len == 1 and mask is None:  # decode: the group's query heads are the query rows, no reordering
+        return F.scaled_dot_product_attention(q.view(n_kv, group, dim), k, v, scale=scale).view(1, n_heads, dim)
     qh = q.view(q_len, n_kv, group, dim).permute(1, 2, 0, 3).reshape(n_kv, group * q_len, dim)
     m = mask.repeat(group, 1) if mask is not None else None  # rows ordered (group, query) like qh
     out = F.scaled_dot_product_attention(qh, k, v, attn_mask=m, scale=scale)  # [Hkv, group*q_len, D]
@@ -55,6 +57,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_kv: LayerKV 
     layer_kv.write(batch.slot_mapping, k, v)
     if batch.decode_slots is not None:
         return _attend_decode_batched(q, layer_kv, batch, scale, window)
+    if batch.num_seqs == 1:  # one sequence (batch-1 decode or one prefill chunk): no output copy
+        k_1, v_1 = layer_kv.read(batch.kv_index[0], batch.context_lens[0])  # [Hkv, kv_len, D] each
+        mask = causal_mask(q.shape[0], batch.context_lens[0], window, q.device)
+        return sdpa_gqa(q, k_1.to(q.dtype), v_1.to(q.dtype), scale, mask)
     out = torch.empty_like(q)
     for i in range(batch.num_seqs):
         start, end = batch.query_start_loc[i], batch.query_start_loc[i + 1]

@@ -41,20 +41,24 @@ class RotaryEmbedding(torch.nn.Module):
         inv = inv_frequencies(head_dim, theta, scaling)
         t = torch.arange(max_positions, dtype=torch.float64)
         freqs = torch.outer(t, inv)  # [max_positions, D/2]
-        # The rotate-half layout pairs channel i with i + D/2: duplicate the table across both halves.
-        self.register_buffer("cos", torch.cat([freqs.cos(), freqs.cos()], -1).to(dtype), persistent=False)  # [P, D]
-        self.register_buffer("sin", torch.cat([freqs.sin(), freqs.sin()], -1).to(dtype), persistent=False)  # [P, D]
+        self.register_buffer("cos", freqs.cos().to(dtype), persistent=False)  # [P, D/2]
+        self.register_buffer("sin", freqs.sin().to(dtype), persistent=False)  # [P, D/2]
         self.max_positions = max_positions
+
+    def table(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin for the step's positions, each [T, 1, D]; computed once per step, shared by all layers.
+        The rotate-half layout pairs channel i with i + D/2, so both halves use the same angle."""
+        cos, sin = self.cos[positions], self.sin[positions]  # [T, D/2]
+        return torch.cat([cos, cos], -1).unsqueeze(1), torch.cat([sin, sin], -1).unsqueeze(1)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q [T, Hq, D], k [T, Hkv, D], positions [T] -> rotated q, k (same shapes)."""
-        cos = self.cos[positions].unsqueeze(1)  # [T, 1, D]
-        sin = self.sin[positions].unsqueeze(1)  # [T, 1, D]
+        cos, sin = self.table(positions)
         return rotate(q, cos, sin), rotate(k, cos, sin)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, H, D] rotated by per-token cos/sin [T, 1, D] in the rotate-half layout."""
     half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return x * cos + rotated * sin
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return torch.addcmul(x * cos, rotated, sin)

@@ -47,15 +47,17 @@ def test_paris_answer_matches_transformers(default_llm, hf_default_model):
 
 
 def test_bf16_tracks_fp32(default_gguf, default_llm):
-    """bf16 weights round the fp32 ones, so long greedy texts may part ways; what must hold: bf16 cached ==
-    bf16 uncached, and teacher-forced on the fp32 text, bf16 picks the same next token at >= 90% of steps."""
+    """bf16 weights round the fp32 ones, so long greedy texts may part ways (and so may bf16 cached and
+    uncached runs, whose matmuls round differently). What must hold: bf16 cached vs uncached logits within
+    the bf16 verify tolerance, and teacher-forced on the fp32 text, bf16 picks the same next token at >= 90%
+    of steps."""
     from kvengine.llm import LLM
 
     llm = LLM(str(default_gguf), dtype="bfloat16", kv_cache_memory=64 << 20, max_num_seqs=2)
     ids = chat_ids(llm, PROMPTS[0])
     params = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
     low = llm.generate(prompt_token_ids=[ids], sampling_params=params, verify=True)[0]
-    assert low.verify.first_divergence is None
+    assert low.verify.max_abs_logit_diff <= low.verify.tolerance == 1.0
     ref = default_llm.generate(prompt_token_ids=[ids], sampling_params=params)[0].token_ids
     logits = llm.engine.runner.full_logits_no_cache(ids + ref[:-1], len(ids) - 1)  # [32, vocab]
     agree = (logits.argmax(-1) == torch.tensor(ref)).float().mean().item()

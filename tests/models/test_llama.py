@@ -9,13 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kvtest import tiny_pair
+from kvtest import cached_step, make_runner, tiny_pair
 
-from kvengine.cache.block_manager import BlockManager
-from kvengine.cache.pool import KVPool
-from kvengine.cache.spec import KVCacheSpec
-from kvengine.engine.runner import ModelRunner
-from kvengine.engine.scheduler import ScheduledSeq
 from kvengine.engine.sequence import Sequence
 from kvengine.sampling import SamplingParams
 
@@ -32,31 +27,6 @@ CONFIGS = {
         "original_max_position_embeddings": 64}}),
     "sliding-window (mistral)": ("mistral", {"sliding_window": 8}),
 }
-
-
-def make_runner(model, num_blocks: int = 64, block_size: int = 4):
-    c = model.config
-    spec = KVCacheSpec(c.num_layers, c.num_kv_heads, c.head_dim, "float32", block_size, c.layer_windows)
-    pool = KVPool.allocate(spec, num_blocks, "cpu")
-    bm = BlockManager(num_blocks, block_size, enable_prefix_caching=False)
-    return ModelRunner(model, pool, bm), bm
-
-
-def cached_step(runner, bm, seqs: list[Sequence], chunk: int | None = None) -> torch.Tensor:
-    """Compute each sequence's uncomputed tokens (at most `chunk`) through the pool; returns logits rows."""
-    scheduled = []
-    for s in seqs:
-        if not bm.has_seq(s.seq_id):
-            bm.allocate(s.seq_id, s.token_ids)
-        bm.ensure_capacity(s.seq_id, len(s.token_ids))
-        n = s.num_uncomputed if chunk is None else min(chunk, s.num_uncomputed)
-        scheduled.append(ScheduledSeq(s, n))
-    batch = runner.build_cached(scheduled)
-    batch.logits_indices = torch.arange(batch.num_tokens)  # every row, to compare all positions
-    logits = runner.run(batch)
-    for s in scheduled:
-        s.seq.num_computed_tokens += s.num_new_tokens
-    return logits
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))

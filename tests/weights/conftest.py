@@ -10,16 +10,6 @@ import pytest
 
 
 @pytest.fixture(scope="session")
-def gemma_gguf():
-    from kvengine.weights.catalog import catalog_path
-
-    path = catalog_path("gemma3-270m")
-    if not path.is_file():
-        pytest.skip("Gemma 3 270M GGUF not fetched (resolve_model('gemma3-270m') fetches it)")
-    return path
-
-
-@pytest.fixture(scope="session")
 def smollm_tokenizer(default_gguf):
     from kvengine.weights.tokenizer import Tokenizer
 

@@ -1,0 +1,211 @@
+"""`kvengine bench cache | throughput | prefix | peers`: run a benchmark, write its results folder
+(report.md, result.json, PNG plots), print the tables, end stdout with one JSON line.
+
+Progress bars go to stderr so stdout stays tables + the final JSON line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from kvengine.accounting.flops import require_positive
+from kvengine.bench.report import Report, default_out_dir
+from kvengine.cli.app import bench_app
+from kvengine.errors import ConfigError
+
+ModelOpt = typer.Option(None, "--model", "-m", help="Model name, GGUF file or HF folder (default: SmolLM2-135M).")
+DtypeOpt = typer.Option("auto", "--dtype", help="Compute dtype: auto (fp32 on CPU), float32, bfloat16, float16.")
+DeviceOpt = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N.")
+ThreadsOpt = typer.Option(None, "--threads", help="CPU threads for PyTorch (default: PyTorch's choice).")
+OutOpt = typer.Option(None, "--out", help="Results folder (default: results/<bench>-<timestamp>/).")
+PromptOpt = typer.Option("Please tell me about Paris.", "--prompt", help="The prompt, sent as one user message.")
+RawOpt = typer.Option(False, "--raw", help="Send the prompt as is, without the chat template.")
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("tokens"), TimeElapsedColumn(), TimeRemainingColumn(),
+                    console=Console(stderr=True), transient=False)
+
+
+def _bar(progress: Progress) -> Callable[[str, int], Callable[[int], None]]:
+    """progress(label, total) -> on_token(done): one bar per run."""
+    def start(label: str, total: int) -> Callable[[int], None]:
+        task = progress.add_task(label, total=total)
+        return lambda done: progress.update(task, completed=done)
+    return start
+
+
+def _llm(model: str | None, dtype: str, device: str, threads: int | None, **kw: Any):
+    from kvengine.llm import LLM
+
+    return LLM(model, dtype=dtype, device=device, num_threads=threads, **kw)
+
+
+def _report(bench: str, title: str, out: Path | None, params: dict[str, Any]) -> Report:
+    return Report(bench, title, out if out is not None else default_out_dir(bench), params)
+
+
+@bench_app.command("cache")
+def cache(
+    max_tokens: int = typer.Option(1000, "--max-tokens", "-n", help="New tokens per run (greedy, EOS ignored)."),
+    no_cache_max_tokens: int | None = typer.Option(
+        None, "--no-cache-max-tokens", help="Cap the no-cache run (it is quadratic); the report states the cap."),
+    model: str | None = ModelOpt,
+    prompt: str = PromptOpt,
+    raw: bool = RawOpt,
+    dtype: str = DtypeOpt,
+    device: str = DeviceOpt,
+    threads: int | None = ThreadsOpt,
+    warmup: int = typer.Option(4, "--warmup", help="Untimed warm-up tokens per run before timing (0 = none)."),
+    sample_interval: float = typer.Option(0.1, "--sample-interval", help="Seconds between CPU/memory samples."),
+    out: Path | None = OutOpt,
+) -> None:
+    """Generate N tokens with and without the KV cache: time per token, speedup, FLOPs, CPU and memory."""
+    from kvengine.bench.cache import cache_report, encode_prompt, run_cache_bench
+
+    require_positive(max_tokens, "--max-tokens")
+    # No prefix caching: the warm-up must not leave the prompt cached for the timed run.
+    llm = _llm(model, dtype, device, threads, max_num_seqs=1, enable_prefix_caching=False)
+    ids = encode_prompt(llm, prompt, raw)
+    params = {"model": llm.model_name, "prompt": prompt, "chat_template": not raw, "prompt_tokens": len(ids),
+              "max_tokens": max_tokens, "no_cache_max_tokens": no_cache_max_tokens,
+              "dtype": llm.config.resolved_dtype(), "device": device, "threads": threads, "warmup_tokens": warmup,
+              "sample_interval_s": sample_interval}
+    report = _report("cache", f"bench cache: {llm.model_name}, {max_tokens} tokens with and without the KV cache",
+                     out, params)
+    with _progress() as progress:
+        result = run_cache_bench(llm, ids, max_tokens, no_cache_max_tokens, warmup, _bar(progress), sample_interval)
+    cache_report(result, report, llm.model_name).finish()
+
+
+def parse_int_list(text: str, name: str) -> list[int]:
+    """'1,4,16' -> [1, 4, 16]; a one-line ConfigError naming the option `name` otherwise."""
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"{name} takes comma-separated integers, got '{text}'") from None
+    if not values or min(values) < 1:
+        raise ConfigError(f"{name} takes positive integers, got '{text}'")
+    return values
+
+
+@bench_app.command("throughput")
+def throughput(
+    concurrency: str = typer.Option("1,4,16,32,64", "--concurrency", "-c",
+                                    help="Comma-separated numbers of requests sent at once."),
+    max_tokens: int = typer.Option(64, "--max-tokens", "-n", help="New tokens per request (greedy, EOS ignored)."),
+    prefix_tokens: int = typer.Option(256, "--prefix-tokens",
+                                      help="Tokens of the system message every request shares (0 = none)."),
+    sharing: str = typer.Option("both", "--sharing", help="Prefix caching: both, on or off."),
+    model: str | None = ModelOpt,
+    dtype: str = DtypeOpt,
+    device: str = DeviceOpt,
+    threads: int | None = ThreadsOpt,
+    warmup: int = typer.Option(4, "--warmup", help="Untimed warm-up tokens (two requests) before timing."),
+    out: Path | None = OutOpt,
+) -> None:
+    """Aggregate tok/s, p50/p99 TTFT and inter-token latency at each concurrency, prefix sharing on and off."""
+    from kvengine.bench.throughput import MODES, run_throughput_bench, throughput_report
+
+    levels = parse_int_list(concurrency, "--concurrency")
+    require_positive(max_tokens, "--max-tokens")
+    if sharing not in ("both", "on", "off"):
+        raise ConfigError(f"--sharing must be both, on or off, got '{sharing}'")
+    modes = {k: v for k, v in MODES.items() if sharing == "both" or v == (sharing == "on")}
+    llm = _llm(model, dtype, device, threads, max_num_seqs=1)
+    params = {"model": llm.model_name, "concurrency": levels, "max_tokens": max_tokens,
+              "prefix_tokens": prefix_tokens, "sharing": sharing, "dtype": llm.config.resolved_dtype(),
+              "device": device, "threads": threads, "warmup_tokens": warmup}
+    report = _report("throughput", f"bench throughput: {llm.model_name}, concurrent requests", out, params)
+    with _progress() as progress:
+        result = run_throughput_bench(llm, levels, max_tokens, prefix_tokens, modes, _bar(progress), warmup)
+    throughput_report(result, report, llm.model_name).finish()
+
+
+def _dtype_list(text: str) -> list[str]:
+    from kvengine.config import normalize_dtype
+
+    values = [normalize_dtype(x.strip()) for x in text.split(",") if x.strip()]
+    if not values or "auto" in values:
+        raise ConfigError(f"--dtypes takes explicit dtypes such as float32,bfloat16, got '{text}'")
+    return values
+
+
+@bench_app.command("peers")
+def peers(
+    lengths: str = typer.Option("20,200,1000", "--lengths", "-n", help="Comma-separated new-token counts."),
+    dtypes: str = typer.Option("float32", "--dtypes", help="Comma-separated compute dtypes for kvengine and "
+                               "transformers, e.g. float32,bfloat16 (llama.cpp keeps the GGUF's weights)."),
+    no_cache_max_tokens: int | None = typer.Option(
+        200, "--no-cache-max-tokens", help="Longest no-cache run (quadratic); 0 = no cap."),
+    only: str = typer.Option("transformers,llama.cpp", "--peers", help="Which peers to run beside kvengine."),
+    repeats: int = typer.Option(1, "--repeats", help="Runs per measurement; the median (by total time) is kept."),
+    model: str | None = ModelOpt,
+    prompt: str = PromptOpt,
+    raw: bool = RawOpt,
+    device: str = DeviceOpt,
+    threads: int | None = ThreadsOpt,
+    warmup: int = typer.Option(4, "--warmup", help="Untimed warm-up tokens per system and setting."),
+    out: Path | None = OutOpt,
+) -> None:
+    """kvengine against transformers (cache on/off) and llama.cpp on the same prompt ids: tok/s and ratios."""
+    from kvengine.bench.peers import LLAMA_CPP, TRANSFORMERS, peers_report, run_peers_bench
+    from kvengine.weights.source import open_model_source
+
+    ns, dts = parse_int_list(lengths, "--lengths"), _dtype_list(dtypes)
+    chosen = tuple(p.strip() for p in only.split(",") if p.strip())
+    unknown = set(chosen) - {TRANSFORMERS, LLAMA_CPP}
+    if unknown:
+        raise ConfigError(f"unknown peer '{sorted(unknown)[0]}' (choose from {TRANSFORMERS}, {LLAMA_CPP})")
+    require_positive(repeats, "--repeats")
+    name = open_model_source(model).name
+    params = {"model": name, "prompt": prompt, "chat_template": not raw, "lengths": ns, "dtypes": dts,
+              "no_cache_max_tokens": no_cache_max_tokens or None, "peers": list(chosen), "repeats": repeats,
+              "device": device, "threads": threads, "warmup_tokens": warmup}
+    report = _report("peers", f"bench peers: {name} against {', '.join(chosen) or 'no peers'}", out, params)
+    with _progress() as progress:
+        result = run_peers_bench(model, prompt, raw, ns, dts, no_cache_max_tokens or None, threads, repeats, warmup,
+                                 chosen, _bar(progress), device)
+    peers_report(result, report, name, result.prompt_tokens).finish()
+
+
+@bench_app.command("prefix")
+def prefix(
+    requests: int = typer.Option(32, "--requests", "-r", help="Chat requests sent at once."),
+    max_tokens: int = typer.Option(128, "--max-tokens", "-n", help="New tokens per request (greedy, EOS ignored)."),
+    sequential: int | None = typer.Option(None, "--sequential", help="How many of the requests to also run one "
+                                          "at a time (default: all)."),
+    cached_prefix_tokens: int = typer.Option(1024, "--cached-prefix-tokens",
+                                             help="Shared system-message tokens for the warm/cold TTFT test."),
+    repeats: int = typer.Option(3, "--repeats", help="Cold/warm TTFT pairs; the medians are reported."),
+    no_transformers: bool = typer.Option(False, "--no-transformers", help="Skip transformers' batched generate."),
+    model: str | None = ModelOpt,
+    dtype: str = DtypeOpt,
+    device: str = DeviceOpt,
+    threads: int | None = ThreadsOpt,
+    out: Path | None = OutOpt,
+) -> None:
+    """Batched vs one-at-a-time vs transformers' batched generate; warm vs cold prefix TTFT; KV memory waste."""
+    from kvengine.bench.prefix import prefix_report, run_prefix_bench
+
+    require_positive(requests, "--requests")
+    require_positive(max_tokens, "--max-tokens")
+    require_positive(cached_prefix_tokens, "--cached-prefix-tokens")
+    require_positive(repeats, "--repeats")
+    n_seq = requests if sequential is None else min(require_positive(sequential, "--sequential"), requests)
+    llm = _llm(model, dtype, device, threads, max_num_seqs=1)
+    params = {"model": llm.model_name, "requests": requests, "max_tokens": max_tokens, "sequential": n_seq,
+              "cached_prefix_tokens": cached_prefix_tokens, "repeats": repeats, "transformers": not no_transformers,
+              "dtype": llm.config.resolved_dtype(), "device": device, "threads": threads}
+    report = _report("prefix", f"bench prefix: {llm.model_name}, batching and prefix sharing", out, params)
+    with _progress() as progress:
+        result = run_prefix_bench(llm, requests, max_tokens, cached_prefix_tokens, n_seq, repeats,
+                                  not no_transformers, _bar(progress))
+    prefix_report(result, report, llm.model_name).finish()

@@ -1,0 +1,91 @@
+"""Prometheus metrics of one server: a private registry with latency histograms fed by the engine thread,
+and gauges/counters read from an EngineStats snapshot at scrape time (KV blocks, prefix hits, queues).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from kvengine.engine.stats import EngineStats
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75,
+                   1.0, 2.5, 5.0, 10.0, 20.0, 40.0)
+REQUEST_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
+
+
+class _EngineCollector(Collector):
+    """Turns the latest EngineStats into metric families when the registry is scraped."""
+
+    def __init__(self) -> None:
+        self.stats: EngineStats | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.stats
+        if s is None:
+            return
+        gauges = {
+            "kvengine_kv_blocks_total": ("KV cache blocks in the pool", s.blocks_total),
+            "kvengine_kv_blocks_used": ("KV blocks held by at least one request", s.blocks_used),
+            "kvengine_kv_blocks_cached": ("free KV blocks still holding a reusable prefix", s.blocks_cached_free),
+            "kvengine_kv_blocks_shared": ("KV blocks held by more than one request", s.blocks_shared),
+            "kvengine_kv_blocks_free": ("free KV blocks with nothing reusable", s.blocks_free),
+            "kvengine_kv_cache_usage_ratio": ("used / total KV blocks", s.blocks_used / max(1, s.blocks_total)),
+            "kvengine_kv_bytes_per_token": ("KV cache bytes per token (all layers)", s.bytes_per_token),
+            "kvengine_prefix_cache_hit_rate": ("prompt tokens served from the prefix cache / prompt tokens "
+                                               "admitted, since start", s.prefix_hit_rate),
+            "kvengine_requests_running": ("requests in the running batch", s.running),
+            "kvengine_requests_waiting": ("requests waiting for a slot or for KV blocks", s.waiting),
+        }
+        for name, (doc, value) in gauges.items():
+            yield GaugeMetricFamily(name, doc, value=value)
+        info = GaugeMetricFamily("kvengine_kv_cache_info", "KV cache format", labels=["dtype", "block_size"])
+        info.add_metric([s.kv_dtype, str(s.block_size)], 1)
+        yield info
+        counters = {
+            "kvengine_generation_tokens": ("tokens generated", s.tokens_generated),
+            "kvengine_prefix_cache_hit_tokens": ("prompt tokens served from the prefix cache", s.prefix_hit_tokens),
+            "kvengine_prefix_cache_query_tokens": ("prompt tokens admitted", s.prefix_query_tokens),
+            "kvengine_prefix_cache_evictions": ("cached blocks evicted to make room", s.prefix_evictions),
+            "kvengine_preemptions": ("sequences preempted (recomputed later) for lack of KV blocks", s.preemptions),
+            "kvengine_engine_steps": ("engine steps", s.steps),
+        }
+        for name, (doc, value) in counters.items():
+            yield CounterMetricFamily(name, doc, value=value)
+
+
+class ServerMetrics:
+    """Histograms and counters the server observes, plus the engine snapshot; one registry per app."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.ttft = Histogram("kvengine_time_to_first_token_seconds", "time from arrival to the first token",
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("kvengine_inter_token_latency_seconds", "time between two tokens of one request",
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("kvengine_e2e_request_latency_seconds", "time from arrival to the last token",
+                             buckets=REQUEST_BUCKETS, registry=r)
+        self.finished = Counter("kvengine_requests_finished", "finished requests", ["finish_reason"], registry=r)
+        self.prompt_tokens = Counter("kvengine_prompt_tokens", "prompt tokens of finished requests", registry=r)
+        self.rejected = Counter("kvengine_requests_rejected", "requests refused because the waiting queue was full",
+                                registry=r)
+        self._engine = _EngineCollector()
+        r.register(self._engine)
+
+    def observe_token(self, first: bool, seconds: float) -> None:
+        (self.ttft if first else self.itl).observe(seconds)
+
+    def observe_finished(self, finish_reason: str | None, prompt_tokens: int, seconds: float) -> None:
+        self.finished.labels(finish_reason=finish_reason or "unknown").inc()
+        self.prompt_tokens.inc(prompt_tokens)
+        self.e2e.observe(seconds)
+
+    def render(self, stats: EngineStats) -> bytes:
+        """The Prometheus text exposition, with engine gauges taken from `stats`."""
+        self._engine.stats = stats
+        return generate_latest(self.registry)

@@ -1,0 +1,95 @@
+"""Quantized linear layers: pack/unpack round trips, GGUF Q4_1 repacked without loss, and logits of every
+weight format within a stated tolerance of the fp32 reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kvtest import tiny_pair
+
+from kvengine.config import EngineConfig
+from kvengine.errors import ConfigError
+from kvengine.layers.linear import Int4Linear, Int8Linear, Linear, quantize_int4, quantize_int8, quantize_linears
+
+
+def test_int4_pack_unpack_round_trip():
+    torch.manual_seed(0)
+    w = torch.randn(64, 96)
+    q, sz = quantize_int4(w, 32)  # q [64, 96] in 0..15, sz [3, 64, 2]
+    assert q.min() >= 0 and q.max() <= 15
+    scale, zero = sz[..., 0].t(), sz[..., 1].t()  # [64, 3]
+    expect = ((q.view(64, 3, 32).float() - 8) * scale[..., None] + zero[..., None]).view(64, 96)
+    got = Int4Linear(w, None, torch.float32).dequantized()  # through the packed kernel itself
+    assert torch.allclose(got, expect, atol=1e-6)
+    # quantization error is at most half a step of each group
+    step = scale.repeat_interleave(32, dim=1)
+    assert ((got - w).abs() <= step / 2 + 1e-6).all()
+
+
+def test_int8_round_trip_error_is_half_a_step():
+    torch.manual_seed(1)
+    w = torch.randn(48, 80)
+    q, scale = quantize_int8(w)
+    layer = Int8Linear(w, None, torch.float32)
+    assert torch.equal(layer.dequantized(), q.float() * scale[:, None])
+    assert ((layer.dequantized() - w).abs() <= scale[:, None] / 2 + 1e-7).all()
+
+
+def test_gguf_q4_1_repacks_exactly(default_llm):
+    """Q4_1 blocks (w = d*q + m over 32 weights) land on the int4 kernel's grid with no error at all."""
+    layer = default_llm.engine.model.layers[0].mlp.gate_up_proj
+    w = layer.dequantized()
+    assert torch.equal(Int4Linear(w, None, torch.float32).dequantized(), w)
+
+
+# Max |logit - fp32 logit| on the tiny random model (logits are O(1)); int4's 16 levels per group of 32
+# random weights is coarse, so its bound is wider.
+TOLERANCE = {"int8": 0.05, "int4": 0.35}
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_quantized_logits_close_to_fp32_on_tiny_model(fmt):
+    ref, _ = tiny_pair("llama", hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2)
+    quant, _ = tiny_pair("llama", hidden_size=128, intermediate_size=256, num_attention_heads=4,
+                         num_key_value_heads=2)
+    chosen = quantize_linears(quant, fmt, torch.float32)
+    assert set(chosen.values()) == ({"int8"} if fmt == "int8" else {"int4", "int8"})
+    assert chosen["lm_head"] == "int8"
+    assert not any(isinstance(m, Linear) for m in quant.modules())
+    from kvengine.batch import StepBatch
+
+    ids = torch.randint(0, 96, (24,), generator=torch.Generator().manual_seed(2))
+    batch = StepBatch(input_ids=ids, positions=torch.arange(24), query_start_loc=[0, 24], context_lens=[24],
+                      logits_indices=torch.arange(24))
+    with torch.no_grad():
+        diff = (quant(batch, None) - ref(batch, None)).abs().max().item()
+    assert 0 < diff <= TOLERANCE[fmt]
+
+
+def test_default_model_int4_tracks_fp32(default_gguf, default_llm):
+    """int4 (Q4_1 repacked exactly) + int8 LM head vs the fp32 reference, teacher-forced on the fp32 greedy
+    text: the same next token at >= 95% of positions and perplexity of that text within 2%."""
+    from kvengine.llm import LLM
+    from kvengine.sampling import SamplingParams
+
+    llm = LLM(str(default_gguf), weights="int4", kv_cache_memory=64 << 20, max_num_seqs=2)
+    ids = llm.tokenizer.encode_chat([{"role": "user", "content": "Please tell me about Paris."}])
+    ref_tokens = default_llm.generate(prompt_token_ids=[ids], sampling_params=SamplingParams(
+        max_tokens=48, temperature=0, ignore_eos=True))[0].token_ids
+    seq = ids + ref_tokens[:-1]
+    ref = default_llm.engine.runner.full_logits_no_cache(seq, len(ids) - 1)
+    got = llm.engine.runner.full_logits_no_cache(seq, len(ids) - 1)
+    target = torch.tensor(ref_tokens)
+    assert (got.argmax(-1) == target).float().mean() >= 0.95
+
+    def nll(logits):
+        return torch.nn.functional.cross_entropy(logits, target).item()
+
+    assert abs(nll(got) - nll(ref)) / nll(ref) < 0.02
+
+
+def test_bad_weights_value_is_refused():
+    with pytest.raises(ConfigError, match="unknown weights format 'int3'"):
+        EngineConfig(weights="int3")
+    with pytest.raises(ConfigError, match="weights 'bf16' and dtype 'float32' disagree"):
+        EngineConfig(weights="bf16", dtype="float32").resolved_dtype()

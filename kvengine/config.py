@@ -298,6 +298,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     num_threads: int | None = None
     seed: int = 0
+    compile: bool = False  # torch.compile the batch-1 decode step (see engine/compiled.py)
 
     def __post_init__(self) -> None:
         self.dtype = normalize_dtype(self.dtype)

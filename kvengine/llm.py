@@ -174,7 +174,7 @@ def build_engine(model: torch.nn.Module, tokenizer: Tokenizer | None, config: En
     pool = KVPool.allocate(spec, num_blocks, config.device)
     bm = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
     engine = LLMEngine(model, tokenizer, pool, bm, config.max_num_seqs, config.max_num_batched_tokens, max_len,
-                       config.device, config.seed)
+                       config.device, config.seed, config.compile)
     engine.weights_desc = weights
     return engine
 

@@ -4,7 +4,10 @@ Layout: [num_layers, 2 (K, V), kv_heads, num_slots, head_dim] with num_slots = n
 Slot s belongs to block s // block_size. Keeping heads outermost makes a run of consecutive slots one
 contiguous [kv_heads, n, head_dim] view per head, which is what attention reads.
 
-Only this module allocates KV memory. Quantized KV dtypes provide their own LayerKV (same methods).
+Only this module allocates KV memory. Quantized KV dtypes (fp8, int8, int4) keep the same slot layout in codes
+plus scales, behind LayerKV subclasses with the same methods: `write` quantizes, `read`/`read_slots` return
+dequantized keys and values in the dtype that was written, so attention is the same for every KV dtype.
+Their tensors hold exactly the bytes that KVCacheSpec counts (kvengine/cache/quant.py has the formats).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from dataclasses import dataclass
 import psutil
 import torch
 
+from kvengine.cache import quant
 from kvengine.cache.spec import KVCacheSpec
 from kvengine.errors import ConfigError
 
@@ -54,6 +58,105 @@ class LayerKV:
         return k, v
 
 
+class QuantLayerKV(LayerKV):
+    """A quantized layer: subclasses say how to store a step's K/V (`write`) and how to dequantize any slots
+    (`_load`); reads of a start slot, a slot list or a padded batch all go through `_load`."""
+
+    def __init__(self, block_size: int, device: torch.device) -> None:
+        self.block_size = block_size
+        self._device = device
+        self.out_dtype = torch.float32  # becomes the dtype of the keys written (the model's compute dtype)
+
+    def _load(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """slots [N] -> dequantized k, v float32 [kv_heads, N, head_dim]."""
+        raise NotImplementedError
+
+    def read(self, index: int | torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(index, int):
+            index = torch.arange(index, index + length, device=self._device)  # [length]
+        k, v = self._load(index)
+        return k.to(self.out_dtype), v.to(self.out_dtype)
+
+    def read_slots(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = self._load(slots.reshape(-1))  # [Hkv, B * L, D] each
+        shape = (k.shape[0], *slots.shape, k.shape[-1])  # [Hkv, B, L, D]
+        return (k.view(shape).transpose(0, 1).to(self.out_dtype),  # [B, Hkv, L, D]
+                v.view(shape).transpose(0, 1).to(self.out_dtype))
+
+
+class ScaledLayerKV(QuantLayerKV):
+    """fp8 or int8 K and V: codes [2, kv_heads, num_slots, head_dim] (fp8 bits kept as uint8) and one float16
+    scale per token and head, scales [2, kv_heads, num_slots]."""
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, block_size: int) -> None:
+        super().__init__(block_size, codes.device)
+        self.codes, self.scales = codes, scales
+        self.fp8 = codes.dtype == torch.uint8
+
+    def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.out_dtype = k.dtype
+        kv = torch.stack((k, v)).transpose(1, 2)  # [2, Hkv, T, D]
+        codes, scale = quant.quantize_fp8(kv) if self.fp8 else quant.quantize_int8(kv)
+        self.codes.index_copy_(2, slots, codes.view(self.codes.dtype))
+        self.scales.index_copy_(2, slots, scale)
+
+    def _load(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        codes = self.codes.index_select(2, slots)  # [2, Hkv, N, D]
+        kv = quant.dequantize_scaled(codes.view(torch.float8_e4m3fn) if self.fp8 else codes,
+                                     self.scales.index_select(2, slots))
+        return kv[0], kv[1]
+
+
+class ChannelKeyLayerKV(QuantLayerKV):
+    """int8 / int4 K and V in KIVI's layout: uint8 codes [2, kv_heads, num_slots, head_dim] (4 bits: two per byte,
+    head_dim // 2); keys per channel over each block, key_stats [2 (scale, minimum), kv_heads, num_blocks,
+    head_dim]; values per token in groups of channels, value_stats [2 (scale, minimum), kv_heads, num_slots, groups].
+
+    A block's key range covers the tokens it holds so far. Each write re-quantizes the blocks it touches over
+    their old and new tokens together, so a block filled by one prefill chunk is quantized once over all its
+    tokens, and a block filled by decode keeps a range that grows with it (codes are re-mapped when it grows).
+    This relies on the block manager's invariant: a sequence writes its positions in order, into blocks it
+    holds alone, and a fresh block's first write starts at its first slot.
+    """
+
+    def __init__(self, codes: torch.Tensor, key_stats: torch.Tensor, value_stats: torch.Tensor, block_size: int,
+                 bits: int) -> None:
+        super().__init__(block_size, codes.device)
+        self.codes, self.key_stats, self.value_stats, self.bits = codes, key_stats, value_stats, bits
+        self.group = key_stats.shape[-1] // value_stats.shape[-1]  # value channels per group
+
+    def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.out_dtype = k.dtype
+        codes, scale, lo = quant.quantize_groups(v.transpose(0, 1), self.group, self.bits)  # [Hkv, T, ...]
+        self.codes[1].index_copy_(1, slots, codes)
+        self.value_stats.index_copy_(2, slots, torch.stack((scale, lo)))
+        self._write_keys(slots, k)
+
+    def _write_keys(self, slots: torch.Tensor, k: torch.Tensor) -> None:
+        """Re-quantize every block that `slots` touch, over its earlier tokens and the new ones. k [T, Hkv, D]."""
+        bs = self.block_size
+        blocks, offsets = slots // bs, slots % bs  # [T] each
+        touched, which = torch.unique(blocks, return_inverse=True)  # [U], [T]
+        last = torch.zeros_like(touched).scatter_reduce_(0, which, offsets, "amax")  # [U] last offset written
+        block_slots = (touched[:, None] * bs + torch.arange(bs, device=slots.device)).reshape(-1)  # [U * bs]
+        n_heads, dim = k.shape[1], k.shape[2]
+        keys = self._load_keys(block_slots).view(n_heads, len(touched), bs, dim)  # [Hkv, U, bs, D]
+        keys[:, which, offsets] = k.transpose(0, 1).float()
+        valid = torch.arange(bs, device=slots.device)[None, :] <= last[:, None]  # [U, bs]: written so far
+        codes, scale, lo = quant.quantize_channels(keys, valid[None, :, :, None], self.bits)
+        self.codes[0].index_copy_(1, block_slots, codes.flatten(1, 2))  # [Hkv, U * bs, code bytes]
+        self.key_stats.index_copy_(2, touched, torch.stack((scale, lo)))  # [2, Hkv, U, D]
+
+    def _load_keys(self, slots: torch.Tensor) -> torch.Tensor:
+        stats = self.key_stats.index_select(2, slots // self.block_size)  # [2, Hkv, N, D]: each slot's block
+        return quant.dequantize_uniform(self.codes[0].index_select(1, slots), stats[0], stats[1], self.bits)
+
+    def _load(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        stats = self.value_stats.index_select(2, slots)  # [2, Hkv, N, G]
+        v = quant.dequantize_uniform(self.codes[1].index_select(1, slots), stats[0], stats[1], self.bits)
+        return self._load_keys(slots), v  # [Hkv, N, D] each
+
+
 def sequence_index(block_table: list[int], length: int, block_size: int,
                    device: torch.device | str) -> int | torch.Tensor:
     """How to find a sequence's first `length` positions in the pool: its start slot when its blocks are
@@ -73,17 +176,17 @@ class KVPool:
 
     spec: KVCacheSpec
     num_blocks: int
-    kv: torch.Tensor  # [num_layers, 2, kv_heads, num_blocks * block_size, head_dim]
+    kv: torch.Tensor  # [num_layers, 2, kv_heads, num_slots, head_dim] values or codes (int4: head_dim // 2 bytes)
     layers: list[LayerKV]
+    scales: tuple[torch.Tensor, ...] = ()  # quantized dtypes: their scale tensors (shapes in _allocate_quantized)
 
     @staticmethod
     def allocate(spec: KVCacheSpec, num_blocks: int, device: torch.device | str) -> KVPool:
         """The pool for `spec` (its dtype decides the storage), `num_blocks` blocks, on `device`."""
         if num_blocks < 1:
             raise ConfigError("the KV cache budget holds no block; raise kv_cache_memory")
-        if spec.dtype not in FLOAT_STORAGE:
-            raise ConfigError(f"KV cache dtype '{spec.dtype}' is not available in this build "
-                              f"(available: {', '.join(FLOAT_STORAGE)})")
+        if not spec.kv_dtype.is_float:
+            return _allocate_quantized(spec, num_blocks, device)
         slots = num_blocks * spec.block_size
         # torch.empty: pages are committed as they are written, so a large budget costs nothing until used.
         # Nothing reads a slot before it is written (padding in batched decode points at written slots).
@@ -94,10 +197,32 @@ class KVPool:
 
     @property
     def nbytes(self) -> int:
-        return self.kv.numel() * self.kv.element_size()
+        return sum(t.numel() * t.element_size() for t in (self.kv, *self.scales))
 
     def layer(self, i: int) -> LayerKV:
         return self.layers[i]
+
+
+def _allocate_quantized(spec: KVCacheSpec, num_blocks: int, device: torch.device | str) -> KVPool:
+    """Codes and scales for fp8 / int8 / int4, exactly the bytes KVCacheSpec counts."""
+    n, h, d, bs = spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.block_size
+    slots, fmt = num_blocks * bs, spec.kv_dtype
+    if fmt.block_channel_scale_bytes:  # int8, int4: keys per channel per block, values per token
+        groups = d // fmt.group(d)
+        codes = torch.empty(n, 2, h, slots, d * fmt.element_bits // 8, dtype=torch.uint8,
+                            device=device)  # [layers, 2, Hkv, slots, D * bits / 8]
+        key_stats = torch.empty(n, 2, h, num_blocks, d, dtype=quant.SCALE_DTYPE,
+                                device=device)  # [layers, 2 (scale, min), Hkv, blocks, D]
+        value_stats = torch.empty(n, 2, h, slots, groups, dtype=quant.SCALE_DTYPE,
+                                  device=device)  # [layers, 2 (scale, min), Hkv, slots, groups]
+        layers: list[LayerKV] = [ChannelKeyLayerKV(codes[i], key_stats[i], value_stats[i], bs, fmt.element_bits)
+                                 for i in range(n)]
+        return KVPool(spec, num_blocks, codes, layers, (key_stats, value_stats))
+    code_dtype = torch.uint8 if spec.dtype == "fp8" else torch.int8  # fp8 bits are stored as uint8
+    codes = torch.empty(n, 2, h, slots, d, dtype=code_dtype, device=device)  # [layers, 2, Hkv, slots, D]
+    scales = torch.empty(n, 2, h, slots, dtype=quant.SCALE_DTYPE, device=device)  # [layers, 2, Hkv, slots]
+    layers = [ScaledLayerKV(codes[i], scales[i], bs) for i in range(n)]
+    return KVPool(spec, num_blocks, codes, layers, (scales,))
 
 
 def available_memory(device: torch.device | str) -> int:

@@ -7,6 +7,7 @@ No torch import: the accounting CLI and the block manager use this without loadi
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from kvengine.errors import ConfigError
@@ -14,39 +15,53 @@ from kvengine.errors import ConfigError
 
 @dataclass(slots=True, frozen=True)
 class KVDtype:
-    """How one K or V element is stored, and what scales come with it.
+    """How one K or V element is stored, and what scales come with it (kvengine/cache/pool.py stores exactly this).
 
-    `scale_bytes_per_token_head` is for K and V together, for one token in one kv head; scales kept per
-    block (such as per-channel key scales) are given amortized over `block_size` tokens by `scale_bytes`.
+    Scale bytes are counted for K and V together. Per-token scales are per token and kv head; per-channel key
+    scales are kept per block (their bytes are amortized over `block_size` tokens); value groups split a head's
+    channels into groups of `group(head_dim)` channels, each with its own scale and minimum.
     """
 
     name: str
     element_bits: int
-    token_scale_bytes: int = 0  # per token, per kv head, K and V together (e.g. int8: one fp16 scale each)
-    block_channel_scale_bytes: int = 0  # per block, per kv head, per channel (K's per-channel scale + zero)
-    group_size: int = 0  # V quantized in groups of this many channels (0 = per token-head)
-    group_scale_bytes: int = 0  # per V group: scale + zero-point
+    token_scale_bytes: int = 0  # per token, per kv head, K and V together (fp8, int8-token: a float16 scale each)
+    block_channel_scale_bytes: int = 0  # per block, per kv head, per channel: K's float16 scale + minimum
+    group_size: int = 0  # V quantized per token in groups of up to this many channels (0 = all channels)
+    group_scale_bytes: int = 0  # per V group: float16 scale + minimum
+
+    @property
+    def is_float(self) -> bool:
+        """Stored as a plain float tensor (no codes, no scales)."""
+        return self.name in FLOAT_KV_DTYPES
+
+    def group(self, head_dim: int) -> int:
+        """Channels per V group: the largest divisor of head_dim up to group_size (group_size 32, head_dim 80 -> 16)."""
+        return math.gcd(head_dim, self.group_size) if self.group_size else head_dim
 
     def scale_bytes(self, head_dim: int, block_size: int) -> float:
         """Scale bytes for one token in one kv head (K and V together), block-level scales amortized."""
         per_token = float(self.token_scale_bytes)
         if self.block_channel_scale_bytes:
             per_token += self.block_channel_scale_bytes * head_dim / block_size
-        if self.group_size:
-            per_token += self.group_scale_bytes * (head_dim // self.group_size)
+        if self.group_scale_bytes:
+            per_token += self.group_scale_bytes * (head_dim // self.group(head_dim))
         return per_token
 
 
+FLOAT_KV_DTYPES = ("float32", "bfloat16", "float16")
 KV_DTYPES: dict[str, KVDtype] = {
     "float32": KVDtype("float32", 32),
     "bfloat16": KVDtype("bfloat16", 16),
     "float16": KVDtype("float16", 16),
-    # e4m3 with one fp32 scale per token and kv head for K and for V.
-    "fp8": KVDtype("fp8", 8, token_scale_bytes=8),
-    # symmetric int8, one fp32 scale per token and kv head for K and for V.
-    "int8": KVDtype("int8", 8, token_scale_bytes=8),
-    # KIVI-style int4: K per channel (fp16 scale + zero per channel per block), V per token in groups of
-    # 32 channels (fp16 scale + zero per group).
+    # e4m3, one float16 scale (amax / 448) per token and kv head for K and for V.
+    "fp8": KVDtype("fp8", 8, token_scale_bytes=4),
+    # int8 in KIVI's layout: K per channel over each block (float16 scale + minimum per channel per block), V per
+    # token (float16 scale + minimum per token and kv head).
+    "int8": KVDtype("int8", 8, block_channel_scale_bytes=4, group_scale_bytes=4),
+    # int8 with one symmetric float16 scale per token and kv head for K and for V (a simpler, less exact layout).
+    "int8-token": KVDtype("int8-token", 8, token_scale_bytes=4),
+    # KIVI-style int4: K per channel over each block (float16 scale + minimum per channel per block), V per token
+    # in groups of 32 channels (float16 scale + minimum per group).
     "int4": KVDtype("int4", 4, block_channel_scale_bytes=4, group_size=32, group_scale_bytes=4),
 }
 KV_DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16",
@@ -76,6 +91,9 @@ class KVCacheSpec:
         for name in ("num_layers", "num_kv_heads", "head_dim", "block_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"KV cache {name} must be at least 1, got {getattr(self, name)}")
+        if self.kv_dtype.element_bits == 4 and self.head_dim % 2:
+            raise ConfigError(f"KV cache dtype '{self.dtype}' packs two values per byte and needs an even head_dim, "
+                              f"got {self.head_dim}")
 
     @property
     def kv_dtype(self) -> KVDtype:

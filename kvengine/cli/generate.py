@@ -20,7 +20,7 @@ DeviceOpt = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N.")
 ThreadsOpt = typer.Option(None, "--threads", help="CPU threads for PyTorch (default: PyTorch's choice).")
 WeightsOpt = typer.Option("auto", "--weights", help="Weight storage: auto (the dtype), fp32, bf16, fp16, int8, int4.")
 KVDtypeOpt = typer.Option("auto", "--kv-dtype", help="KV cache dtype: auto (the model's dtype), float32, bfloat16, "
-                          "float16, fp8, int8, int4.")
+                          "float16, fp8, int8, int8-token, int4 (docs/kv-dtypes.md).")
 KVMemOpt = typer.Option(None, "--kv-cache-memory", help="KV pool budget: bytes (e.g. 2e9) or a fraction of free "
                         "memory (e.g. 0.5).")
 

@@ -42,7 +42,8 @@ class _Request:
 class LLMEngine:
     def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer | None, pool: KVPool,
                  block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int, device: torch.device | str = "cpu", seed: int = 0) -> None:
+                 max_model_len: int, device: torch.device | str = "cpu", seed: int = 0,
+                 compile_decode: bool = False) -> None:
         self.model = model
         self.model_config: ModelConfig = model.config
         self.tokenizer = tokenizer
@@ -50,7 +51,7 @@ class LLMEngine:
         self.bm = block_manager
         self.max_model_len = max_model_len
         self.scheduler = Scheduler(block_manager, max_num_seqs, max_num_batched_tokens)
-        self.runner = ModelRunner(model, pool, block_manager, device)
+        self.runner = ModelRunner(model, pool, block_manager, device, compile_decode)
         self.sampler = Sampler(seed)
         self.dtype = next(model.parameters()).dtype
         self.requests: dict[str, _Request] = {}

@@ -12,21 +12,25 @@ import torch
 from kvengine.batch import StepBatch
 from kvengine.cache.block_manager import BlockManager
 from kvengine.cache.pool import KVPool, sequence_index
+from kvengine.engine.compiled import CompiledDecode
 from kvengine.engine.scheduler import ScheduledSeq
 from kvengine.engine.sequence import Sequence
 
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, pool: KVPool | None, block_manager: BlockManager | None,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", compile_decode: bool = False) -> None:
         self.model = model
         self.pool = pool
         self.bm = block_manager
         self.device = torch.device(device)
+        self.compiled = CompiledDecode(model) if compile_decode else None
 
     @torch.inference_mode()
     def run(self, batch: StepBatch) -> torch.Tensor:
         """logits [N, vocab] float32 for the batch's logits_indices rows."""
+        if self.compiled is not None and self.compiled.applies(batch):
+            return self.compiled(batch, self.pool)
         return self.model(batch, self.pool if batch.uses_cache else None)
 
     def build_cached(self, scheduled: list[ScheduledSeq]) -> StepBatch:

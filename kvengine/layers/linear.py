@@ -51,19 +51,24 @@ class Int8Linear(torch.nn.Module):
         self.register_buffer("bias", bias.to(act_dtype) if bias is not None else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features), self.qweight, self.scales)
-        y = y.view(*x.shape[:-1], self.out_features)
-        return y + self.bias if self.bias is not None else y
+        """x [T, K] -> [T, N]"""
+        y = torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scales)
+        return y if self.bias is None else y + self.bias
 
     def dequantized(self) -> torch.Tensor:
         return self.qweight.float() * self.scales.float()[:, None]
 
 
 class Int4Linear(torch.nn.Module):
-    """Asymmetric int4 weight in groups along K: W[n, g*G + i] = (q - 8) * scale[g, n] + zero[g, n]."""
+    """Asymmetric int4 weight in groups along K: W[n, g*G + i] = (q - 8) * scale[g, n] + zero[g, n].
+
+    The packed kernel wins while a step has few rows (decode reads each weight once for few tokens); for
+    many rows (prefill, large batches) it is compute-bound and slower than a dense matmul, so with
+    `dense_above` set, batches of more rows use a dense copy of the same (dequantized) weight instead.
+    """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, act_dtype: torch.dtype,
-                 group_size: int = INT4_GROUP) -> None:
+                 group_size: int = INT4_GROUP, dense_above: int | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         self.group_size = group_size
@@ -71,12 +76,16 @@ class Int4Linear(torch.nn.Module):
         self.register_buffer("qweight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))  # [N, K/2] uint8
         self.register_buffer("scale_zero", scale_zero.to(act_dtype))  # [K/G, N, 2]
         self.register_buffer("bias", bias.to(act_dtype) if bias is not None else None)
+        self.dense_above = dense_above
+        dense = self.dequantized().to(act_dtype).contiguous() if dense_above is not None else None  # [N, K]
+        self.register_buffer("dense", dense)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.qweight, self.group_size, self.scale_zero)
-        y = y.view(*x.shape[:-1], self.out_features)
-        return y + self.bias if self.bias is not None else y
+        """x [T, K] -> [T, N]"""
+        if self.dense is not None and x.shape[0] > self.dense_above:
+            return F.linear(x, self.dense, self.bias)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.qweight, self.group_size, self.scale_zero)
+        return y if self.bias is None else y + self.bias
 
     def dequantized(self) -> torch.Tensor:
         """The float weight the kernel multiplies by, recovered through the kernel itself. [N, K]"""
@@ -113,7 +122,8 @@ def int4_compatible(module: Linear, group_size: int = INT4_GROUP) -> bool:
     return module.out_features % 16 == 0 and module.in_features % group_size == 0
 
 
-def quantize_linears(model: torch.nn.Module, fmt: str, act_dtype: torch.dtype) -> dict[str, str]:
+def quantize_linears(model: torch.nn.Module, fmt: str, act_dtype: torch.dtype,
+                     dense_above: int | None = None) -> dict[str, str]:
     """Replace every float Linear in `model` by its `fmt` ("int8" or "int4") form, in place.
 
     int4 layers whose shape the kernel cannot take (out % 16, in % group) and the LM head use int8.
@@ -127,7 +137,8 @@ def quantize_linears(model: torch.nn.Module, fmt: str, act_dtype: torch.dtype) -
             continue
         use = "int4" if fmt == "int4" and int4_compatible(module) and not name.endswith("lm_head") else "int8"
         weight, bias = module.weight.detach(), module.bias.detach() if module.bias is not None else None
-        new = Int4Linear(weight, bias, act_dtype) if use == "int4" else Int8Linear(weight, bias, act_dtype)
+        new = (Int4Linear(weight, bias, act_dtype, dense_above=dense_above) if use == "int4"
+               else Int8Linear(weight, bias, act_dtype))
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
         chosen[name] = use

@@ -18,8 +18,10 @@ class RMSNorm(torch.nn.Module):
         self.dim = (dim,)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32 and not self.offset:
-            return F.rms_norm(x, self.dim, self.weight, self.eps)  # one fused kernel
+        if not self.offset:
+            # one fused kernel; it normalizes in float32 for bf16/fp16 inputs as the reference does, and rounds
+            # once at the end (the reference rounds before the weight multiply: a last-bit difference)
+            return F.rms_norm(x, self.dim, self.weight, self.eps)
         dtype = x.dtype
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)

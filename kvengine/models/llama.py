@@ -51,13 +51,14 @@ class LlamaAttention(torch.nn.Module):
     def forward(self, x: torch.Tensor, batch: StepBatch, kv: KVPool | None, rope: Rope) -> torch.Tensor:
         n = x.shape[0]
         qkv = self.qkv_proj(x)  # [T, q_size + 2 * kv_size]
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(n, self.num_heads, self.head_dim)  # [T, Hq, D]
-        k = k.view(n, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
-        v = v.view(n, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotate(q, *rope), rotate(k, *rope)
+        v = qkv[:, self.q_size + self.kv_size:].view(n, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+        if self.q_norm is None:  # q and k heads are adjacent in qkv: rotate them in one go
+            qk = rotate(qkv[:, :self.q_size + self.kv_size].view(n, -1, self.head_dim), *rope)  # [T, Hq+Hkv, D]
+            q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]  # [T, Hq, D], [T, Hkv, D]
+        else:
+            q = self.q_norm(qkv[:, :self.q_size].view(n, self.num_heads, self.head_dim))  # [T, Hq, D]
+            k = self.k_norm(qkv[:, self.q_size:self.q_size + self.kv_size].view(n, self.num_kv_heads, self.head_dim))
+            q, k = rotate(q, *rope), rotate(k, *rope)
         layer_kv = kv.layer(self.layer) if kv is not None else None
         out = attend(q, k, v, layer_kv, batch, self.scale, self.window)  # [T, Hq, D]
         return self.o_proj(out.reshape(n, self.q_size))

@@ -138,7 +138,7 @@ def test_presets_and_aliases():
     (lambda: memory_report(SMOLLM2, 0), "context_len must be a positive integer, got 0"),
     (lambda: memory_report(SMOLLM2, 10, batch=-2), "batch must be a positive integer, got -2"),
     (lambda: memory_report(SMOLLM2, 10, kv_dtype="fp7"),
-     "unknown KV cache dtype 'fp7' (choose from float32, bfloat16, float16, fp8, int8, int4)"),
+     "unknown KV cache dtype 'fp7' (choose from float32, bfloat16, float16, fp8, int8, int8-token, int4)"),
     (lambda: parse_bytes("8XB"), "cannot read '8XB' as a size (examples: 80GB, 24GiB, 512MiB, 1e9)"),
     (lambda: parse_bytes("0GB"), "a memory size must be positive, got '0GB'"),
     (lambda: weights_bytes(SMOLLM2, 0), "bits per weight must be positive, got 0"),

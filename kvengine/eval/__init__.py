@@ -1,0 +1,1 @@
+"""Quality readouts: perplexity through the engine's cached path, and what each KV dtype costs (`eval kv`)."""

@@ -2,10 +2,10 @@
 
 Tokens of every scheduled sequence are concatenated into one flat batch of T tokens (no padding).
 Sequence i owns tokens query_start_loc[i] : query_start_loc[i+1]; after this step it holds context_lens[i]
-tokens, the last query_lens[i] of which are the new ones. With a KV cache, token t's key and value are
-written at `slot_mapping[t]` in the pool and sequence i's keys live in the blocks `block_tables[i]`.
-Without a cache (the seeds' baseline) slot_mapping and block_tables are None and every sequence's whole
-text is in the batch (query_lens == context_lens).
+tokens, the last query_lens[i] of which are the new ones. With a KV cache, `kv` has one KVView per KV group
+(cache/retention.py; one group unless layers keep different windows): token t's key and value are written at
+`kv[g].slot_mapping[t]` and sequence i reads the keys at `kv[g].kv_index[i]`. Without a cache (the seeds'
+baseline) `kv` is None and every sequence's whole text is in the batch (query_lens == context_lens).
 """
 
 from __future__ import annotations
@@ -16,19 +16,33 @@ import torch
 
 
 @dataclass(slots=True)
+class KVView:
+    """Where one KV group's keys are this step. Per sequence i, the keys read are `kv_index[i]`: a start slot
+    (positions 0 .. context_len - 1 in consecutive slots, a zero-copy view) or one slot per key ([L] int64) at
+    text positions `kv_positions[i]` ([L] int64; None = 0 .. L - 1). The first `num_sinks[i]` of them are
+    attention sinks, scored with the query at its cache position (cache/retention.py)."""
+
+    window: int | None  # the group's retention: recent tokens kept, None = all
+    sinks: int  # and the first tokens kept
+    slot_mapping: torch.Tensor  # [T] int64: where each new token's K/V is written
+    block_tables: list[list[int]]  # [B][blocks] pool block ids per sequence (-1 = dropped)
+    kv_index: list[int | torch.Tensor]  # [B]: start slot, or [L] slots
+    kv_positions: list[torch.Tensor | None]  # [B]: [L] text positions of the keys read, or None = 0 .. L - 1
+    num_sinks: list[int]  # [B]: leading keys that are sinks
+    # Batched decode only: [B, max_len] slots (padding repeats a real slot) and [B, max_len] validity.
+    decode_slots: torch.Tensor | None = None
+    decode_mask: torch.Tensor | None = None
+
+
+@dataclass(slots=True)
 class StepBatch:
     input_ids: torch.Tensor  # [T] int64
     positions: torch.Tensor  # [T] int64: each token's position in its sequence
     query_start_loc: list[int]  # [B + 1] cumulative new-token counts
     context_lens: list[int]  # [B] tokens each sequence attends over after this step
     logits_indices: torch.Tensor  # [N] int64: rows of the T hidden states that go through the LM head
-    slot_mapping: torch.Tensor | None = None  # [T] int64 flat pool slot per token; None without a cache
-    block_tables: list[list[int]] | None = None  # [B][blocks] pool block ids per sequence; None without a cache
-    # Per sequence, where its keys are in the pool: a start slot (consecutive blocks) or [context_len] slots.
-    kv_index: list[int | torch.Tensor] | None = None
-    # Batched decode only: [B, max_context] slots (padding points at slot 0) and [B, max_context] validity.
-    decode_slots: torch.Tensor | None = None
-    decode_mask: torch.Tensor | None = None
+    kv: list[KVView] | None = None  # one per KV group; None without a cache
+    sink_positions: torch.Tensor | None = None  # [T] int64 cache positions of the queries, when a group has sinks
 
     @property
     def num_seqs(self) -> int:
@@ -40,7 +54,7 @@ class StepBatch:
 
     @property
     def uses_cache(self) -> bool:
-        return self.slot_mapping is not None
+        return self.kv is not None
 
     def query_len(self, i: int) -> int:
         return self.query_start_loc[i + 1] - self.query_start_loc[i]

@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
+from kvengine.cache.retention import Retention
 from kvengine.errors import ConfigError, ModelLoadError
 
 # HF `model_type` -> our registry architecture name.
@@ -299,6 +300,13 @@ class EngineConfig:
     num_threads: int | None = None
     seed: int = 0
     compile: bool = False  # torch.compile the batch-1 decode step (see engine/compiled.py)
+    # int8/int4 weights: steps with more rows than this (prefill, large batches) multiply by a dense copy in the
+    # compute dtype, where the packed kernels are slower; None = no dense copy (less memory).
+    dense_above: int | None = 8
+    # Bounded cache (StreamingLLM): every layer keeps at most the last kv_window tokens plus the first
+    # sink_tokens; generation may then run past the model's context with constant memory.
+    kv_window: int | None = None
+    sink_tokens: int = 0
 
     def __post_init__(self) -> None:
         self.dtype = normalize_dtype(self.dtype)
@@ -311,6 +319,9 @@ class EngineConfig:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ConfigError(f"max_model_len must be at least 1, got {self.max_model_len}")
+        Retention(self.kv_window, self.sink_tokens)  # validates the bound
+        if self.dense_above is not None and self.dense_above < 0:
+            raise ConfigError(f"dense_above must be >= 0 or None, got {self.dense_above}")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise ConfigError(f"kv_cache_memory must be positive, got {self.kv_cache_memory}")
 

@@ -18,7 +18,9 @@ from typing import Any
 import torch
 
 from kvengine.cache.block_manager import BlockManager
+from kvengine.cache.block_tables import KVBlockTables
 from kvengine.cache.pool import KVPool, num_blocks_for_budget
+from kvengine.cache.retention import max_blocks
 from kvengine.cache.spec import KVCacheSpec
 from kvengine.cache.spec import kv_dtype as resolve_kv_dtype
 from kvengine.config import EngineConfig, ModelConfig
@@ -33,6 +35,7 @@ from kvengine.weights.tokenizer import Tokenizer
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 Messages = list[dict[str, str]]
+UNBOUNDED_CONTEXT = 1 << 30  # the length limit when a KV window bounds the cache (kv_window set)
 
 
 class LLM:
@@ -155,31 +158,37 @@ class LLM:
 
 
 def build_engine(model: torch.nn.Module, tokenizer: Tokenizer | None, config: EngineConfig) -> LLMEngine:
-    """Size the KV pool from the budget, then wire pool, block manager, scheduler and runner together."""
+    """Size the KV pool from the budget, then wire pool, block tables, scheduler and runner together."""
     mc: ModelConfig = model.config
-    max_len = config.max_model_len or mc.max_position_embeddings
-    if max_len > mc.max_position_embeddings:
-        raise ConfigError(f"max_model_len {max_len} exceeds the model's context of {mc.max_position_embeddings}")
+    if config.kv_window is None:
+        max_len = config.max_model_len or mc.max_position_embeddings
+        if max_len > mc.max_position_embeddings:
+            raise ConfigError(f"max_model_len {max_len} exceeds the model's context of {mc.max_position_embeddings}")
+    else:  # a bounded cache: generation may run past the model's context
+        max_len = config.max_model_len or UNBOUNDED_CONTEXT
     dtype = next(model.parameters()).dtype
     weights = describe_weights(dtype)
     if config.quantized_weights:
         if torch.device(config.device).type != "cpu":
             raise ConfigError(f"weights '{config.weights}' use CPU kernels; on {config.device} use bf16 or fp32")
-        chosen = quantize_linears(model, config.quantized_weights, dtype)
-        weights = describe_weights(dtype, chosen)
+        chosen = quantize_linears(model, config.quantized_weights, dtype, config.dense_above)
+        weights = describe_weights(dtype, chosen, config.dense_above)
     kv_name = str(dtype).removeprefix("torch.") if config.kv_cache_dtype == "auto" else config.kv_cache_dtype
     kv_dtype = resolve_kv_dtype(kv_name).name
-    spec = KVCacheSpec(mc.num_layers, mc.num_kv_heads, mc.head_dim, kv_dtype, config.block_size, mc.layer_windows)
-    num_blocks = num_blocks_for_budget(spec, config.kv_cache_memory, config.device, config.max_num_seqs * max_len)
+    spec = KVCacheSpec(mc.num_layers, mc.num_kv_heads, mc.head_dim, kv_dtype, config.block_size, mc.layer_windows,
+                       config.kv_window, config.sink_tokens)
+    per_seq = max_blocks(spec.groups, max_len, config.max_num_batched_tokens, config.block_size)
+    num_blocks = num_blocks_for_budget(spec, config.kv_cache_memory, config.device, config.max_num_seqs * per_seq)
     pool = KVPool.allocate(spec, num_blocks, config.device)
-    bm = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-    engine = LLMEngine(model, tokenizer, pool, bm, config.max_num_seqs, config.max_num_batched_tokens, max_len,
-                       config.device, config.seed, config.compile)
+    bm = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching and spec.prefix_cacheable)
+    engine = LLMEngine(model, tokenizer, pool, KVBlockTables(bm, spec.groups), config.max_num_seqs,
+                       config.max_num_batched_tokens, max_len, config.device, config.seed, config.compile)
     engine.weights_desc = weights
     return engine
 
 
-def describe_weights(act_dtype: torch.dtype, chosen: dict[str, str] | None = None) -> str:
+def describe_weights(act_dtype: torch.dtype, chosen: dict[str, str] | None = None,
+                     dense_above: int | None = None) -> str:
     """One line for the run summary: how the weights are stored and what the activations are."""
     act = str(act_dtype).removeprefix("torch.")
     if not chosen:
@@ -188,7 +197,8 @@ def describe_weights(act_dtype: torch.dtype, chosen: dict[str, str] | None = Non
     for fmt in chosen.values():
         counts[fmt] = counts.get(fmt, 0) + 1
     parts = ", ".join(f"{n} {fmt}" for fmt, n in sorted(counts.items()))
-    return f"weights quantized ({parts} linear layers; int4 groups of 32), activations {act}"
+    dense = f"; steps over {dense_above} rows use a dense {act} copy" if dense_above is not None else ""
+    return f"weights quantized ({parts} linear layers; int4 groups of 32{dense}), activations {act}"
 
 
 def _apply_threads(config: EngineConfig) -> None:

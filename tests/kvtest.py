@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from kvengine.cache.block_manager import BlockManager
+from kvengine.cache.block_tables import KVBlockTables
 from kvengine.cache.pool import KVPool
 from kvengine.cache.spec import KVCacheSpec
 from kvengine.config import ModelConfig
@@ -37,6 +38,35 @@ def tiny_pair(kind: str = "llama", seed: int = 0, **overrides):
     ours = LlamaForCausalLM(ModelConfig.from_hf_dict(hf_config.to_dict(), name=f"tiny-{kind}"))
     for name, tensor in hf.state_dict().items():
         ours.load_weight(name, tensor)
+    return ours.eval(), hf
+
+
+GEMMA_ROPE = {"sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+              "full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0}}
+
+
+def tiny_gemma_pair(seed: int = 0, **overrides):
+    """(our model, transformers model) with identical random weights, fp32, eval mode."""
+    import transformers
+
+    from kvengine.models.gemma3 import Gemma3ForCausalLM
+
+    base = dict(vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=24, max_position_embeddings=256,
+                sliding_window=4, layer_types=["sliding_attention", "full_attention"] * 2, rope_parameters=GEMMA_ROPE)
+    base.update(overrides)
+    hf_config = transformers.Gemma3TextConfig(**base)
+    hf_config._attn_implementation = "eager"  # the plainest reference: explicit masks, explicit softmax
+    torch.manual_seed(seed)
+    hf = transformers.Gemma3ForCausalLM(hf_config).eval()
+    with torch.no_grad():  # Gemma norms start at w = 0; random ones make a norm bug show
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.uniform_(-0.5, 0.5)
+    ours = Gemma3ForCausalLM(ModelConfig.from_hf_dict(hf_config.to_dict(), name="tiny-gemma3"))
+    for name, tensor in hf.state_dict().items():
+        ours.load_weight(name, tensor)
+    assert ours.expected_weights() <= {ours.load_weight(n, t) for n, t in hf.state_dict().items()}
     return ours.eval(), hf
 
 
@@ -73,11 +103,12 @@ def make_tiny_hf_folder(folder, vocab_size: int = 320, **overrides):
     return folder
 
 
-def make_runner(model, num_blocks: int = 64, block_size: int = 4):
+def make_runner(model, num_blocks: int = 64, block_size: int = 4, kv_window: int | None = None, sink_tokens: int = 0):
     c = model.config
-    spec = KVCacheSpec(c.num_layers, c.num_kv_heads, c.head_dim, "float32", block_size, c.layer_windows)
+    spec = KVCacheSpec(c.num_layers, c.num_kv_heads, c.head_dim, "float32", block_size, c.layer_windows, kv_window,
+                       sink_tokens)
     pool = KVPool.allocate(spec, num_blocks, "cpu")
-    bm = BlockManager(num_blocks, block_size, enable_prefix_caching=False)
+    bm = KVBlockTables(BlockManager(num_blocks, block_size, enable_prefix_caching=False), spec.groups)
     return ModelRunner(model, pool, bm), bm
 
 
@@ -87,8 +118,8 @@ def cached_step(runner, bm, seqs: list[Sequence], chunk: int | None = None) -> t
     for s in seqs:
         if not bm.has_seq(s.seq_id):
             bm.allocate(s.seq_id, s.token_ids)
-        bm.ensure_capacity(s.seq_id, len(s.token_ids))
         n = s.num_uncomputed if chunk is None else min(chunk, s.num_uncomputed)
+        assert bm.ensure_capacity(s.seq_id, s.num_computed_tokens + n, s.num_computed_tokens)
         scheduled.append(ScheduledSeq(s, n))
     batch = runner.build_cached(scheduled)
     batch.logits_indices = torch.arange(batch.num_tokens)  # every row, to compare all positions

@@ -36,9 +36,9 @@ def parse_bytes(text: str | int | float) -> int:
 
 
 def kv_cache_spec_for(config: ModelConfig, kv_dtype: str = "bfloat16", block_size: int = 16,
-                      assume_mha: bool = False) -> KVCacheSpec:
+                      assume_mha: bool = False, kv_window: int | None = None, sink_tokens: int = 0) -> KVCacheSpec:
     """The KV cache geometry of `config` (its sliding windows included); with `assume_mha` one KV head per
-    query head."""
+    query head; with `kv_window` every layer bounded to its last kv_window tokens plus `sink_tokens`."""
     return KVCacheSpec(
         num_layers=config.num_layers,
         num_kv_heads=config.num_heads if assume_mha else config.num_kv_heads,
@@ -46,6 +46,8 @@ def kv_cache_spec_for(config: ModelConfig, kv_dtype: str = "bfloat16", block_siz
         dtype=_kv_dtype_name(kv_dtype),
         block_size=block_size,
         layer_windows=config.layer_windows,
+        kv_window=kv_window,
+        sink_tokens=sink_tokens,
     )
 
 
@@ -101,6 +103,8 @@ class MemoryReport:
     kv_budget_bytes: int | None = None  # budget left after the weights (0 when they do not fit)
     tokens_fit: int | None = None  # tokens (every layer holding each) that fit in the KV budget
     users_fit: int | None = None  # sequences of context_len tokens that fit in the KV budget
+    kv_window: int | None = None  # every layer bounded to its last kv_window tokens (plus sink_tokens)
+    sink_tokens: int = 0
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -108,12 +112,12 @@ class MemoryReport:
 
 def memory_report(config: ModelConfig, context_len: int, batch: int = 1, kv_dtype: str = "bfloat16",
                   budget_bytes: int | None = None, weights_bits: float = 16, assume_mha: bool = False,
-                  block_size: int = 16) -> MemoryReport:
+                  block_size: int = 16, kv_window: int | None = None, sink_tokens: int = 0) -> MemoryReport:
     """KV bytes per token, per sequence of `context_len` tokens and per `batch` of them; weight bytes; and,
     given `budget_bytes`, how many tokens and users (at `context_len`) fit beside the weights."""
     require_positive(context_len, "context_len")
     require_positive(batch, "batch")
-    spec = kv_cache_spec_for(config, kv_dtype, block_size, assume_mha)
+    spec = kv_cache_spec_for(config, kv_dtype, block_size, assume_mha, kv_window, sink_tokens)
     per_sequence = spec.bytes_for_sequence(context_len)
     weights = weights_bytes(config, weights_bits)
     report = MemoryReport(
@@ -123,6 +127,7 @@ def memory_report(config: ModelConfig, context_len: int, batch: int = 1, kv_dtyp
         bytes_per_token=spec.bytes_per_token,
         bytes_per_sequence=per_sequence, bytes_per_batch=batch * per_sequence,
         parameters=parameter_count(config), weights_bits=weights_bits, weights_bytes=weights,
+        kv_window=kv_window, sink_tokens=sink_tokens,
     )
     if budget_bytes is not None:
         budget = parse_bytes(budget_bytes)

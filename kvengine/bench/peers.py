@@ -1,46 +1,115 @@
 """`bench peers`: the same prompt ids, the same model, greedy, in one run: kvengine against Hugging Face
 transformers (`use_cache` on and off) and llama.cpp through llama-cpp-python, each where installed.
 
+kvengine runs as one or more variants (how the weights are stored, the compute dtype, whether the batch-1
+decode step is compiled). Besides batch-1 decode at each length, the same run measures issue 7's other two
+goals for every system that can: the aggregate output tok/s of N concurrent greedy requests, and the prefill
+speed of a P-token prompt (P / time to first token).
+
 A peer that is not installed, or cannot load this model (llama.cpp needs a GGUF file), is skipped with a
 one-line note. Every run times each token (transformers through a streamer, llama.cpp through its token
 generator), so time to first token, decode tok/s and end-to-end tok/s mean the same for all systems.
-Ratios compare a peer with kvengine at the same dtype, length and cache setting (llama.cpp, which keeps
-the GGUF's own weights and always caches, against kvengine with the cache).
+The systems are adapters in `peer_systems.py`; the tables, goals and JSON keys are built in
+`peers_report.py`.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from kvengine import __version__
-from kvengine.bench import plots
-from kvengine.bench.cache import TimedRun, encode_prompt, timed_stream
-from kvengine.bench.report import Report, Table, ms, num
-from kvengine.llm import LLM, TORCH_DTYPES
+from kvengine.bench.cache import DEFAULT_PROMPT, TimedRun, encode_prompt
+from kvengine.bench.peer_systems import (
+    LLAMA_CPP,
+    TRANSFORMERS,
+    KVEnginePeer,
+    generate,
+    load_llama_cpp,
+    load_transformers,
+)
+from kvengine.bench.throughput import chat_prompts, questions, reference_text
+from kvengine.config import FLOAT_WEIGHTS
+from kvengine.errors import ConfigError
+from kvengine.llm import LLM
+from kvengine.weights.tokenizer import Tokenizer
 
-KVENGINE, TRANSFORMERS, LLAMA_CPP = "kvengine", "transformers", "llama.cpp"
-SYSTEMS = (KVENGINE, TRANSFORMERS, LLAMA_CPP)  # table order
-INSTALL_HINT = "pip install 'kvengine[peers]'"
-COMPARE_WORDS = 8  # "starts with the same words": the first this many words of kvengine's text
+SETTINGS = (("KV cache", True), ("no cache", False))
+QUANTIZED_DTYPE = "bfloat16"  # int8/int4 weights' compute dtype unless --dtypes names one: fp32 activations
+# take the packed kernels' slow path
+FLOAT_FORMAT = {dtype: fmt for fmt, dtype in FLOAT_WEIGHTS.items()}  # "float32" -> "fp32"
+COMPILE_WARMUP = 3  # warm-up tokens a compiled variant needs at least: its first decode step compiles
+BATCH_WARMUP = 2  # new tokens of the untimed concurrent batch before the timed one
+
+
+@dataclass(frozen=True, slots=True)
+class Variant:
+    """One kvengine configuration: weight storage (fp32, bf16, fp16, int8, int4), compute dtype, compiled decode."""
+
+    weights: str
+    dtype: str
+    compile: bool = False
+
+    @property
+    def label(self) -> str:
+        """The dtype alone for float weights ("float32", as transformers' rows), else "int4+bfloat16"."""
+        base = self.dtype if FLOAT_WEIGHTS.get(self.weights) == self.dtype else f"{self.weights}+{self.dtype}"
+        return f"{base}+compile" if self.compile else base
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"label": self.label, "weights": self.weights, "dtype": self.dtype, "compile": self.compile}
+
+
+def kvengine_variants(weights: Sequence[str], dtypes: Sequence[str] | None, compile: bool = False) -> list[Variant]:
+    """The variant rule: `auto` = the float weights of each of `dtypes` (default float32); fp32, bf16 and fp16
+    compute in their own dtype; int8 and int4 compute in each of `dtypes` when given, else in bfloat16."""
+    out: list[Variant] = []
+    for w in weights:
+        if w == "auto":
+            pairs = [(FLOAT_FORMAT[d], d) for d in dtypes or ["float32"]]
+        elif w in FLOAT_WEIGHTS:
+            pairs = [(w, FLOAT_WEIGHTS[w])]
+        else:
+            pairs = [(w, d) for d in dtypes or [QUANTIZED_DTYPE]]
+        out += [v for v in (Variant(a, b, compile) for a, b in pairs) if v not in out]
+    return out
+
+
+@dataclass(slots=True)
+class PeersPlan:
+    """What one `bench peers` run measures."""
+
+    lengths: list[int]
+    variants: list[Variant]
+    dtypes: list[str]  # transformers' compute dtypes
+    peers: tuple[str, ...] = (TRANSFORMERS, LLAMA_CPP)
+    no_cache_max_tokens: int | None = 200
+    repeats: int = 1
+    warmup_tokens: int = 4
+    concurrency: int = 32  # 0 = no concurrent-requests measurement
+    concurrent_tokens: int = 64
+    prefill_tokens: int = 1024  # 0 = no prefill measurement
+    prompt: str = DEFAULT_PROMPT
+    raw: bool = False
+    threads: int | None = None
+    device: str = "cpu"
+
+    @property
+    def goal_length(self) -> int:
+        """The decode length the batch-1 goal is judged at: 200 new tokens if run, else the longest."""
+        return 200 if 200 in self.lengths else max(self.lengths)
 
 
 @dataclass(slots=True)
 class PeerRun:
     system: str
     setting: str  # "KV cache" or "no cache"
-    weights: str  # compute dtype, or the GGUF's own format for llama.cpp
+    weights: str  # kvengine's variant label, transformers' dtype, or the GGUF's own format for llama.cpp
     run: TimedRun
     version: str
-
-    @property
-    def key(self) -> tuple[str, str, str]:
-        return self.system, self.setting, self.weights
 
     def to_dict(self) -> dict[str, Any]:
         r = self.run
@@ -49,142 +118,74 @@ class PeerRun:
                 "tokens_per_s": r.tokens_per_s, "total_s": r.total_s, "text": r.text, "token_ids": r.token_ids}
 
 
-class _TimingStreamer:
-    """transformers streamer protocol (put/end): the first put is the prompt, each later one a new token."""
+@dataclass(slots=True)
+class RateRun:
+    """`tokens` in `seconds`: a batch of `requests` concurrent requests (output tokens / wall time), or one
+    prompt's prefill (prompt tokens / time to first token)."""
 
-    def __init__(self) -> None:
-        self.t0 = time.perf_counter()
-        self.times: list[float] = []
-        self._seen_prompt = False
+    system: str
+    weights: str
+    tokens: int
+    seconds: float
+    version: str
+    requests: int = 1
 
-    def put(self, value: torch.Tensor) -> None:
-        if not self._seen_prompt:
-            self._seen_prompt = True
-            return
-        self.times += [time.perf_counter() - self.t0] * (value.shape[-1] if value.dim() > 1 else 1)
+    @property
+    def tokens_per_s(self) -> float | None:
+        return self.tokens / self.seconds if self.seconds > 0 else None
 
-    def end(self) -> None:
-        pass
-
-
-class TransformersPeer:
-    name = TRANSFORMERS
-
-    def __init__(self, source: Path, dtype: str, tokenizer: Any) -> None:
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-        transformers.logging.disable_progress_bar()  # kvengine's own bars are on stderr
-        self.version = transformers.__version__
-        self.tokenizer = tokenizer  # kvengine's, to decode the ids the same way for every system
-        kw: dict[str, Any] = {"dtype": TORCH_DTYPES[dtype]}
-        if source.is_file():  # a GGUF: transformers dequantizes it to `dtype`
-            folder, kw["gguf_file"] = source.parent, source.name
-        else:
-            folder = source
-        self.model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), **kw).eval()
-        self.pad_id = 0
-
-    def generate(self, prompt_ids: list[int], n: int, use_cache: bool) -> TimedRun:
-        ids = torch.tensor([prompt_ids])  # [1, prompt]
-        streamer = _TimingStreamer()
-        with torch.inference_mode():
-            out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                                      do_sample=False, use_cache=use_cache, streamer=streamer,
-                                      pad_token_id=self.pad_id)
-        new = out[0, len(prompt_ids):].tolist()
-        return TimedRun(TRANSFORMERS, use_cache, len(prompt_ids), new, streamer.times, self.tokenizer.decode(new))
-
-    def generate_batch(self, prompts: list[list[int]], n: int) -> tuple[float, int]:
-        """Left-padded batched greedy `generate` of `n` tokens each: (wall seconds, tokens generated)."""
-        width = max(len(p) for p in prompts)
-        ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts])  # [batch, width]
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])  # [batch, width]
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            out = self.model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                                      do_sample=False, pad_token_id=self.pad_id)
-        return time.perf_counter() - t0, int((out.shape[1] - width) * out.shape[0])
+    def to_dict(self) -> dict[str, Any]:
+        return {"system": self.system, "weights": self.weights, "version": self.version, "requests": self.requests,
+                "tokens": self.tokens, "seconds": self.seconds, "tokens_per_s": self.tokens_per_s}
 
 
-class LlamaCppPeer:
-    name = LLAMA_CPP
+@dataclass(slots=True)
+class PeersBench:
+    plan: PeersPlan
+    runs: dict[int, list[PeerRun]]  # length -> batch-1 decode runs
+    concurrent: list[RateRun] = field(default_factory=list)
+    prefill: list[RateRun] = field(default_factory=list)
+    compile_s: dict[str, float | None] = field(default_factory=dict)  # variant label -> first compiled call
+    weights_desc: dict[str, str] = field(default_factory=dict)  # variant label -> the engine's weights line
+    skipped: list[str] = field(default_factory=list)
+    prompt_ids: list[int] = field(default_factory=list)
+    concurrent_prompts: list[list[int]] = field(default_factory=list)
+    prefill_ids: list[int] = field(default_factory=list)
 
-    def __init__(self, gguf: Path, threads: int, n_ctx: int) -> None:
-        import llama_cpp
+    @property
+    def lengths(self) -> list[int]:
+        return self.plan.lengths
 
-        self.version = llama_cpp.__version__
-        self.llm = llama_cpp.Llama(model_path=str(gguf), n_threads=threads, n_ctx=n_ctx, verbose=False, seed=0)
-        self.weights = gguf.name.rsplit(".", 2)[-2] if gguf.name.count(".") >= 2 else "GGUF"
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
 
-    def generate(self, prompt_ids: list[int], n: int, use_cache: bool = True) -> TimedRun:
-        self.llm.reset()  # no reuse of the previous run's prompt
-        tokens: list[int] = []
-        times: list[float] = []
-        t0 = time.perf_counter()
-        for tok in self.llm.generate(prompt_ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True):
-            times.append(time.perf_counter() - t0)
-            tokens.append(int(tok))
-            if len(tokens) == n:
-                break
-        text = self.llm.detokenize(tokens).decode("utf-8", errors="replace")
-        return TimedRun(LLAMA_CPP, True, len(prompt_ids), tokens, times, text)
-
-
-def load_transformers(source: Path, dtype: str, tokenizer: Any) -> tuple[TransformersPeer | None, str | None]:
-    """(peer, None) or (None, one-line reason it is skipped)."""
-    try:
-        import transformers  # noqa: F401
-    except ImportError:
-        return None, f"{TRANSFORMERS}: skipped (not installed; {INSTALL_HINT})"
-    try:
-        return TransformersPeer(source, dtype, tokenizer), None
-    except Exception as e:  # a peer that cannot load this model is a note, never a crash
-        return None, f"{TRANSFORMERS}: skipped (cannot load {source.name} as {dtype}: {_first_line(e)})"
+    def find(self, system: str, setting: str, weights: str, length: int) -> PeerRun | None:
+        return next((r for r in self.runs.get(length, []) if (r.system, r.setting, r.weights) ==
+                     (system, setting, weights)), None)
 
 
-def load_llama_cpp(source: Path, threads: int, n_ctx: int) -> tuple[LlamaCppPeer | None, str | None]:
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        return None, f"{LLAMA_CPP}: skipped (llama-cpp-python not installed; {INSTALL_HINT})"
-    if not source.is_file():
-        return None, f"{LLAMA_CPP}: skipped (it needs a GGUF file; {source.name} is a Hugging Face folder)"
-    try:
-        return LlamaCppPeer(source, threads, n_ctx), None
-    except Exception as e:
-        return None, f"{LLAMA_CPP}: skipped (cannot load {source.name}: {_first_line(e)})"
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
-
-
-def common_words(a: str, b: str) -> int:
-    """How many leading words two texts share."""
+def common_prefix(a: Sequence[Any], b: Sequence[Any]) -> int:
+    """How many leading items two sequences share."""
     n = 0
-    for x, y in zip(a.split(), b.split(), strict=False):
+    for x, y in zip(a, b, strict=False):
         if x != y:
             break
         n += 1
     return n
 
 
-@dataclass(slots=True)
-class PeersBench:
-    lengths: list[int]
-    dtypes: list[str]
-    runs: dict[int, list[PeerRun]] = field(default_factory=dict)  # length -> runs
-    skipped: list[str] = field(default_factory=list)
-    no_cache_max_tokens: int | None = None
-    prompt_tokens: int = 0
+def common_words(a: str, b: str) -> int:
+    """How many leading words two texts share."""
+    return common_prefix(a.split(), b.split())
 
-    def reference(self, run: PeerRun, length: int, dtype: str) -> PeerRun | None:
-        """The kvengine run a peer's run is compared with."""
-        setting = run.setting if run.system != LLAMA_CPP else "KV cache"
-        return next((r for r in self.runs[length] if r.system == KVENGINE and r.setting == setting
-                     and r.weights == dtype), None)
+
+def prefill_prompt(llm: LLM, n: int) -> list[int]:
+    """Exactly `n` token ids of English prose (CPython's pydoc topics) in this model's tokenizer."""
+    ids = llm.tokenizer.encode(reference_text(n + 64, llm), add_special_tokens=False)[:n]
+    if len(ids) < n:
+        raise ConfigError(f"--prefill-tokens {n}: the reference text gives only {len(ids)} tokens")
+    return ids
 
 
 Progress = Callable[[str, int], Callable[[int], None]]
@@ -195,113 +196,115 @@ def _median_run(runs: list[TimedRun]) -> TimedRun:
     return sorted(runs, key=lambda r: r.total_s)[len(runs) // 2]
 
 
-def run_peers_bench(model: str | None, prompt: str, raw: bool, lengths: list[int], dtypes: list[str],
-                    no_cache_max_tokens: int | None, threads: int | None, repeats: int = 1, warmup_tokens: int = 4,
-                    peers: tuple[str, ...] = (TRANSFORMERS, LLAMA_CPP), progress: Progress | None = None,
-                    device: str = "cpu") -> PeersBench:
-    """Every (dtype, length, system, cache setting); no-cache runs only up to `no_cache_max_tokens`."""
-    bench = PeersBench(lengths, dtypes, {n: [] for n in lengths}, [], no_cache_max_tokens)
-    cap = no_cache_max_tokens or max(lengths)
-    settings = (("KV cache", True), ("no cache", False))
-    llama_done = False
-    for dtype in dtypes:
-        llm = LLM(model, dtype=dtype, device=device, num_threads=threads, max_num_seqs=1, enable_prefix_caching=False)
-        ids = encode_prompt(llm, prompt, raw)
-        bench.prompt_tokens = len(ids)
-        systems: list[tuple[str, str, Any]] = [(KVENGINE, dtype, None)]
-        if TRANSFORMERS in peers:
-            hf, note = load_transformers(llm.source.path, dtype, llm.tokenizer)
-            systems += [(TRANSFORMERS, dtype, hf)] if hf else []
+def run_peers_bench(model: str | None, plan: PeersPlan, progress: Progress | None = None) -> PeersBench:
+    """Each kvengine variant, then transformers at each of `plan.dtypes`, then llama.cpp: batch-1 decode at every
+    length and cache setting (no-cache runs only up to `plan.no_cache_max_tokens`), the concurrent batch and the
+    prefill, all on the same prompt ids."""
+    bench = PeersBench(plan, {n: [] for n in plan.lengths})
+    source: Path | None = None
+    tokenizer: Tokenizer | None = None
+    for variant in plan.variants:
+        source, tokenizer = _run_variant(bench, model, variant, progress)
+    if TRANSFORMERS in plan.peers:
+        for dtype in plan.dtypes:
+            hf, note = load_transformers(source, dtype, tokenizer)
             bench.skipped += [note] if note and note not in bench.skipped else []
-        if LLAMA_CPP in peers and not llama_done:
-            llama, note = load_llama_cpp(llm.source.path, threads or torch.get_num_threads(),
-                                         len(ids) + max(lengths) + 8)
-            systems += [(LLAMA_CPP, llama.weights, llama)] if llama else []
-            bench.skipped += [note] if note else []
-            llama_done = True
-        for system, weights, peer in systems:
-            version = peer.version if peer is not None else __version__
-            for setting, use_cache in settings:
-                if system == LLAMA_CPP and not use_cache:
-                    continue
-                if warmup_tokens:
-                    _generate(llm, peer, ids, warmup_tokens, use_cache, None)
-                for n in lengths:
-                    if not use_cache and n > cap:
-                        continue
-                    label = f"{system} {setting} {weights} {n}"
-                    runs = [_generate(llm, peer, ids, n, use_cache, progress(label, n) if progress else None)
-                            for _ in range(repeats)]
-                    bench.runs[n].append(PeerRun(system, setting, weights, _median_run(runs), version))
+            if hf is not None:
+                _measure(bench, hf, progress)
+            del hf  # free its weights before the next load
+    if LLAMA_CPP in plan.peers:
+        n_ctx = max(bench.prompt_tokens + max(plan.lengths), len(bench.prefill_ids) + 1) + 8
+        llama, note = load_llama_cpp(source, plan.threads or torch.get_num_threads(), n_ctx)
+        bench.skipped += [note] if note else []
+        if llama is not None:
+            _measure(bench, llama, progress)
     return bench
 
 
-def _generate(llm: LLM, peer: Any, ids: list[int], n: int, use_cache: bool,
-              on_token: Callable[[int], None] | None) -> TimedRun:
-    if peer is None:
-        return timed_stream(llm, ids, n, use_cache, on_token)
-    run = peer.generate(ids, n, use_cache)
-    if on_token is not None:
-        on_token(len(run.times_s))
-    return run
+def _run_variant(bench: PeersBench, model: str | None, variant: Variant,
+                 progress: Progress | None) -> tuple[Path, Tokenizer]:
+    """Load and measure one kvengine variant (prefix caching off: nothing is served from an earlier run);
+    returns the model's source path and tokenizer for the peers."""
+    plan = bench.plan
+    llm = LLM(model, weights=variant.weights, dtype=variant.dtype, compile=variant.compile, device=plan.device,
+              num_threads=plan.threads, max_num_seqs=1, enable_prefix_caching=False)
+    if not bench.prompt_ids:
+        _prepare_prompts(bench, llm)
+    _measure(bench, KVEnginePeer(llm, variant.label, variant.compile), progress)
+    compiled = llm.engine.runner.compiled
+    bench.compile_s[variant.label] = compiled.compile_seconds if compiled is not None else None
+    bench.weights_desc[variant.label] = llm.engine.weights_desc
+    return llm.source.path, llm.tokenizer
 
 
-def _same_start(run: PeerRun, ref: PeerRun | None) -> tuple[bool | None, int]:
-    if ref is None:
-        return None, 0
-    k = common_words(ref.run.text, run.run.text)
-    return k >= min(COMPARE_WORDS, len(ref.run.text.split())), k
+def _prepare_prompts(bench: PeersBench, llm: LLM) -> None:
+    """The prompt ids every system gets: the decode prompt, the concurrent requests, the prefill prompt."""
+    plan = bench.plan
+    bench.prompt_ids = encode_prompt(llm, plan.prompt, plan.raw)
+    if plan.prefill_tokens:
+        if plan.prefill_tokens >= llm.engine.max_model_len:
+            raise ConfigError(f"--prefill-tokens {plan.prefill_tokens} does not fit {llm.model_name}'s context of "
+                              f"{llm.engine.max_model_len} tokens (ask for fewer, or 0 to skip)")
+        bench.prefill_ids = prefill_prompt(llm, plan.prefill_tokens)
+    if plan.concurrency:
+        bench.concurrent_prompts = chat_prompts(llm, questions(plan.concurrency), None)
 
 
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return a / b if a and b else None
+def _measure(bench: PeersBench, peer: Any, progress: Progress | None) -> None:
+    """One system: batch-1 decode at every length and setting, then the concurrent batch (where the system
+    batches), then the prefill."""
+    _measure_decode(bench, peer, progress)
+    if bench.concurrent_prompts and hasattr(peer, "generate_batch"):
+        bench.concurrent.append(_measure_batch(bench, peer, progress))
+    if bench.prefill_ids:
+        bench.prefill.append(_measure_prefill(bench, peer, progress))
 
 
-def peers_report(bench: PeersBench, report: Report, model_name: str, prompt_tokens: int) -> Report:
-    rows_json, pivot, bars = [], {}, {}
-    for dtype in bench.dtypes:
-        rows = []
-        for n in bench.lengths:
-            for r in sorted(bench.runs[n], key=lambda r: (SYSTEMS.index(r.system), r.setting)):
-                if r.system != LLAMA_CPP and r.weights != dtype:
-                    continue
-                ref = bench.reference(r, n, dtype)
-                mine, theirs = (ref.run.decode_tokens_per_s if ref else None), r.run.decode_tokens_per_s
-                same, k = _same_start(r, bench.reference(PeerRun(r.system, "KV cache", dtype, r.run, ""), n, dtype))
-                rows.append([str(n), r.system, r.setting, r.weights, r.version, ms(r.run.ttft_s), num(theirs),
-                             num(r.run.tokens_per_s), num(_ratio(theirs, mine)), num(_ratio(mine, theirs)),
-                             "-" if same is None else f"{'yes' if same else 'no'} ({k})"])
-                rows_json.append({**r.to_dict(), "compared_with_dtype": dtype, "peer_over_kvengine":
-                                  _ratio(theirs, mine), "kvengine_over_peer": _ratio(mine, theirs),
-                                  "same_start": same, "common_leading_words": k})
-                key = f"{r.system}, {r.setting}, {r.weights}"
-                pivot.setdefault(key, {})[n] = f"{num(theirs, 1)} ({num(r.run.tokens_per_s, 1)})"
-                bars.setdefault(key, {})[n] = theirs
-        report.tables.append(Table(
-            f"{model_name} at {dtype}: decode speed, {prompt_tokens}-token prompt, greedy",
-            ["new tokens", "system", "setting", "weights", "version", "TTFT", "decode tok/s", "end-to-end tok/s",
-             "peer / kvengine", "kvengine / peer", f"same first {COMPARE_WORDS} words"], rows))
-    report.tables.append(Table("decode tok/s (end-to-end tok/s) by new tokens",
-                               ["system, setting, weights", *(f"{n} new" for n in bench.lengths)],
-                               [[k, *(v.get(n, "-") for n in bench.lengths)] for k, v in pivot.items()]))
-    report.notes += [
-        "decode tok/s = (new tokens - 1) / (time of the last token - time of the first); end-to-end tok/s = new "
-        "tokens / time from sending the prompt to the last token; TTFT = time to the first token (prefill).",
-        "peer / kvengine and kvengine / peer divide decode tok/s, against kvengine at the same dtype, length and "
-        "cache setting (llama.cpp against kvengine with the cache). peer / kvengine > 1: the peer is faster.",
-        "Same first words: the peer's text against kvengine's (KV cache, same dtype and length), word by word; "
-        "(k) = leading words in common. EOS is ignored by every system so each makes exactly the asked tokens.",
-        *bench.skipped,
-    ]
-    if bench.no_cache_max_tokens:
-        report.notes.append(f"No-cache runs only up to {bench.no_cache_max_tokens} new tokens "
-                            "(--no-cache-max-tokens); longer ones are left out (-).")
-    plots.bars(report.plot_path("peers.png", "Decode tok/s of every system and setting, by new tokens"),
-               [f"{n} new tokens" for n in bench.lengths],
-               {k: [v.get(n) for n in bench.lengths] for k, v in bars.items()}, "decode tokens/s",
-               f"{model_name}: decode speed, same prompt, greedy", report.machine.describe())
-    report.results = {"runs": rows_json, "skipped": bench.skipped, "lengths": bench.lengths, "dtypes": bench.dtypes}
-    report.summary = {"model": model_name, "skipped": bench.skipped, "decode_tokens_per_s": {
-        f"{r['system']}|{r['setting']}|{r['weights']}|{r['new_tokens']}": r["decode_tokens_per_s"]
-        for r in rows_json}}
-    return report
+def _measure_decode(bench: PeersBench, peer: Any, progress: Progress | None) -> None:
+    plan = bench.plan
+    cap = plan.no_cache_max_tokens or max(plan.lengths)
+    for setting, use_cache in SETTINGS:
+        lengths = [n for n in plan.lengths if use_cache or n <= cap]
+        if not lengths or (peer.name == LLAMA_CPP and not use_cache):
+            continue
+        warmup = max(plan.warmup_tokens, COMPILE_WARMUP if peer.compiled and use_cache else 0)
+        if warmup:
+            generate(peer, bench.prompt_ids, warmup, use_cache, None)
+        for n in lengths:
+            label = f"{peer.name} {setting} {peer.weights} {n}"
+            runs = [generate(peer, bench.prompt_ids, n, use_cache, progress(label, n) if progress else None)
+                    for _ in range(plan.repeats)]
+            bench.runs[n].append(PeerRun(peer.name, setting, peer.weights, _median_run(runs), peer.version))
+
+
+def _measure_batch(bench: PeersBench, peer: Any, progress: Progress | None) -> RateRun:
+    """All concurrent prompts at once: median (by wall time) of --repeats batches, after one short untimed one."""
+    prompts, n = bench.concurrent_prompts, bench.plan.concurrent_tokens
+    if bench.plan.warmup_tokens:
+        peer.generate_batch(prompts, BATCH_WARMUP)
+    seconds, tokens = _median_of(bench, f"{peer.name} {peer.weights} {len(prompts)} requests", len(prompts) * n,
+                                 progress, lambda: peer.generate_batch(prompts, n))
+    return RateRun(peer.name, peer.weights, tokens, seconds, peer.version, len(prompts))
+
+
+def _measure_prefill(bench: PeersBench, peer: Any, progress: Progress | None) -> RateRun:
+    """The prefill prompt's time to first token: median of --repeats runs, after one untimed run."""
+    ids = bench.prefill_ids
+    if bench.plan.warmup_tokens:
+        generate(peer, ids, 1, True, None)
+    seconds, tokens = _median_of(bench, f"{peer.name} {peer.weights} prefill", len(ids), progress,
+                                 lambda: (generate(peer, ids, 1, True, None).ttft_s, len(ids)))
+    return RateRun(peer.name, peer.weights, tokens, seconds, peer.version)
+
+
+def _median_of(bench: PeersBench, label: str, tokens_each: int, progress: Progress | None,
+               measure: Callable[[], tuple[float, int]]) -> tuple[float, int]:
+    """`measure()` -> (seconds, tokens), --repeats times under one progress bar; the median by seconds."""
+    repeats = bench.plan.repeats
+    done = progress(label, repeats * tokens_each) if progress else None
+    results = []
+    for i in range(repeats):
+        results.append(measure())
+        if done is not None:
+            done((i + 1) * tokens_each)
+    return sorted(results)[repeats // 2]

@@ -107,6 +107,7 @@ def fresh_engine(llm: LLM, max_num_seqs: int, max_model_len: int, prefix_caching
     spec = llm.kv_cache_spec
     blocks = max_num_seqs * -(-max_model_len // spec.block_size)
     engine_args.setdefault("kv_cache_memory", int(blocks * spec.bytes_per_block) + 1)
+    engine_args.setdefault("block_size", spec.block_size)
     return LLM.from_model(llm.engine.model, llm.tokenizer, dtype=llm.config.dtype, device=llm.config.device,
                           max_num_seqs=max_num_seqs, max_model_len=max_model_len,
                           enable_prefix_caching=prefix_caching, **engine_args)

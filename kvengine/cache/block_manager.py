@@ -10,6 +10,10 @@ whose ref count drops to 0 keeps its contents and hash and waits in an LRU of ca
 fresh allocation evicts it. Only full, computed blocks are shared and a sequence writes only at positions
 past its matched prefix, i.e. into blocks it holds alone, so no copy-on-write is needed.
 
+A windowed layer group (cache/retention.py) drops the blocks that left its window: `drop_blocks` releases
+them and leaves a HOLE (-1) in the table, so table index i still means positions i*bs .. i*bs + bs - 1.
+Such tables are never hashed (prefix caching needs every block of a prefix).
+
 Every block is in exactly one of three states: used (ref > 0), cached-free (ref 0, hash registered, in
 the LRU), plain free (ref 0, no hash). Per-step work is O(blocks touched); only `check_invariants` scans.
 """
@@ -25,6 +29,7 @@ from enum import StrEnum
 
 from kvengine.errors import ConfigError
 
+HOLE = -1  # a block-table entry whose block was dropped (it left every query's window)
 ROOT_HASH = bytes(16)  # the parent hash of a sequence's first block
 EVICTED_RECORD_SIZE = 65536  # how many evicted hashes are remembered to answer MissReason.EVICTED
 
@@ -246,7 +251,25 @@ class BlockManager:
             raise KeyError(f"unknown sequence {seq_id}")
         # Tail blocks first, so the LRU evicts a chain's tail before its (more shareable) head.
         for b in reversed(state.table):
-            self._release(b)
+            if b != HOLE:
+                self._release(b)
+
+    def drop_blocks(self, seq_id: int, indices: range) -> int:
+        """Release the blocks at table `indices` (those that exist), leaving holes; returns how many."""
+        state = self._seqs[seq_id]
+        if state.num_hashed:
+            raise ValueError(f"sequence {seq_id} has hashed blocks; only unhashed tables may have holes")
+        dropped = 0
+        for i in indices:
+            if i < len(state.table) and state.table[i] != HOLE:
+                self._release(state.table[i])
+                state.table[i] = HOLE
+                dropped += 1
+        return dropped
+
+    def num_held(self, seq_id: int) -> int:
+        """Blocks `seq_id` holds (holes not counted)."""
+        return sum(1 for b in self._seqs[seq_id].table if b != HOLE)
 
     def reset_prefix_cache(self) -> None:
         """Forget the hashes of all free blocks (they become plain free) and the eviction record."""
@@ -342,8 +365,10 @@ class BlockManager:
         assert not set(free) & set(cached), "a block is both plain free and cached-free"
         holders = [0] * self.num_blocks
         for seq_id, state in self._seqs.items():
-            assert len(set(state.table)) == len(state.table), f"sequence {seq_id} holds a block twice"
-            for b in state.table:
+            held = [b for b in state.table if b != HOLE]
+            assert len(set(held)) == len(held), f"sequence {seq_id} holds a block twice"
+            assert not (held != state.table and state.num_hashed), f"sequence {seq_id} hashed a table with holes"
+            for b in held:
                 holders[b] += 1
         for b, block in enumerate(self._blocks):
             assert block.ref_count == holders[b], f"block {b}: ref {block.ref_count} != holders {holders[b]}"

@@ -1,8 +1,10 @@
 """KVPool: the one preallocated KV tensor, sized once from a byte budget, and its per-layer views.
 
-Layout: [num_layers, 2 (K, V), kv_heads, num_slots, head_dim] with num_slots = num_blocks x block_size.
+Layout: [layers_per_group, 2 (K, V), kv_heads, num_slots, head_dim] with num_slots = num_blocks x block_size.
 Slot s belongs to block s // block_size. Keeping heads outermost makes a run of consecutive slots one
-contiguous [kv_heads, n, head_dim] view per head, which is what attention reads.
+contiguous [kv_heads, n, head_dim] view per head, which is what attention reads. With one KV group (the
+usual case) layers_per_group is every layer; with several (cache/retention.py) a block is a page for one
+group's layers, and the j-th layer of every group uses row j of the tensor at its own group's blocks.
 
 Only this module allocates KV memory. Quantized KV dtypes (fp8, int8, int4) keep the same slot layout in codes
 plus scales, behind LayerKV subclasses with the same methods: `write` quantizes, `read`/`read_slots` return
@@ -32,6 +34,10 @@ class LayerKV:
         self.k = k
         self.v = v
         self.block_size = block_size
+
+    def fresh_view(self) -> LayerKV:
+        """Another LayerKV over the same tensors (for a layer of another group)."""
+        return LayerKV(self.k, self.v, self.block_size)
 
     def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store new keys/values. slots [T], k/v [T, kv_heads, head_dim]."""
@@ -93,6 +99,9 @@ class ScaledLayerKV(QuantLayerKV):
         self.codes, self.scales = codes, scales
         self.fp8 = codes.dtype == torch.uint8
 
+    def fresh_view(self) -> ScaledLayerKV:
+        return ScaledLayerKV(self.codes, self.scales, self.block_size)
+
     def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         self.out_dtype = k.dtype
         kv = torch.stack((k, v)).transpose(1, 2)  # [2, Hkv, T, D]
@@ -124,6 +133,9 @@ class ChannelKeyLayerKV(QuantLayerKV):
         super().__init__(block_size, codes.device)
         self.codes, self.key_stats, self.value_stats, self.bits = codes, key_stats, value_stats, bits
         self.group = key_stats.shape[-1] // value_stats.shape[-1]  # value channels per group
+
+    def fresh_view(self) -> ChannelKeyLayerKV:
+        return ChannelKeyLayerKV(self.codes, self.key_stats, self.value_stats, self.block_size, self.bits)
 
     def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         self.out_dtype = k.dtype
@@ -170,15 +182,23 @@ def sequence_index(block_table: list[int], length: int, block_size: int,
     return (blocks[:, None] * block_size + offsets[None, :]).reshape(-1)[:length]
 
 
+def slots_of(block_table: list[int], positions: torch.Tensor, block_size: int,
+             device: torch.device | str) -> torch.Tensor:
+    """The pool slot of each of `positions` ([L] int64, each in a block the table holds) -> [L] int64."""
+    table = torch.tensor(block_table, dtype=torch.int64)  # [blocks]
+    return (table[positions // block_size] * block_size + positions % block_size).to(device)
+
+
 @dataclass(slots=True)
 class KVPool:
     """The KV pool: `num_blocks` blocks of `spec.block_size` token slots for every layer."""
 
     spec: KVCacheSpec
     num_blocks: int
-    kv: torch.Tensor  # [num_layers, 2, kv_heads, num_slots, head_dim] values or codes (int4: head_dim // 2 bytes)
-    layers: list[LayerKV]
+    kv: torch.Tensor  # [layers_per_group, 2, kv_heads, num_slots, head_dim] values or codes (int4: D // 2 bytes)
+    layers: list[LayerKV]  # one per model layer
     scales: tuple[torch.Tensor, ...] = ()  # quantized dtypes: their scale tensors (shapes in _allocate_quantized)
+    group_of: tuple[int, ...] = ()  # per model layer: its KV group (index into spec.groups)
 
     @staticmethod
     def allocate(spec: KVCacheSpec, num_blocks: int, device: torch.device | str) -> KVPool:
@@ -186,14 +206,28 @@ class KVPool:
         if num_blocks < 1:
             raise ConfigError("the KV cache budget holds no block; raise kv_cache_memory")
         if not spec.kv_dtype.is_float:
-            return _allocate_quantized(spec, num_blocks, device)
-        slots = num_blocks * spec.block_size
-        # torch.empty: pages are committed as they are written, so a large budget costs nothing until used.
-        # Nothing reads a slot before it is written (padding in batched decode points at written slots).
-        kv = torch.empty(spec.num_layers, 2, spec.num_kv_heads, slots, spec.head_dim, dtype=FLOAT_STORAGE[spec.dtype],
-                         device=device)  # [layers, 2, kv_heads, slots, head_dim]
-        layers = [LayerKV(kv[i, 0], kv[i, 1], spec.block_size) for i in range(spec.num_layers)]
-        return KVPool(spec=spec, num_blocks=num_blocks, kv=kv, layers=layers)
+            pool = _allocate_quantized(spec, num_blocks, device)
+        else:
+            slots = num_blocks * spec.block_size
+            # torch.empty: pages are committed as they are written, so a large budget costs nothing until used.
+            # Nothing reads a slot before it is written (padding in batched decode points at written slots).
+            kv = torch.empty(spec.layers_per_group, 2, spec.num_kv_heads, slots, spec.head_dim,
+                             dtype=FLOAT_STORAGE[spec.dtype], device=device)  # [layers/group, 2, Hkv, slots, D]
+            rows = [LayerKV(kv[j, 0], kv[j, 1], spec.block_size) for j in range(spec.layers_per_group)]
+            pool = KVPool(spec=spec, num_blocks=num_blocks, kv=kv, layers=rows)
+        pool._spread_over_layers()
+        return pool
+
+    def _spread_over_layers(self) -> None:
+        """`layers` built per tensor row -> one LayerKV per model layer (its group's row; own object, as a
+        quantized LayerKV keeps per-layer state)."""
+        rows, by_layer, group_of = self.layers, [], [0] * self.spec.num_layers
+        for g, group in enumerate(self.spec.groups):
+            for j, layer in enumerate(group.layers):
+                group_of[layer] = g
+                by_layer.append((layer, rows[j] if g == 0 else rows[j].fresh_view()))
+        self.layers = [view for _, view in sorted(by_layer, key=lambda pair: pair[0])]
+        self.group_of = tuple(group_of)
 
     @property
     def nbytes(self) -> int:
@@ -205,22 +239,22 @@ class KVPool:
 
 def _allocate_quantized(spec: KVCacheSpec, num_blocks: int, device: torch.device | str) -> KVPool:
     """Codes and scales for fp8 / int8 / int4, exactly the bytes KVCacheSpec counts."""
-    n, h, d, bs = spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.block_size
+    n, h, d, bs = spec.layers_per_group, spec.num_kv_heads, spec.head_dim, spec.block_size
     slots, fmt = num_blocks * bs, spec.kv_dtype
     if fmt.block_channel_scale_bytes:  # int8, int4: keys per channel per block, values per token
         groups = d // fmt.group(d)
         codes = torch.empty(n, 2, h, slots, d * fmt.element_bits // 8, dtype=torch.uint8,
-                            device=device)  # [layers, 2, Hkv, slots, D * bits / 8]
+                            device=device)  # [layers/group, 2, Hkv, slots, D * bits / 8]
         key_stats = torch.empty(n, 2, h, num_blocks, d, dtype=quant.SCALE_DTYPE,
-                                device=device)  # [layers, 2 (scale, min), Hkv, blocks, D]
+                                device=device)  # [layers/group, 2 (scale, min), Hkv, blocks, D]
         value_stats = torch.empty(n, 2, h, slots, groups, dtype=quant.SCALE_DTYPE,
-                                  device=device)  # [layers, 2 (scale, min), Hkv, slots, groups]
+                                  device=device)  # [layers/group, 2 (scale, min), Hkv, slots, groups]
         layers: list[LayerKV] = [ChannelKeyLayerKV(codes[i], key_stats[i], value_stats[i], bs, fmt.element_bits)
                                  for i in range(n)]
         return KVPool(spec, num_blocks, codes, layers, (key_stats, value_stats))
     code_dtype = torch.uint8 if spec.dtype == "fp8" else torch.int8  # fp8 bits are stored as uint8
-    codes = torch.empty(n, 2, h, slots, d, dtype=code_dtype, device=device)  # [layers, 2, Hkv, slots, D]
-    scales = torch.empty(n, 2, h, slots, dtype=quant.SCALE_DTYPE, device=device)  # [layers, 2, Hkv, slots]
+    codes = torch.empty(n, 2, h, slots, d, dtype=code_dtype, device=device)  # [layers/group, 2, Hkv, slots, D]
+    scales = torch.empty(n, 2, h, slots, dtype=quant.SCALE_DTYPE, device=device)  # [layers/group, 2, Hkv, slots]
     layers = [ScaledLayerKV(codes[i], scales[i], bs) for i in range(n)]
     return KVPool(spec, num_blocks, codes, layers, (scales,))
 
@@ -235,12 +269,12 @@ def available_memory(device: torch.device | str) -> int:
 
 
 def num_blocks_for_budget(spec: KVCacheSpec, budget: float | int | None, device: torch.device | str,
-                          wanted_tokens: int) -> int:
+                          wanted_blocks: int) -> int:
     """Blocks that fit the KV budget: bytes (> 1), a fraction of free memory (<= 1), or None (default:
-    room for `wanted_tokens`, capped at a quarter of free memory and DEFAULT_BUDGET_CAP)."""
+    `wanted_blocks`, capped at a quarter of free memory and DEFAULT_BUDGET_CAP)."""
     if budget is None:
         cap = min(available_memory(device) // 4, DEFAULT_BUDGET_CAP)
-        nbytes = min(wanted_tokens * spec.bytes_per_token, cap)
+        nbytes = min(wanted_blocks * spec.bytes_per_block, cap)
     elif budget <= 1:
         nbytes = budget * available_memory(device)
     else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from kvengine.cache.retention import KVGroup, Retention, kv_groups, layer_retentions
 from kvengine.errors import ConfigError
 
 
@@ -85,12 +86,17 @@ class KVCacheSpec:
     dtype: str = "float32"
     block_size: int = 16
     layer_windows: tuple[int | None, ...] = ()  # per layer: sliding window or None (global); empty = all global
+    kv_window: int | None = None  # every layer keeps at most this many recent tokens (plus sinks); None = no bound
+    sink_tokens: int = 0  # with kv_window: the first tokens of the text kept too (StreamingLLM)
 
     def __post_init__(self) -> None:
         kv_dtype(self.dtype)
         for name in ("num_layers", "num_kv_heads", "head_dim", "block_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"KV cache {name} must be at least 1, got {getattr(self, name)}")
+        if self.layer_windows and len(self.layer_windows) != self.num_layers:
+            raise ConfigError(f"layer_windows has {len(self.layer_windows)} entries for {self.num_layers} layers")
+        Retention(self.kv_window, self.sink_tokens)  # validates them
         if self.kv_dtype.element_bits == 4 and self.head_dim % 2:
             raise ConfigError(f"KV cache dtype '{self.dtype}' packs two values per byte and needs an even head_dim, "
                               f"got {self.head_dim}")
@@ -112,17 +118,37 @@ class KVCacheSpec:
         return self.num_layers * self.bytes_per_token_per_layer
 
     @property
+    def retentions(self) -> tuple[Retention, ...]:
+        """What each layer keeps (cache/retention.py)."""
+        return layer_retentions(self.layer_windows, self.num_layers, self.kv_window, self.sink_tokens)
+
+    @property
+    def groups(self) -> tuple[KVGroup, ...]:
+        """Layers that share a block table; one group of every layer unless retentions differ."""
+        return kv_groups(self.retentions)
+
+    @property
+    def layers_per_group(self) -> int:
+        return len(self.groups[0].layers)
+
+    @property
+    def prefix_cacheable(self) -> bool:
+        """Prefix caching needs every block of a prefix kept: one group that keeps everything."""
+        groups = self.groups
+        return len(groups) == 1 and groups[0].retention.is_full
+
+    @property
     def bytes_per_block(self) -> float:
-        return self.block_size * self.bytes_per_token
+        """One pool block (page): block_size tokens of one group's layers."""
+        return self.block_size * self.layers_per_group * self.bytes_per_token_per_layer
 
     def window(self, layer: int) -> int | None:
         return self.layer_windows[layer] if self.layer_windows else None
 
     def tokens_held(self, layer: int, context_len: int) -> int:
         """How many tokens layer `layer` keeps for a sequence of `context_len` tokens."""
-        w = self.window(layer)
-        return context_len if w is None else min(context_len, w)
+        return self.retentions[layer].tokens_held(context_len)
 
     def bytes_for_sequence(self, context_len: int) -> float:
-        """KV bytes one sequence of `context_len` tokens holds, sliding-window layers capped at their window."""
+        """KV bytes one sequence of `context_len` tokens holds, windowed layers capped at what they keep."""
         return sum(self.tokens_held(i, context_len) for i in range(self.num_layers)) * self.bytes_per_token_per_layer

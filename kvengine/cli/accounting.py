@@ -193,15 +193,18 @@ def memory(
     weights_bits: float = typer.Option(16.0, "--weights-bits", help="Bits per weight (~4.5 for Q4)."),
     assume_mha: bool = typer.Option(False, "--assume-mha", help="Also show 1 KV head per head."),
     block_size: int = typer.Option(16, "--block-size", help="KV block size (int4 scales)."),
+    kv_window: int | None = typer.Option(None, "--kv-window", help="Bound every layer to its last W tokens."),
+    sink_tokens: int = typer.Option(0, "--sink-tokens", help="With --kv-window: also keep the first S tokens."),
     as_json: bool = JsonOpt,
 ) -> None:
     """KV cache bytes per token, per sequence and per batch; weight bytes; what fits in a memory budget."""
     cfg = resolve_model_config(model, config, preset)
     ctx = require_positive(context if context is not None else cfg.max_position_embeddings, "--context")
     require_positive(batch, "--batch")
-    reports = [memory_report(cfg, ctx, batch, kv_dtype, budget, weights_bits, False, block_size)]
+    bound = (kv_window, sink_tokens)
+    reports = [memory_report(cfg, ctx, batch, kv_dtype, budget, weights_bits, False, block_size, *bound)]
     if assume_mha:
-        reports.append(memory_report(cfg, ctx, batch, kv_dtype, budget, weights_bits, True, block_size))
+        reports.append(memory_report(cfg, ctx, batch, kv_dtype, budget, weights_bits, True, block_size, *bound))
     if as_json:
         out: dict[str, Any] = {"formula": KV_FORMULA, **reports[0].to_dict()}
         if assume_mha:
@@ -234,7 +237,7 @@ def _memory_table(cfg: ModelConfig, reports: list[MemoryReport]) -> Table:
     for r in reports:
         kind = "MHA assumed (seeds 002/003)" if r.assume_mha else real
         table.add_column(f"{r.kv_heads} KV heads: {kind}", justify="right")
-    windowed = any(w is not None for w in cfg.layer_windows)
+    windowed = any(w is not None for w in cfg.layer_windows) or r0.kv_window is not None
     rows: list[tuple[str, Any]] = [
         ("KV bytes per token per layer", lambda r: _bytes(r.bytes_per_token_per_layer)),
         ("KV bytes per token (all layers)", lambda r: _bytes(r.bytes_per_token)),

@@ -138,11 +138,39 @@ def _dtype_list(text: str) -> list[str]:
     return values
 
 
+def _weights_list(text: str) -> list[str]:
+    from kvengine.config import WEIGHT_FORMATS
+
+    values = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [v for v in values if v not in WEIGHT_FORMATS]
+    if not values or bad:
+        raise ConfigError(f"--weights takes a comma list of {', '.join(WEIGHT_FORMATS)}; got "
+                          f"'{bad[0] if bad else text}'")
+    return values
+
+
+def _count_or_zero(value: int, name: str) -> int:
+    if value < 0:
+        raise ConfigError(f"{name} must be 0 (skip) or a positive number, got {value}")
+    return value
+
+
 @bench_app.command("peers")
 def peers(
     lengths: str = typer.Option("20,200,1000", "--lengths", "-n", help="Comma-separated new-token counts."),
-    dtypes: str = typer.Option("float32", "--dtypes", help="Comma-separated compute dtypes for kvengine and "
-                               "transformers, e.g. float32,bfloat16 (llama.cpp keeps the GGUF's weights)."),
+    weights: str = typer.Option("auto", "--weights", help="Comma-separated kvengine variants, one row each: auto "
+                                "(the float weights of each --dtypes), fp32, bf16, fp16, int8, int4. int8/int4 "
+                                "compute in bfloat16 unless --dtypes is given (then once per dtype)."),
+    dtypes: str | None = typer.Option(None, "--dtypes", help="Comma-separated compute dtypes for transformers and "
+                                      "kvengine's auto/int8/int4 variants, e.g. float32,bfloat16 (default float32; "
+                                      "llama.cpp keeps the GGUF's weights)."),
+    compile_decode: bool = typer.Option(False, "--compile", help="torch.compile kvengine's batch-1 decode step "
+                                        "(compile seconds reported; cached on disk for later runs)."),
+    concurrency: int = typer.Option(32, "--concurrency", help="Concurrent greedy requests for the aggregate tok/s "
+                                    "goal, against llama.cpp's batch-1 decode (0 = skip)."),
+    concurrent_tokens: int = typer.Option(64, "--concurrent-tokens", help="New tokens per concurrent request."),
+    prefill_tokens: int = typer.Option(1024, "--prefill-tokens", help="Prompt length for the prefill-speed goal "
+                                       "(0 = skip)."),
     no_cache_max_tokens: int | None = typer.Option(
         200, "--no-cache-max-tokens", help="Longest no-cache run (quadratic); 0 = no cap."),
     only: str = typer.Option("transformers,llama.cpp", "--peers", help="Which peers to run beside kvengine."),
@@ -155,25 +183,33 @@ def peers(
     warmup: int = typer.Option(4, "--warmup", help="Untimed warm-up tokens per system and setting."),
     out: Path | None = OutOpt,
 ) -> None:
-    """kvengine against transformers (cache on/off) and llama.cpp on the same prompt ids: tok/s and ratios."""
-    from kvengine.bench.peers import LLAMA_CPP, TRANSFORMERS, peers_report, run_peers_bench
+    """kvengine variants against transformers (cache on/off) and llama.cpp on the same prompt ids: batch-1 decode,
+    concurrent requests and prefill, with issue 7's goals as ratios."""
+    from kvengine.bench.peers import LLAMA_CPP, TRANSFORMERS, PeersPlan, kvengine_variants, run_peers_bench
+    from kvengine.bench.peers_report import peers_report
     from kvengine.weights.source import open_model_source
 
-    ns, dts = parse_int_list(lengths, "--lengths"), _dtype_list(dtypes)
+    ns, dts = parse_int_list(lengths, "--lengths"), _dtype_list(dtypes) if dtypes is not None else None
+    variants = kvengine_variants(_weights_list(weights), dts, compile_decode)
     chosen = tuple(p.strip() for p in only.split(",") if p.strip())
     unknown = set(chosen) - {TRANSFORMERS, LLAMA_CPP}
     if unknown:
         raise ConfigError(f"unknown peer '{sorted(unknown)[0]}' (choose from {TRANSFORMERS}, {LLAMA_CPP})")
     require_positive(repeats, "--repeats")
+    require_positive(concurrent_tokens, "--concurrent-tokens")
+    plan = PeersPlan(ns, variants, dts or ["float32"], chosen, no_cache_max_tokens or None, repeats, warmup,
+                     _count_or_zero(concurrency, "--concurrency"), concurrent_tokens,
+                     _count_or_zero(prefill_tokens, "--prefill-tokens"), prompt, raw, threads, device)
     name = open_model_source(model).name
-    params = {"model": name, "prompt": prompt, "chat_template": not raw, "lengths": ns, "dtypes": dts,
-              "no_cache_max_tokens": no_cache_max_tokens or None, "peers": list(chosen), "repeats": repeats,
-              "device": device, "threads": threads, "warmup_tokens": warmup}
+    params = {"model": name, "prompt": prompt, "chat_template": not raw, "lengths": ns, "dtypes": plan.dtypes,
+              "weights": weights, "variants": [v.label for v in variants], "compile": compile_decode,
+              "concurrency": plan.concurrency, "concurrent_tokens": concurrent_tokens,
+              "prefill_tokens": plan.prefill_tokens, "no_cache_max_tokens": no_cache_max_tokens or None,
+              "peers": list(chosen), "repeats": repeats, "device": device, "threads": threads, "warmup_tokens": warmup}
     report = _report("peers", f"bench peers: {name} against {', '.join(chosen) or 'no peers'}", out, params)
     with _progress() as progress:
-        result = run_peers_bench(model, prompt, raw, ns, dts, no_cache_max_tokens or None, threads, repeats, warmup,
-                                 chosen, _bar(progress), device)
-    peers_report(result, report, name, result.prompt_tokens).finish()
+        result = run_peers_bench(model, plan, _bar(progress))
+    peers_report(result, report, name).finish()
 
 
 @bench_app.command("prefix")
@@ -186,6 +222,8 @@ def prefix(
                                              help="Shared system-message tokens for the warm/cold TTFT test."),
     repeats: int = typer.Option(3, "--repeats", help="Cold/warm TTFT pairs; the medians are reported."),
     no_transformers: bool = typer.Option(False, "--no-transformers", help="Skip transformers' batched generate."),
+    block_size: int = typer.Option(16, "--block-size", help="KV block size in tokens (memory waste is about half "
+                                   "a block per request)."),
     model: str | None = ModelOpt,
     dtype: str = DtypeOpt,
     device: str = DeviceOpt,
@@ -200,8 +238,9 @@ def prefix(
     require_positive(cached_prefix_tokens, "--cached-prefix-tokens")
     require_positive(repeats, "--repeats")
     n_seq = requests if sequential is None else min(require_positive(sequential, "--sequential"), requests)
-    llm = _llm(model, dtype, device, threads, max_num_seqs=1)
+    llm = _llm(model, dtype, device, threads, max_num_seqs=1, block_size=require_positive(block_size, "--block-size"))
     params = {"model": llm.model_name, "requests": requests, "max_tokens": max_tokens, "sequential": n_seq,
+              "block_size": block_size,
               "cached_prefix_tokens": cached_prefix_tokens, "repeats": repeats, "transformers": not no_transformers,
               "dtype": llm.config.resolved_dtype(), "device": device, "threads": threads}
     report = _report("prefix", f"bench prefix: {llm.model_name}, batching and prefix sharing", out, params)

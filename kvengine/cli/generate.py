@@ -23,6 +23,13 @@ KVDtypeOpt = typer.Option("auto", "--kv-dtype", help="KV cache dtype: auto (the 
                           "float16, fp8, int8, int8-token, int4 (docs/kv-dtypes.md).")
 KVMemOpt = typer.Option(None, "--kv-cache-memory", help="KV pool budget: bytes (e.g. 2e9) or a fraction of free "
                         "memory (e.g. 0.5).")
+KVWindowOpt = typer.Option(None, "--kv-window", help="Keep only the last W tokens' KV in every layer (plus "
+                           "--sink-tokens): constant memory, generation past the model's context "
+                           "(docs/long-context.md).")
+SinkOpt = typer.Option(0, "--sink-tokens", help="With --kv-window: also keep the first S tokens (StreamingLLM's "
+                       "attention sinks; 4 is the usual choice).")
+CompileOpt = typer.Option(False, "--compile", help="torch.compile the batch-1 decode step (slow first run; "
+                          "cached on disk afterwards).")
 
 
 def _sampling(max_tokens: int, temperature: float, top_p: float, top_k: int, seed: int | None,
@@ -32,12 +39,14 @@ def _sampling(max_tokens: int, temperature: float, top_p: float, top_k: int, see
 
 
 def _open_llm(model: str | None, dtype: str, device: str, threads: int | None, kv_dtype: str,
-              kv_memory: float | None, weights: str = "auto", **kw: Any):
+              kv_memory: float | None, weights: str = "auto", kv_window: int | None = None, sink_tokens: int = 0,
+              compile_decode: bool = False, **kw: Any):
     from kvengine.llm import LLM
 
     budget = int(kv_memory) if kv_memory is not None and kv_memory > 1 else kv_memory
     return LLM(model, dtype=dtype, device=device, num_threads=threads, kv_cache_dtype=kv_dtype,
-               kv_cache_memory=budget, weights=weights, **kw)
+               kv_cache_memory=budget, weights=weights, kv_window=kv_window, sink_tokens=sink_tokens,
+               compile=compile_decode, **kw)
 
 
 @app.command()
@@ -61,11 +70,15 @@ def generate(
     kv_dtype: str = KVDtypeOpt,
     kv_memory: float | None = KVMemOpt,
     weights: str = WeightsOpt,
+    kv_window: int | None = KVWindowOpt,
+    sink_tokens: int = SinkOpt,
+    compile_decode: bool = CompileOpt,
     as_json: bool = typer.Option(False, "--json", help="End with one JSON object on stdout (text is not streamed)."),
 ) -> None:
     """Generate text from PROMPT, streaming it, with and (--no-cache) without the KV cache."""
     params = _sampling(max_tokens, temperature, top_p, top_k, seed, ignore_eos, stop)
-    llm = _open_llm(model, dtype, device, threads, kv_dtype, kv_memory, weights, max_num_seqs=1)
+    llm = _open_llm(model, dtype, device, threads, kv_dtype, kv_memory, weights, kv_window, sink_tokens,
+                    compile_decode, max_num_seqs=1)
     tok = llm.tokenizer
     if raw or tok.chat_template is None:
         ids = tok.encode(prompt)
@@ -123,10 +136,14 @@ def chat(
     kv_dtype: str = KVDtypeOpt,
     kv_memory: float | None = KVMemOpt,
     weights: str = WeightsOpt,
+    kv_window: int | None = KVWindowOpt,
+    sink_tokens: int = SinkOpt,
+    compile_decode: bool = CompileOpt,
 ) -> None:
     """Interactive multi-turn chat; each turn reuses the KV cache of the turns before it."""
     params = _sampling(max_tokens, temperature, top_p, top_k, seed, False, None)
-    llm = _open_llm(model, dtype, device, threads, kv_dtype, kv_memory, weights, max_num_seqs=4)
+    llm = _open_llm(model, dtype, device, threads, kv_dtype, kv_memory, weights, kv_window, sink_tokens,
+                    compile_decode, max_num_seqs=4)
     if llm.tokenizer.chat_template is None:
         from kvengine.errors import ConfigError
 

@@ -39,6 +39,8 @@ def run_summary(llm, out: RequestOutput, file: TextIO, turn: bool = False) -> No
             f"{m.prompt_tokens + m.completion_tokens - 1} tokens, {m.blocks_held} blocks of {spec.block_size}, "
             f"{spec.dtype}); prompt tokens computed {m.computed_prompt_tokens}, reused {m.cached_tokens}"
             + (f" (rest not reused: {m.miss_reason})" if m.miss_reason and turn else "")
+            + (f"; bounded: every layer keeps at most {spec.sink_tokens} sink + {spec.kv_window} recent tokens"
+               if spec.kv_window is not None else "")
         )
     ratio = m.flops_no_cache / m.flops if m.flops else 0.0
     lines.append(

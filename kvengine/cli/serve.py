@@ -14,7 +14,9 @@ from kvengine.cli.generate import (
     DtypeOpt,
     KVDtypeOpt,
     KVMemOpt,
+    KVWindowOpt,
     ModelOpt,
+    SinkOpt,
     ThreadsOpt,
     WeightsOpt,
     _open_llm,
@@ -44,6 +46,8 @@ def serve(
     threads: int | None = ThreadsOpt,
     kv_dtype: str = KVDtypeOpt,
     kv_memory: float | None = KVMemOpt,
+    kv_window: int | None = KVWindowOpt,
+    sink_tokens: int = SinkOpt,
     log_level: str = typer.Option("info", "--log-level", help="uvicorn log level."),
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API, with /metrics and a live KV-cache /dashboard."""
@@ -55,8 +59,8 @@ def serve(
     if not api_key and not _is_loopback(host):
         print(f"warning: listening on {host} without --api-key: anyone who can reach it can use it",
               file=sys.stderr)
-    llm = _open_llm(model, dtype, device, threads, kv_dtype, kv_memory, weights, max_num_seqs=max_num_seqs,
-                    max_model_len=max_model_len)
+    llm = _open_llm(model, dtype, device, threads, kv_dtype, kv_memory, weights, kv_window, sink_tokens,
+                    max_num_seqs=max_num_seqs, max_model_len=max_model_len)
     application = create_app(llm, model_name=served_model_name, api_keys=api_key or None, max_waiting=max_waiting)
     spec = llm.kv_cache_spec
     print(f"kvengine serving '{served_model_name or llm.model_name}' on http://{host}:{port} "

@@ -28,7 +28,9 @@ class CompiledDecode:
 
     @staticmethod
     def applies(batch: StepBatch) -> bool:
-        return batch.uses_cache and batch.num_seqs == 1 and batch.num_tokens == 1
+        # one sequence, one new token, one KV group that keeps every token (windowed layouts run eagerly)
+        return (batch.kv is not None and batch.num_seqs == 1 and batch.num_tokens == 1 and len(batch.kv) == 1
+                and batch.kv[0].kv_positions[0] is None)
 
     def __call__(self, batch: StepBatch, pool: KVPool) -> torch.Tensor:
         if self.compile_seconds is None:

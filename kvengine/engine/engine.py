@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from kvengine.accounting.flops import request_flops, step_flops
-from kvengine.cache.block_manager import BlockManager
+from kvengine.cache.block_tables import KVBlockTables
 from kvengine.cache.pool import KVPool
 from kvengine.config import ModelConfig
 from kvengine.engine.output import RequestMetrics, RequestOutput, TextTracker, VerifyReport
@@ -41,17 +41,17 @@ class _Request:
 
 class LLMEngine:
     def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer | None, pool: KVPool,
-                 block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 block_tables: KVBlockTables, max_num_seqs: int, max_num_batched_tokens: int,
                  max_model_len: int, device: torch.device | str = "cpu", seed: int = 0,
                  compile_decode: bool = False) -> None:
         self.model = model
         self.model_config: ModelConfig = model.config
         self.tokenizer = tokenizer
         self.pool = pool
-        self.bm = block_manager
+        self.bm = block_tables
         self.max_model_len = max_model_len
-        self.scheduler = Scheduler(block_manager, max_num_seqs, max_num_batched_tokens)
-        self.runner = ModelRunner(model, pool, block_manager, device, compile_decode)
+        self.scheduler = Scheduler(block_tables, max_num_seqs, max_num_batched_tokens)
+        self.runner = ModelRunner(model, pool, block_tables, device, compile_decode)
         self.sampler = Sampler(seed)
         self.dtype = next(model.parameters()).dtype
         self.requests: dict[str, _Request] = {}
@@ -107,7 +107,7 @@ class LLMEngine:
             raise RequestError(f"this model's context is {limit} tokens, but {n_prompt + max_tokens} were "
                                f"requested ({n_prompt} in the prompt, {max_tokens} in max_tokens)",
                                param="max_tokens")
-        needed = self.bm.blocks_needed(n_prompt + max_tokens)
+        needed = self.bm.blocks_needed(n_prompt + max_tokens, self.scheduler.max_num_batched_tokens)
         if use_cache and needed > self.bm.num_blocks:
             raise RequestError(f"the request needs {needed} KV blocks but the KV cache holds "
                                f"{self.bm.num_blocks}; raise kv_cache_memory", param="max_tokens")
@@ -131,10 +131,10 @@ class LLMEngine:
         requests = []
         for req in self.requests.values():
             seq = req.seq
-            table = self.bm.block_table(seq.seq_id) if self.bm.has_seq(seq.seq_id) else []
+            held = self.bm.has_seq(seq.seq_id)
             requests.append(RequestBlocks(
-                request_id=req.request_id, status=seq.status.value, blocks=len(table),
-                shared_blocks=sum(1 for blk in table if self.bm.ref_count(blk) > 1), tokens=len(seq.token_ids),
+                request_id=req.request_id, status=seq.status.value, blocks=self.bm.num_held(seq.seq_id) if held else 0,
+                shared_blocks=self.bm.shared_blocks(seq.seq_id) if held else 0, tokens=len(seq.token_ids),
                 computed_tokens=seq.num_computed_tokens, cached_tokens=seq.num_cached_tokens))
         return EngineStats(
             running=len(self.scheduler.running) + len(self._no_cache), waiting=len(self.scheduler.waiting),
@@ -221,7 +221,7 @@ class LLMEngine:
         seq.finish_time = time.perf_counter()
         if req.tracker is not None:
             req.tracker.finish()
-        seq.blocks_at_finish = len(self.bm.block_table(seq.seq_id)) if self.bm.has_seq(seq.seq_id) else 0
+        seq.blocks_at_finish = self.bm.num_held(seq.seq_id) if self.bm.has_seq(seq.seq_id) else 0
 
     def _release(self, req: _Request) -> None:
         """Free the request's blocks and forget it (its final output has been built)."""

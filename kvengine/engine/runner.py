@@ -9,20 +9,21 @@ from __future__ import annotations
 
 import torch
 
-from kvengine.batch import StepBatch
-from kvengine.cache.block_manager import BlockManager
-from kvengine.cache.pool import KVPool, sequence_index
+from kvengine.batch import KVView, StepBatch
+from kvengine.cache.block_tables import KVBlockTables
+from kvengine.cache.pool import KVPool, sequence_index, slots_of
+from kvengine.cache.retention import Retention
 from kvengine.engine.compiled import CompiledDecode
 from kvengine.engine.scheduler import ScheduledSeq
 from kvengine.engine.sequence import Sequence
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, pool: KVPool | None, block_manager: BlockManager | None,
+    def __init__(self, model: torch.nn.Module, pool: KVPool | None, block_tables: KVBlockTables | None,
                  device: torch.device | str = "cpu", compile_decode: bool = False) -> None:
         self.model = model
         self.pool = pool
-        self.bm = block_manager
+        self.bm = block_tables
         self.device = torch.device(device)
         self.compiled = CompiledDecode(model) if compile_decode else None
 
@@ -34,54 +35,77 @@ class ModelRunner:
         return self.model(batch, self.pool if batch.uses_cache else None)
 
     def build_cached(self, scheduled: list[ScheduledSeq]) -> StepBatch:
-        bs = self.bm.block_size
         ids: list[int] = []
         positions: list[int] = []
-        slots: list[torch.Tensor] = []
         starts = [0]
         context_lens: list[int] = []
-        tables: list[list[int]] = []
-        kv_index: list[int | torch.Tensor] = []
         logits_rows: list[int] = []
         for s in scheduled:
             seq, start, n = s.seq, s.start, s.num_new_tokens
-            table = self.bm.block_table(seq.seq_id)
             ids.extend(seq.token_ids[start:start + n])
             positions.extend(range(start, start + n))
-            index = sequence_index(table, start + n, bs, self.device)
-            slots.append(torch.arange(index + start, index + start + n) if isinstance(index, int)
-                         else index[start:start + n])
             starts.append(starts[-1] + n)
             context_lens.append(start + n)
-            tables.append(table)
-            kv_index.append(index)
             if s.needs_logits:
                 logits_rows.append(starts[-1] - 1)
+        pos = torch.tensor(positions, dtype=torch.int64, device=self.device)  # [T]
         batch = StepBatch(
             input_ids=torch.tensor(ids, dtype=torch.int64, device=self.device),  # [T]
-            positions=torch.tensor(positions, dtype=torch.int64, device=self.device),  # [T]
+            positions=pos,
             query_start_loc=starts,
             context_lens=context_lens,
             logits_indices=torch.tensor(logits_rows, dtype=torch.int64, device=self.device),  # [N]
-            slot_mapping=torch.cat(slots).to(self.device),  # [T]
-            block_tables=tables,
-            kv_index=kv_index,
+            kv=[self._view(g, r, scheduled) for g, r in enumerate(self.bm.retentions)],
         )
-        if batch.is_decode and batch.num_seqs > 1:
-            self._add_decode_gather(batch)
+        sinks = next((r for r in self.bm.retentions if r.sinks), None)
+        if sinks is not None:
+            assert sinks.window is not None
+            batch.sink_positions = pos.clamp(max=sinks.sinks + sinks.window - 1)  # [T]: Retention.cache_position
         return batch
 
-    def _add_decode_gather(self, batch: StepBatch) -> None:
+    def _view(self, group: int, retention: Retention, scheduled: list[ScheduledSeq]) -> KVView:
+        """Group `group`'s slots for the step: where new K/V go and which keys each sequence reads."""
+        bs = self.bm.block_size
+        slots: list[torch.Tensor] = []
+        tables: list[list[int]] = []
+        kv_index: list[int | torch.Tensor] = []
+        kv_positions: list[torch.Tensor | None] = []
+        num_sinks: list[int] = []
+        for s in scheduled:
+            start, end = s.start, s.start + s.num_new_tokens
+            table = self.bm.block_table(s.seq.seq_id, group)
+            if retention.is_full:
+                index = sequence_index(table, end, bs, self.device)
+                slots.append(torch.arange(index + start, index + end) if isinstance(index, int)
+                             else index[start:end])
+                kv_positions.append(None)
+                num_sinks.append(0)
+            else:
+                sink_range, recent = retention.key_positions(start, end)
+                keys = torch.cat([torch.arange(sink_range.stop), torch.arange(recent.start, recent.stop)])  # [L]
+                index = slots_of(table, keys, bs, self.device)  # [L]
+                slots.append(index[-(end - start):])
+                kv_positions.append(keys.to(self.device))
+                num_sinks.append(len(sink_range))
+            tables.append(table)
+            kv_index.append(index)
+        view = KVView(retention.window, retention.sinks, torch.cat(slots).to(self.device), tables, kv_index,
+                      kv_positions, num_sinks)
+        if all(s.num_new_tokens == 1 for s in scheduled) and len(scheduled) > 1 and not any(num_sinks):
+            self._add_decode_gather(view, scheduled)
+        return view
+
+    def _add_decode_gather(self, view: KVView, scheduled: list[ScheduledSeq]) -> None:
         """Padded slot indices for one batched attention call: [B, max_len] slots and validity mask.
         Padding repeats the sequence's first slot, so masked keys are real (finite) values."""
-        max_len = max(batch.context_lens)
         rows = []
-        for index, n in zip(batch.kv_index, batch.context_lens, strict=True):
-            row = torch.arange(index, index + n, device=self.device) if isinstance(index, int) else index
-            rows.append(torch.cat([row, row[:1].expand(max_len - n)]))
-        batch.decode_slots = torch.stack(rows)  # [B, max_len]
-        lens = torch.tensor(batch.context_lens, device=self.device)
-        batch.decode_mask = torch.arange(max_len, device=self.device)[None, :] < lens[:, None]  # [B, max_len]
+        for index, s in zip(view.kv_index, scheduled, strict=True):
+            n = s.start + 1
+            rows.append(torch.arange(index, index + n, device=self.device) if isinstance(index, int) else index)
+        max_len = max(len(r) for r in rows)
+        view.decode_slots = torch.stack([torch.cat([r, r[:1].expand(max_len - len(r))]) for r in rows])  # [B, L]
+        lens = torch.tensor([len(r) for r in rows], device=self.device)
+        view.decode_mask = torch.arange(max_len, device=self.device)[None, :] < lens[:, None]  # [B, max_len]
 
     def build_no_cache(self, seqs: list[Sequence]) -> StepBatch:
         """Every sequence's whole text, recomputed from scratch; logits for each last position."""

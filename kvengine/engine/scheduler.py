@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from kvengine.cache.block_manager import BlockManager
+from kvengine.cache.block_tables import KVBlockTables
 from kvengine.engine.sequence import Sequence, SequenceStatus
 
 
@@ -42,8 +42,8 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
-        self.bm = block_manager
+    def __init__(self, block_tables: KVBlockTables, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+        self.bm = block_tables
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -67,7 +67,7 @@ class Scheduler:
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # preempted earlier in this loop
             n = min(seq.num_uncomputed, budget)
-            if not self._reserve(seq, seq.num_computed_tokens + n, out):
+            if not self._reserve(seq, n, out):
                 continue
             out.scheduled.append(ScheduledSeq(seq, n))
             budget -= n
@@ -75,10 +75,11 @@ class Scheduler:
             budget = self._admit(budget, out)
         return out
 
-    def _reserve(self, seq: Sequence, num_tokens: int, out: SchedulerOutput) -> bool:
-        """Blocks for `num_tokens` of `seq`, preempting the newest running sequences as needed.
+    def _reserve(self, seq: Sequence, n: int, out: SchedulerOutput) -> bool:
+        """Blocks for the next `n` tokens of `seq`, preempting the newest running sequences as needed.
         False if `seq` itself had to be preempted."""
-        while not self.bm.ensure_capacity(seq.seq_id, num_tokens):
+        start = seq.num_computed_tokens
+        while not self.bm.ensure_capacity(seq.seq_id, start + n, start):
             victim = self.running[-1]
             self.preempt(victim)
             out.preempted.append(victim)
@@ -92,6 +93,10 @@ class Scheduler:
             match = self.bm.allocate(seq.seq_id, seq.token_ids, seq.cache_salt)
             if match is None:
                 break  # not enough free blocks: wait for running sequences to finish
+            n = min(len(seq.token_ids) - match.num_cached_tokens, budget)
+            if not self.bm.ensure_capacity(seq.seq_id, match.num_cached_tokens + n, match.num_cached_tokens):
+                self.bm.free(seq.seq_id)  # a windowed layout adds blocks per chunk; these did not fit
+                break
             self.waiting.popleft()
             seq.num_computed_tokens = match.num_cached_tokens
             if not seq.admitted:  # report the first admission's prefix hit, not a recompute's
@@ -100,7 +105,6 @@ class Scheduler:
                 seq.admitted = True
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            n = min(seq.num_uncomputed, budget)
             out.scheduled.append(ScheduledSeq(seq, n))
             budget -= n
         return budget

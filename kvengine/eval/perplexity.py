@@ -9,17 +9,22 @@ through the quantized store. Row i of a chunk's logits predicts the token after 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from kvengine.accounting.memory import kv_cache_spec_for
-from kvengine.batch import StepBatch
 from kvengine.cache.block_manager import BlockManager
-from kvengine.cache.pool import KVPool, sequence_index
+from kvengine.cache.block_tables import KVBlockTables
+from kvengine.cache.pool import KVPool
+from kvengine.cache.retention import max_blocks
 from kvengine.engine.runner import ModelRunner
+from kvengine.engine.scheduler import ScheduledSeq
+from kvengine.engine.sequence import Sequence as Seq
 from kvengine.errors import ConfigError
+from kvengine.sampling import SamplingParams
 
 DEFAULT_CHUNK = 256
 
@@ -36,37 +41,55 @@ class Perplexity:
 
 
 def chunk_logits(model: torch.nn.Module, token_ids: Sequence[int], kv_dtype: str, chunk_size: int = DEFAULT_CHUNK,
-                 block_size: int = 16, device: torch.device | str = "cpu") -> Iterator[tuple[int, torch.Tensor]]:
+                 block_size: int = 16, device: torch.device | str = "cpu", kv_window: int | None = None,
+                 sink_tokens: int = 0) -> Iterator[tuple[int, torch.Tensor]]:
     """(start, logits float32 [n, vocab]) for each chunk of `token_ids`, prefilled through a `kv_dtype` pool."""
+    for step in score_chunks(model, token_ids, kv_dtype, chunk_size, block_size, device, kv_window, sink_tokens):
+        yield step.start, step.logits
+
+
+@dataclass(slots=True)
+class ScoredChunk:
+    start: int  # the chunk's first position
+    logits: torch.Tensor  # [n, vocab] float32: row i predicts the token after position start + i
+    blocks_held: int  # KV blocks the sequence holds after the chunk
+    kv_bytes: float  # what those blocks take
+    seconds: float  # the chunk's forward pass
+
+
+def score_chunks(model: torch.nn.Module, token_ids: Sequence[int], kv_dtype: str, chunk_size: int = DEFAULT_CHUNK,
+                 block_size: int = 16, device: torch.device | str = "cpu", kv_window: int | None = None,
+                 sink_tokens: int = 0) -> Iterator[ScoredChunk]:
+    """Prefill `token_ids` chunk by chunk through a pool of `kv_dtype` and the engine's block tables; with
+    `kv_window` (and `sink_tokens`) the cache is bounded as in the engine and the text may outrun the model's
+    context. Yields each chunk's logits with the blocks held and the time taken."""
     if len(token_ids) < 2:
         raise ConfigError(f"perplexity needs at least 2 tokens, got {len(token_ids)}")
     if chunk_size < 1:
         raise ConfigError(f"chunk size must be at least 1, got {chunk_size}")
     limit = model.config.max_position_embeddings
-    if len(token_ids) > limit:
+    if kv_window is None and len(token_ids) > limit:
         raise ConfigError(f"{len(token_ids)} tokens exceed the model's context of {limit}")
-    spec = kv_cache_spec_for(model.config, kv_dtype, block_size)
-    bm = BlockManager(-(-len(token_ids) // block_size), block_size, enable_prefix_caching=False)
-    bm.allocate(0, token_ids)
-    table = bm.block_table(0)
-    runner = ModelRunner(model, KVPool.allocate(spec, bm.num_blocks, device), bm, device)
-    dev = torch.device(device)
+    spec = replace(kv_cache_spec_for(model.config, kv_dtype, block_size), kv_window=kv_window,
+                   sink_tokens=sink_tokens)
+    num_blocks = max_blocks(spec.groups, len(token_ids), chunk_size, block_size)
+    bm = BlockManager(num_blocks, block_size, enable_prefix_caching=False)
+    tables = KVBlockTables(bm, spec.groups)
+    runner = ModelRunner(model, KVPool.allocate(spec, num_blocks, device), tables, device)
+    seq = Seq(0, list(token_ids), SamplingParams(max_tokens=1))
+    tables.allocate(0, ())  # blocks come chunk by chunk (ensure_capacity), so memory grows with the text
     for start in range(0, len(token_ids), chunk_size):
-        end = min(start + chunk_size, len(token_ids))
-        n = end - start
-        index = sequence_index(table, end, block_size, dev)
-        batch = StepBatch(
-            input_ids=torch.tensor(token_ids[start:end], dtype=torch.int64, device=dev),  # [n]
-            positions=torch.arange(start, end, dtype=torch.int64, device=dev),  # [n]
-            query_start_loc=[0, n],
-            context_lens=[end],
-            logits_indices=torch.arange(n, dtype=torch.int64, device=dev),  # [n]: every row is scored
-            slot_mapping=torch.tensor([bm.slot(0, p) for p in range(start, end)], dtype=torch.int64,
-                                      device=dev),  # [n]
-            block_tables=[table],
-            kv_index=[index],
-        )
-        yield start, runner.run(batch)
+        n = min(chunk_size, len(token_ids) - start)
+        if not tables.ensure_capacity(0, start + n, start):
+            raise AssertionError("the pool was sized for the whole text")
+        batch = runner.build_cached([ScheduledSeq(seq, n)])
+        batch.logits_indices = torch.arange(n, dtype=torch.int64, device=batch.input_ids.device)  # [n]: every row
+        t0 = time.perf_counter()
+        logits = runner.run(batch)
+        seconds = time.perf_counter() - t0
+        seq.num_computed_tokens += n
+        held = tables.num_held(0)
+        yield ScoredChunk(start, logits, held, held * spec.bytes_per_block, seconds)
 
 
 def chunk_nll(logits: torch.Tensor, token_ids: Sequence[int], start: int) -> torch.Tensor:

@@ -39,33 +39,56 @@ class Linear(torch.nn.Module):
         return f"in={self.in_features}, out={self.out_features}, bias={bias}, dtype={self.weight.dtype}"
 
 
-class Int8Linear(torch.nn.Module):
+class PackedLinear(torch.nn.Module):
+    """Common part of the quantized forms: the packed kernel wins while a step has few rows (decode reads each
+    weight once for few tokens); for many rows (prefill, large batches) it is compute-bound and slower than a
+    dense matmul, so with `dense_above` set, batches of more rows use a dense copy of the same (dequantized)
+    weight in the compute dtype instead."""
+
+    dense: torch.Tensor | None
+    bias: torch.Tensor | None
+
+    def _init_dense(self, act_dtype: torch.dtype, dense_above: int | None) -> None:
+        self.dense_above = dense_above
+        dense = self.dequantized().to(act_dtype).contiguous() if dense_above is not None else None  # [N, K]
+        self.register_buffer("dense", dense)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, K] -> [T, N]"""
+        if self.dense is not None and x.shape[0] > self.dense_above:
+            return F.linear(x, self.dense, self.bias)
+        y = self.packed_mm(x)
+        return y if self.bias is None else y + self.bias
+
+    def packed_mm(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def dequantized(self) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class Int8Linear(PackedLinear):
     """Symmetric int8 weight with one scale per output row: W[n] = q[n] * scale[n]."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, act_dtype: torch.dtype) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, act_dtype: torch.dtype,
+                 dense_above: int | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         q, scale = quantize_int8(weight)
         self.register_buffer("qweight", q)  # [N, K] int8
         self.register_buffer("scales", scale.to(act_dtype))  # [N]
         self.register_buffer("bias", bias.to(act_dtype) if bias is not None else None)
+        self._init_dense(act_dtype, dense_above)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [T, K] -> [T, N]"""
-        y = torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scales)
-        return y if self.bias is None else y + self.bias
+    def packed_mm(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scales)
 
     def dequantized(self) -> torch.Tensor:
         return self.qweight.float() * self.scales.float()[:, None]
 
 
-class Int4Linear(torch.nn.Module):
-    """Asymmetric int4 weight in groups along K: W[n, g*G + i] = (q - 8) * scale[g, n] + zero[g, n].
-
-    The packed kernel wins while a step has few rows (decode reads each weight once for few tokens); for
-    many rows (prefill, large batches) it is compute-bound and slower than a dense matmul, so with
-    `dense_above` set, batches of more rows use a dense copy of the same (dequantized) weight instead.
-    """
+class Int4Linear(PackedLinear):
+    """Asymmetric int4 weight in groups along K: W[n, g*G + i] = (q - 8) * scale[g, n] + zero[g, n]."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, act_dtype: torch.dtype,
                  group_size: int = INT4_GROUP, dense_above: int | None = None) -> None:
@@ -76,16 +99,10 @@ class Int4Linear(torch.nn.Module):
         self.register_buffer("qweight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))  # [N, K/2] uint8
         self.register_buffer("scale_zero", scale_zero.to(act_dtype))  # [K/G, N, 2]
         self.register_buffer("bias", bias.to(act_dtype) if bias is not None else None)
-        self.dense_above = dense_above
-        dense = self.dequantized().to(act_dtype).contiguous() if dense_above is not None else None  # [N, K]
-        self.register_buffer("dense", dense)
+        self._init_dense(act_dtype, dense_above)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [T, K] -> [T, N]"""
-        if self.dense is not None and x.shape[0] > self.dense_above:
-            return F.linear(x, self.dense, self.bias)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.qweight, self.group_size, self.scale_zero)
-        return y if self.bias is None else y + self.bias
+    def packed_mm(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.qweight, self.group_size, self.scale_zero)
 
     def dequantized(self) -> torch.Tensor:
         """The float weight the kernel multiplies by, recovered through the kernel itself. [N, K]"""
@@ -138,7 +155,7 @@ def quantize_linears(model: torch.nn.Module, fmt: str, act_dtype: torch.dtype,
         use = "int4" if fmt == "int4" and int4_compatible(module) and not name.endswith("lm_head") else "int8"
         weight, bias = module.weight.detach(), module.bias.detach() if module.bias is not None else None
         new = (Int4Linear(weight, bias, act_dtype, dense_above=dense_above) if use == "int4"
-               else Int8Linear(weight, bias, act_dtype))
+               else Int8Linear(weight, bias, act_dtype, dense_above))
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
         chosen[name] = use

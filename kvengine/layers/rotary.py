@@ -1,7 +1,8 @@
 """Rotary position embedding (RoPE), in the rotate-half layout Hugging Face uses, with llama3/linear scaling.
 
 cos/sin tables are precomputed once for every position up to the model's limit and indexed by the
-step's positions, so a step with any mix of positions costs one gather.
+step's positions, so a step with any mix of positions costs one gather. Positions past the table (a
+bounded KV cache lets generation run past the model's context) are computed on the fly, in float64.
 """
 
 from __future__ import annotations
@@ -43,12 +44,18 @@ class RotaryEmbedding(torch.nn.Module):
         freqs = torch.outer(t, inv)  # [max_positions, D/2]
         self.register_buffer("cos", freqs.cos().to(dtype), persistent=False)  # [P, D/2]
         self.register_buffer("sin", freqs.sin().to(dtype), persistent=False)  # [P, D/2]
+        self.register_buffer("inv_freq", inv, persistent=False)  # [D/2] float64
         self.max_positions = max_positions
 
-    def table(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def table(self, positions: torch.Tensor, end: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin for the step's positions, each [T, 1, D]; computed once per step, shared by all layers.
+        `end` (one past the largest position, when known) says whether the table covers them.
         The rotate-half layout pairs channel i with i + D/2, so both halves use the same angle."""
-        cos, sin = self.cos[positions], self.sin[positions]  # [T, D/2]
+        if end is not None and end > self.max_positions:
+            freqs = torch.outer(positions.to(torch.float64), self.inv_freq.double())  # [T, D/2]
+            cos, sin = freqs.cos().to(self.cos.dtype), freqs.sin().to(self.sin.dtype)
+        else:
+            cos, sin = self.cos[positions], self.sin[positions]  # [T, D/2]
         return torch.cat([cos, cos], -1).unsqueeze(1), torch.cat([sin, sin], -1).unsqueeze(1)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

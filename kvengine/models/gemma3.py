@@ -23,7 +23,7 @@ from kvengine.layers.linear import Linear
 from kvengine.layers.norm import RMSNorm
 from kvengine.layers.rotary import RotaryEmbedding
 from kvengine.models.common import GGUF_LAYER_NAMES, CheckpointWeights, gguf_name_to_hf, uninitialized_embedding
-from kvengine.models.llama import GatedMLP, LlamaAttention, Rope
+from kvengine.models.llama import GatedMLP, LlamaAttention, Ropes
 
 GEMMA_NORM_OFFSET = 1.0  # Gemma's RMSNorm multiplies by (1 + weight)
 
@@ -51,7 +51,7 @@ class Gemma3DecoderLayer(torch.nn.Module):
         self.mlp = GatedMLP(hidden, config.intermediate_size, config.hidden_act, dtype)
         self.post_feedforward_layernorm = gemma_norm(hidden, config, dtype)
 
-    def forward(self, x: torch.Tensor, batch: StepBatch, kv: KVPool | None, rope: Rope) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, batch: StepBatch, kv: KVPool | None, rope: Ropes) -> torch.Tensor:
         x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), batch, kv, rope))
         return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
@@ -79,7 +79,7 @@ class Gemma3ForCausalLM(CheckpointWeights, torch.nn.Module):
     def forward(self, batch: StepBatch, kv: KVPool | None) -> torch.Tensor:
         x = self.embed_tokens(batch.input_ids) * self.embed_scale  # [T, hidden]
         # cos, sin [T, 1, D] for each RoPE base, once per step: global layers and sliding-window ("local") ones
-        full, local = self.global_rope.table(batch.positions), self.local_rope.table(batch.positions)
+        full, local = Ropes.for_batch(self.global_rope, batch), Ropes.for_batch(self.local_rope, batch)
         for i, layer in enumerate(self.layers):
             x = layer(x, batch, kv, full if self.config.window(i) is None else local)
         x = self.norm(x[batch.logits_indices])  # [N, hidden]: only rows that are sampled

@@ -8,6 +8,7 @@ GGUF tensor names and layout are translated by `gguf_to_hf`.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,21 @@ from kvengine.layers.rotary import RotaryEmbedding, rotate
 from kvengine.models.common import CheckpointWeights, gguf_name_to_hf, uninitialized_embedding
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin [T, 1, head_dim] for the step's positions
+
+
+@dataclass(slots=True)
+class Ropes:
+    """One RoPE base's tables for a step: at the tokens' text positions, and (with attention sinks) at their
+    cache positions, for the scores against sink keys (cache/retention.py)."""
+
+    text: Rope
+    cache: Rope | None = None
+
+    @staticmethod
+    def for_batch(rotary: RotaryEmbedding, batch: StepBatch) -> Ropes:
+        end = max(batch.context_lens)
+        cache = rotary.table(batch.sink_positions, end) if batch.sink_positions is not None else None
+        return Ropes(rotary.table(batch.positions, end), cache)
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": F.silu,
@@ -48,19 +64,24 @@ class LlamaAttention(torch.nn.Module):
             self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps, qk_norm_offset, dtype)
             self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps, qk_norm_offset, dtype)
 
-    def forward(self, x: torch.Tensor, batch: StepBatch, kv: KVPool | None, rope: Rope) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, batch: StepBatch, kv: KVPool | None, rope: Ropes) -> torch.Tensor:
         n = x.shape[0]
         qkv = self.qkv_proj(x)  # [T, q_size + 2 * kv_size]
         v = qkv[:, self.q_size + self.kv_size:].view(n, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
-        if self.q_norm is None:  # q and k heads are adjacent in qkv: rotate them in one go
-            qk = rotate(qkv[:, :self.q_size + self.kv_size].view(n, -1, self.head_dim), *rope)  # [T, Hq+Hkv, D]
+        view = batch.kv[kv.group_of[self.layer]] if kv is not None and batch.kv is not None else None
+        q_pre = None  # the query before RoPE, kept when sink keys need it at another position
+        if self.q_norm is None and not (view is not None and view.sinks):  # q, k adjacent in qkv: rotate at once
+            qk = rotate(qkv[:, :self.q_size + self.kv_size].view(n, -1, self.head_dim), *rope.text)  # [T, Hq+Hkv, D]
             q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]  # [T, Hq, D], [T, Hkv, D]
         else:
-            q = self.q_norm(qkv[:, :self.q_size].view(n, self.num_heads, self.head_dim))  # [T, Hq, D]
-            k = self.k_norm(qkv[:, self.q_size:self.q_size + self.kv_size].view(n, self.num_kv_heads, self.head_dim))
-            q, k = rotate(q, *rope), rotate(k, *rope)
-        layer_kv = kv.layer(self.layer) if kv is not None else None
-        out = attend(q, k, v, layer_kv, batch, self.scale, self.window)  # [T, Hq, D]
+            q_pre = qkv[:, :self.q_size].view(n, self.num_heads, self.head_dim)  # [T, Hq, D]
+            k = qkv[:, self.q_size:self.q_size + self.kv_size].view(n, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+            if self.q_norm is not None:
+                q_pre, k = self.q_norm(q_pre), self.k_norm(k)
+            q, k = rotate(q_pre, *rope.text), rotate(k, *rope.text)
+        q_sink = rotate(q_pre, *rope.cache) if view is not None and view.sinks and rope.cache is not None else None
+        layer_kv = kv.layer(self.layer) if view is not None else None
+        out = attend(q, k, v, layer_kv, view, batch, self.scale, self.window, q_sink)  # [T, Hq, D]
         return self.o_proj(out.reshape(n, self.q_size))
 
 
@@ -89,7 +110,7 @@ class LlamaDecoderLayer(torch.nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
         self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act, dtype)
 
-    def forward(self, x: torch.Tensor, batch: StepBatch, kv: KVPool | None, rope: Rope) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, batch: StepBatch, kv: KVPool | None, rope: Ropes) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), batch, kv, rope)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -111,7 +132,7 @@ class LlamaForCausalLM(CheckpointWeights, torch.nn.Module):
 
     def forward(self, batch: StepBatch, kv: KVPool | None) -> torch.Tensor:
         x = self.embed_tokens(batch.input_ids)  # [T, hidden]
-        rope = self.rotary.table(batch.positions)  # cos, sin [T, 1, D], shared by every layer
+        rope = Ropes.for_batch(self.rotary, batch)  # cos, sin [T, 1, D], shared by every layer
         for layer in self.layers:
             x = layer(x, batch, kv, rope)
         x = self.norm(x[batch.logits_indices])  # [N, hidden]: only rows that are sampled

@@ -110,3 +110,28 @@ def test_kvengine_model_uncached_forward_matches_flop_counter(flop_meter):
                       query_start_loc=[0, P], context_lens=[P], logits_indices=torch.tensor([P - 1]))
     measured = flop_meter(lambda: model(batch, None))
     assert close(measured, step_flops(config, P, P, lm_head_tokens=1, attention="dense").total)
+
+
+def test_kvengine_model_cached_steps_match_flop_counter(flop_meter):
+    """kvengine's own Llama through its paged KV pool: a prefill chunk, then one decode step that reads P + 1
+    cached keys, each measured against the analytic step count (LM head on the sampled position only)."""
+    from kvtest import make_runner
+
+    from kvengine.engine.scheduler import ScheduledSeq
+    from kvengine.engine.sequence import Sequence
+    from kvengine.models.llama import LlamaForCausalLM
+    from kvengine.sampling import SamplingParams
+
+    _, config = tiny_llama("sdpa")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    runner, blocks = make_runner(model)
+    seq = Sequence(0, torch.randint(0, 128, (P + 1,)).tolist(), SamplingParams())
+    blocks.allocate(0, seq.token_ids)
+    for n, analytic in ((P, step_flops(config, P, P, lm_head_tokens=0, attention="dense")),
+                        (1, step_flops(config, 1, P + 1))):
+        assert blocks.ensure_capacity(0, seq.num_computed_tokens + n, seq.num_computed_tokens)
+        batch = runner.build_cached([ScheduledSeq(seq, n)])  # the prefill chunk samples nothing: no LM head
+        measured = flop_meter(lambda b=batch: runner.run(b))
+        assert close(measured, analytic.total), (n, measured, analytic.total)
+        seq.num_computed_tokens += n

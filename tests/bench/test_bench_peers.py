@@ -12,7 +12,7 @@ from kvengine.bench.peers import common_words, load_llama_cpp
 
 def test_bench_peers_against_transformers(bench_folder, run_bench, check_common):
     _, last, data, out = run_bench("peers", "-m", str(bench_folder), "-n", "3,6", "--no-cache-max-tokens", "3",
-                                   "--warmup", "1")
+                                   "--warmup", "1", "--concurrency", "0", "--prefill-tokens", "0")
     check_common(data, last, out, "peers")
     assert "peers.png" in data["files"]
     runs = data["results"]["runs"]
@@ -57,7 +57,8 @@ def test_common_words():
 def test_bench_peers_llama_cpp_on_the_default_model(default_gguf, run_bench):
     pytest.importorskip("llama_cpp")
     _, last, data, _ = run_bench("peers", "-m", str(default_gguf), "-n", "12", "--peers", "llama.cpp",
-                                 "--no-cache-max-tokens", "1", "--warmup", "0")
+                                 "--no-cache-max-tokens", "1", "--warmup", "0", "--concurrency", "0",
+                                 "--prefill-tokens", "0")
     assert last["skipped"] == []
     runs = {r["system"]: r for r in data["results"]["runs"]}
     assert set(runs) == {"kvengine", "llama.cpp"} and runs["llama.cpp"]["weights"] == "Q4_1"

@@ -35,6 +35,20 @@ def test_int8_round_trip_error_is_half_a_step():
     assert ((layer.dequantized() - w).abs() <= scale[:, None] / 2 + 1e-7).all()
 
 
+@pytest.mark.parametrize("cls", [Int8Linear, Int4Linear])
+def test_dense_copy_serves_large_steps_with_the_same_weight(cls):
+    """Steps of more rows than `dense_above` multiply by the dequantized weight (a dense matmul); fewer rows
+    run the packed kernel. Both multiply by the same weight, so the rows agree to float rounding."""
+    torch.manual_seed(2)
+    w, x = torch.randn(64, 96), torch.randn(6, 96)
+    layer = cls(w, None, torch.float32, dense_above=2)
+    assert torch.equal(layer.dense, layer.dequantized())
+    big = layer(x)  # 6 rows > 2: the dense copy
+    small = torch.cat([layer(x[i:i + 1]) for i in range(6)])  # one row at a time: the packed kernel
+    assert (big - small).abs().max() < 1e-4
+    assert cls(w, None, torch.float32).dense is None  # no copy unless asked
+
+
 def test_gguf_q4_1_repacks_exactly(default_llm):
     """Q4_1 blocks (w = d*q + m over 32 weights) land on the int4 kernel's grid with no error at all."""
     layer = default_llm.engine.model.layers[0].mlp.gate_up_proj

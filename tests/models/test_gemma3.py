@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kvtest import cached_step, make_runner
+from kvtest import GEMMA_ROPE, cached_step, make_runner, tiny_gemma_pair
 from test_llama import TOL
 
 from kvengine.config import ModelConfig
@@ -20,8 +20,7 @@ from kvengine.models.gemma3 import Gemma3ForCausalLM
 from kvengine.sampling import SamplingParams
 
 VOCAB = 96
-ROPE = {"sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
-        "full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0}}
+ROPE = GEMMA_ROPE
 CONFIGS = {
     "windowed (window 4, every 2nd layer global)": {},
     "mqa, window 5, every 3rd layer global": {"num_key_value_heads": 1, "sliding_window": 5,
@@ -32,29 +31,6 @@ CONFIGS = {
     "final logit softcapping": {"final_logit_softcapping": 1.5},
     "untied lm head": {"tie_word_embeddings": False},
 }
-
-
-def tiny_gemma_pair(seed: int = 0, **overrides):
-    """(our model, transformers model) with identical random weights, fp32, eval mode."""
-    import transformers
-
-    base = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=112, num_hidden_layers=4, num_attention_heads=4,
-                num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=24, max_position_embeddings=256,
-                sliding_window=4, layer_types=["sliding_attention", "full_attention"] * 2, rope_parameters=ROPE)
-    base.update(overrides)
-    hf_config = transformers.Gemma3TextConfig(**base)
-    hf_config._attn_implementation = "eager"  # the plainest reference: explicit masks, explicit softmax
-    torch.manual_seed(seed)
-    hf = transformers.Gemma3ForCausalLM(hf_config).eval()
-    with torch.no_grad():  # Gemma norms start at w = 0; random ones make a norm bug show
-        for name, p in hf.named_parameters():
-            if "norm" in name:
-                p.uniform_(-0.5, 0.5)
-    ours = Gemma3ForCausalLM(ModelConfig.from_hf_dict(hf_config.to_dict(), name="tiny-gemma3"))
-    for name, tensor in hf.state_dict().items():
-        ours.load_weight(name, tensor)
-    assert ours.expected_weights() <= {ours.load_weight(n, t) for n, t in hf.state_dict().items()}
-    return ours.eval(), hf
 
 
 def no_cache_logits(model, ids: torch.Tensor) -> torch.Tensor:

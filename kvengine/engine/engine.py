@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -46,6 +46,10 @@ class LLMEngine:
                  compile_decode: bool = False) -> None:
         self.model = model
         self.model_config: ModelConfig = model.config
+        # What a cached step's attention reads: a sink+window layer sees min(p + 1, S + W) keys, as a window of
+        # S + W would (cache/retention.py); FLOPs of cached steps are counted with these windows.
+        self.cached_flops_config = replace(self.model_config, layer_windows=tuple(
+            None if r.window is None else r.window + r.sinks for r in pool.spec.retentions))
         self.tokenizer = tokenizer
         self.pool = pool
         self.bm = block_tables
@@ -164,7 +168,7 @@ class LLMEngine:
         for s in scheduled:
             seq = s.seq
             seq.first_scheduled_time = seq.first_scheduled_time or now
-            seq.flops += step_flops(self.model_config, s.num_new_tokens, s.start + s.num_new_tokens,
+            seq.flops += step_flops(self.cached_flops_config, s.num_new_tokens, s.start + s.num_new_tokens,
                                     lm_head_tokens=int(s.needs_logits)).total
         logits = self.runner.run(batch)  # [len(sampled), vocab]
         for s in scheduled:

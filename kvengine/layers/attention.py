@@ -27,9 +27,10 @@ from kvengine.cache.pool import LayerKV
 def causal_mask(q_len: int, kv_len: int, window: int | None, device: torch.device) -> torch.Tensor | None:
     """[q_len, kv_len] bool, True where query j (at position kv_len - q_len + j) may see key i.
 
-    None when every query sees every key (one query, no window limit reached).
+    None when no mask is needed: one query that sees every key, or a whole text with no window (plain causal
+    attention, which `sdpa_gqa` runs with SDPA's causal kernel).
     """
-    if q_len == 1 and (window is None or kv_len <= window):
+    if (q_len == 1 or q_len == kv_len) and (window is None or kv_len <= window):
         return None
     q_pos = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]  # [q_len, 1]
     k_pos = torch.arange(kv_len, device=device)[None, :]  # [1, kv_len]
@@ -46,6 +47,10 @@ def sdpa_gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     q_len, n_heads, dim_k = q.shape
     n_kv, dim = k.shape[0], v.shape[-1]
     group = n_heads // n_kv
+    if q_len > 1 and mask is None and q_len == k.shape[1]:  # a whole text at once: SDPA's own causal kernel,
+        qh = q.view(q_len, n_kv, group, dim_k).permute(1, 2, 0, 3)  # [Hkv, group, L, Dk]  which skips masked tiles
+        out = F.scaled_dot_product_attention(qh, k[:, None], v[:, None], is_causal=True, scale=scale)
+        return out.permute(2, 0, 1, 3).reshape(q_len, n_heads, dim)  # [Hkv, group, L, D] -> [L, Hq, D]
     if q_len == 1 and mask is None:  # decode: the group's query heads are the query rows, no reordering
         return F.scaled_dot_product_attention(q.view(n_kv, group, dim_k), k, v, scale=scale).view(1, n_heads, dim)
     qh = q.view(q_len, n_kv, group, dim_k).permute(1, 2, 0, 3).reshape(n_kv, group * q_len, dim_k)

@@ -156,3 +156,22 @@ def test_bad_window_settings_are_one_line_errors():
         LLM.from_model(model, None, kv_window=0)
     with pytest.raises(ConfigError, match="sink_tokens must be >= 0, got -1"):
         LLM.from_model(model, None, kv_window=8, sink_tokens=-1)
+
+
+def test_bounded_run_counts_the_flops_its_attention_reads():
+    """A sink+window query reads min(p + 1, S + W) keys: the live FLOP count is a window of S + W's."""
+    from dataclasses import replace
+
+    from kvengine.accounting.flops import step_flops
+
+    model, _ = tiny_pair(max_position_embeddings=64)
+    params = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+    llm = LLM.from_model(model, None, block_size=4, kv_window=8, sink_tokens=2)
+    out = llm.generate(prompt_token_ids=[list(range(3, 8))], sampling_params=params)[0]
+    window_10 = replace(model.config, layer_windows=(10,) * model.config.num_layers)
+    expected = step_flops(window_10, 5, 5, lm_head_tokens=1).total + sum(
+        step_flops(window_10, 1, c, lm_head_tokens=1).total for c in range(6, 5 + 30))
+    assert out.metrics.flops == expected
+    full = LLM.from_model(model, None, block_size=4).generate(prompt_token_ids=[list(range(3, 8))],
+                                                              sampling_params=params)[0]
+    assert out.metrics.flops < full.metrics.flops and out.metrics.flops_no_cache == full.metrics.flops_no_cache

@@ -93,3 +93,17 @@ def _truncated(src: Path, tmp: Path) -> Path:
     with src.open("rb") as f:
         p.write_bytes(f.read(20 << 20))  # the header and some tensors, not all
     return p
+
+
+def test_generate_with_a_bounded_cache_runs_past_the_window(tiny_folder):
+    """--kv-window 8 --sink-tokens 2: the KV held at the end is 10 tokens' worth, whatever the length."""
+    r = run("generate", "The reference topics", "--model", str(tiny_folder), "--max-tokens", "40", "--ignore-eos",
+            "--json", "--kv-window", "8", "--sink-tokens", "2")
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout.strip().splitlines()[-1])
+    assert data["completion_tokens"] == 40
+    assert data["kv_cache_bytes"] == 512 * 10  # 512 bytes per token (see above) x (2 sinks + 8 recent)
+    assert "every layer keeps at most 2 sink + 8 recent tokens" in r.stderr
+    bad = run("generate", "hi", "--model", str(tiny_folder), "--sink-tokens", "2")
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == "error: sink_tokens needs kv_window (the recent tokens kept beside the sinks)"

@@ -84,6 +84,7 @@ class _SeqState:
     num_hashed: int = 0  # leading full blocks whose chain hash is known
     parent: bytes = ROOT_HASH  # chain hash of block num_hashed - 1
     parent_unsalted: bytes = ROOT_HASH
+    dropped_until: int = 0  # table indices below this that drop_blocks was asked for are holes
 
 
 def chain_hash(parent: bytes, salt: str | None, tokens: Sequence[int]) -> bytes:
@@ -255,16 +256,20 @@ class BlockManager:
                 self._release(b)
 
     def drop_blocks(self, seq_id: int, indices: range) -> int:
-        """Release the blocks at table `indices` (those that exist), leaving holes; returns how many."""
+        """Release the blocks at table `indices` (those that exist), leaving holes; returns how many.
+
+        A window slides one way, so each call's range extends the last one's: indices below the furthest
+        stop already dropped are skipped, and a step costs the blocks it frees, not the text's length."""
         state = self._seqs[seq_id]
         if state.num_hashed:
             raise ValueError(f"sequence {seq_id} has hashed blocks; only unhashed tables may have holes")
         dropped = 0
-        for i in indices:
-            if i < len(state.table) and state.table[i] != HOLE:
+        for i in range(max(indices.start, state.dropped_until), min(indices.stop, len(state.table))):
+            if state.table[i] != HOLE:
                 self._release(state.table[i])
                 state.table[i] = HOLE
                 dropped += 1
+        state.dropped_until = max(state.dropped_until, min(indices.stop, len(state.table)))
         return dropped
 
     def num_held(self, seq_id: int) -> int:

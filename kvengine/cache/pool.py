@@ -221,12 +221,13 @@ class KVPool:
     def _spread_over_layers(self) -> None:
         """`layers` built per tensor row -> one LayerKV per model layer (its group's row; own object, as a
         quantized LayerKV keeps per-layer state)."""
-        rows, by_layer, group_of = self.layers, [], [0] * self.spec.num_layers
+        rows, group_of = self.layers, [0] * self.spec.num_layers
+        layers = [rows[0]] * self.spec.num_layers  # every entry replaced below
         for g, group in enumerate(self.spec.groups):
             for j, layer in enumerate(group.layers):
                 group_of[layer] = g
-                by_layer.append((layer, rows[j] if g == 0 else rows[j].fresh_view()))
-        self.layers = [view for _, view in sorted(by_layer, key=lambda pair: pair[0])]
+                layers[layer] = rows[j] if g == 0 else rows[j].fresh_view()
+        self.layers = layers
         self.group_of = tuple(group_of)
 
     @property

@@ -8,7 +8,7 @@ No torch import: the accounting CLI and the block manager use this without loadi
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kvengine.cache.retention import KVGroup, Retention, kv_groups, layer_retentions
 from kvengine.errors import ConfigError
@@ -88,6 +88,9 @@ class KVCacheSpec:
     layer_windows: tuple[int | None, ...] = ()  # per layer: sliding window or None (global); empty = all global
     kv_window: int | None = None  # every layer keeps at most this many recent tokens (plus sinks); None = no bound
     sink_tokens: int = 0  # with kv_window: the first tokens of the text kept too (StreamingLLM)
+    # derived once in __post_init__ from the fields above (cache/retention.py)
+    retentions: tuple[Retention, ...] = field(init=False, repr=False, compare=False)  # what each layer keeps
+    groups: tuple[KVGroup, ...] = field(init=False, repr=False, compare=False)  # layers sharing a block table
 
     def __post_init__(self) -> None:
         kv_dtype(self.dtype)
@@ -96,7 +99,10 @@ class KVCacheSpec:
                 raise ConfigError(f"KV cache {name} must be at least 1, got {getattr(self, name)}")
         if self.layer_windows and len(self.layer_windows) != self.num_layers:
             raise ConfigError(f"layer_windows has {len(self.layer_windows)} entries for {self.num_layers} layers")
-        Retention(self.kv_window, self.sink_tokens)  # validates them
+        Retention(self.kv_window, self.sink_tokens)  # validates the bound
+        retentions = layer_retentions(self.layer_windows, self.num_layers, self.kv_window, self.sink_tokens)
+        object.__setattr__(self, "retentions", retentions)
+        object.__setattr__(self, "groups", kv_groups(retentions))
         if self.kv_dtype.element_bits == 4 and self.head_dim % 2:
             raise ConfigError(f"KV cache dtype '{self.dtype}' packs two values per byte and needs an even head_dim, "
                               f"got {self.head_dim}")
@@ -116,16 +122,6 @@ class KVCacheSpec:
     def bytes_per_token(self) -> float:
         """K and V of one token across every layer (what a token costs while every layer holds it)."""
         return self.num_layers * self.bytes_per_token_per_layer
-
-    @property
-    def retentions(self) -> tuple[Retention, ...]:
-        """What each layer keeps (cache/retention.py)."""
-        return layer_retentions(self.layer_windows, self.num_layers, self.kv_window, self.sink_tokens)
-
-    @property
-    def groups(self) -> tuple[KVGroup, ...]:
-        """Layers that share a block table; one group of every layer unless retentions differ."""
-        return kv_groups(self.retentions)
 
     @property
     def layers_per_group(self) -> int:

@@ -299,7 +299,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     num_threads: int | None = None
     seed: int = 0
-    compile: bool = False  # torch.compile the batch-1 decode step (see engine/compiled.py)
+    compile: bool = False  # torch.compile decode steps (see engine/compiled.py)
     # int8/int4 weights: steps with more rows than this (prefill, large batches) multiply by a dense copy in the
     # compute dtype, where the packed kernels are slower; None = no dense copy (less memory).
     dense_above: int | None = 8

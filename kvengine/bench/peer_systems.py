@@ -58,7 +58,8 @@ class KVEnginePeer:
     def generate_batch(self, prompts: list[list[int]], n: int) -> tuple[float, int]:
         """All prompts at once through one fresh engine (continuous batching, no prefix caching):
         (wall seconds, tokens generated)."""
-        llm = fresh_engine(self.llm, len(prompts), max(len(p) for p in prompts) + n, prefix_caching=False)
+        llm = fresh_engine(self.llm, len(prompts), max(len(p) for p in prompts) + n, prefix_caching=False,
+                           compile=self.compiled)
         run = run_concurrent(llm, prompts, n)
         return run.wall_s, run.output_tokens
 

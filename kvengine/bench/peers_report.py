@@ -245,8 +245,9 @@ def _notes(bench: PeersBench, goals: list[Goal]) -> list[str]:
         "aggregate tok/s by llama.cpp's batch-1 decode tok/s (target 5x); prefill divides prompt tokens / TTFT.",
         "kvengine variants (--weights): auto = the float weights of each --dtypes dtype; fp32/bf16/fp16 compute in "
         "their own dtype; int8/int4 compute in bfloat16 (fp32 activations take a slow kernel path) unless --dtypes "
-        "is given, then one variant per dtype. --compile compiles each variant's batch-1 decode step (compile time "
-        "= its first compiled call; Inductor caches it on disk, so a second run pays little).",
+        "is given, then one variant per dtype. --compile compiles each variant's decode steps, batch-1 and "
+        "concurrent (compile time = its first compiled batch-1 call; Inductor caches it on disk, so a second run "
+        "pays little).",
         *(f"{label}: {desc}" for label, desc in bench.weights_desc.items()),
         f"Token agreement: each variant's first {AGREE_TOKENS} greedy tokens (KV cache, {plan.goal_length} new) "
         "against the fp32 variant's; (k of n) = leading tokens equal. The issue also accepts changed text when "

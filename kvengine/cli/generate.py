@@ -28,7 +28,7 @@ KVWindowOpt = typer.Option(None, "--kv-window", help="Keep only the last W token
                            "(docs/long-context.md).")
 SinkOpt = typer.Option(0, "--sink-tokens", help="With --kv-window: also keep the first S tokens (StreamingLLM's "
                        "attention sinks; 4 is the usual choice).")
-CompileOpt = typer.Option(False, "--compile", help="torch.compile the batch-1 decode step (slow first run; "
+CompileOpt = typer.Option(False, "--compile", help="torch.compile decode steps (slow first run; "
                           "cached on disk afterwards).")
 
 

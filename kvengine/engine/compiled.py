@@ -1,11 +1,15 @@
-"""CompiledDecode: the batch-1 decode step through torch.compile (optional, `compile=True` / `--compile`).
+"""CompiledDecode: decode steps through torch.compile (optional, `compile=True` / `--compile`).
 
 A decode step of a small model is hundreds of tiny ops, and in eager PyTorch their dispatch costs more than
-their arithmetic. Compiling the model's forward for the one shape that dominates single-user generation
-(one sequence, one new token) fuses the norms, RoPE, residual adds and attention glue into a few generated
-kernels. The context length is a symbolic size, so one compilation serves every step. Other batch shapes
-run eagerly. Compiled code is cached on disk by Inductor (under $KVENGINE_HOME/inductor), so the cost is
-paid once per machine, not once per process; `compile_seconds` records what the first call took here.
+their arithmetic. Compiling the model's forward for the steps that dominate generation (every sequence
+computes one new token) fuses the norms, RoPE, residual adds and attention glue into a few generated
+kernels. Context lengths and the number of sequences are symbolic sizes, so a few compilations serve every
+step: one sequence (batch-1 decode, which reads its keys in place), several sequences (one padded gather),
+and a third once a step has more rows than `dense_above` (the dense weight copies, layers/linear.py). The
+model reads `StepBatch.max_context_len`, never the per-sequence lists, so the graph does not depend on them.
+Prefill, mixed steps and windowed layouts run eagerly. Compiled code is cached on disk by Inductor (under
+$KVENGINE_HOME/inductor), so the cost is paid once per machine, not once per process; `first_call_s` records
+what the first call of each kind took here.
 """
 
 from __future__ import annotations
@@ -24,18 +28,25 @@ class CompiledDecode:
     def __init__(self, model: torch.nn.Module) -> None:
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(kvengine_home() / "inductor"))
         self._fn = torch.compile(model.forward, dynamic=True)
-        self.compile_seconds: float | None = None
+        self.first_call_s: dict[str, float] = {}  # "single" / "batched": the first call of each, compile included
+
+    @property
+    def compile_seconds(self) -> float | None:
+        """What the first batch-1 decode step took here (tracing and compiling, or loading Inductor's cache)."""
+        return self.first_call_s.get("single")
 
     @staticmethod
     def applies(batch: StepBatch) -> bool:
-        # one sequence, one new token, one KV group that keeps every token (windowed layouts run eagerly)
-        return (batch.kv is not None and batch.num_seqs == 1 and batch.num_tokens == 1 and len(batch.kv) == 1
+        # every sequence computes one new token, one KV group that keeps every token (windowed layouts run
+        # eagerly)
+        return (batch.kv is not None and batch.is_decode and len(batch.kv) == 1
                 and batch.kv[0].kv_positions[0] is None)
 
     def __call__(self, batch: StepBatch, pool: KVPool) -> torch.Tensor:
-        if self.compile_seconds is None:
-            start = time.perf_counter()
-            out = self._fn(batch, pool)
-            self.compile_seconds = time.perf_counter() - start
-            return out
-        return self._fn(batch, pool)
+        kind = "single" if batch.num_seqs == 1 else "batched"
+        if kind in self.first_call_s:
+            return self._fn(batch, pool)
+        start = time.perf_counter()
+        out = self._fn(batch, pool)
+        self.first_call_s[kind] = time.perf_counter() - start
+        return out

@@ -36,7 +36,7 @@ class Ropes:
 
     @staticmethod
     def for_batch(rotary: RotaryEmbedding, batch: StepBatch) -> Ropes:
-        end = max(batch.context_lens)
+        end = batch.max_context_len
         cache = rotary.table(batch.sink_positions, end) if batch.sink_positions is not None else None
         return Ropes(rotary.table(batch.positions, end), cache)
 

@@ -1,0 +1,42 @@
+"""Compiled decode steps (engine/compiled.py) give the tokens eager steps give: batch-1 decode, a batch of
+several sequences, and the batch shrinking as requests finish (the number of sequences is a symbolic size)."""
+
+from __future__ import annotations
+
+import torch
+from kvtest import tiny_pair
+
+from kvengine.engine.compiled import CompiledDecode
+from kvengine.llm import LLM
+from kvengine.sampling import SamplingParams
+
+PROMPTS = [[1, 5, 9, 2], [7, 3], [4, 4, 8, 15, 16, 23, 42]]
+MAX_TOKENS = [12, 7, 3]  # three sequences decode together, then two, then one
+
+
+def _tokens(llm: LLM) -> list[list[int]]:
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in MAX_TOKENS]
+    engine = llm.engine
+    ids = [engine.add_request(None, p, prompt_token_ids=t) for p, t in zip(params, PROMPTS, strict=True)]
+    out: dict[str, list[int]] = {i: [] for i in ids}
+    while engine.has_unfinished():
+        for o in engine.step():
+            out[o.request_id] += o.delta_token_ids
+    return [out[i] for i in ids]
+
+
+def test_compiled_decode_steps_equal_eager_steps(monkeypatch):
+    model, _ = tiny_pair("llama")
+    eager = LLM.from_model(model, None, block_size=4, kv_cache_memory=1 << 20)
+    compiled = LLM.from_model(model, None, block_size=4, kv_cache_memory=1 << 20, compile=True)
+    calls: list[int] = []
+    real_call = CompiledDecode.__call__
+    monkeypatch.setattr(CompiledDecode, "__call__",
+                        lambda self, b, p: calls.append(b.num_seqs) or real_call(self, b, p))
+    with torch.inference_mode():
+        want, got = _tokens(eager), _tokens(compiled)
+    assert got == want
+    assert [len(t) for t in got] == MAX_TOKENS
+    # every decode step went through the compiled function: 2 steps of three sequences, 4 of two, 5 of one
+    assert calls == [3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 1]
+    assert set(compiled.engine.runner.compiled.first_call_s) == {"single", "batched"}

@@ -47,6 +47,12 @@ def run_summary(llm, out: RequestOutput, file: TextIO, turn: bool = False) -> No
         f"matmul FLOPs (2mnp): {human_count(m.flops)} spent; a no-cache run computes "
         f"{human_count(m.flops_no_cache)} ({ratio:.1f}x)"
     )
+    compiled = llm.engine.runner.compiled
+    first_calls = compiled.untold_first_calls() if compiled is not None else {}
+    if first_calls:
+        took = ", ".join(f"{kind} {s:.1f} s" for kind, s in first_calls.items())
+        lines.append(f"torch.compile: first compiled decode steps took {took} (tracing and compiling, or loading "
+                     "Inductor's disk cache); that time is inside this run's decode rate, later runs skip it")
     if out.verify is not None:
         v = out.verify
         verdict = "identical" if v.passed else "DIFFERENT"

@@ -28,12 +28,19 @@ class CompiledDecode:
     def __init__(self, model: torch.nn.Module) -> None:
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(kvengine_home() / "inductor"))
         self._fn = torch.compile(model.forward, dynamic=True)
-        self.first_call_s: dict[str, float] = {}  # "single" / "batched": the first call of each, compile included
+        self.first_call_s: dict[str, float] = {}  # "batch-1" / "batched": the first call of each, compile included
+        self._told: set[str] = set()
 
     @property
     def compile_seconds(self) -> float | None:
         """What the first batch-1 decode step took here (tracing and compiling, or loading Inductor's cache)."""
-        return self.first_call_s.get("single")
+        return self.first_call_s.get("batch-1")
+
+    def untold_first_calls(self) -> dict[str, float]:
+        """First calls no run summary has mentioned yet (each is said once: it slowed exactly one run)."""
+        new = {k: v for k, v in self.first_call_s.items() if k not in self._told}
+        self._told.update(new)
+        return new
 
     @staticmethod
     def applies(batch: StepBatch) -> bool:
@@ -43,7 +50,7 @@ class CompiledDecode:
                 and batch.kv[0].kv_positions[0] is None)
 
     def __call__(self, batch: StepBatch, pool: KVPool) -> torch.Tensor:
-        kind = "single" if batch.num_seqs == 1 else "batched"
+        kind = "batch-1" if batch.num_seqs == 1 else "batched"
         if kind in self.first_call_s:
             return self._fn(batch, pool)
         start = time.perf_counter()

@@ -3,9 +3,13 @@ several sequences, and the batch shrinking as requests finish (the number of seq
 
 from __future__ import annotations
 
+import io
+import re
+
 import torch
 from kvtest import tiny_pair
 
+from kvengine.cli.report import run_summary
 from kvengine.engine.compiled import CompiledDecode
 from kvengine.llm import LLM
 from kvengine.sampling import SamplingParams
@@ -39,4 +43,19 @@ def test_compiled_decode_steps_equal_eager_steps(monkeypatch):
     assert [len(t) for t in got] == MAX_TOKENS
     # every decode step went through the compiled function: 2 steps of three sequences, 4 of two, 5 of one
     assert calls == [3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 1]
-    assert set(compiled.engine.runner.compiled.first_call_s) == {"single", "batched"}
+    assert set(compiled.engine.runner.compiled.first_call_s) == {"batch-1", "batched"}
+
+
+def test_run_summary_says_compile_time_once():
+    """The first compiled step's seconds land in one run's decode rate; the summary of that run says so."""
+    model, _ = tiny_pair("llama")
+    llm = LLM.from_model(model, None, block_size=4, kv_cache_memory=1 << 20, compile=True)
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    summaries = []
+    for _ in range(2):
+        out = llm.generate(prompt_token_ids=[PROMPTS[0]], sampling_params=params)[0]
+        buf = io.StringIO()
+        run_summary(llm, out, buf)
+        summaries.append(buf.getvalue())
+    assert re.search(r"torch.compile: first compiled decode steps took batch-1 \d+\.\d s", summaries[0])
+    assert "torch.compile" not in summaries[1]

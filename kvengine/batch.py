@@ -10,7 +10,7 @@ baseline) `kv` is None and every sequence's whole text is in the batch (query_le
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -43,7 +43,7 @@ class StepBatch:
     logits_indices: torch.Tensor  # [N] int64: rows of the T hidden states that go through the LM head
     kv: list[KVView] | None = None  # one per KV group; None without a cache
     sink_positions: torch.Tensor | None = None  # [T] int64 cache positions of the queries, when a group has sinks
-    max_context_len: int = 0  # max(context_lens), set on creation: one int the compiled step can read
+    max_context_len: int = field(init=False)  # max(context_lens): one int the compiled step reads
 
     def __post_init__(self) -> None:
         self.max_context_len = max(self.context_lens)

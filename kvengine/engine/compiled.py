@@ -44,10 +44,8 @@ class CompiledDecode:
 
     @staticmethod
     def applies(batch: StepBatch) -> bool:
-        # every sequence computes one new token, one KV group that keeps every token (windowed layouts run
-        # eagerly)
-        return (batch.kv is not None and batch.is_decode and len(batch.kv) == 1
-                and batch.kv[0].kv_positions[0] is None)
+        # every sequence computes one new token; one KV group, keeping every token (windowed layouts run eagerly)
+        return batch.kv is not None and batch.is_decode and len(batch.kv) == 1 and batch.kv[0].window is None
 
     def __call__(self, batch: StepBatch, pool: KVPool) -> torch.Tensor:
         kind = "batch-1" if batch.num_seqs == 1 else "batched"

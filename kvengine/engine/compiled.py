@@ -49,9 +49,28 @@ class CompiledDecode:
 
     def __call__(self, batch: StepBatch, pool: KVPool) -> torch.Tensor:
         kind = "batch-1" if batch.num_seqs == 1 else "batched"
+        if kind == "batch-1":
+            _slots_not_start(batch)
         if kind in self.first_call_s:
             return self._fn(batch, pool)
         start = time.perf_counter()
         out = self._fn(batch, pool)
         self.first_call_s[kind] = time.perf_counter() - start
         return out
+
+
+def _slots_not_start(batch: StepBatch) -> None:
+    """Batch-1 steps always read keys by slot list, never by start slot (cache/pool.py `sequence_index`).
+
+    Dynamo guards the index's type, so a start slot (a request whose blocks happen to be consecutive) and a
+    slot list (blocks taken after a prefix-cache hit or a freed request: the usual case from the second
+    request on) would be two graphs, and the second compile would stall a later request for as long as the
+    first. The gather costs a copy of the keys read, small next to the weights a step reads. The list is made
+    as the runner makes its others, outside inference mode: Dynamo guards that too.
+    """
+    view = batch.kv[0]
+    start = view.kv_index[0]
+    if isinstance(start, int):
+        with torch.inference_mode(False):
+            view.kv_index[0] = torch.arange(start, start + batch.context_lens[0],
+                                            device=view.slot_mapping.device)  # [L]

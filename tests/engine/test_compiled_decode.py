@@ -59,3 +59,28 @@ def test_run_summary_says_compile_time_once():
         summaries.append(buf.getvalue())
     assert re.search(r"torch.compile: first compiled decode steps took batch-1 \d+\.\d s", summaries[0])
     assert "torch.compile" not in summaries[1]
+
+
+def test_one_graph_for_consecutive_and_scattered_blocks(monkeypatch):
+    """A request whose blocks are consecutive (read by start slot) and a later one whose blocks are not (after a
+    prefix-cache hit: read by slot list) decode through the same compiled graph, with eager's tokens."""
+    model, _ = tiny_pair("llama")
+    eager = LLM.from_model(model, None, block_size=4, kv_cache_memory=1 << 20)
+    compiled = LLM.from_model(model, None, block_size=4, kv_cache_memory=1 << 20, compile=True)
+    kinds: list[str] = []
+    real_call = CompiledDecode.__call__
+
+    def call(self, b, p):
+        kinds.append(type(b.kv[0].kv_index[0]).__name__)
+        return real_call(self, b, p)
+
+    monkeypatch.setattr(CompiledDecode, "__call__", call)
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    first, second = [1, 5, 9, 2, 7, 3], [1, 5, 9, 2, 8, 8, 8]  # the second reuses the first's first block
+    want = [eager.generate(prompt_token_ids=[p], sampling_params=params)[0].token_ids for p in (first, second)]
+    got = [compiled.generate(prompt_token_ids=[first], sampling_params=params)[0].token_ids]
+    n_first = len(kinds)
+    with torch.compiler.set_stance("fail_on_recompile"):
+        got.append(compiled.generate(prompt_token_ids=[second], sampling_params=params)[0].token_ids)
+    assert got == want
+    assert set(kinds[:n_first]) == {"int"} and set(kinds[n_first:]) == {"Tensor"}  # both kinds of table were met

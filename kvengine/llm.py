@@ -27,6 +27,7 @@ from kvengine.config import EngineConfig, ModelConfig
 from kvengine.engine.engine import LLMEngine
 from kvengine.engine.output import RequestOutput
 from kvengine.errors import ConfigError, RequestError
+from kvengine.layers import native
 from kvengine.layers.linear import quantize_linears
 from kvengine.sampling import SamplingParams
 from kvengine.weights.loader import load_model
@@ -193,12 +194,14 @@ def describe_weights(act_dtype: torch.dtype, chosen: dict[str, str] | None = Non
     act = str(act_dtype).removeprefix("torch.")
     if not chosen:
         return f"weights {act}"
+    kernels = ("kvengine AVX-512 BF16 kernels" if act_dtype == torch.bfloat16 and native.available()
+               else "PyTorch packed kernels" + (f" ({native.reason()})" if native.reason() else ""))
     counts: dict[str, int] = {}
     for fmt in chosen.values():
         counts[fmt] = counts.get(fmt, 0) + 1
     parts = ", ".join(f"{n} {fmt}" for fmt, n in sorted(counts.items()))
     dense = f"; steps over {dense_above} rows use a dense {act} copy" if dense_above is not None else ""
-    return f"weights quantized ({parts} linear layers; int4 groups of 32{dense}), activations {act}"
+    return f"weights quantized ({parts} linear layers; int4 groups of 32{dense}), activations {act}; {kernels}"
 
 
 def _apply_threads(config: EngineConfig) -> None:

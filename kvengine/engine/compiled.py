@@ -27,7 +27,9 @@ from kvengine.weights.catalog import kvengine_home
 class CompiledDecode:
     def __init__(self, model: torch.nn.Module) -> None:
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(kvengine_home() / "inductor"))
-        self._fn = torch.compile(model.forward, dynamic=True)
+        # size_asserts off: Inductor's generated code otherwise checks every input's sizes and strides on every call
+        # (~500 Python calls a step for a 30-layer model); the step's shapes are checked by Dynamo's guards anyway
+        self._fn = torch.compile(model.forward, dynamic=True, options={"size_asserts": False})
         self.first_call_s: dict[str, float] = {}  # "batch-1" / "batched": the first call of each, compile included
         self._told: set[str] = set()
 

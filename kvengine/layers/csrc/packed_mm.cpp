@@ -1,0 +1,213 @@
+// Packed-weight matrix products for decode on x86 CPUs with AVX-512 BF16 (kvengine/layers/native.py builds
+// and loads this file; layers/linear.py calls the ops).
+//
+// At decode a step multiplies few rows (M <= 8) by every weight once, so the time is the weight bytes read
+// and the instructions spent turning them into numbers. Both kernels read each weight row once for all M
+// rows of x and keep the work per weight to a few vector instructions, so they run at memory speed:
+//
+//   kvengine::q4_mm(x [M, K] bf16, q [N, K/2] uint8, dm [N, 2, K/32] fp16) -> [M, N] bf16
+//     W[n, 32g + j] = d[n, g] * q[n, g, j] + m[n, g] (GGUF Q4_1's block form). Byte j of group g holds
+//     q[g, j] in its low nibble and q[g, 16 + j] in its high one. A nibble q becomes the bf16 number
+//     128 + q by OR-ing its bits into 0x4300 (bf16 128.0: the 7 mantissa bits are q), so one VDPBF16PS
+//     multiplies 32 weights by 32 activations exactly in fp32; the 128 * sum(x) it adds per group is taken
+//     back with the group's offset: y = sum_g d_g * dot_g + (m_g - 128 d_g) * sum_g(x).
+//   kvengine::q8_mm(x [M, K] bf16, q [N, K] int8, scale [N] fp32) -> [M, N] bf16
+//     W[n, k] = q[n, k] * scale[n]; int8 -> fp32 by sign extension and conversion, fp32 FMAs.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+#include <cstring>
+
+namespace {
+
+constexpr int64_t kGroup = 32;
+constexpr int kMaxRows = 8;
+constexpr int64_t kMaxGroups = 512;  // K <= 16384
+#ifndef KV_PREFETCH_BYTES
+#define KV_PREFETCH_BYTES 4096
+#endif
+constexpr int64_t kPrefetchBytes = KV_PREFETCH_BYTES;  // how far ahead of the rows being read to request weights
+
+// Ask for the `bytes` of weights `kPrefetchBytes` after `p`: the kernels do enough work per byte that the
+// hardware prefetcher alone keeps too few cache misses in flight to stream at memory speed.
+inline void prefetch_ahead(const void* p, int64_t bytes, const void* end) {
+  const char* c = static_cast<const char*>(p) + kPrefetchBytes;
+  for (int64_t b = 0; b < bytes && c + b < end; b += 64) _mm_prefetch(c + b, _MM_HINT_T0);
+}
+
+inline __m512 bf16x16_to_f32(const uint16_t* p) {  // 16 bf16 -> 16 fp32
+  __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+
+// R rows of W from row n, against M rows of x: R * M independent accumulators, so the FMA chains of
+// different rows overlap (one row alone waits on its accumulator every group). xsum [M, G]: group sums of x.
+template <int M, int R>
+inline void q4_tile(const uint16_t* x, const float* xsum, const uint8_t* q, const uint16_t* dm, c10::BFloat16* y,
+                    int64_t K, int64_t N, int64_t n) {
+  const int64_t G = K / kGroup;
+  prefetch_ahead(q + n * (K / 2), R * (K / 2), q + N * (K / 2));
+  prefetch_ahead(dm + n * 2 * G, R * 4 * G, dm + N * 2 * G);
+  const __m256i nibble = _mm256_set1_epi8(0x0F);
+  const __m512i bf16_hi = _mm512_set1_epi8(0x43);  // high byte of bf16 128.0
+  alignas(64) float d[R][kMaxGroups], c[R][kMaxGroups];  // each row's scales and offsets m - 128 d
+  for (int r = 0; r < R; ++r) {
+    const uint16_t* dn = dm + (n + r) * 2 * G;
+    for (int64_t g = 0; g < G; g += 16) {
+      __mmask16 mask = G - g >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (G - g)) - 1);
+      __m512 dv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, dn + g));
+      __m512 mv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, dn + G + g));
+      _mm512_store_ps(d[r] + g, dv);
+      _mm512_store_ps(c[r] + g, _mm512_fnmadd_ps(_mm512_set1_ps(128.f), dv, mv));
+    }
+  }
+  __m512 acc[R][M];
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < M; ++i) acc[r][i] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; g += 2) {  // two groups: 32 bytes -> 64 weights
+    for (int r = 0; r < R; ++r) {
+      __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + (n + r) * (K / 2) + g * 16));
+      __m512i z = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(v, nibble)),
+                                     _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble), 1);  // [lo | hi] nibbles
+      __m512i wa = _mm512_unpacklo_epi8(z, bf16_hi);  // group g:     32 x bf16(128 + q)
+      __m512i wb = _mm512_unpackhi_epi8(z, bf16_hi);  // group g + 1
+      __m512 da = _mm512_set1_ps(d[r][g]), db = _mm512_set1_ps(d[r][g + 1]);
+      for (int i = 0; i < M; ++i) {
+        const uint16_t* xg = x + i * K + g * kGroup;
+        __m512 dot_a = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)wa, (__m512bh)_mm512_loadu_si512(xg));
+        __m512 dot_b = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)wb, (__m512bh)_mm512_loadu_si512(xg + kGroup));
+        acc[r][i] = _mm512_fmadd_ps(db, dot_b, _mm512_fmadd_ps(da, dot_a, acc[r][i]));
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < M; ++i) {
+      __m512 off = _mm512_setzero_ps();
+      for (int64_t g = 0; g < G; g += 16) {
+        __mmask16 mask = G - g >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (G - g)) - 1);
+        off = _mm512_fmadd_ps(_mm512_maskz_load_ps(mask, c[r] + g), _mm512_maskz_loadu_ps(mask, xsum + i * G + g), off);
+      }
+      y[i * N + n + r] = c10::BFloat16(_mm512_reduce_add_ps(_mm512_add_ps(acc[r][i], off)));
+    }
+}
+
+template <int M>
+void q4_rows(const uint16_t* x, const float* xsum, const uint8_t* q, const uint16_t* dm, c10::BFloat16* y,
+             int64_t K, int64_t N, int64_t n0, int64_t n1) {
+  constexpr int R = M == 1 ? 4 : (M == 2 ? 2 : 1);
+  int64_t n = n0;
+  for (; n + R <= n1; n += R) q4_tile<M, R>(x, xsum, q, dm, y, K, N, n);
+  for (; n < n1; ++n) q4_tile<M, 1>(x, xsum, q, dm, y, K, N, n);
+}
+
+template <int M, int R>
+inline void q8_tile(const float* x, const int8_t* q, const float* scale, c10::BFloat16* y, int64_t K, int64_t N,
+                    int64_t n) {
+  prefetch_ahead(q + n * K, R * K, q + N * K);
+  __m512 acc[R][M];
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < M; ++i) acc[r][i] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 16) {
+    for (int r = 0; r < R; ++r) {
+      __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + (n + r) * K + k));
+      __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v));
+      for (int i = 0; i < M; ++i) acc[r][i] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + i * K + k), acc[r][i]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < M; ++i) y[i * N + n + r] = c10::BFloat16(_mm512_reduce_add_ps(acc[r][i]) * scale[n + r]);
+}
+
+template <int M>
+void q8_rows(const float* x, const int8_t* q, const float* scale, c10::BFloat16* y, int64_t K, int64_t N,
+             int64_t n0, int64_t n1) {
+  constexpr int R = M == 1 ? 4 : (M == 2 ? 2 : 1);
+  int64_t n = n0;
+  for (; n + R <= n1; n += R) q8_tile<M, R>(x, q, scale, y, K, N, n);
+  for (; n < n1; ++n) q8_tile<M, 1>(x, q, scale, y, K, N, n);
+}
+
+#define KV_ROWS_SWITCH(FN, m, ...)            \
+  switch (m) {                                \
+    case 1: FN<1>(__VA_ARGS__); break;        \
+    case 2: FN<2>(__VA_ARGS__); break;        \
+    case 3: FN<3>(__VA_ARGS__); break;        \
+    case 4: FN<4>(__VA_ARGS__); break;        \
+    case 5: FN<5>(__VA_ARGS__); break;        \
+    case 6: FN<6>(__VA_ARGS__); break;        \
+    case 7: FN<7>(__VA_ARGS__); break;        \
+    default: FN<8>(__VA_ARGS__); break;       \
+  }
+
+constexpr int64_t kGrain = 32;  // output rows per parallel task
+
+// x's rows in chunks of at most kMaxRows (m0, rows), the output rows split across threads (n0, n1).
+template <typename F>
+void for_tiles(int64_t M, int64_t N, const F& f) {
+  for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
+    const int64_t rows = std::min<int64_t>(kMaxRows, M - m0);
+    at::parallel_for(0, N, kGrain, [&](int64_t n0, int64_t n1) { f(m0, rows, n0, n1); });
+  }
+}
+
+at::Tensor q4_mm(const at::Tensor& x, const at::Tensor& q, const at::Tensor& dm) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "q4_mm: x must be [M, K] bfloat16");
+  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kByte && q.is_contiguous(), "q4_mm: q must be [N, K/2] uint8");
+  const int64_t M = x.size(0), K = x.size(1), N = q.size(0), G = K / kGroup;
+  TORCH_CHECK(K % (2 * kGroup) == 0 && q.size(1) == K / 2 && G <= kMaxGroups,
+              "q4_mm: K must be a multiple of 64, at most 16384");
+  TORCH_CHECK(dm.scalar_type() == at::kHalf && dm.is_contiguous() && dm.numel() == N * 2 * G,
+              "q4_mm: dm must be [N, 2, K/32] float16");
+  at::Tensor xc = x.contiguous();
+  at::Tensor xsum = at::empty({M, G}, x.options().dtype(at::kFloat));  // [M, G]: each group's sum of x
+  at::Tensor y = at::empty({M, N}, x.options());  // [M, N]
+  const auto* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
+  float* sums = xsum.data_ptr<float>();
+  for (int64_t i = 0; i < M * G; ++i) {
+    const uint16_t* group = xp + i * kGroup;
+    sums[i] = _mm512_reduce_add_ps(_mm512_add_ps(bf16x16_to_f32(group), bf16x16_to_f32(group + 16)));
+  }
+  const auto* dmp = reinterpret_cast<const uint16_t*>(dm.data_ptr<at::Half>());
+  const uint8_t* qp = q.data_ptr<uint8_t>();
+  const float* sp = xsum.data_ptr<float>();
+  auto* yp = y.data_ptr<at::BFloat16>();
+  for_tiles(M, N, [&](int64_t m0, int64_t rows, int64_t n0, int64_t n1) {
+    KV_ROWS_SWITCH(q4_rows, rows, xp + m0 * K, sp + m0 * G, qp, dmp, yp + m0 * N, K, N, n0, n1)
+  });
+  return y;
+}
+
+at::Tensor q8_mm(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "q8_mm: x must be [M, K] bfloat16");
+  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kChar && q.is_contiguous(), "q8_mm: q must be [N, K] int8");
+  const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
+  TORCH_CHECK(K % 16 == 0 && q.size(1) == K, "q8_mm: K must be a multiple of 16");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == N,
+              "q8_mm: scale must be [N] float32");
+  at::Tensor xf = x.to(at::kFloat).contiguous();  // [M, K]
+  at::Tensor y = at::empty({M, N}, x.options());  // [M, N]
+  const float* xp = xf.data_ptr<float>();
+  const int8_t* qp = q.data_ptr<int8_t>();
+  const float* sp = scale.data_ptr<float>();
+  auto* yp = y.data_ptr<at::BFloat16>();
+  for_tiles(M, N, [&](int64_t m0, int64_t rows, int64_t n0, int64_t n1) {
+    KV_ROWS_SWITCH(q8_rows, rows, xp + m0 * K, qp, sp, yp + m0 * N, K, N, n0, n1)
+  });
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(kvengine, m) {
+  m.def("q4_mm(Tensor x, Tensor q, Tensor dm) -> Tensor");
+  m.def("q8_mm(Tensor x, Tensor q, Tensor scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(kvengine, CPU, m) {
+  m.impl("q4_mm", &q4_mm);
+  m.impl("q8_mm", &q8_mm);
+}

@@ -1,0 +1,95 @@
+"""The native decode kernels (csrc/packed_mm.cpp): built on first use, loaded as torch ops, or not at all.
+
+`kvengine::q4_mm` and `kvengine::q8_mm` multiply bf16 activations by int4 / int8 weights at memory speed on
+x86 CPUs with AVX-512 BF16 (their header says how). They are compiled with the machine's g++ the first time a
+quantized model is built (~15 s, then cached by torch under ~/.cache/torch_extensions) and registered as torch
+ops with shape functions, so compiled decode graphs call them directly. Where the CPU lacks the instructions,
+the build fails, or KVENGINE_NATIVE=0 is set, `available()` is False and layers/linear.py keeps PyTorch's packed
+kernels; `reason()` says why, for the run summary.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from functools import cache
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).parent / "csrc" / "packed_mm.cpp"
+CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "f16c", "fma")
+CFLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mf16c", "-mfma"]
+_status: dict[str, str] = {}
+
+
+def cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
+
+
+@cache
+def available() -> bool:
+    """True once the ops are loaded (building them if needed); False, with `reason()`, where they cannot be."""
+    if os.environ.get("KVENGINE_NATIVE", "1") == "0":
+        _status["reason"] = "KVENGINE_NATIVE=0"
+        return False
+    missing = [f for f in CPU_FLAGS if f not in cpu_flags()]
+    if missing:
+        _status["reason"] = f"the CPU lacks {', '.join(missing)}"
+        return False
+    try:
+        _build()
+    except Exception as e:  # a compiler or ninja missing, a failed build: fall back, say why once
+        _status["reason"] = f"building {SOURCE.name} failed ({str(e).strip().splitlines()[-1][:200]})"
+        print(f"kvengine: native kernels unavailable, using PyTorch's: {_status['reason']}", file=sys.stderr)
+        return False
+    return True
+
+
+def reason() -> str:
+    return _status.get("reason", "")
+
+
+def _build() -> None:
+    from torch.utils.cpp_extension import load
+
+    # torch runs `ninja` from PATH; the one pip installed beside this interpreter counts even when the
+    # environment is not activated
+    bindir = str(Path(sys.executable).parent)
+    if bindir not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
+    load(name="kvengine_packed_mm", sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
+         is_python_module=False, verbose=False)
+
+    @torch.library.register_fake("kvengine::q4_mm")
+    def _q4_shape(x: torch.Tensor, q: torch.Tensor, dm: torch.Tensor) -> torch.Tensor:
+        return x.new_empty(x.shape[0], q.shape[0])  # [M, N]
+
+    @torch.library.register_fake("kvengine::q8_mm")
+    def _q8_shape(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return x.new_empty(x.shape[0], q.shape[0])  # [M, N]
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """q [N, K] integers 0..15 -> [N, K/2] uint8 in q4_mm's order (K a multiple of 64).
+
+    The kernel splits 32 bytes into their low and high nibbles (64 values Z) and interleaves them with a
+    constant byte per 128-bit lane; so that the first 32 words are group g in order and the next 32 group g+1,
+    Z[16L + t] = q_g[8L + t] and Z[16L + 8 + t] = q_g+1[8L + t] (L the lane, t < 8), and byte i = Z[i] | Z[32+i] << 4.
+    """
+    n, k = q.shape
+    z = q.to(torch.uint8).reshape(n, k // 64, 2, 4, 8).transpose(2, 3).reshape(n, k // 64, 64)  # [N, K/64, 64]
+    return (z[..., :32] | (z[..., 32:] << 4)).reshape(n, k // 2).contiguous()
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of `pack_int4`: [N, K/2] uint8 -> [N, K] int64 in 0..15."""
+    n, half = packed.shape
+    b = packed.reshape(n, half // 32, 32).long()  # [N, K/64, 32]
+    z = torch.cat([b & 15, b >> 4], dim=-1)  # [N, K/64, 64]
+    return z.reshape(n, half // 32, 4, 2, 8).transpose(2, 3).reshape(n, half * 2)

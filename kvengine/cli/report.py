@@ -51,8 +51,9 @@ def run_summary(llm, out: RequestOutput, file: TextIO, turn: bool = False) -> No
     first_calls = compiled.untold_first_calls() if compiled is not None else {}
     if first_calls:
         took = ", ".join(f"{kind} {s:.1f} s" for kind, s in first_calls.items())
-        lines.append(f"torch.compile: first compiled decode steps took {took} (tracing and compiling, or loading "
-                     "Inductor's disk cache); that time is inside this run's decode rate, later runs skip it")
+        lines.append(f"torch.compile: first compiled decode steps took {took} (tracing, then compiling or loading "
+                     "Inductor's disk cache); that time is inside this run's decode rate; later requests in this "
+                     "process skip it, a new process traces again (Dynamo keeps no disk cache)")
     if out.verify is not None:
         v = out.verify
         verdict = "identical" if v.passed else "DIFFERENT"

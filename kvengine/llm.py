@@ -27,8 +27,7 @@ from kvengine.config import EngineConfig, ModelConfig
 from kvengine.engine.engine import LLMEngine
 from kvengine.engine.output import RequestOutput
 from kvengine.errors import ConfigError, RequestError
-from kvengine.layers import native
-from kvengine.layers.linear import quantize_linears
+from kvengine.layers.linear import describe_kernels, quantize_linears
 from kvengine.sampling import SamplingParams
 from kvengine.weights.loader import load_model
 from kvengine.weights.source import ModelSource, open_model_source
@@ -173,7 +172,7 @@ def build_engine(model: torch.nn.Module, tokenizer: Tokenizer | None, config: En
         if torch.device(config.device).type != "cpu":
             raise ConfigError(f"weights '{config.weights}' use CPU kernels; on {config.device} use bf16 or fp32")
         chosen = quantize_linears(model, config.quantized_weights, dtype, config.dense_above)
-        weights = describe_weights(dtype, chosen, config.dense_above)
+        weights = describe_weights(dtype, chosen, config.dense_above, describe_kernels(model, dtype))
     kv_name = str(dtype).removeprefix("torch.") if config.kv_cache_dtype == "auto" else config.kv_cache_dtype
     kv_dtype = resolve_kv_dtype(kv_name).name
     spec = KVCacheSpec(mc.num_layers, mc.num_kv_heads, mc.head_dim, kv_dtype, config.block_size, mc.layer_windows,
@@ -189,19 +188,18 @@ def build_engine(model: torch.nn.Module, tokenizer: Tokenizer | None, config: En
 
 
 def describe_weights(act_dtype: torch.dtype, chosen: dict[str, str] | None = None,
-                     dense_above: int | None = None) -> str:
+                     dense_above: int | None = None, kernels: str = "") -> str:
     """One line for the run summary: how the weights are stored and what the activations are."""
     act = str(act_dtype).removeprefix("torch.")
     if not chosen:
         return f"weights {act}"
-    kernels = ("kvengine AVX-512 BF16 kernels" if act_dtype == torch.bfloat16 and native.available()
-               else "PyTorch packed kernels" + (f" ({native.reason()})" if native.reason() else ""))
     counts: dict[str, int] = {}
     for fmt in chosen.values():
         counts[fmt] = counts.get(fmt, 0) + 1
     parts = ", ".join(f"{n} {fmt}" for fmt, n in sorted(counts.items()))
     dense = f"; steps over {dense_above} rows use a dense {act} copy" if dense_above is not None else ""
-    return f"weights quantized ({parts} linear layers; int4 groups of 32{dense}), activations {act}; {kernels}"
+    kernels = f"; {kernels}" if kernels else ""
+    return f"weights quantized ({parts} linear layers; int4 groups of 32{dense}), activations {act}{kernels}"
 
 
 def _apply_threads(config: EngineConfig) -> None:

@@ -51,6 +51,7 @@ class PackedLinear(torch.nn.Module):
 
     dense: torch.Tensor | None
     bias: torch.Tensor | None
+    native: bool = False  # runs kvengine's kernel (layers/native.py), not PyTorch's
 
     def _init_dense(self, act_dtype: torch.dtype, dense_above: int | None) -> None:
         self.dense_above = dense_above
@@ -139,6 +140,19 @@ def uses_native(act_dtype: torch.dtype, shape_ok: bool) -> bool:
     """Whether a quantized layer runs kvengine's kernels: bf16 activations, a shape they take, and the kernels
     built for this CPU (native.available())."""
     return act_dtype == torch.bfloat16 and shape_ok and native.available()
+
+
+def describe_kernels(model: torch.nn.Module, act_dtype: torch.dtype) -> str:
+    """Which kernels the quantized layers of `model` run, and why not kvengine's where they do not."""
+    layers = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    n_native = sum(m.native for m in layers)
+    if layers and n_native == len(layers):
+        return "kvengine AVX-512 BF16 kernels"
+    why = native.reason() or ("they need bfloat16 activations" if act_dtype != torch.bfloat16
+                              else "shapes they do not take")
+    if n_native:
+        return f"kvengine AVX-512 BF16 kernels for {n_native} of {len(layers)} layers, PyTorch's for the rest ({why})"
+    return f"PyTorch packed kernels (not kvengine's: {why})"
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -87,3 +87,21 @@ def test_bad_inputs_get_clear_errors():
     with pytest.raises(RuntimeError, match="q4_mm: K must be a multiple of 64"):
         torch.ops.kvengine.q4_mm(torch.zeros(1, 32, dtype=torch.bfloat16), torch.zeros(4, 16, dtype=torch.uint8),
                                  torch.zeros(4, 2, 1, dtype=torch.half))
+
+
+def test_run_summary_names_the_kernels():
+    """The weights line says which kernels ran: PyTorch's for fp32 activations (and why), kvengine's for bf16
+    where the CPU has the instructions."""
+    from kvtest import tiny_pair
+
+    from kvengine.layers.linear import describe_kernels, quantize_linears
+
+    for dtype in (torch.float32, torch.bfloat16):
+        model, _ = tiny_pair("llama", hidden_size=128, intermediate_size=256, num_attention_heads=4,
+                             num_key_value_heads=2)
+        quantize_linears(model.to(dtype), "int4", dtype)
+        text = describe_kernels(model, dtype)
+        if dtype == torch.float32:
+            assert text == "PyTorch packed kernels (not kvengine's: they need bfloat16 activations)"
+        elif set(native.CPU_FLAGS) <= native.cpu_flags():
+            assert text == "kvengine AVX-512 BF16 kernels"

@@ -170,12 +170,14 @@ class ChannelKeyLayerKV(QuantLayerKV):
 
 
 def sequence_index(block_table: list[int], length: int, block_size: int,
-                   device: torch.device | str) -> int | torch.Tensor:
+                   device: torch.device | str, as_slots: bool = False) -> int | torch.Tensor:
     """How to find a sequence's first `length` positions in the pool: its start slot when its blocks are
-    consecutive, else the flat slot of every position ([length] int64). Computed once per step."""
+    consecutive (unless `as_slots`), else the flat slot of every position ([length] int64). Computed once per
+    step."""
     n = -(-length // block_size)
     first = block_table[0]
-    if block_table[n - 1] == first + n - 1 and all(block_table[i] == first + i for i in range(1, n - 1)):
+    if not as_slots and block_table[n - 1] == first + n - 1 and all(block_table[i] == first + i
+                                                                     for i in range(1, n - 1)):
         return first * block_size
     blocks = torch.tensor(block_table[:n], dtype=torch.int64, device=device)  # [n]
     offsets = torch.arange(block_size, dtype=torch.int64, device=device)  # [block_size]

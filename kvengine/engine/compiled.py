@@ -4,12 +4,12 @@ A decode step of a small model is hundreds of tiny ops, and in eager PyTorch the
 their arithmetic. Compiling the model's forward for the steps that dominate generation (every sequence
 computes one new token) fuses the norms, RoPE, residual adds and attention glue into a few generated
 kernels. Context lengths and the number of sequences are symbolic sizes, so a few compilations serve every
-step: one sequence (batch-1 decode, which reads its keys in place), several sequences (one padded gather),
-and a third once a step has more rows than `dense_above` (the dense weight copies, layers/linear.py). The
-model reads `StepBatch.max_context_len`, never the per-sequence lists, so the graph does not depend on them.
-Prefill, mixed steps and windowed layouts run eagerly. Compiled code is cached on disk by Inductor (under
-$KVENGINE_HOME/inductor), so the cost is paid once per machine, not once per process; `first_call_s` records
-what the first call of each kind took here.
+step: one sequence, several sequences (one padded gather), and a third once a step has more rows than
+`dense_above` (the dense weight copies, layers/linear.py). The model reads `StepBatch.max_context_len`, never
+the per-sequence lists, and the runner gives compiled steps slot lists, never start slots (engine/runner.py),
+so the graphs depend on neither. Prefill, mixed steps and windowed layouts run eagerly. Inductor caches the
+compiled code on disk (under $KVENGINE_HOME/inductor); Dynamo's tracing is paid again in every process.
+`first_call_s` records what the first call of each kind took here.
 """
 
 from __future__ import annotations
@@ -51,8 +51,6 @@ class CompiledDecode:
 
     def __call__(self, batch: StepBatch, pool: KVPool) -> torch.Tensor:
         kind = "batch-1" if batch.num_seqs == 1 else "batched"
-        if kind == "batch-1":
-            _slots_not_start(batch)
         if kind in self.first_call_s:
             return self._fn(batch, pool)
         start = time.perf_counter()
@@ -60,19 +58,3 @@ class CompiledDecode:
         self.first_call_s[kind] = time.perf_counter() - start
         return out
 
-
-def _slots_not_start(batch: StepBatch) -> None:
-    """Batch-1 steps always read keys by slot list, never by start slot (cache/pool.py `sequence_index`).
-
-    Dynamo guards the index's type, so a start slot (a request whose blocks happen to be consecutive) and a
-    slot list (blocks taken after a prefix-cache hit or a freed request: the usual case from the second
-    request on) would be two graphs, and the second compile would stall a later request for as long as the
-    first. The gather costs a copy of the keys read, small next to the weights a step reads. The list is made
-    as the runner makes its others, outside inference mode: Dynamo guards that too.
-    """
-    view = batch.kv[0]
-    start = view.kv_index[0]
-    if isinstance(start, int):
-        with torch.inference_mode(False):
-            view.kv_index[0] = torch.arange(start, start + batch.context_lens[0],
-                                            device=view.slot_mapping.device)  # [L]

@@ -71,11 +71,16 @@ class ModelRunner:
         kv_index: list[int | torch.Tensor] = []
         kv_positions: list[torch.Tensor | None] = []
         num_sinks: list[int] = []
+        decode = all(s.num_new_tokens == 1 for s in scheduled)
+        # compiled decode reads keys by slot list even where blocks are consecutive: Dynamo guards the index's
+        # type, so a start slot and a slot list would be two graphs, and the second compile would stall the first
+        # request whose blocks are scattered (after a prefix-cache hit: the usual case from the second request on)
+        as_slots = self.compiled is not None and decode
         for s in scheduled:
             start, end = s.start, s.start + s.num_new_tokens
             table = self.bm.block_table(s.seq.seq_id, group)
             if retention.is_full:
-                index = sequence_index(table, end, bs, self.device)
+                index = sequence_index(table, end, bs, self.device, as_slots)
                 slots.append(torch.arange(index + start, index + end) if isinstance(index, int)
                              else index[start:end])
                 kv_positions.append(None)
@@ -91,7 +96,7 @@ class ModelRunner:
             kv_index.append(index)
         view = KVView(retention.window, retention.sinks, torch.cat(slots).to(self.device), tables, kv_index,
                       kv_positions, num_sinks)
-        if all(s.num_new_tokens == 1 for s in scheduled) and len(scheduled) > 1 and not any(num_sinks):
+        if decode and len(scheduled) > 1 and not any(num_sinks):
             self._add_decode_gather(view, scheduled)
         return view
 

@@ -23,6 +23,7 @@ CFLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512b
 _status: dict[str, str] = {}
 
 
+@cache
 def cpu_flags() -> set[str]:
     try:
         text = Path("/proc/cpuinfo").read_text()
@@ -32,13 +33,18 @@ def cpu_flags() -> set[str]:
     return set(line.partition(":")[2].split())
 
 
+def missing_cpu_flags() -> list[str]:
+    """The instructions the kernels need that this CPU lacks (empty where they apply)."""
+    return [f for f in CPU_FLAGS if f not in cpu_flags()]
+
+
 @cache
 def available() -> bool:
     """True once the ops are loaded (building them if needed); False, with `reason()`, where they cannot be."""
     if os.environ.get("KVENGINE_NATIVE", "1") == "0":
         _status["reason"] = "KVENGINE_NATIVE=0"
         return False
-    missing = [f for f in CPU_FLAGS if f not in cpu_flags()]
+    missing = missing_cpu_flags()
     if missing:
         _status["reason"] = f"the CPU lacks {', '.join(missing)}"
         return False

@@ -62,16 +62,19 @@ def test_run_summary_says_compile_time_once():
 
 
 def test_one_graph_for_consecutive_and_scattered_blocks(monkeypatch):
-    """A request whose blocks are consecutive (read by start slot) and a later one whose blocks are not (after a
-    prefix-cache hit: read by slot list) decode through the same compiled graph, with eager's tokens."""
+    """A request whose blocks are consecutive and a later one whose blocks are not (after a prefix-cache hit)
+    decode through the same compiled graph, with eager's tokens: the runner gives compiled steps slot lists,
+    never a start slot (Dynamo guards the index's type)."""
     model, _ = tiny_pair("llama")
     eager = LLM.from_model(model, None, block_size=4, kv_cache_memory=1 << 20)
     compiled = LLM.from_model(model, None, block_size=4, kv_cache_memory=1 << 20, compile=True)
-    kinds: list[str] = []
+    kinds: list[str] = []  # the sequence's blocks at each compiled step: consecutive or scattered
     real_call = CompiledDecode.__call__
 
     def call(self, b, p):
-        kinds.append(type(b.kv[0].kv_index[0]).__name__)
+        table = b.kv[0].block_tables[0]
+        kinds.append("consecutive" if table == list(range(table[0], table[0] + len(table))) else "scattered")
+        assert isinstance(b.kv[0].kv_index[0], torch.Tensor)  # the runner gives compiled steps slot lists
         return real_call(self, b, p)
 
     monkeypatch.setattr(CompiledDecode, "__call__", call)
@@ -83,4 +86,4 @@ def test_one_graph_for_consecutive_and_scattered_blocks(monkeypatch):
     with torch.compiler.set_stance("fail_on_recompile"):
         got.append(compiled.generate(prompt_token_ids=[second], sampling_params=params)[0].token_ids)
     assert got == want
-    assert set(kinds[:n_first]) == {"int"} and set(kinds[n_first:]) == {"Tensor"}  # both kinds of table were met
+    assert set(kinds[:n_first]) == {"consecutive"} and set(kinds[n_first:]) == {"scattered"}  # both were met

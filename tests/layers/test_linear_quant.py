@@ -92,7 +92,7 @@ def test_default_model_int4_tracks_fp32(default_gguf, default_llm, dtype):
     llm = LLM(str(default_gguf), weights="int4", dtype=dtype, kv_cache_memory=64 << 20, max_num_seqs=2,
               dense_above=None)
     head = llm.engine.model.lm_head
-    assert head.native == (dtype == "bfloat16" and set(native.CPU_FLAGS) <= native.cpu_flags())
+    assert head.native == (dtype == "bfloat16" and not native.missing_cpu_flags())
     ids = llm.tokenizer.encode_chat([{"role": "user", "content": "Please tell me about Paris."}])
     ref_tokens = default_llm.generate(prompt_token_ids=[ids], sampling_params=SamplingParams(
         max_tokens=48, temperature=0, ignore_eos=True))[0].token_ids

@@ -13,7 +13,7 @@ import torch
 from kvengine.layers import native
 from kvengine.layers.linear import Int4Linear, Int8Linear, quantize_int4
 
-needs_cpu = pytest.mark.skipif(not set(native.CPU_FLAGS) <= native.cpu_flags(),
+needs_cpu = pytest.mark.skipif(bool(native.missing_cpu_flags()),
                                reason="CPU without AVX-512 BF16: the native kernels do not apply")
 
 
@@ -79,7 +79,7 @@ def test_native_int4_keeps_q4_1_scales_exactly():
 
 
 def test_bad_inputs_get_clear_errors():
-    if not (set(native.CPU_FLAGS) <= native.cpu_flags() and native.available()):
+    if native.missing_cpu_flags() or not native.available():
         pytest.skip("native kernels not loaded")
     with pytest.raises(RuntimeError, match="q4_mm: x must be \\[M, K\\] bfloat16"):
         torch.ops.kvengine.q4_mm(torch.zeros(1, 64), torch.zeros(4, 32, dtype=torch.uint8),
@@ -103,5 +103,5 @@ def test_run_summary_names_the_kernels():
         text = describe_kernels(model, dtype)
         if dtype == torch.float32:
             assert text == "PyTorch packed kernels (not kvengine's: they need bfloat16 activations)"
-        elif set(native.CPU_FLAGS) <= native.cpu_flags():
+        elif not native.missing_cpu_flags():
             assert text == "kvengine AVX-512 BF16 kernels"

@@ -300,6 +300,9 @@ class EngineConfig:
     num_threads: int | None = None
     seed: int = 0
     compile: bool = False  # torch.compile decode steps (see engine/compiled.py)
+    # batch-1 decode of int8/int4 Llama-family models as one kvengine op per layer, where it applies
+    # (models/llama.py enable_fused_decode)
+    fused_decode: bool = True
     # int8/int4 weights: steps with more rows than this (prefill, large batches) multiply by a dense copy in the
     # compute dtype, where the packed kernels are slower; None = no dense copy (less memory).
     dense_above: int | None = 8

@@ -7,8 +7,9 @@ kernels. Context lengths and the number of sequences are symbolic sizes, so a fe
 step: one sequence, several sequences (one padded gather), and a third once a step has more rows than
 `dense_above` (the dense weight copies, layers/linear.py). The model reads `StepBatch.max_context_len`, never
 the per-sequence lists, and the runner gives compiled steps slot lists, never start slots (engine/runner.py),
-so the graphs depend on neither. Prefill, mixed steps and windowed layouts run eagerly. Inductor caches the
-compiled code on disk (under $KVENGINE_HOME/inductor); Dynamo's tracing is paid again in every process.
+so the graphs depend on neither. Prefill, mixed steps and windowed layouts run eagerly, and so do batch-1
+steps of a model that runs them as one op per layer (models/llama.py `enable_fused_decode`). Inductor caches
+the compiled code on disk (under $KVENGINE_HOME/inductor); Dynamo's tracing is paid again in every process.
 `first_call_s` records what the first call of each kind took here.
 """
 
@@ -35,8 +36,9 @@ class CompiledDecode:
 
     @property
     def compile_seconds(self) -> float | None:
-        """What the first batch-1 decode step took here (tracing and compiling, or loading Inductor's cache)."""
-        return self.first_call_s.get("batch-1")
+        """What the first compiled decode step took here (tracing and compiling, or loading Inductor's cache):
+        batch-1's, or the first batched one's where batch-1 steps run the model's fused op (models/llama.py)."""
+        return self.first_call_s.get("batch-1", self.first_call_s.get("batched"))
 
     def untold_first_calls(self) -> dict[str, float]:
         """First calls no run summary has mentioned yet (each is said once: it slowed exactly one run)."""

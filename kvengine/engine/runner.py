@@ -27,10 +27,17 @@ class ModelRunner:
         self.device = torch.device(device)
         self.compiled = CompiledDecode(model) if compile_decode else None
 
+    @property
+    def fused_decode(self) -> bool:
+        """The model runs batch-1 decode steps as one op per layer (models/llama.py enable_fused_decode); they
+        skip compilation, and need the sequence's keys by slot list."""
+        return getattr(self.model, "fused", None) is not None
+
     @torch.inference_mode()
     def run(self, batch: StepBatch) -> torch.Tensor:
         """logits [N, vocab] float32 for the batch's logits_indices rows."""
-        if self.compiled is not None and self.compiled.applies(batch):
+        if self.compiled is not None and self.compiled.applies(batch) and not (
+                self.fused_decode and self.model.decodes_fused(batch, self.pool)):
             return self.compiled(batch, self.pool)
         return self.model(batch, self.pool if batch.uses_cache else None)
 
@@ -74,8 +81,9 @@ class ModelRunner:
         decode = all(s.num_new_tokens == 1 for s in scheduled)
         # compiled decode reads keys by slot list even where blocks are consecutive: Dynamo guards the index's
         # type, so a start slot and a slot list would be two graphs, and the second compile would stall the first
-        # request whose blocks are scattered (after a prefix-cache hit: the usual case from the second request on)
-        as_slots = self.compiled is not None and decode
+        # request whose blocks are scattered (after a prefix-cache hit: the usual case from the second request on).
+        # The fused batch-1 op takes slot lists only.
+        as_slots = decode and (self.compiled is not None or (self.fused_decode and len(scheduled) == 1))
         for s in scheduled:
             start, end = s.start, s.start + s.num_new_tokens
             table = self.bm.block_table(s.seq.seq_id, group)

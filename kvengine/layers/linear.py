@@ -68,6 +68,11 @@ class PackedLinear(torch.nn.Module):
     def packed_mm(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def native_operands(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(weight codes, scales) as kvengine's kernel takes them, for ops that call it from C++
+        (csrc/decode_layer.cpp); None unless the layer runs that kernel and has no bias."""
+        return None
+
     def dequantized(self) -> torch.Tensor:
         raise NotImplementedError
 
@@ -90,6 +95,9 @@ class Int8Linear(PackedLinear):
         if self.native:
             return torch.ops.kvengine.q8_mm(x, self.qweight, self.scales)
         return torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scales)
+
+    def native_operands(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return (self.qweight, self.scales) if self.native and self.bias is None else None
 
     def dequantized(self) -> torch.Tensor:
         return self.qweight.float() * self.scales.float()[:, None]
@@ -125,6 +133,9 @@ class Int4Linear(PackedLinear):
         if self.native:
             return torch.ops.kvengine.q4_mm(x, self.qweight, self.dm)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.qweight, self.group_size, self.scale_zero)
+
+    def native_operands(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return (self.qweight, self.dm) if self.native and self.bias is None else None
 
     def dequantized(self) -> torch.Tensor:
         """The float weight the kernel multiplies by. [N, K]"""

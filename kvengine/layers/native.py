@@ -1,9 +1,11 @@
-"""The native decode kernels (csrc/packed_mm.cpp): built on first use, loaded as torch ops, or not at all.
+"""The native decode kernels (csrc/*.cpp): built on first use, loaded as torch ops, or not at all.
 
-`kvengine::q4_mm` and `kvengine::q8_mm` multiply bf16 activations by int4 / int8 weights at memory speed on
-x86 CPUs with AVX-512 BF16 (their header says how). They are compiled with the machine's g++ the first time a
-quantized model is built (~15 s, then cached by torch under ~/.cache/torch_extensions) and registered as torch
-ops with shape functions, so compiled decode graphs call them directly. Where the CPU lacks the instructions,
+`kvengine::q4_mm` and `kvengine::q8_mm` (packed_mm.cpp) multiply bf16 activations by int4 / int8 weights on
+x86 CPUs with AVX-512 BF16 (their header says how); `kvengine::decode_layer` (decode_layer.cpp) runs a whole
+Llama-family layer for one token on them (models/llama.py, batch-1 decode). They are compiled with the
+machine's g++ the first time a quantized model is built (~20 s, then cached by torch under
+~/.cache/torch_extensions) and registered as torch ops; the matmuls have shape functions, so compiled decode
+graphs call them directly. Where the CPU lacks the instructions,
 the build fails, or KVENGINE_NATIVE=0 is set, `available()` is False and layers/linear.py keeps PyTorch's packed
 kernels; `reason()` says why, for the run summary.
 """
@@ -17,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).parent / "csrc" / "packed_mm.cpp"
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = (CSRC / "packed_mm.cpp", CSRC / "decode_layer.cpp")
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "f16c", "fma")
 CFLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mf16c", "-mfma"]
 _status: dict[str, str] = {}
@@ -51,7 +54,7 @@ def available() -> bool:
     try:
         _build()
     except Exception as e:  # a compiler or ninja missing, a failed build: fall back, say why once
-        _status["reason"] = f"building {SOURCE.name} failed ({str(e).strip().splitlines()[-1][:200]})"
+        _status["reason"] = f"building the kernels failed ({str(e).strip().splitlines()[-1][:200]})"
         print(f"kvengine: native kernels unavailable, using PyTorch's: {_status['reason']}", file=sys.stderr)
         return False
     return True
@@ -69,8 +72,8 @@ def _build() -> None:
     bindir = str(Path(sys.executable).parent)
     if bindir not in os.environ.get("PATH", "").split(os.pathsep):
         os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
-    load(name="kvengine_packed_mm", sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
-         is_python_module=False, verbose=False)
+    load(name="kvengine_kernels", sources=[str(s) for s in SOURCES], extra_cflags=CFLAGS,
+         extra_ldflags=["-fopenmp"], extra_include_paths=[str(CSRC)], is_python_module=False, verbose=False)
 
     @torch.library.register_fake("kvengine::q4_mm")
     def _q4_shape(x: torch.Tensor, q: torch.Tensor, dm: torch.Tensor) -> torch.Tensor:

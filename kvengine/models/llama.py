@@ -14,11 +14,11 @@ import torch
 import torch.nn.functional as F
 
 from kvengine.batch import StepBatch
-from kvengine.cache.pool import KVPool
+from kvengine.cache.pool import KVPool, LayerKV
 from kvengine.config import ModelConfig
 from kvengine.errors import ModelLoadError
 from kvengine.layers.attention import attend
-from kvengine.layers.linear import Linear
+from kvengine.layers.linear import Linear, PackedLinear
 from kvengine.layers.norm import RMSNorm
 from kvengine.layers.rotary import RotaryEmbedding, rotate
 from kvengine.models.common import CheckpointWeights, gguf_name_to_hf, uninitialized_embedding
@@ -114,6 +114,19 @@ class LlamaDecoderLayer(torch.nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), batch, kv, rope)
         return x + self.mlp(self.post_attention_layernorm(x))
 
+    def fused_weights(self) -> list[torch.Tensor] | None:
+        """The weights `kvengine::decode_layer` (layers/csrc/decode_layer.cpp) takes for this layer, or None when
+        the layer has a part that op does not run: a linear layer off kvengine's kernels or with a bias, QK-norm,
+        an activation other than SiLU, a sliding window."""
+        attn, mlp = self.self_attn, self.mlp
+        linears = [m.native_operands() if isinstance(m, PackedLinear) else None
+                   for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
+        if (any(op is None for op in linears) or attn.q_norm is not None or mlp.act is not F.silu
+                or attn.window is not None or self.input_layernorm.offset):
+            return None
+        qkv, o, gate_up, down = linears
+        return [self.input_layernorm.weight, *qkv, *o, self.post_attention_layernorm.weight, *gate_up, *down]
+
 
 class LlamaForCausalLM(CheckpointWeights, torch.nn.Module):
     """forward(batch, kv) -> logits of the rows `batch.logits_indices`: [N, vocab]."""
@@ -129,8 +142,40 @@ class LlamaForCausalLM(CheckpointWeights, torch.nn.Module):
         self.lm_head = Linear(config.hidden_size, config.vocab_size, False, dtype)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        self.fused: list[list[torch.Tensor]] | None = None  # per layer: decode_layer's weights (enable_fused_decode)
+
+    def enable_fused_decode(self, pool: KVPool) -> str:
+        """Run batch-1 decode steps as one `kvengine::decode_layer` op per layer (the PyTorch ops' dispatch
+        otherwise costs more than their arithmetic; compilation removes it too, but traces again in every
+        process). Returns "" when enabled, else why not, for the run summary."""
+        weights = [layer.fused_weights() for layer in self.layers]
+        if any(w is None for w in weights):
+            return "it needs bf16 activations and kvengine's kernels for every linear layer"
+        if not fused_decode_pool(pool):
+            return "it needs a bfloat16 KV cache that keeps every token"
+        self.fused = weights
+        return ""
+
+    def decodes_fused(self, batch: StepBatch, kv: KVPool | None) -> bool:
+        """Whether forward(batch, kv) takes the one-op-per-layer path: one sequence, one new token, its keys by
+        slot list (the runner's choice when this model has the path), a pool the op reads."""
+        return (self.fused is not None and kv is not None and batch.kv is not None and batch.num_tokens == 1
+                and isinstance(batch.kv[0].kv_index[0], torch.Tensor) and fused_decode_pool(kv))
+
+    def _forward_fused(self, batch: StepBatch, kv: KVPool) -> torch.Tensor:
+        assert self.fused is not None
+        c, slots = self.config, batch.kv[0].kv_index[0]  # [L] the sequence's slots, the new token's last
+        x = self.embed_tokens(batch.input_ids)  # [1, hidden]
+        cos, sin = self.rotary.table(batch.positions, batch.max_context_len)  # [1, 1, D] each
+        for weights, layer_kv in zip(self.fused, kv.layers, strict=True):
+            x = torch.ops.kvengine.decode_layer(x, weights, cos, sin, layer_kv.k, layer_kv.v, slots, c.num_heads,
+                                                c.num_kv_heads, c.rms_norm_eps, c.attn_scale)  # [1, hidden]
+        return self.lm_head(self.norm(x)).float()  # [1, vocab]
 
     def forward(self, batch: StepBatch, kv: KVPool | None) -> torch.Tensor:
+        if self.decodes_fused(batch, kv):
+            assert kv is not None
+            return self._forward_fused(batch, kv)
         x = self.embed_tokens(batch.input_ids)  # [T, hidden]
         rope = Ropes.for_batch(self.rotary, batch)  # cos, sin [T, 1, D], shared by every layer
         for layer in self.layers:
@@ -151,6 +196,11 @@ class LlamaForCausalLM(CheckpointWeights, torch.nn.Module):
         elif hf.endswith("k_proj.weight") or hf.endswith("k_proj.bias"):
             tensor = unpermute_rope_rows(tensor, config.num_kv_heads)
         return hf, tensor
+
+
+def fused_decode_pool(pool: KVPool) -> bool:
+    """Whether `kvengine::decode_layer` reads this pool: plain bfloat16 K/V, one group keeping every token."""
+    return pool.spec.prefix_cacheable and type(pool.layers[0]) is LayerKV and pool.kv.dtype == torch.bfloat16
 
 
 def unpermute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:

@@ -15,7 +15,8 @@
 //   kvengine::q8_mm(x [M, K] bf16, q [N, K] int8, scale [N] fp32) -> [M, N] bf16
 //     W[n, k] = q[n, k] * scale[n]; int8 -> fp32 by sign extension and conversion, fp32 FMAs.
 
-#include <ATen/ATen.h>
+#include "packed_mm.h"
+
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <immintrin.h>
@@ -151,6 +152,10 @@ void for_tiles(int64_t M, int64_t N, const F& f) {
   }
 }
 
+}  // namespace
+
+namespace kvengine {
+
 at::Tensor q4_mm(const at::Tensor& x, const at::Tensor& q, const at::Tensor& dm) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "q4_mm: x must be [M, K] bfloat16");
   TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kByte && q.is_contiguous(), "q4_mm: q must be [N, K/2] uint8");
@@ -197,7 +202,7 @@ at::Tensor q8_mm(const at::Tensor& x, const at::Tensor& q, const at::Tensor& sca
   return y;
 }
 
-}  // namespace
+}  // namespace kvengine
 
 TORCH_LIBRARY(kvengine, m) {
   m.def("q4_mm(Tensor x, Tensor q, Tensor dm) -> Tensor");
@@ -205,6 +210,6 @@ TORCH_LIBRARY(kvengine, m) {
 }
 
 TORCH_LIBRARY_IMPL(kvengine, CPU, m) {
-  m.impl("q4_mm", &q4_mm);
-  m.impl("q8_mm", &q8_mm);
+  m.impl("q4_mm", &kvengine::q4_mm);
+  m.impl("q8_mm", &kvengine::q8_mm);
 }

@@ -1,0 +1,205 @@
+// One Llama-family decoder layer for one new token, as one op (kvengine/models/llama.py calls it for batch-1
+// decode steps when every linear layer runs a packed_mm.cpp kernel).
+//
+// A decode step of a small model is ~15 tensor ops per layer, and from Python each costs a few microseconds
+// of dispatch, more than its arithmetic; torch.compile removes most of that but traces the model again in
+// every process. Here the layer is one call: the matrix products are packed_mm.cpp's, the rest (RMSNorm,
+// RoPE, the cache write, attention, SwiGLU, residual adds) are plain loops over a few hundred numbers.
+//
+//   kvengine::decode_layer(x [1, H] bf16, weights, cos [D], sin [D], k_cache, v_cache, slots [L] int64,
+//                          num_heads, num_kv_heads, eps, scale) -> [1, H] bf16
+//     weights: input norm [H], qkv (q, s), o (q, s), post-attention norm [H], gate_up (q, s), down (q, s), a
+//     linear layer's (q, s) being q4_mm's (uint8, fp16 dm) or q8_mm's (int8, fp32 scale) operands.
+//     k_cache / v_cache: the layer's [Hkv, slots, D] bf16 views of the pool; the new token's key and value go
+//     to slot slots[L-1], and attention reads slots[0 .. L-1] (the sequence's keys, the new one included).
+//
+// Numerics follow the PyTorch path (models/llama.py) in bf16: every value that is a bf16 tensor there is
+// rounded to bf16 here at the same point; inside an operation (a norm, a rotation, a softmax) the arithmetic is
+// fp32, where the PyTorch path sometimes rounds in between: logits agree within bf16 noise, not bit for bit.
+
+#include "packed_mm.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace {
+
+using bf16 = c10::BFloat16;
+constexpr int64_t kMaxHeadDim = 256;
+
+at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s) {
+  return q.scalar_type() == at::kByte ? kvengine::q4_mm(x, q, s) : kvengine::q8_mm(x, q, s);
+}
+
+// Up to 16 bf16 <-> fp32 lanes (n < 16: the first n, the rest zero / untouched); bf16 rounding to nearest even,
+// as c10::BFloat16 does.
+inline __mmask16 first(int64_t n) { return n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1); }
+inline __m512 load16(const bf16* p, int64_t n = 16) {
+  __m256i v = _mm256_maskz_loadu_epi16(first(n), p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+inline void store16(bf16* p, __m512 v, int64_t n = 16) {
+  _mm256_mask_storeu_epi16(p, first(n), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
+}
+
+// e^x for 16 lanes: x = k ln2 + r with |r| <= ln2 / 2, e^r by its Taylor series to r^6 (relative error ~1e-7),
+// scaled by 2^k; x is clamped to [-104, 88.7] (e^x underflows to 0 and stays finite).
+inline __m512 exp16(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.f)), _mm512_set1_ps(88.7f));
+  const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693145752f), x);  // ln2 in two parts (Cody-Waite)
+  r = _mm512_fnmadd_ps(k, _mm512_set1_ps(1.42860677e-06f), r);
+  __m512 p = _mm512_set1_ps(1.f / 720);
+  for (float c : {1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  return _mm512_scalef_ps(p, k);
+}
+
+// x / rms(x) * w over the row, fp32 inside, one rounding (as F.rms_norm does for bf16)
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
+  const int64_t n = x.numel();
+  at::Tensor y = at::empty_like(x);  // [1, H]
+  const bf16* xp = x.data_ptr<bf16>();
+  const bf16* wp = w.data_ptr<bf16>();
+  bf16* yp = y.data_ptr<bf16>();
+  __m512 squares = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) {
+    const __m512 v = load16(xp + i, n - i);
+    squares = _mm512_fmadd_ps(v, v, squares);
+  }
+  const __m512 r = _mm512_set1_ps(
+      1.f / std::sqrt(_mm512_reduce_add_ps(squares) / static_cast<float>(n) + static_cast<float>(eps)));
+  for (int64_t i = 0; i < n; i += 16)
+    store16(yp + i, _mm512_mul_ps(_mm512_mul_ps(load16(xp + i, n - i), r), load16(wp + i, n - i)), n - i);
+  return y;
+}
+
+// x += y (the bf16 residual add)
+void add_into(at::Tensor& x, const at::Tensor& y) {
+  bf16* xp = x.data_ptr<bf16>();
+  const bf16* yp = y.data_ptr<bf16>();
+  const int64_t n = x.numel();
+  for (int64_t i = 0; i < n; i += 16) store16(xp + i, _mm512_add_ps(load16(xp + i, n - i), load16(yp + i, n - i)), n - i);
+}
+
+// RoPE in the rotate-half layout on `heads` consecutive heads of D values, in place
+void rotate_heads(bf16* x, int64_t heads, int64_t D, const bf16* cos, const bf16* sin) {
+  const int64_t half = D / 2;
+  for (int64_t h = 0; h < heads; ++h) {
+    bf16* v = x + h * D;
+    for (int64_t i = 0; i < half; i += 16) {
+      const int64_t n = half - i;
+      const __m512 a = load16(v + i, n), b = load16(v + half + i, n);
+      store16(v + i, _mm512_fmsub_ps(a, load16(cos + i, n), _mm512_mul_ps(b, load16(sin + i, n))), n);
+      store16(v + half + i, _mm512_fmadd_ps(b, load16(cos + half + i, n), _mm512_mul_ps(a, load16(sin + half + i, n))), n);
+    }
+  }
+}
+
+// silu(gate) * up, gate_up [1, 2I] -> out [1, I]
+void swiglu(const bf16* gate_up, int64_t I, bf16* out) {
+  for (int64_t i = 0; i < I; i += 16) {
+    const __m512 g = load16(gate_up + i, I - i);
+    const __m512 silu = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+    store16(out + i, _mm512_mul_ps(silu, load16(gate_up + I + i, I - i)), I - i);
+  }
+}
+
+// One query head against the keys at `slots`: softmax(q.k * scale) . v, fp32 throughout. k, v point at the
+// head's [slots, D] rows (row stride D).
+void attend_head(const bf16* q, const bf16* k, const bf16* v, const int64_t* slots, int64_t L, int64_t D,
+                 float scale, float* p, bf16* out) {
+  const int64_t chunks = D / 16;
+  __m512 qv[kMaxHeadDim / 16];
+  for (int64_t c = 0; c < chunks; ++c) qv[c] = _mm512_mul_ps(load16(q + 16 * c), _mm512_set1_ps(scale));
+  float top = -INFINITY;
+  for (int64_t j = 0; j < L; ++j) {
+    const bf16* row = k + slots[j] * D;
+    __m512 acc = _mm512_mul_ps(qv[0], load16(row));
+    for (int64_t c = 1; c < chunks; ++c) acc = _mm512_fmadd_ps(qv[c], load16(row + 16 * c), acc);
+    p[j] = _mm512_reduce_add_ps(acc);
+    top = std::max(top, p[j]);
+  }
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t j = 0; j < L; j += 16) {
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(first(L - j), p + j), _mm512_set1_ps(top)));
+    _mm512_mask_storeu_ps(p + j, first(L - j), e);
+    sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(first(L - j), e));
+  }
+  const __m512 inv_total = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sum));
+  __m512 acc[kMaxHeadDim / 16];
+  for (int64_t c = 0; c < chunks; ++c) acc[c] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < L; ++j) {
+    const bf16* row = v + slots[j] * D;
+    const __m512 w = _mm512_set1_ps(p[j]);
+    for (int64_t c = 0; c < chunks; ++c) acc[c] = _mm512_fmadd_ps(w, load16(row + 16 * c), acc[c]);
+  }
+  for (int64_t c = 0; c < chunks; ++c) store16(out + 16 * c, _mm512_mul_ps(acc[c], inv_total));
+}
+
+at::Tensor decode_layer(const at::Tensor& x, at::TensorList w, const at::Tensor& cos, const at::Tensor& sin,
+                        const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& slots,
+                        int64_t num_heads, int64_t num_kv_heads, double eps, double scale) {
+  TORCH_CHECK(x.dim() == 2 && x.size(0) == 1 && x.scalar_type() == at::kBFloat16 && x.is_contiguous(),
+              "decode_layer: x must be [1, H] bfloat16");
+  TORCH_CHECK(w.size() == 10, "decode_layer: 10 weight tensors expected");
+  const int64_t D = k_cache.size(2), Hq = num_heads, Hkv = num_kv_heads, L = slots.numel();
+  TORCH_CHECK(D % 16 == 0 && D <= kMaxHeadDim && Hq % Hkv == 0 && k_cache.size(0) == Hkv,
+              "decode_layer: head_dim must be a multiple of 16 up to 256, heads a multiple of kv heads");
+  for (const at::Tensor* c : {&k_cache, &v_cache})
+    TORCH_CHECK(c->scalar_type() == at::kBFloat16 && c->stride(2) == 1 && c->stride(1) == D,
+                "decode_layer: caches must be [Hkv, slots, D] bfloat16 with rows of D");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && L > 0, "decode_layer: slots [L] int64");
+  TORCH_CHECK(cos.numel() == D && sin.numel() == D && cos.scalar_type() == at::kBFloat16 &&
+              sin.scalar_type() == at::kBFloat16 && cos.is_contiguous() && sin.is_contiguous(),
+              "decode_layer: cos/sin must be [D] bfloat16");
+
+  // attention block
+  at::Tensor qkv = packed_linear(rms_norm(x, w[0], eps), w[1], w[2]);  // [1, (Hq + 2 Hkv) D]
+  bf16* qp = qkv.data_ptr<bf16>();
+  rotate_heads(qp, Hq + Hkv, D, cos.data_ptr<bf16>(), sin.data_ptr<bf16>());
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  bf16* kc = k_cache.data_ptr<bf16>();
+  bf16* vc = v_cache.data_ptr<bf16>();
+  const int64_t head_stride = k_cache.stride(0), new_slot = sp[L - 1];
+  for (int64_t h = 0; h < Hkv; ++h) {
+    std::copy_n(qp + (Hq + h) * D, D, kc + h * head_stride + new_slot * D);
+    std::copy_n(qp + (Hq + Hkv + h) * D, D, vc + h * head_stride + new_slot * D);
+  }
+  at::Tensor attn = at::empty({1, Hq * D}, x.options());  // [1, Hq D]
+  bf16* ap = attn.data_ptr<bf16>();
+  const int64_t group = Hq / Hkv;
+  at::parallel_for(0, Hq, 1, [&](int64_t h0, int64_t h1) {
+    std::vector<float> p(L);  // one head's scores, then weights
+    for (int64_t h = h0; h < h1; ++h) {
+      const int64_t kv = h / group;
+      attend_head(qp + h * D, kc + kv * head_stride, vc + kv * head_stride, sp, L, D, static_cast<float>(scale),
+                  p.data(), ap + h * D);
+    }
+  });
+  at::Tensor out = x.clone();  // [1, H]: the residual stream
+  add_into(out, packed_linear(attn, w[3], w[4]));
+
+  // MLP block: down(silu(gate) * up)
+  at::Tensor gate_up = packed_linear(rms_norm(out, w[5], eps), w[6], w[7]);  // [1, 2I]
+  const int64_t I = gate_up.size(1) / 2;
+  at::Tensor act = at::empty({1, I}, x.options());  // [1, I]
+  swiglu(gate_up.data_ptr<bf16>(), I, act.data_ptr<bf16>());
+  add_into(out, packed_linear(act, w[8], w[9]));
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(kvengine, m) {
+  m.def("decode_layer(Tensor x, Tensor[] weights, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, "
+        "Tensor slots, int num_heads, int num_kv_heads, float eps, float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(kvengine, CPU, m) { m.impl("decode_layer", &decode_layer); }

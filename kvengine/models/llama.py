@@ -170,7 +170,7 @@ class LlamaForCausalLM(CheckpointWeights, torch.nn.Module):
         for weights, layer_kv in zip(self.fused, kv.layers, strict=True):
             x = torch.ops.kvengine.decode_layer(x, weights, cos, sin, layer_kv.k, layer_kv.v, slots, c.num_heads,
                                                 c.num_kv_heads, c.rms_norm_eps, c.attn_scale)  # [1, hidden]
-        return self.lm_head(self.norm(x)).float()  # [1, vocab]
+        return self.lm_head(self.norm(x[batch.logits_indices])).float()  # [N, vocab], N = 0 or 1
 
     def forward(self, batch: StepBatch, kv: KVPool | None) -> torch.Tensor:
         if self.decodes_fused(batch, kv):

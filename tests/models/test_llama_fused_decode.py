@@ -14,6 +14,8 @@ import torch
 from kvtest import tiny_pair
 
 from kvengine.engine.runner import ModelRunner
+from kvengine.engine.scheduler import ScheduledSeq
+from kvengine.engine.sequence import Sequence
 from kvengine.layers import native
 from kvengine.llm import LLM
 from kvengine.sampling import SamplingParams
@@ -93,6 +95,25 @@ def test_fused_decode_says_when_it_runs_and_why_not():
 def fused_line(llm: LLM) -> str | None:
     desc = llm.engine.weights_desc
     return desc.partition("batch-1 decode: ")[2] or None
+
+
+def test_fused_step_returns_only_sampled_rows():
+    """A one-token step that samples nothing (a prompt prefilled one token per chunk) returns no logits rows,
+    and its key still lands in the pool: the next step reads it."""
+    fused, plain = _engine(True), _engine(False)
+    rows = []
+    for llm in (fused, plain):
+        engine = llm.engine
+        seq = Sequence(0, [3, 1], SamplingParams(max_tokens=1))
+        engine.bm.allocate(0, ())
+        for start in (0, 1):
+            assert engine.bm.ensure_capacity(0, start + 1, start)
+            batch = engine.runner.build_cached([ScheduledSeq(seq, 1)])
+            assert engine.runner.model.decodes_fused(batch, engine.pool) == (llm is fused)
+            rows.append(engine.runner.run(batch))
+            seq.num_computed_tokens += 1
+    assert [r.shape[0] for r in rows] == [0, 1, 0, 1]
+    assert (rows[1] - rows[3]).abs().max() <= LOGIT_TOL * rows[3].abs().max()
 
 
 def test_decode_layer_rejects_wrong_inputs():

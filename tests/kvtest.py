@@ -127,3 +127,13 @@ def cached_step(runner, bm, seqs: list[Sequence], chunk: int | None = None) -> t
     for s in scheduled:
         s.seq.num_computed_tokens += s.num_new_tokens
     return logits
+
+
+def assert_tracks_reference(got: torch.Tensor, ref: torch.Tensor, target: torch.Tensor) -> None:
+    """Quantized logits `got` against the reference's `ref` ([n, vocab] each), teacher-forced on the reference's
+    greedy tokens `target` ([n]): the same next token at >= 95% of positions and that text's perplexity within 2%
+    (issue 7's bar for quantized weights)."""
+    assert (got.argmax(-1) == target).float().mean() >= 0.95
+    nll_got = torch.nn.functional.cross_entropy(got, target).item()
+    nll_ref = torch.nn.functional.cross_entropy(ref, target).item()
+    assert abs(nll_got - nll_ref) / nll_ref < 0.02

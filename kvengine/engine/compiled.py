@@ -59,4 +59,3 @@ class CompiledDecode:
         out = self._fn(batch, pool)
         self.first_call_s[kind] = time.perf_counter() - start
         return out
-

@@ -5,9 +5,9 @@ x86 CPUs with AVX-512 BF16 (their header says how); `kvengine::decode_layer` (de
 Llama-family layer for one token on them (models/llama.py, batch-1 decode). They are compiled with the
 machine's g++ the first time a quantized model is built (~20 s, then cached by torch under
 ~/.cache/torch_extensions) and registered as torch ops; the matmuls have shape functions, so compiled decode
-graphs call them directly. Where the CPU lacks the instructions,
-the build fails, or KVENGINE_NATIVE=0 is set, `available()` is False and layers/linear.py keeps PyTorch's packed
-kernels; `reason()` says why, for the run summary.
+graphs call them directly. Where the CPU lacks the instructions, the build fails, or KVENGINE_NATIVE=0 is set,
+`available()` is False and layers/linear.py keeps PyTorch's packed kernels; `reason()` says why, for the run
+summary.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@
 // fp32, where the PyTorch path sometimes rounds in between: logits agree within bf16 noise, not bit for bit.
 
 #include "packed_mm.h"
+#include "simd.h"
 
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -31,21 +32,13 @@
 namespace {
 
 using bf16 = c10::BFloat16;
+using kvengine::simd::first;
+using kvengine::simd::load16;
+using kvengine::simd::store16;
 constexpr int64_t kMaxHeadDim = 256;
 
 at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s) {
   return q.scalar_type() == at::kByte ? kvengine::q4_mm(x, q, s) : kvengine::q8_mm(x, q, s);
-}
-
-// Up to 16 bf16 <-> fp32 lanes (n < 16: the first n, the rest zero / untouched); bf16 rounding to nearest even,
-// as c10::BFloat16 does.
-inline __mmask16 first(int64_t n) { return n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1); }
-inline __m512 load16(const bf16* p, int64_t n = 16) {
-  __m256i v = _mm256_maskz_loadu_epi16(first(n), p);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
-}
-inline void store16(bf16* p, __m512 v, int64_t n = 16) {
-  _mm256_mask_storeu_epi16(p, first(n), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
 }
 
 // e^x for 16 lanes: x = k ln2 + r with |r| <= ln2 / 2, e^r by its Taylor series to r^6 (relative error ~1e-7),
@@ -149,22 +142,29 @@ at::Tensor decode_layer(const at::Tensor& x, at::TensorList w, const at::Tensor&
   TORCH_CHECK(x.dim() == 2 && x.size(0) == 1 && x.scalar_type() == at::kBFloat16 && x.is_contiguous(),
               "decode_layer: x must be [1, H] bfloat16");
   TORCH_CHECK(w.size() == 10, "decode_layer: 10 weight tensors expected");
-  const int64_t D = k_cache.size(2), Hq = num_heads, Hkv = num_kv_heads, L = slots.numel();
+  const int64_t H = x.size(1), D = k_cache.size(2), Hq = num_heads, Hkv = num_kv_heads, L = slots.numel();
+  for (int i : {0, 5})
+    TORCH_CHECK(w[i].scalar_type() == at::kBFloat16 && w[i].is_contiguous() && w[i].numel() == H,
+                "decode_layer: norm weights must be [H] bfloat16");
   TORCH_CHECK(D % 16 == 0 && D <= kMaxHeadDim && Hq % Hkv == 0 && k_cache.size(0) == Hkv,
               "decode_layer: head_dim must be a multiple of 16 up to 256, heads a multiple of kv heads");
   for (const at::Tensor* c : {&k_cache, &v_cache})
     TORCH_CHECK(c->scalar_type() == at::kBFloat16 && c->stride(2) == 1 && c->stride(1) == D,
                 "decode_layer: caches must be [Hkv, slots, D] bfloat16 with rows of D");
   TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && L > 0, "decode_layer: slots [L] int64");
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  const int64_t num_slots = std::min(k_cache.size(1), v_cache.size(1));
+  TORCH_CHECK(std::all_of(sp, sp + L, [&](int64_t s) { return s >= 0 && s < num_slots; }),
+              "decode_layer: slots must lie in the cache");
   TORCH_CHECK(cos.numel() == D && sin.numel() == D && cos.scalar_type() == at::kBFloat16 &&
               sin.scalar_type() == at::kBFloat16 && cos.is_contiguous() && sin.is_contiguous(),
               "decode_layer: cos/sin must be [D] bfloat16");
 
   // attention block
   at::Tensor qkv = packed_linear(rms_norm(x, w[0], eps), w[1], w[2]);  // [1, (Hq + 2 Hkv) D]
+  TORCH_CHECK(qkv.size(1) == (Hq + 2 * Hkv) * D, "decode_layer: qkv weight must have (heads + 2 kv heads) * D rows");
   bf16* qp = qkv.data_ptr<bf16>();
   rotate_heads(qp, Hq + Hkv, D, cos.data_ptr<bf16>(), sin.data_ptr<bf16>());
-  const int64_t* sp = slots.data_ptr<int64_t>();
   bf16* kc = k_cache.data_ptr<bf16>();
   bf16* vc = v_cache.data_ptr<bf16>();
   const int64_t head_stride = k_cache.stride(0), new_slot = sp[L - 1];

@@ -3,7 +3,8 @@
 //
 // At decode a step multiplies few rows (M <= 8) by every weight once, so the time is the weight bytes read
 // and the instructions spent turning them into numbers. Both kernels read each weight row once for all M
-// rows of x and keep the work per weight to a few vector instructions, so they run at memory speed:
+// rows of x and keep the work per weight to a few vector instructions (on this project's 2-core Zen 4 box they
+// are bound by those instructions, ~37 G weights/s, not by memory bandwidth):
 //
 //   kvengine::q4_mm(x [M, K] bf16, q [N, K/2] uint8, dm [N, 2, K/32] fp16) -> [M, N] bf16
 //     W[n, 32g + j] = d[n, g] * q[n, g, j] + m[n, g] (GGUF Q4_1's block form). 32 bytes hold two groups in
@@ -16,6 +17,7 @@
 //     W[n, k] = q[n, k] * scale[n]; int8 -> fp32 by sign extension and conversion, fp32 FMAs.
 
 #include "packed_mm.h"
+#include "simd.h"
 
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -30,16 +32,11 @@ constexpr int64_t kMaxGroups = 512;  // K <= 16384
 // How far ahead of the rows being read to request weights: 2-4 KB measured best here (8 KB was slower).
 constexpr int64_t kPrefetchBytes = 4096;
 
-// Ask for the `bytes` of weights `kPrefetchBytes` after `p`: the kernels do enough work per byte that the
-// hardware prefetcher alone keeps too few cache misses in flight to stream at memory speed.
+// Ask for the `bytes` of weights `kPrefetchBytes` after `p`, so rows coming from memory are in cache when the
+// tile reaches them (the hardware prefetcher alone left a few percent to ~10% on the table here).
 inline void prefetch_ahead(const void* p, int64_t bytes, const void* end) {
   const char* c = static_cast<const char*>(p) + kPrefetchBytes;
   for (int64_t b = 0; b < bytes && c + b < end; b += 64) _mm_prefetch(c + b, _MM_HINT_T0);
-}
-
-inline __m512 bf16x16_to_f32(const uint16_t* p) {  // 16 bf16 -> 16 fp32
-  __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
 }
 
 // R rows of W from row n, against M rows of x: R * M independent accumulators, so the FMA chains of
@@ -169,9 +166,10 @@ at::Tensor q4_mm(const at::Tensor& x, const at::Tensor& q, const at::Tensor& dm)
   at::Tensor y = at::empty({M, N}, x.options());  // [M, N]
   const auto* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
   float* sums = xsum.data_ptr<float>();
+  const at::BFloat16* xb = xc.data_ptr<at::BFloat16>();
   for (int64_t i = 0; i < M * G; ++i) {
-    const uint16_t* group = xp + i * kGroup;
-    sums[i] = _mm512_reduce_add_ps(_mm512_add_ps(bf16x16_to_f32(group), bf16x16_to_f32(group + 16)));
+    const at::BFloat16* group = xb + i * kGroup;
+    sums[i] = _mm512_reduce_add_ps(_mm512_add_ps(kvengine::simd::load16(group), kvengine::simd::load16(group + 16)));
   }
   const auto* dmp = reinterpret_cast<const uint16_t*>(dm.data_ptr<at::Half>());
   const uint8_t* qp = q.data_ptr<uint8_t>();

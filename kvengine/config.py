@@ -300,11 +300,12 @@ class EngineConfig:
     num_threads: int | None = None
     seed: int = 0
     compile: bool = False  # torch.compile decode steps (see engine/compiled.py)
-    # batch-1 decode of int8/int4 Llama-family models as one kvengine op per layer, where it applies
+    # decode steps of int8/int4 Llama-family models as one kvengine op per layer, where it applies
     # (models/llama.py enable_fused_decode)
     fused_decode: bool = True
-    # int8/int4 weights: steps with more rows than this (prefill, large batches) multiply by a dense copy in the
-    # compute dtype, where the packed kernels are slower; None = no dense copy (less memory).
+    # int8/int4 weights on PyTorch's packed kernels (fp32 activations, or a CPU without kvengine's): steps with
+    # more rows than this (prefill, large batches) multiply by a dense copy in the compute dtype, where those
+    # kernels are slower; None = no dense copy (less memory). kvengine's kernels need no copy.
     dense_above: int | None = 8
     # Bounded cache (StreamingLLM): every layer keeps at most the last kv_window tokens plus the first
     # sink_tokens; generation may then run past the model's context with constant memory.

@@ -172,7 +172,9 @@ def build_engine(model: torch.nn.Module, tokenizer: Tokenizer | None, config: En
         if torch.device(config.device).type != "cpu":
             raise ConfigError(f"weights '{config.weights}' use CPU kernels; on {config.device} use bf16 or fp32")
         chosen = quantize_linears(model, config.quantized_weights, dtype, config.dense_above)
-        weights = describe_weights(dtype, chosen, config.dense_above, describe_kernels(model, dtype))
+        dense = any(getattr(m, "dense", None) is not None for m in model.modules())
+        weights = describe_weights(dtype, chosen, config.dense_above if dense else None,
+                                   describe_kernels(model, dtype))
     kv_name = str(dtype).removeprefix("torch.") if config.kv_cache_dtype == "auto" else config.kv_cache_dtype
     kv_dtype = resolve_kv_dtype(kv_name).name
     spec = KVCacheSpec(mc.num_layers, mc.num_kv_heads, mc.head_dim, kv_dtype, config.block_size, mc.layer_windows,
@@ -182,7 +184,7 @@ def build_engine(model: torch.nn.Module, tokenizer: Tokenizer | None, config: En
     pool = KVPool.allocate(spec, num_blocks, config.device)
     if config.quantized_weights and config.fused_decode and hasattr(model, "enable_fused_decode"):
         why_not = model.enable_fused_decode(pool)
-        weights += "; batch-1 decode: " + (f"layer by layer ({why_not})" if why_not else "one kvengine op per layer")
+        weights += "; decode steps: " + (f"layer by layer ({why_not})" if why_not else "one kvengine op per layer")
     bm = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching and spec.prefix_cacheable)
     engine = LLMEngine(model, tokenizer, pool, KVBlockTables(bm, spec.groups), config.max_num_seqs,
                        config.max_num_batched_tokens, max_len, config.device, config.seed, config.compile)

@@ -5,12 +5,13 @@ their arithmetic. Compiling the model's forward for the steps that dominate gene
 computes one new token) fuses the norms, RoPE, residual adds and attention glue into a few generated
 kernels. Context lengths and the number of sequences are symbolic sizes, so a few compilations serve every
 step: one sequence, several sequences (one padded gather), and a third once a step has more rows than
-`dense_above` (the dense weight copies, layers/linear.py). The model reads `StepBatch.max_context_len`, never
-the per-sequence lists, and the runner gives compiled steps slot lists, never start slots (engine/runner.py),
-so the graphs depend on neither. Prefill, mixed steps and windowed layouts run eagerly, and so do batch-1
-steps of a model that runs them as one op per layer (models/llama.py `enable_fused_decode`). Inductor caches
-the compiled code on disk (under $KVENGINE_HOME/inductor); Dynamo's tracing is paid again in every process.
-`first_call_s` records what the first call of each kind took here.
+`dense_above` (the dense weight copies of PyTorch's packed kernels, layers/linear.py). The model reads
+`StepBatch.max_context_len`, never the per-sequence lists, and the runner gives compiled steps slot lists, never
+start slots (engine/runner.py), so the graphs depend on neither. Prefill, mixed steps and windowed layouts run
+eagerly, and so do the decode steps of a model that runs them as one op per layer (models/llama.py
+`enable_fused_decode`: then nothing is compiled). Inductor caches the compiled code on disk (under
+$KVENGINE_HOME/inductor); Dynamo's tracing is paid again in every process. `first_call_s` records what the
+first call of each kind took here.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ class CompiledDecode:
     @property
     def compile_seconds(self) -> float | None:
         """What the first compiled decode step took here (tracing and compiling, or loading Inductor's cache):
-        batch-1's, or the first batched one's where batch-1 steps run the model's fused op (models/llama.py)."""
+        batch-1's, else the first batched one's; None while none ran (a model whose decode steps run its fused
+        op, models/llama.py, compiles none)."""
         return self.first_call_s.get("batch-1", self.first_call_s.get("batched"))
 
     def untold_first_calls(self) -> dict[str, float]:

@@ -29,8 +29,8 @@ class ModelRunner:
 
     @property
     def fused_decode(self) -> bool:
-        """The model runs batch-1 decode steps as one op per layer (models/llama.py enable_fused_decode); they
-        skip compilation, and need the sequence's keys by slot list."""
+        """The model runs decode steps as one op per layer (models/llama.py enable_fused_decode); they skip
+        compilation, and need each sequence's keys by slot list."""
         return getattr(self.model, "fused", None) is not None
 
     @torch.inference_mode()
@@ -82,7 +82,7 @@ class ModelRunner:
         # compiled decode reads keys by slot list even where blocks are consecutive: Dynamo guards the index's
         # type, so a start slot and a slot list would be two graphs, and the second compile would stall the first
         # request whose blocks are scattered (after a prefix-cache hit: the usual case from the second request on).
-        # The fused batch-1 op takes slot lists only.
+        # The fused op takes slot lists only (several sequences: the padded rows of _add_decode_gather).
         as_slots = decode and (self.compiled is not None or (self.fused_decode and len(scheduled) == 1))
         for s in scheduled:
             start, end = s.start, s.start + s.num_new_tokens
@@ -109,7 +109,7 @@ class ModelRunner:
         return view
 
     def _add_decode_gather(self, view: KVView, scheduled: list[ScheduledSeq]) -> None:
-        """Padded slot indices for one batched attention call: [B, max_len] slots and validity mask.
+        """Padded slot indices for one batched attention call: [B, max_len] slots, validity mask and lengths.
         Padding repeats the sequence's first slot, so masked keys are real (finite) values."""
         rows = []
         for index, s in zip(view.kv_index, scheduled, strict=True):
@@ -117,7 +117,8 @@ class ModelRunner:
             rows.append(torch.arange(index, index + n, device=self.device) if isinstance(index, int) else index)
         max_len = max(len(r) for r in rows)
         view.decode_slots = torch.stack([torch.cat([r, r[:1].expand(max_len - len(r))]) for r in rows])  # [B, L]
-        lens = torch.tensor([len(r) for r in rows], device=self.device)
+        lens = torch.tensor([len(r) for r in rows], device=self.device)  # [B]
+        view.decode_lens = lens
         view.decode_mask = torch.arange(max_len, device=self.device)[None, :] < lens[:, None]  # [B, max_len]
 
     def build_no_cache(self, seqs: list[Sequence]) -> StepBatch:

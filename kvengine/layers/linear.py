@@ -3,10 +3,11 @@
 The model builds float `Linear` modules; `quantize_linears` swaps them for `Int8Linear` / `Int4Linear`
 (a module swap, so the model code never branches on the format). Int8 keeps one scale per output row; int4
 keeps asymmetric groups of `group_size` along the input dimension (the layout of GGUF's Q4_1 blocks). With
-bf16 activations on a CPU with AVX-512 BF16 they run kvengine's own kernels (layers/native.py: about 1.4x
-(int4) and 3x (int8) faster than PyTorch's at decode); otherwise PyTorch's packed kernels
-(`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`). Each module stores its weight in the layout of the
-kernel it runs.
+bf16 activations on a CPU with AVX-512 BF16 and VNNI they run kvengine's own kernels (layers/native.py): for
+one row on bf16 activations (about 1.4x (int4) and 3x (int8) faster than PyTorch's at decode), for several
+rows on int8-quantized activations (about 1.6x a dense bf16 matmul at 32 rows). Otherwise PyTorch's packed
+kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`), with a dense copy for large steps. Each module
+stores its weight in the layouts of the kernels it runs.
 """
 
 from __future__ import annotations
@@ -44,34 +45,54 @@ class Linear(torch.nn.Module):
 
 
 class PackedLinear(torch.nn.Module):
-    """Common part of the quantized forms: the packed kernel wins while a step has few rows (decode reads each
-    weight once for few tokens); for many rows (prefill, large batches) it is compute-bound and slower than a
-    dense matmul, so with `dense_above` set, batches of more rows use a dense copy of the same (dequantized)
-    weight in the compute dtype instead."""
+    """Common part of the quantized forms. A step of one row (batch-1 decode) runs the packed kernel on bf16
+    activations: it reads each weight once and is bound by that. A step of several rows (prefill, batched
+    decode) is bound by arithmetic: where the layer runs kvengine's kernels it multiplies a tiled copy of the
+    same codes by int8-quantized activations (`gemm`, csrc/vnni_mm.cpp, ~1.6x a dense bf16 matmul at 32 rows);
+    elsewhere, with `dense_above` set, steps of more rows use a dense copy of the dequantized weight in the
+    compute dtype."""
 
     dense: torch.Tensor | None
     bias: torch.Tensor | None
-    native: bool = False  # runs kvengine's kernel (layers/native.py), not PyTorch's
+    wtiles: torch.Tensor | None
+    native: bool = False  # runs kvengine's kernels (layers/native.py), not PyTorch's
 
-    def _init_dense(self, act_dtype: torch.dtype, dense_above: int | None) -> None:
+    def _init_batched(self, act_dtype: torch.dtype, dense_above: int | None,
+                      tiles: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        """`tiles`: (codes, scales) in the gemm kernel's layout, or None where it does not apply; then a dense
+        copy for steps of more than `dense_above` rows (None: no copy)."""
         self.dense_above = dense_above
-        dense = self.dequantized().to(act_dtype).contiguous() if dense_above is not None else None  # [N, K]
+        self.register_buffer("wtiles", tiles[0] if tiles else None)
+        self.register_buffer("stiles", tiles[1] if tiles else None)
+        dense = (self.dequantized().to(act_dtype).contiguous()  # [N, K]
+                 if dense_above is not None and tiles is None else None)
         self.register_buffer("dense", dense)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, K] -> [T, N]"""
-        if self.dense is not None and x.shape[0] > self.dense_above:
+        if self.wtiles is not None and x.shape[0] > 1:
+            y = self.gemm(x)
+        elif self.dense is not None and x.shape[0] > self.dense_above:
             return F.linear(x, self.dense, self.bias)
-        y = self.packed_mm(x)
+        else:
+            y = self.packed_mm(x)
         return y if self.bias is None else y + self.bias
 
     def packed_mm(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def gemm(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def native_operands(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(weight codes, scales) as kvengine's kernel takes them, for ops that call it from C++
         (csrc/decode_layer.cpp); None unless the layer runs that kernel and has no bias."""
         return None
+
+    def tile_operands(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(tiled codes, scales) as the gemm kernel takes them, for ops that call it from C++; None where the
+        layer has no tiles or has a bias."""
+        return (self.wtiles, self.stiles) if self.wtiles is not None and self.bias is None else None
 
     def dequantized(self) -> torch.Tensor:
         raise NotImplementedError
@@ -89,12 +110,16 @@ class Int8Linear(PackedLinear):
         self.register_buffer("qweight", q)  # [N, K] int8
         self.register_buffer("scales", scale if self.native else scale.to(act_dtype))  # [N]
         self.register_buffer("bias", bias.to(act_dtype) if bias is not None else None)
-        self._init_dense(act_dtype, dense_above)
+        tiles = (native.tile_int8(q), scale) if self.native and tiles_fit(self) else None
+        self._init_batched(act_dtype, dense_above, tiles)
 
     def packed_mm(self, x: torch.Tensor) -> torch.Tensor:
         if self.native:
             return torch.ops.kvengine.q8_mm(x, self.qweight, self.scales)
         return torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scales)
+
+    def gemm(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.kvengine.q8_gemm(x, self.wtiles, self.stiles)
 
     def native_operands(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         return (self.qweight, self.scales) if self.native and self.bias is None else None
@@ -127,12 +152,20 @@ class Int4Linear(PackedLinear):
             self.register_buffer("scale_zero", torch.stack([scale, zero], dim=-1).transpose(0, 1)
                                  .contiguous().to(act_dtype))  # [K/G, N, 2]
         self.register_buffer("bias", bias.to(act_dtype) if bias is not None else None)
-        self._init_dense(act_dtype, dense_above)
+        tiles = None
+        if self.native and tiles_fit(self):
+            n, _, g = self.dm.shape  # the same fp16 d and m as the row kernel's
+            dm = self.dm.float().reshape(n // 16, 16, 2, g).permute(0, 3, 2, 1).contiguous()  # [N/16, G, 2, 16]
+            tiles = (native.tile_int4(q), dm)
+        self._init_batched(act_dtype, dense_above, tiles)
 
     def packed_mm(self, x: torch.Tensor) -> torch.Tensor:
         if self.native:
             return torch.ops.kvengine.q4_mm(x, self.qweight, self.dm)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.qweight, self.group_size, self.scale_zero)
+
+    def gemm(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.kvengine.q4_gemm(x, self.wtiles, self.stiles)
 
     def native_operands(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         return (self.qweight, self.dm) if self.native and self.bias is None else None
@@ -147,6 +180,11 @@ class Int4Linear(PackedLinear):
         return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.qweight, self.group_size, self.scale_zero).t()
 
 
+def tiles_fit(layer: PackedLinear) -> bool:
+    """Whether the gemm kernels take the layer's shape (16 outputs per tile, activations in groups of 32)."""
+    return layer.out_features % 16 == 0 and layer.in_features % 32 == 0
+
+
 def uses_native(act_dtype: torch.dtype, shape_ok: bool) -> bool:
     """Whether a quantized layer runs kvengine's kernels: bf16 activations, a shape they take, and the kernels
     built for this CPU (native.available())."""
@@ -158,11 +196,13 @@ def describe_kernels(model: torch.nn.Module, act_dtype: torch.dtype) -> str:
     layers = [m for m in model.modules() if isinstance(m, PackedLinear)]
     n_native = sum(m.native for m in layers)
     if layers and n_native == len(layers):
-        return "kvengine AVX-512 BF16 kernels"
+        tiled = sum(m.wtiles is not None for m in layers)
+        several = "int8 activations in groups of 32" + (f" for {tiled} of {len(layers)} layers" * (tiled < len(layers)))
+        return f"kvengine AVX-512 kernels (one row: bf16 activations; several rows: {several})"
     why = native.reason() or ("they need bfloat16 activations" if act_dtype != torch.bfloat16
                               else "shapes they do not take")
     if n_native:
-        return f"kvengine AVX-512 BF16 kernels for {n_native} of {len(layers)} layers, PyTorch's for the rest ({why})"
+        return f"kvengine AVX-512 kernels for {n_native} of {len(layers)} layers, PyTorch's for the rest ({why})"
     return f"PyTorch packed kernels (not kvengine's: {why})"
 
 

@@ -1,13 +1,14 @@
-"""The native decode kernels (csrc/*.cpp): built on first use, loaded as torch ops, or not at all.
+"""The native kernels (csrc/*.cpp): built on first use, loaded as torch ops, or not at all.
 
-`kvengine::q4_mm` and `kvengine::q8_mm` (packed_mm.cpp) multiply bf16 activations by int4 / int8 weights on
-x86 CPUs with AVX-512 BF16 (their header says how); `kvengine::decode_layer` (decode_layer.cpp) runs a whole
-Llama-family layer for one token on them (models/llama.py, batch-1 decode). They are compiled with the
-machine's g++ the first time a quantized model is built (~20 s, then cached by torch under
-~/.cache/torch_extensions) and registered as torch ops; the matmuls have shape functions, so compiled decode
-graphs call them directly. Where the CPU lacks the instructions, the build fails, or KVENGINE_NATIVE=0 is set,
-`available()` is False and layers/linear.py keeps PyTorch's packed kernels; `reason()` says why, for the run
-summary.
+`kvengine::q4_mm` and `kvengine::q8_mm` (packed_mm.cpp) multiply one or a few rows of bf16 activations by int4 /
+int8 weights on x86 CPUs with AVX-512 BF16; `kvengine::q4_gemm` and `kvengine::q8_gemm` (vnni_mm.cpp) multiply
+many rows, quantized to int8 in groups of 32, by the same weights in a tiled copy, with AVX-512 VNNI (each
+file's header says how); `kvengine::decode_layer` (decode_layer.cpp) runs a whole Llama-family layer for a
+decode step on them (models/llama.py). They are compiled with the machine's g++ the first time a quantized
+model is built (~30 s, then cached by torch under ~/.cache/torch_extensions) and registered as torch ops; the
+matmuls have shape functions, so compiled decode graphs call them directly. Where the CPU lacks the
+instructions, the build fails, or KVENGINE_NATIVE=0 is set, `available()` is False and layers/linear.py keeps
+PyTorch's packed kernels; `reason()` says why, for the run summary.
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ from pathlib import Path
 import torch
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = (CSRC / "packed_mm.cpp", CSRC / "decode_layer.cpp")
-CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "f16c", "fma")
-CFLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mf16c", "-mfma"]
+SOURCES = (CSRC / "packed_mm.cpp", CSRC / "vnni_mm.cpp", CSRC / "decode_layer.cpp")
+CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni", "f16c", "fma")
+CFLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-mf16c", "-mfma"]
 _status: dict[str, str] = {}
 
 
@@ -83,6 +84,11 @@ def _build() -> None:
     def _q8_shape(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         return x.new_empty(x.shape[0], q.shape[0])  # [M, N]
 
+    @torch.library.register_fake("kvengine::q4_gemm")
+    @torch.library.register_fake("kvengine::q8_gemm")
+    def _gemm_shape(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        return x.new_empty(x.shape[0], 16 * w.shape[0])  # [M, N]
+
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
     """q [N, K] integers 0..15 -> [N, K/2] uint8 in q4_mm's order (K a multiple of 64).
@@ -102,3 +108,30 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     b = packed.reshape(n, half // 32, 32).long()  # [N, K/64, 32]
     z = torch.cat([b & 15, b >> 4], dim=-1)  # [N, K/64, 64]
     return z.reshape(n, half // 32, 4, 2, 8).transpose(2, 3).reshape(n, half * 2)
+
+
+def tile_int4(q: torch.Tensor) -> torch.Tensor:
+    """q [N, K] integers 0..15 -> [N/16, K/32, 4, 64] uint8 in q4_gemm's tile order (N a multiple of 16, K of 32).
+
+    Byte 4l + b of w[t, g, j] holds q[16t + l, 32g + 8j + b] in its low nibble and q[16t + l, 32g + 8j + 4 + b]
+    in its high one: the kernel's two VPDPBUSD operands for inputs 8j..8j+3 and 8j+4..8j+7 of group g.
+    """
+    n, k = q.shape
+    z = q.to(torch.uint8).reshape(n // 16, 16, k // 32, 4, 2, 4).permute(0, 2, 3, 4, 1, 5)  # [T, G, 4, 2, 16, 4]
+    z = z.reshape(n // 16, k // 32, 4, 2, 64)
+    return (z[..., 0, :] | (z[..., 1, :] << 4)).contiguous()
+
+
+def untile_int4(w: torch.Tensor) -> torch.Tensor:
+    """Inverse of `tile_int4`: [N/16, K/32, 4, 64] uint8 -> [N, K] int64 in 0..15."""
+    t, g = w.shape[:2]
+    z = torch.stack([w & 15, w >> 4], dim=3).long().reshape(t, g, 4, 2, 16, 4)  # [T, G, 4, 2, 16, 4]
+    return z.permute(0, 4, 1, 2, 3, 5).reshape(16 * t, 32 * g)
+
+
+def tile_int8(q: torch.Tensor) -> torch.Tensor:
+    """q [N, K] int8 -> [N/16, K/4, 64] uint8 in q8_gemm's tile order: byte 4l + b of w[t, c] is
+    q[16t + l, 4c + b] + 128."""
+    n, k = q.shape
+    u = (q.to(torch.int16) + 128).to(torch.uint8)  # [N, K]
+    return u.reshape(n // 16, 16, k // 4, 4).permute(0, 2, 1, 3).reshape(n // 16, k // 4, 64).contiguous()

@@ -119,13 +119,15 @@ class LlamaDecoderLayer(torch.nn.Module):
         the layer has a part that op does not run: a linear layer off kvengine's kernels or with a bias, QK-norm,
         an activation other than SiLU, a sliding window."""
         attn, mlp = self.self_attn, self.mlp
-        linears = [m.native_operands() if isinstance(m, PackedLinear) else None
-                   for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
-        if (any(op is None for op in linears) or attn.q_norm is not None or mlp.act is not F.silu
+        modules = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+        linears = [m.native_operands() if isinstance(m, PackedLinear) else None for m in modules]
+        tiles = [m.tile_operands() if isinstance(m, PackedLinear) else None for m in modules]
+        if (any(op is None for op in linears + tiles) or attn.q_norm is not None or mlp.act is not F.silu
                 or attn.window is not None or self.input_layernorm.offset):
             return None
         qkv, o, gate_up, down = linears
-        return [self.input_layernorm.weight, *qkv, *o, self.post_attention_layernorm.weight, *gate_up, *down]
+        return [self.input_layernorm.weight, *qkv, *o, self.post_attention_layernorm.weight, *gate_up, *down,
+                *(t for pair in tiles for t in pair)]
 
 
 class LlamaForCausalLM(CheckpointWeights, torch.nn.Module):
@@ -157,20 +159,32 @@ class LlamaForCausalLM(CheckpointWeights, torch.nn.Module):
         return ""
 
     def decodes_fused(self, batch: StepBatch, kv: KVPool | None) -> bool:
-        """Whether forward(batch, kv) takes the one-op-per-layer path: one sequence, one new token, its keys by
-        slot list (the runner's choice when this model has the path), a pool the op reads."""
-        return (self.fused is not None and kv is not None and batch.kv is not None and batch.num_tokens == 1
-                and isinstance(batch.kv[0].kv_index[0], torch.Tensor) and fused_decode_pool(kv))
+        """Whether forward(batch, kv) takes the one-op-per-layer path: a decode step (one new token per
+        sequence) whose keys come by slot list (one sequence: the runner's choice when this model has the path;
+        several: its padded slot rows), on a pool the op reads."""
+        if self.fused is None or kv is None or batch.kv is None or not fused_decode_pool(kv):
+            return False
+        view = batch.kv[0]
+        if batch.num_tokens == 1:
+            return isinstance(view.kv_index[0], torch.Tensor)
+        return batch.num_tokens == len(batch.context_lens) and view.decode_slots is not None
 
     def _forward_fused(self, batch: StepBatch, kv: KVPool) -> torch.Tensor:
         assert self.fused is not None
-        c, slots = self.config, batch.kv[0].kv_index[0]  # [L] the sequence's slots, the new token's last
-        x = self.embed_tokens(batch.input_ids)  # [1, hidden]
-        cos, sin = self.rotary.table(batch.positions, batch.max_context_len)  # [1, 1, D] each
+        c, view = self.config, batch.kv[0]
+        if view.decode_slots is not None:
+            slots, lens = view.decode_slots, view.decode_lens  # [M, L], [M]
+        else:  # one sequence: its [L] slots, the new token's last
+            index = view.kv_index[0]
+            assert isinstance(index, torch.Tensor)
+            slots, lens = index[None], torch.tensor([len(index)])  # [1, L], [1]
+        x = self.embed_tokens(batch.input_ids)  # [M, hidden]
+        cos, sin = self.rotary.table(batch.positions, batch.max_context_len)  # [M, 1, D] each
         for weights, layer_kv in zip(self.fused, kv.layers, strict=True):
-            x = torch.ops.kvengine.decode_layer(x, weights, cos, sin, layer_kv.k, layer_kv.v, slots, c.num_heads,
-                                                c.num_kv_heads, c.rms_norm_eps, c.attn_scale)  # [1, hidden]
-        return self.lm_head(self.norm(x[batch.logits_indices])).float()  # [N, vocab], N = 0 or 1
+            x = torch.ops.kvengine.decode_layer(x, weights, cos, sin, layer_kv.k, layer_kv.v, slots, lens,
+                                                c.num_heads, c.num_kv_heads, c.rms_norm_eps,
+                                                c.attn_scale)  # [M, hidden]
+        return self.lm_head(self.norm(x[batch.logits_indices])).float()  # [N, vocab]
 
     def forward(self, batch: StepBatch, kv: KVPool | None) -> torch.Tensor:
         if self.decodes_fused(batch, kv):

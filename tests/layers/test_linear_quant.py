@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kvtest import assert_tracks_reference, tiny_pair
+from kvtest import assert_tracks_reference, held_out_ids, tiny_pair
 
 from kvengine.config import EngineConfig
 from kvengine.errors import ConfigError
@@ -81,25 +81,24 @@ def test_quantized_logits_close_to_fp32_on_tiny_model(fmt):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_default_model_int4_tracks_fp32(default_gguf, default_llm, dtype):
-    """int4 (Q4_1 repacked exactly) + int8 LM head vs the fp32 reference, teacher-forced on the fp32 greedy
-    text: the same next token at >= 95% of positions and perplexity of that text within 2%. fp32 activations
-    run PyTorch's packed kernels; bf16 ones kvengine's own where the CPU has AVX-512 BF16 (layers/native.py),
-    one token at a time here (dense_above=None), as decode runs them."""
+    """int4 (Q4_1 repacked exactly) + int8 LM head vs the fp32 reference on held-out text: perplexity within 2%
+    and the same top token at >= 90% of positions (measured here: fp32 +0.2% / 98%, bf16 -0.7% / 96%; 256
+    pydoc tokens are a noisy sample, 1,024 gave bf16 +0.14%). The text goes in as one
+    step of many rows: fp32 activations run PyTorch's packed kernels (dense_above=None: no dense copy); bf16
+    ones kvengine's gemm kernels on int8-quantized activations where the CPU has them (layers/native.py), as
+    prefill and batched decode run them (tests/models/test_llama_fused_decode.py covers one row)."""
     from kvengine.layers import native
     from kvengine.llm import LLM
-    from kvengine.sampling import SamplingParams
 
     llm = LLM(str(default_gguf), weights="int4", dtype=dtype, kv_cache_memory=64 << 20, max_num_seqs=2,
               dense_above=None)
     head = llm.engine.model.lm_head
     assert head.native == (dtype == "bfloat16" and not native.missing_cpu_flags())
-    ids = llm.tokenizer.encode_chat([{"role": "user", "content": "Please tell me about Paris."}])
-    ref_tokens = default_llm.generate(prompt_token_ids=[ids], sampling_params=SamplingParams(
-        max_tokens=48, temperature=0, ignore_eos=True))[0].token_ids
-    seq = ids + ref_tokens[:-1]
-    ref = default_llm.engine.runner.full_logits_no_cache(seq, len(ids) - 1)
-    got = llm.engine.runner.full_logits_no_cache(seq, len(ids) - 1)
-    assert_tracks_reference(got, ref, torch.tensor(ref_tokens))
+    assert (head.wtiles is not None) == head.native
+    ids = held_out_ids(llm.tokenizer)
+    ref = default_llm.engine.runner.full_logits_no_cache(ids, 0)  # [n, vocab]
+    got = llm.engine.runner.full_logits_no_cache(ids, 0)
+    assert_tracks_reference(got, ref, ids)
 
 
 def test_bad_weights_value_is_refused():

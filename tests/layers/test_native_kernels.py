@@ -1,6 +1,8 @@
-"""kvengine's own decode kernels (layers/csrc/packed_mm.cpp): the packed layout round-trips, and q4_mm / q8_mm
-equal a float matmul by the weight they store, for every number of rows (1..8 run together, more in chunks of 8)
-and for output sizes that are not a multiple of the kernels' 4-row tiles.
+"""kvengine's own kernels: the packed and tiled layouts round-trip; q4_mm / q8_mm (layers/csrc/packed_mm.cpp,
+bf16 activations) equal a float matmul by the weight they store, for every number of rows (1..8 run together,
+more in chunks of 8) and for output sizes that are not a multiple of the kernels' 4-row tiles; q4_gemm /
+q8_gemm (vnni_mm.cpp, int8 activations) equal a float matmul of the activations as they quantize them, and
+stay within a stated distance of the exact product; a layer picks the row kernel for one row, the gemm for more.
 
 On a CPU with the instructions the kernels must build and load (a failed build fails here, rather than
 silently leaving the PyTorch fallback in place); elsewhere these tests are skipped."""
@@ -14,7 +16,7 @@ from kvengine.layers import native
 from kvengine.layers.linear import Int4Linear, Int8Linear, quantize_int4
 
 needs_cpu = pytest.mark.skipif(bool(native.missing_cpu_flags()),
-                               reason="CPU without AVX-512 BF16: the native kernels do not apply")
+                               reason="CPU without AVX-512 BF16/VNNI: the native kernels do not apply")
 
 
 def test_pack_int4_round_trip():
@@ -22,6 +24,19 @@ def test_pack_int4_round_trip():
     packed = native.pack_int4(q)
     assert packed.shape == (12, 96) and packed.dtype == torch.uint8
     assert torch.equal(native.unpack_int4(packed), q)
+
+
+def test_tile_layouts():
+    q = torch.randint(0, 16, (32, 96), generator=torch.Generator().manual_seed(0))
+    tiles = native.tile_int4(q)
+    assert tiles.shape == (2, 3, 4, 64) and tiles.dtype == torch.uint8
+    assert torch.equal(native.untile_int4(tiles), q)
+    # byte 4l + b of chunk j: row l, inputs 8j + b (low nibble) and 8j + 4 + b (high nibble)
+    assert tiles[1, 2, 3, 4 * 5 + 2].item() == q[16 + 5, 64 + 24 + 2] | (q[16 + 5, 64 + 28 + 2] << 4)
+    q8 = torch.randint(-127, 128, (16, 8), generator=torch.Generator().manual_seed(1)).to(torch.int8)
+    t8 = native.tile_int8(q8)
+    assert t8.shape == (1, 2, 64)
+    assert t8[0, 1, 4 * 3 + 1].item() == q8[3, 4 + 1].item() + 128
 
 
 @needs_cpu
@@ -44,7 +59,7 @@ def test_q4_mm_equals_matmul_by_its_weight(rows, shape):
     assert layer.native
     x = torch.randn(rows, k, generator=gen).to(torch.bfloat16)
     ref = x.double() @ layer.dequantized().double().t()  # [rows, n]
-    got = layer(x)
+    got = layer.packed_mm(x)
     assert got.shape == (rows, n) and got.dtype == torch.bfloat16
     assert (got.double() - ref).abs().max() <= REL_TOL * ref.abs().max()
 
@@ -57,8 +72,41 @@ def test_q8_mm_equals_matmul_by_its_weight(rows):
     assert layer.native
     x = torch.randn(rows, 576, generator=gen).to(torch.bfloat16)
     ref = x.double() @ layer.dequantized().double().t()
-    got = layer(x)
+    got = layer.packed_mm(x)
     assert (got.double() - ref).abs().max() <= REL_TOL * ref.abs().max()
+
+
+def int8_groups(x: torch.Tensor) -> torch.Tensor:
+    """x [M, K] as the gemm kernels quantize it, back in float: per group of 32, codes round(x * 127 / max|x|)
+    times max|x| / 127 (fp32 arithmetic, ties to even, as the kernel rounds)."""
+    g = x.float().reshape(x.shape[0], -1, 32)  # [M, K/32, 32]
+    amax = g.abs().amax(dim=-1, keepdim=True)
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, 0.0)  # (127 / t is 127 * (1 / t) in torch)
+    return (torch.round(g * inv) * (amax / 127.0)).reshape(x.shape)
+
+
+# The int8 codes' rounding, against the exact product: measured ~0.55% rms of the output on random rows
+# (1/254 of each group's largest value per input); bound at 1%.
+QUANT_RMS_TOL = 0.01
+
+
+@needs_cpu
+@pytest.mark.parametrize("cls", [Int4Linear, Int8Linear])
+@pytest.mark.parametrize("rows", [2, 7, 8, 9, 70])
+def test_gemm_equals_matmul_of_its_quantized_activations(cls, rows):
+    gen = torch.Generator().manual_seed(rows)
+    layer = cls(torch.randn(96, 576, generator=gen) * 0.05, None, torch.bfloat16)
+    assert layer.native and layer.wtiles is not None and layer.dense is None
+    x = torch.randn(rows, 576, generator=gen).to(torch.bfloat16)
+    x[0, :32] = 0  # an all-zero group quantizes to zeros, not NaN
+    w = layer.dequantized().double()
+    got = layer(x)  # several rows: the gemm kernel
+    assert torch.equal(got, layer.gemm(x)) and got.shape == (rows, 96) and got.dtype == torch.bfloat16
+    ref = int8_groups(x).double() @ w.t()  # [rows, 96]
+    assert (got.double() - ref).abs().max() <= REL_TOL * ref.abs().max()
+    exact = x.double() @ w.t()
+    assert ((got.double() - exact).norm() / exact.norm()).item() <= QUANT_RMS_TOL
+    assert torch.equal(layer(x[:1]), layer.packed_mm(x[:1]))  # one row: the bf16-activation kernel
 
 
 @needs_cpu
@@ -87,6 +135,15 @@ def test_bad_inputs_get_clear_errors():
     with pytest.raises(RuntimeError, match="q4_mm: K must be a multiple of 64"):
         torch.ops.kvengine.q4_mm(torch.zeros(1, 32, dtype=torch.bfloat16), torch.zeros(4, 16, dtype=torch.uint8),
                                  torch.zeros(4, 2, 1, dtype=torch.half))
+    x = torch.zeros(2, 64, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="q4_gemm: x must be \\[M, K\\] bfloat16 with K a multiple of 32"):
+        torch.ops.kvengine.q4_gemm(x[:, :48], torch.zeros(1, 2, 4, 64, dtype=torch.uint8), torch.zeros(64))
+    with pytest.raises(RuntimeError, match="q4_gemm: w must be \\[N/16, K/32, 4, 64\\] uint8"):
+        torch.ops.kvengine.q4_gemm(x, torch.zeros(1, 3, 4, 64, dtype=torch.uint8), torch.zeros(96))
+    with pytest.raises(RuntimeError, match="q4_gemm: dm must be \\[N/16, K/32, 2, 16\\] float32"):
+        torch.ops.kvengine.q4_gemm(x, torch.zeros(1, 2, 4, 64, dtype=torch.uint8), torch.zeros(64).half())
+    with pytest.raises(RuntimeError, match="q8_gemm: scale must be \\[N\\] float32"):
+        torch.ops.kvengine.q8_gemm(x, torch.zeros(1, 16, 64, dtype=torch.uint8), torch.zeros(15))
 
 
 def test_run_summary_names_the_kernels():
@@ -104,4 +161,5 @@ def test_run_summary_names_the_kernels():
         if dtype == torch.float32:
             assert text == "PyTorch packed kernels (not kvengine's: they need bfloat16 activations)"
         elif not native.missing_cpu_flags():
-            assert text == "kvengine AVX-512 BF16 kernels"
+            assert text == ("kvengine AVX-512 kernels (one row: bf16 activations; several rows: int8 activations "
+                            "in groups of 32)")

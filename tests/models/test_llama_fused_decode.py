@@ -1,17 +1,18 @@
-"""Batch-1 decode as one `kvengine::decode_layer` op per layer (layers/csrc/decode_layer.cpp, models/llama.py):
+"""Decode steps as one `kvengine::decode_layer` op per layer (layers/csrc/decode_layer.cpp, models/llama.py):
 the same tokens and, within bf16 noise, the same logits as the layer-by-layer PyTorch path on the same
-quantized weights, for consecutive and scattered (prefix-cache hit) block tables; and the cases it does not
-take say why in the run summary.
+quantized weights, for one sequence (consecutive and scattered, prefix-cache hit, block tables) and for several
+decoded together; and the cases it does not take say why in the run summary.
 
-Both paths multiply by the same int4 weights with the same kernels; they differ in where bf16 rounding happens
-inside a norm, a rotation or a softmax (the op rounds once per operation), so logits agree to a few bf16 ulps of
-their range, not bit for bit. Skipped on CPUs without the kernels' instructions."""
+Both paths multiply by the same int4 weights with the same kernels (bf16 activations for one row, int8 ones for
+several); they differ in where bf16 rounding happens inside a norm, a rotation or a softmax (the op rounds once
+per operation), so logits agree to a few bf16 ulps of their range, not bit for bit. Skipped on CPUs without the
+kernels' instructions."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from kvtest import assert_tracks_reference, tiny_pair
+from kvtest import assert_tracks_reference, held_out_ids, tiny_pair
 
 from kvengine.engine.runner import ModelRunner
 from kvengine.engine.scheduler import ScheduledSeq
@@ -21,7 +22,7 @@ from kvengine.llm import LLM
 from kvengine.sampling import SamplingParams
 
 pytestmark = pytest.mark.skipif(bool(native.missing_cpu_flags()),
-                                reason="CPU without AVX-512 BF16: the native kernels do not apply")
+                                reason="CPU without AVX-512 BF16/VNNI: the native kernels do not apply")
 
 # hidden 128 in 4 heads of 32 (2 kv heads, so GQA), intermediate 128: every linear layer fits the int4 kernel
 TINY = dict(hidden_size=128, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
@@ -100,7 +101,7 @@ def test_fused_decode_says_when_it_runs_and_why_not():
 
 def fused_line(llm: LLM) -> str | None:
     desc = llm.engine.weights_desc
-    return desc.partition("batch-1 decode: ")[2] or None
+    return desc.partition("decode steps: ")[2] or None
 
 
 def test_fused_step_returns_only_sampled_rows():
@@ -122,42 +123,81 @@ def test_fused_step_returns_only_sampled_rows():
     assert (rows[1] - rows[3]).abs().max() <= LOGIT_TOL * rows[3].abs().max()
 
 
+def test_several_sequences_decode_together_as_layer_by_layer(monkeypatch):
+    """Requests sent at once decode in shared steps of several rows through the op (int8-activation gemm
+    kernels inside, attention over each row's own slots); the layer-by-layer path runs the same kernels: same
+    tokens, logits within bf16 noise, every block back."""
+    prompts = [SHARED + [7, 7], [2, 7, 1, 8, 2], SHARED + [2, 8, 1], [9] * 9]
+    results = []
+    for fused in (True, False):
+        llm = _engine(fused, max_num_seqs=4)
+        rows: list[int] = []
+        logits: list[torch.Tensor] = []
+        real_run = ModelRunner.run
+
+        def run(self, batch, real_run=real_run, rows=rows, logits=logits):
+            out = real_run(self, batch)
+            if batch.is_decode:
+                rows.append(batch.num_seqs)
+                logits.append(out.clone())
+            return out
+
+        calls = count_decode_layer_calls(monkeypatch)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(ModelRunner, "run", run)
+            outs = llm.generate(prompt_token_ids=prompts, sampling_params=SamplingParams(
+                max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True))
+        assert len(calls) == (2 * len(rows) if fused else 0)  # every decode step, 2 layers each
+        bm = llm.engine.bm
+        assert bm.num_free_blocks == bm.manager.num_blocks
+        results.append(([o.token_ids for o in outs], rows, logits))
+    (got, got_rows, got_logits), (want, want_rows, want_logits) = results
+    assert got == want and max(got_rows) == len(prompts) and got_rows == want_rows
+    worst = max(((g - w).abs().max() / w.abs().max()).item() for g, w in zip(got_logits, want_logits, strict=True))
+    assert worst <= LOGIT_TOL, worst
+
+
 def test_decode_layer_rejects_wrong_inputs():
     llm = _engine(True)
     model, pool = llm.engine.model, llm.engine.pool
     c, layer = model.config, pool.layers[0]
-    cos = sin = torch.ones(c.head_dim, dtype=torch.bfloat16)
+    cos = sin = torch.ones(1, c.head_dim, dtype=torch.bfloat16)
     x = torch.zeros(1, c.hidden_size, dtype=torch.bfloat16)
-    slots = torch.tensor([0, 1])
-    args = (model.fused[0], cos, sin, layer.k, layer.v, slots, c.num_heads, c.num_kv_heads, 1e-5, 0.1)
-    with pytest.raises(RuntimeError, match="x must be \\[1, H\\] bfloat16"):
+    slots, lens = torch.tensor([[0, 1]]), torch.tensor([2])
+    args = (model.fused[0], cos, sin, layer.k, layer.v, slots, lens, c.num_heads, c.num_kv_heads, 1e-5, 0.1)
+
+    def call(i: int, value) -> None:  # decode_layer(x, *args) with args[i] replaced
+        torch.ops.kvengine.decode_layer(x, *args[:i], value, *args[i + 1:])
+
+    with pytest.raises(RuntimeError, match="x must be \\[M, H\\] bfloat16"):
         torch.ops.kvengine.decode_layer(x.float(), *args)
-    with pytest.raises(RuntimeError, match="slots \\[L\\] int64"):
-        torch.ops.kvengine.decode_layer(x, *args[:5], slots.int(), *args[6:])
-    with pytest.raises(RuntimeError, match="10 weight tensors expected"):
-        torch.ops.kvengine.decode_layer(x, model.fused[0][:9], *args[1:])
+    with pytest.raises(RuntimeError, match="slots must be \\[M, L\\] int64 and lens \\[M\\] int64"):
+        call(5, slots.int())
+    with pytest.raises(RuntimeError, match="slots must be \\[M, L\\] int64 and lens \\[M\\] int64"):
+        call(5, slots[0])
+    with pytest.raises(RuntimeError, match="lens must lie in 1..L"):
+        call(6, torch.tensor([3]))
+    with pytest.raises(RuntimeError, match="18 weight tensors expected"):
+        call(0, model.fused[0][:10])
     with pytest.raises(RuntimeError, match="slots must lie in the cache"):
-        torch.ops.kvengine.decode_layer(x, *args[:5], torch.tensor([0, layer.k.shape[1]]), *args[6:])
+        call(5, torch.tensor([[0, layer.k.shape[1]]]))
+    with pytest.raises(RuntimeError, match="cos/sin must be \\[M, D\\] bfloat16"):
+        call(1, torch.ones(2, c.head_dim, dtype=torch.bfloat16))
     with pytest.raises(RuntimeError, match="norm weights must be \\[H\\] bfloat16"):
-        torch.ops.kvengine.decode_layer(x, [w.float() if i == 0 else w for i, w in enumerate(model.fused[0])],
-                                        *args[1:])
+        call(0, [w.float() if i == 0 else w for i, w in enumerate(model.fused[0])])
 
 
 def test_default_model_fused_decode_tracks_fp32(default_gguf, default_llm, monkeypatch):
     """The real default model, int4 weights and bf16 activations, teacher-forced one token per step through the
-    fused op on the fp32 reference's greedy text: the same next token at >= 95% of positions and the text's
-    perplexity within 2% of fp32's (the issue's bar for quantized weights)."""
+    fused op on held-out text, against the fp32 reference: perplexity within 2% (the issue's bar for quantized
+    weights) and the same top token at >= 90% of positions (measured here: -0.15%, 98%)."""
     from kvengine.eval.perplexity import score_chunks
 
     llm = LLM(str(default_gguf), weights="int4", dtype="bf16", kv_cache_memory=64 << 20, max_num_seqs=1)
     assert llm.engine.model.fused is not None
-    ids = llm.tokenizer.encode_chat([{"role": "user", "content": "Please tell me about Paris."}])
-    ref_tokens = default_llm.generate(prompt_token_ids=[ids], sampling_params=SamplingParams(
-        max_tokens=48, temperature=0, ignore_eos=True))[0].token_ids
-    seq = ids + ref_tokens
-    ref = default_llm.engine.runner.full_logits_no_cache(seq[:-1], len(ids) - 1)  # [48, vocab]
+    ids = held_out_ids(llm.tokenizer)
+    ref = default_llm.engine.runner.full_logits_no_cache(ids, 0)  # [n, vocab]
     calls = count_decode_layer_calls(monkeypatch)
-    steps = list(score_chunks(llm.engine.model, seq[:-1], "bfloat16", chunk_size=1))
-    assert len(calls) == (len(seq) - 1) * llm.model_config.num_layers  # every one-token step, the first too
-    got = torch.cat([s.logits for s in steps[len(ids) - 1:]])  # [48, vocab]
-    assert_tracks_reference(got, ref, torch.tensor(ref_tokens))
+    got = torch.cat([s.logits for s in score_chunks(llm.engine.model, ids, "bfloat16", chunk_size=1)])
+    assert len(calls) == len(ids) * llm.model_config.num_layers  # every one-token step, the first too
+    assert_tracks_reference(got, ref, ids)

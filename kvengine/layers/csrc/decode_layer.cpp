@@ -1,17 +1,20 @@
-// One Llama-family decoder layer for one new token, as one op (kvengine/models/llama.py calls it for batch-1
-// decode steps when every linear layer runs a packed_mm.cpp kernel).
+// Llama-family decoder layer for decode steps (one new token for each of M sequences) as one op
+// (kvengine/models/llama.py calls it when every linear layer runs kvengine's kernels).
 //
 // A decode step of a small model is ~15 tensor ops per layer, and from Python each costs a few microseconds
 // of dispatch, more than its arithmetic; torch.compile removes most of that but traces the model again in
-// every process. Here the layer is one call: the matrix products are packed_mm.cpp's, the rest (RMSNorm,
-// RoPE, the cache write, attention, SwiGLU, residual adds) are plain loops over a few hundred numbers.
+// every process. Here the layer is one call: the matrix products are packed_mm.cpp's for one row (bf16
+// activations, as the layer-by-layer path runs them) and vnni_mm.cpp's for several (int8 activations, ditto),
+// the rest (RMSNorm, RoPE, the cache writes, attention, SwiGLU, residual adds) are plain loops.
 //
-//   kvengine::decode_layer(x [1, H] bf16, weights, cos [D], sin [D], k_cache, v_cache, slots [L] int64,
-//                          num_heads, num_kv_heads, eps, scale) -> [1, H] bf16
-//     weights: input norm [H], qkv (q, s), o (q, s), post-attention norm [H], gate_up (q, s), down (q, s), a
-//     linear layer's (q, s) being q4_mm's (uint8, fp16 dm) or q8_mm's (int8, fp32 scale) operands.
-//     k_cache / v_cache: the layer's [Hkv, slots, D] bf16 views of the pool; the new token's key and value go
-//     to slot slots[L-1], and attention reads slots[0 .. L-1] (the sequence's keys, the new one included).
+//   kvengine::decode_layer(x [M, H] bf16, weights, cos [M, D], sin [M, D], k_cache, v_cache,
+//                          slots [M, L] int64, lens [M] int64, num_heads, num_kv_heads, eps, scale) -> [M, H] bf16
+//     weights: input norm [H], qkv (q, s), o (q, s), post-attention norm [H], gate_up (q, s), down (q, s), then
+//     the tiles of qkv, o, gate_up, down (w, s) for q4_gemm / q8_gemm; a linear layer's (q, s) being q4_mm's
+//     (uint8, fp16 dm) or q8_mm's (int8, fp32 scale) operands.
+//     k_cache / v_cache: the layer's [Hkv, slots, D] bf16 views of the pool. Row i's sequence has lens[i] keys
+//     at slots[i, 0 .. lens[i] - 1] (the rest of the row is padding); its new token's key and value go to the
+//     last of them, and attention reads them all.
 //
 // Numerics follow the PyTorch path (models/llama.py) in bf16: every value that is a bf16 tensor there is
 // rounded to bf16 here at the same point; inside an operation (a norm, a rotation, a softmax) the arithmetic is
@@ -19,6 +22,7 @@
 
 #include "packed_mm.h"
 #include "simd.h"
+#include "vnni_mm.h"
 
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -37,8 +41,16 @@ using kvengine::simd::load16;
 using kvengine::simd::store16;
 constexpr int64_t kMaxHeadDim = 256;
 
-at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s) {
-  return q.scalar_type() == at::kByte ? kvengine::q4_mm(x, q, s) : kvengine::q8_mm(x, q, s);
+// One row: the packed kernels on bf16 activations; several: the tile kernels (PackedLinear.forward's choice).
+// `l` is the linear layer's index in 0..3 (qkv, o, gate_up, down).
+at::Tensor linear(const at::Tensor& x, at::TensorList w, int l) {
+  static constexpr int kRowOps[4] = {1, 3, 6, 8};
+  if (x.size(0) == 1) {
+    const at::Tensor &q = w[kRowOps[l]], &s = w[kRowOps[l] + 1];
+    return q.scalar_type() == at::kByte ? kvengine::q4_mm(x, q, s) : kvengine::q8_mm(x, q, s);
+  }
+  const at::Tensor &t = w[10 + 2 * l], &s = w[11 + 2 * l];
+  return t.dim() == 4 ? kvengine::q4_gemm(x, t, s) : kvengine::q8_gemm(x, t, s);
 }
 
 // e^x for 16 lanes: x = k ln2 + r with |r| <= ln2 / 2, e^r by its Taylor series to r^6 (relative error ~1e-7),
@@ -54,22 +66,24 @@ inline __m512 exp16(__m512 x) {
   return _mm512_scalef_ps(p, k);
 }
 
-// x / rms(x) * w over the row, fp32 inside, one rounding (as F.rms_norm does for bf16)
+// x / rms(x) * w over each row, fp32 inside, one rounding (as F.rms_norm does for bf16)
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
-  const int64_t n = x.numel();
-  at::Tensor y = at::empty_like(x);  // [1, H]
-  const bf16* xp = x.data_ptr<bf16>();
+  const int64_t n = x.size(1);
+  at::Tensor y = at::empty_like(x);  // [M, H]
   const bf16* wp = w.data_ptr<bf16>();
-  bf16* yp = y.data_ptr<bf16>();
-  __m512 squares = _mm512_setzero_ps();
-  for (int64_t i = 0; i < n; i += 16) {
-    const __m512 v = load16(xp + i, n - i);
-    squares = _mm512_fmadd_ps(v, v, squares);
+  for (int64_t row = 0; row < x.size(0); ++row) {
+    const bf16* xp = x.data_ptr<bf16>() + row * n;
+    bf16* yp = y.data_ptr<bf16>() + row * n;
+    __m512 squares = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; i += 16) {
+      const __m512 v = load16(xp + i, n - i);
+      squares = _mm512_fmadd_ps(v, v, squares);
+    }
+    const __m512 r = _mm512_set1_ps(
+        1.f / std::sqrt(_mm512_reduce_add_ps(squares) / static_cast<float>(n) + static_cast<float>(eps)));
+    for (int64_t i = 0; i < n; i += 16)
+      store16(yp + i, _mm512_mul_ps(_mm512_mul_ps(load16(xp + i, n - i), r), load16(wp + i, n - i)), n - i);
   }
-  const __m512 r = _mm512_set1_ps(
-      1.f / std::sqrt(_mm512_reduce_add_ps(squares) / static_cast<float>(n) + static_cast<float>(eps)));
-  for (int64_t i = 0; i < n; i += 16)
-    store16(yp + i, _mm512_mul_ps(_mm512_mul_ps(load16(xp + i, n - i), r), load16(wp + i, n - i)), n - i);
   return y;
 }
 
@@ -95,13 +109,18 @@ void rotate_heads(bf16* x, int64_t heads, int64_t D, const bf16* cos, const bf16
   }
 }
 
-// silu(gate) * up, gate_up [1, 2I] -> out [1, I]
-void swiglu(const bf16* gate_up, int64_t I, bf16* out) {
-  for (int64_t i = 0; i < I; i += 16) {
-    const __m512 g = load16(gate_up + i, I - i);
-    const __m512 silu = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
-    store16(out + i, _mm512_mul_ps(silu, load16(gate_up + I + i, I - i)), I - i);
-  }
+// silu(gate) * up, row by row: gate_up [M, 2I] -> out [M, I]
+void swiglu(const bf16* gate_up, int64_t M, int64_t I, bf16* out) {
+  at::parallel_for(0, M, 4, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t i = 0; i < I; i += 16) {
+        const bf16* gu = gate_up + r * 2 * I;
+        const __m512 g = load16(gu + i, I - i);
+        const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));
+        const __m512 silu = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), e));
+        store16(out + r * I + i, _mm512_mul_ps(silu, load16(gu + I + i, I - i)), I - i);
+      }
+  });
 }
 
 // One query head against the keys at `slots`: softmax(q.k * scale) . v, fp32 throughout. k, v point at the
@@ -138,11 +157,11 @@ void attend_head(const bf16* q, const bf16* k, const bf16* v, const int64_t* slo
 
 at::Tensor decode_layer(const at::Tensor& x, at::TensorList w, const at::Tensor& cos, const at::Tensor& sin,
                         const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& slots,
-                        int64_t num_heads, int64_t num_kv_heads, double eps, double scale) {
-  TORCH_CHECK(x.dim() == 2 && x.size(0) == 1 && x.scalar_type() == at::kBFloat16 && x.is_contiguous(),
-              "decode_layer: x must be [1, H] bfloat16");
-  TORCH_CHECK(w.size() == 10, "decode_layer: 10 weight tensors expected");
-  const int64_t H = x.size(1), D = k_cache.size(2), Hq = num_heads, Hkv = num_kv_heads, L = slots.numel();
+                        const at::Tensor& lens, int64_t num_heads, int64_t num_kv_heads, double eps, double scale) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.is_contiguous(),
+              "decode_layer: x must be [M, H] bfloat16");
+  TORCH_CHECK(w.size() == 18, "decode_layer: 18 weight tensors expected");
+  const int64_t M = x.size(0), H = x.size(1), D = k_cache.size(2), Hq = num_heads, Hkv = num_kv_heads;
   for (int i : {0, 5})
     TORCH_CHECK(w[i].scalar_type() == at::kBFloat16 && w[i].is_contiguous() && w[i].numel() == H,
                 "decode_layer: norm weights must be [H] bfloat16");
@@ -151,47 +170,58 @@ at::Tensor decode_layer(const at::Tensor& x, at::TensorList w, const at::Tensor&
   for (const at::Tensor* c : {&k_cache, &v_cache})
     TORCH_CHECK(c->scalar_type() == at::kBFloat16 && c->stride(2) == 1 && c->stride(1) == D,
                 "decode_layer: caches must be [Hkv, slots, D] bfloat16 with rows of D");
-  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && L > 0, "decode_layer: slots [L] int64");
-  const int64_t* sp = slots.data_ptr<int64_t>();
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.dim() == 2 && slots.size(0) == M &&
+                  lens.scalar_type() == at::kLong && lens.is_contiguous() && lens.numel() == M,
+              "decode_layer: slots must be [M, L] int64 and lens [M] int64");
+  const int64_t Lmax = slots.size(1);
+  const int64_t *sp = slots.data_ptr<int64_t>(), *lp = lens.data_ptr<int64_t>();
   const int64_t num_slots = std::min(k_cache.size(1), v_cache.size(1));
-  TORCH_CHECK(std::all_of(sp, sp + L, [&](int64_t s) { return s >= 0 && s < num_slots; }),
-              "decode_layer: slots must lie in the cache");
-  TORCH_CHECK(cos.numel() == D && sin.numel() == D && cos.scalar_type() == at::kBFloat16 &&
+  for (int64_t i = 0; i < M; ++i) {
+    TORCH_CHECK(lp[i] >= 1 && lp[i] <= Lmax, "decode_layer: lens must lie in 1..L");
+    TORCH_CHECK(std::all_of(sp + i * Lmax, sp + i * Lmax + lp[i], [&](int64_t s) { return s >= 0 && s < num_slots; }),
+                "decode_layer: slots must lie in the cache");
+  }
+  TORCH_CHECK(cos.numel() == M * D && sin.numel() == M * D && cos.scalar_type() == at::kBFloat16 &&
               sin.scalar_type() == at::kBFloat16 && cos.is_contiguous() && sin.is_contiguous(),
-              "decode_layer: cos/sin must be [D] bfloat16");
+              "decode_layer: cos/sin must be [M, D] bfloat16");
 
   // attention block
-  at::Tensor qkv = packed_linear(rms_norm(x, w[0], eps), w[1], w[2]);  // [1, (Hq + 2 Hkv) D]
-  TORCH_CHECK(qkv.size(1) == (Hq + 2 * Hkv) * D, "decode_layer: qkv weight must have (heads + 2 kv heads) * D rows");
-  bf16* qp = qkv.data_ptr<bf16>();
-  rotate_heads(qp, Hq + Hkv, D, cos.data_ptr<bf16>(), sin.data_ptr<bf16>());
+  at::Tensor qkv = linear(rms_norm(x, w[0], eps), w, 0);  // [M, (Hq + 2 Hkv) D]
+  const int64_t width = (Hq + 2 * Hkv) * D;
+  TORCH_CHECK(qkv.size(1) == width, "decode_layer: qkv weight must have (heads + 2 kv heads) * D rows");
   bf16* kc = k_cache.data_ptr<bf16>();
   bf16* vc = v_cache.data_ptr<bf16>();
-  const int64_t head_stride = k_cache.stride(0), new_slot = sp[L - 1];
-  for (int64_t h = 0; h < Hkv; ++h) {
-    std::copy_n(qp + (Hq + h) * D, D, kc + h * head_stride + new_slot * D);
-    std::copy_n(qp + (Hq + Hkv + h) * D, D, vc + h * head_stride + new_slot * D);
+  const int64_t head_stride = k_cache.stride(0);
+  for (int64_t i = 0; i < M; ++i) {
+    bf16* row = qkv.data_ptr<bf16>() + i * width;
+    rotate_heads(row, Hq + Hkv, D, cos.data_ptr<bf16>() + i * D, sin.data_ptr<bf16>() + i * D);
+    const int64_t new_slot = sp[i * Lmax + lp[i] - 1];
+    for (int64_t h = 0; h < Hkv; ++h) {
+      std::copy_n(row + (Hq + h) * D, D, kc + h * head_stride + new_slot * D);
+      std::copy_n(row + (Hq + Hkv + h) * D, D, vc + h * head_stride + new_slot * D);
+    }
   }
-  at::Tensor attn = at::empty({1, Hq * D}, x.options());  // [1, Hq D]
+  at::Tensor attn = at::empty({M, Hq * D}, x.options());  // [M, Hq D]
   bf16* ap = attn.data_ptr<bf16>();
+  const bf16* qp = qkv.data_ptr<bf16>();
   const int64_t group = Hq / Hkv;
-  at::parallel_for(0, Hq, 1, [&](int64_t h0, int64_t h1) {
-    std::vector<float> p(L);  // one head's scores, then weights
-    for (int64_t h = h0; h < h1; ++h) {
-      const int64_t kv = h / group;
-      attend_head(qp + h * D, kc + kv * head_stride, vc + kv * head_stride, sp, L, D, static_cast<float>(scale),
-                  p.data(), ap + h * D);
+  at::parallel_for(0, M * Hq, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> p(Lmax);  // one head's scores, then weights
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t i = t / Hq, h = t % Hq, kv = h / group;
+      attend_head(qp + i * width + h * D, kc + kv * head_stride, vc + kv * head_stride, sp + i * Lmax, lp[i], D,
+                  static_cast<float>(scale), p.data(), ap + i * Hq * D + h * D);
     }
   });
-  at::Tensor out = x.clone();  // [1, H]: the residual stream
-  add_into(out, packed_linear(attn, w[3], w[4]));
+  at::Tensor out = x.clone();  // [M, H]: the residual stream
+  add_into(out, linear(attn, w, 1));
 
   // MLP block: down(silu(gate) * up)
-  at::Tensor gate_up = packed_linear(rms_norm(out, w[5], eps), w[6], w[7]);  // [1, 2I]
+  at::Tensor gate_up = linear(rms_norm(out, w[5], eps), w, 2);  // [M, 2I]
   const int64_t I = gate_up.size(1) / 2;
-  at::Tensor act = at::empty({1, I}, x.options());  // [1, I]
-  swiglu(gate_up.data_ptr<bf16>(), I, act.data_ptr<bf16>());
-  add_into(out, packed_linear(act, w[8], w[9]));
+  at::Tensor act = at::empty({M, I}, x.options());  // [M, I]
+  swiglu(gate_up.data_ptr<bf16>(), M, I, act.data_ptr<bf16>());
+  add_into(out, linear(act, w, 3));
   return out;
 }
 
@@ -199,7 +229,7 @@ at::Tensor decode_layer(const at::Tensor& x, at::TensorList w, const at::Tensor&
 
 TORCH_LIBRARY_FRAGMENT(kvengine, m) {
   m.def("decode_layer(Tensor x, Tensor[] weights, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, "
-        "Tensor slots, int num_heads, int num_kv_heads, float eps, float scale) -> Tensor");
+        "Tensor slots, Tensor lens, int num_heads, int num_kv_heads, float eps, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(kvengine, CPU, m) { m.impl("decode_layer", &decode_layer); }

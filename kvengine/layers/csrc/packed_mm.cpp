@@ -126,18 +126,6 @@ void q8_rows(const float* x, const int8_t* q, const float* scale, c10::BFloat16*
   for (; n < n1; ++n) q8_tile<M, 1>(x, q, scale, y, K, N, n);
 }
 
-#define KV_ROWS_SWITCH(FN, m, ...)            \
-  switch (m) {                                \
-    case 1: FN<1>(__VA_ARGS__); break;        \
-    case 2: FN<2>(__VA_ARGS__); break;        \
-    case 3: FN<3>(__VA_ARGS__); break;        \
-    case 4: FN<4>(__VA_ARGS__); break;        \
-    case 5: FN<5>(__VA_ARGS__); break;        \
-    case 6: FN<6>(__VA_ARGS__); break;        \
-    case 7: FN<7>(__VA_ARGS__); break;        \
-    default: FN<8>(__VA_ARGS__); break;       \
-  }
-
 constexpr int64_t kGrain = 32;  // output rows per parallel task
 
 // x's rows in chunks of at most kMaxRows (m0, rows), the output rows split across threads (n0, n1).

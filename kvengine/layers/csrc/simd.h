@@ -1,4 +1,5 @@
-// AVX-512 helpers the kernels of this folder share: up to 16 bf16 values <-> 16 fp32 lanes.
+// Helpers the kernels of this folder share: up to 16 bf16 values <-> 16 fp32 lanes (AVX-512), and a switch from
+// a row count to a kernel template instantiated for it.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -23,3 +24,16 @@ inline void store16(c10::BFloat16* p, __m512 v, int64_t n = 16) {
 }
 
 }  // namespace kvengine::simd
+
+// FN<n>(...) for n = rows in 1..7, FN<8> for 8 or more (the kernels take at most 8 rows of x per pass)
+#define KV_ROWS_SWITCH(FN, rows, ...)  \
+  switch (rows) {                      \
+    case 1: FN<1>(__VA_ARGS__); break; \
+    case 2: FN<2>(__VA_ARGS__); break; \
+    case 3: FN<3>(__VA_ARGS__); break; \
+    case 4: FN<4>(__VA_ARGS__); break; \
+    case 5: FN<5>(__VA_ARGS__); break; \
+    case 6: FN<6>(__VA_ARGS__); break; \
+    case 7: FN<7>(__VA_ARGS__); break; \
+    default: FN<8>(__VA_ARGS__); break; \
+  }

@@ -39,6 +39,7 @@ class ServeBenchConfig:
     max_num_seqs: int = 64
     max_model_len: int | None = None
     dtype: str = "auto"
+    weights: str = "auto"
     threads: int | None = None
     kv_cache_memory: float | None = None
     timeout_s: float = 600.0
@@ -125,7 +126,7 @@ def _get_json(url: str) -> dict[str, Any]:
 def start_server(config: ServeBenchConfig) -> tuple[subprocess.Popen, str]:
     """A `kvengine serve` child on 127.0.0.1 and a free port; returns (process, base url) once healthy."""
     args = json.dumps({"model": config.model, "max_num_seqs": config.max_num_seqs, "dtype": config.dtype,
-                       "max_model_len": config.max_model_len, "threads": config.threads,
+                       "weights": config.weights, "max_model_len": config.max_model_len, "threads": config.threads,
                        "kv_cache_memory": config.kv_cache_memory})
     code = "from kvengine.bench.serving import serve_child; serve_child()"
     proc = subprocess.Popen([sys.executable, "-c", code, args], stdout=subprocess.PIPE, text=True)
@@ -156,7 +157,7 @@ def serve_child() -> None:
     from kvengine.server.app import create_app
 
     a = json.loads(sys.argv[1])
-    llm = _open_llm(a["model"], a["dtype"], "cpu", a["threads"], "auto", a["kv_cache_memory"],
+    llm = _open_llm(a["model"], a["dtype"], "cpu", a["threads"], "auto", a["kv_cache_memory"], a["weights"],
                     max_num_seqs=a["max_num_seqs"], max_model_len=a["max_model_len"])
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))

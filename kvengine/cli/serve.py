@@ -78,6 +78,7 @@ def bench_serve(
     max_num_seqs: int = MaxSeqsOpt,
     max_model_len: int | None = MaxLenOpt,
     dtype: str = DtypeOpt,
+    weights: str = WeightsOpt,
     threads: int | None = ThreadsOpt,
     kv_memory: float | None = KVMemOpt,
     timeout: float = typer.Option(600.0, "--timeout", help="Seconds per level at most."),
@@ -91,13 +92,19 @@ def bench_serve(
 
     levels = parse_int_list(concurrency, "--concurrency")
     config = ServeBenchConfig(model=model, levels=levels, requests=requests, max_tokens=max_tokens,
-                              max_num_seqs=max_num_seqs, max_model_len=max_model_len, dtype=dtype, threads=threads,
+                              max_num_seqs=max_num_seqs, max_model_len=max_model_len, dtype=dtype, weights=weights,
+                              threads=threads,
                               kv_cache_memory=kv_memory, timeout_s=timeout, url=url)
     if max_tokens < 1:
         raise ConfigError(f"--max-tokens must be at least 1, got {max_tokens}")
+    if url is None:  # the server starts in a child: say what is wrong with its settings here, in one line
+        from kvengine.config import EngineConfig
+
+        EngineConfig(weights=weights, dtype=dtype).resolved_dtype()
     report = Report("serve", "kvengine serve under load", out if out is not None else default_out_dir("serve"),
                     {"model": model or "default", "concurrency": levels, "requests": requests or "max(8, 2 x clients)",
-                     "max_tokens": max_tokens, "max_num_seqs": max_num_seqs, "dtype": dtype, "url": url or "child"})
+                     "max_tokens": max_tokens, "max_num_seqs": max_num_seqs, "dtype": dtype, "weights": weights,
+                     "url": url or "child"})
     name, results, final = run_serving_bench(config)
     serving_report(report, name, results, final, max_tokens).finish()
 

@@ -52,6 +52,7 @@ class PackedLinear(torch.nn.Module):
     elsewhere, with `dense_above` set, steps of more rows use a dense copy of the dequantized weight in the
     compute dtype."""
 
+    qweight: torch.Tensor
     dense: torch.Tensor | None
     bias: torch.Tensor | None
     wtiles: torch.Tensor | None
@@ -84,10 +85,12 @@ class PackedLinear(torch.nn.Module):
     def gemm(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    scales_name = "scales"  # the buffer holding the row kernel's scales
+
     def native_operands(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(weight codes, scales) as kvengine's kernel takes them, for ops that call it from C++
+        """(weight codes, scales) as kvengine's row kernel takes them, for ops that call it from C++
         (csrc/decode_layer.cpp); None unless the layer runs that kernel and has no bias."""
-        return None
+        return (self.qweight, getattr(self, self.scales_name)) if self.native and self.bias is None else None
 
     def tile_operands(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(tiled codes, scales) as the gemm kernel takes them, for ops that call it from C++; None where the
@@ -121,9 +124,6 @@ class Int8Linear(PackedLinear):
     def gemm(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.kvengine.q8_gemm(x, self.wtiles, self.stiles)
 
-    def native_operands(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        return (self.qweight, self.scales) if self.native and self.bias is None else None
-
     def dequantized(self) -> torch.Tensor:
         return self.qweight.float() * self.scales.float()[:, None]
 
@@ -134,6 +134,8 @@ class Int4Linear(PackedLinear):
     Native layout: qweight [N, K/2] uint8 (native.pack_int4) and `dm` [N, 2, K/G] float16 (scale, lo: GGUF
     Q4_1's d and m exactly). PyTorch's: its packed qweight and `scale_zero` [K/G, N, 2] in the activation dtype,
     for its form (q - 8) * scale + zero, zero = lo + 8 * scale."""
+
+    scales_name = "dm"
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, act_dtype: torch.dtype,
                  group_size: int = INT4_GROUP, dense_above: int | None = None) -> None:
@@ -166,9 +168,6 @@ class Int4Linear(PackedLinear):
 
     def gemm(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.kvengine.q4_gemm(x, self.wtiles, self.stiles)
-
-    def native_operands(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        return (self.qweight, self.dm) if self.native and self.bias is None else None
 
     def dequantized(self) -> torch.Tensor:
         """The float weight the kernel multiplies by. [N, K]"""

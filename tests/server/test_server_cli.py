@@ -63,3 +63,13 @@ def test_bench_serve_short_run(tiny_folder, tmp_path):
     assert (tmp_path / "out" / "report.md").is_file() and (tmp_path / "out" / "serving.png").is_file()
     data = json.loads((tmp_path / "out" / "result.json").read_text())
     assert [lv["requests"] for lv in data["results"]["levels"]] == [4, 4]
+
+
+def test_bench_serve_refuses_bad_weights_before_starting_a_server(tiny_folder, tmp_path):
+    for args, message in ((["--weights", "int3"], "unknown weights format 'int3'"),
+                          (["--weights", "bf16", "--dtype", "float32"], "weights 'bf16' and dtype 'float32' disagree")):
+        result = CliRunner().invoke(app, ["bench", "serve", "--model", str(tiny_folder), "--out",
+                                          str(tmp_path / "out"), *args])
+        assert isinstance(result.exception, ConfigError) and message in result.exception.message
+    assert not (tmp_path / "out").exists()
+

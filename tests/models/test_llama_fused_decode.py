@@ -35,15 +35,16 @@ LOGIT_TOL = 0.02
 
 def _engine(fused: bool, **kw) -> LLM:
     model, _ = tiny_pair("llama", **TINY)
-    return LLM.from_model(model.to(torch.bfloat16), None, weights="int4", block_size=4, kv_cache_memory=1 << 20,
-                          fused_decode=fused, **kw)
+    kw.setdefault("kv_cache_memory", 1 << 20)
+    return LLM.from_model(model.to(torch.bfloat16), None, weights="int4", block_size=4, fused_decode=fused, **kw)
 
 
 def count_decode_layer_calls(monkeypatch) -> list[int]:
-    """A list that grows by one at every `kvengine::decode_layer` call (the model looks the op up per call)."""
+    """A list that grows at every `kvengine::decode_layer` call by the call's rows (sequences); the model looks
+    the op up per call."""
     calls: list[int] = []
     real_op = torch.ops.kvengine.decode_layer
-    monkeypatch.setattr(torch.ops.kvengine, "decode_layer", lambda *a: calls.append(1) or real_op(*a))
+    monkeypatch.setattr(torch.ops.kvengine, "decode_layer", lambda x, *a: calls.append(len(x)) or real_op(x, *a))
     return calls
 
 
@@ -123,7 +124,7 @@ def test_fused_step_returns_only_sampled_rows():
     assert (rows[1] - rows[3]).abs().max() <= LOGIT_TOL * rows[3].abs().max()
 
 
-def test_several_sequences_decode_together_as_layer_by_layer(monkeypatch):
+def test_several_sequences_decode_together_as_layer_by_layer():
     """Requests sent at once decode in shared steps of several rows through the op (int8-activation gemm
     kernels inside, attention over each row's own slots); the layer-by-layer path runs the same kernels: same
     tokens, logits within bf16 noise, every block back."""
@@ -142,12 +143,12 @@ def test_several_sequences_decode_together_as_layer_by_layer(monkeypatch):
                 logits.append(out.clone())
             return out
 
-        calls = count_decode_layer_calls(monkeypatch)
         with pytest.MonkeyPatch.context() as mp:
+            calls = count_decode_layer_calls(mp)
             mp.setattr(ModelRunner, "run", run)
             outs = llm.generate(prompt_token_ids=prompts, sampling_params=SamplingParams(
                 max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True))
-        assert len(calls) == (2 * len(rows) if fused else 0)  # every decode step, 2 layers each
+        assert calls == ([n for n in rows for _ in range(2)] if fused else [])  # each decode step, 2 layers
         bm = llm.engine.bm
         assert bm.num_free_blocks == bm.manager.num_blocks
         results.append(([o.token_ids for o in outs], rows, logits))
@@ -155,6 +156,31 @@ def test_several_sequences_decode_together_as_layer_by_layer(monkeypatch):
     assert got == want and max(got_rows) == len(prompts) and got_rows == want_rows
     worst = max(((g - w).abs().max() / w.abs().max()).item() for g, w in zip(got_logits, want_logits, strict=True))
     assert worst <= LOGIT_TOL, worst
+
+
+def test_fused_decode_under_preemption_prefix_hits_and_chunked_prefill():
+    """A pool too small for the batch (preemption, recompute), shared prefixes (scattered block tables) and a
+    small token budget (prefill in chunks beside decode steps): the fused engine's tokens equal the
+    layer-by-layer engine's under the same pressure, and every block comes back."""
+    # ([9] * 9 is left out: on this random model its 10th token is a near-tie that bf16 rounding flips either
+    # way once a preempted sequence's prompt is recomputed, in both engines)
+    prompts = [SHARED + [7, 7], SHARED + [2, 8, 1], [2, 7, 1, 8, 2, 8, 1, 8, 2, 8], SHARED + [4] * 6,
+               [5, 3, 9, 1, 4, 1, 5, 9, 2], [6, 5, 4]]
+    results = []
+    for fused in (True, False):
+        llm = _engine(fused, kv_cache_memory=12 * 4 * 512, max_num_batched_tokens=16, max_num_seqs=6)
+        assert llm.engine.bm.num_blocks == 12
+        with pytest.MonkeyPatch.context() as mp:
+            rows = count_decode_layer_calls(mp)
+            outs = llm.generate(prompt_token_ids=prompts, sampling_params=SamplingParams(
+                max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True))
+        assert sum(o.metrics.num_preemptions for o in outs) > 0
+        assert any(o.metrics.cached_tokens > 0 for o in outs)
+        assert (max(rows) > 1) if fused else not rows  # steps of several sequences went through the op
+        assert llm.engine.bm.num_used_blocks == 0
+        llm.engine.bm.check_invariants()
+        results.append([o.token_ids for o in outs])
+    assert results[0] == results[1] and all(len(t) == NEW_TOKENS for t in results[0])
 
 
 def test_decode_layer_rejects_wrong_inputs():

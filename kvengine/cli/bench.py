@@ -165,7 +165,8 @@ def peers(
                                       "kvengine's auto/int8/int4 variants, e.g. float32,bfloat16 (default float32; "
                                       "llama.cpp keeps the GGUF's weights)."),
     compile_decode: bool = typer.Option(False, "--compile", help="torch.compile kvengine's decode steps, batch-1 "
-                                        "and concurrent (compile seconds reported; cached on disk for later runs)."),
+                                        "and concurrent, where they do not run kvengine's one-op-per-layer path "
+                                        "(compile seconds reported; cached on disk for later runs)."),
     concurrency: int = typer.Option(32, "--concurrency", help="Concurrent greedy requests for the aggregate tok/s "
                                     "goal, against llama.cpp's batch-1 decode (0 = skip)."),
     concurrent_tokens: int = typer.Option(64, "--concurrent-tokens", help="New tokens per concurrent request."),

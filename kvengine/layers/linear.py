@@ -3,11 +3,11 @@
 The model builds float `Linear` modules; `quantize_linears` swaps them for `Int8Linear` / `Int4Linear`
 (a module swap, so the model code never branches on the format). Int8 keeps one scale per output row; int4
 keeps asymmetric groups of `group_size` along the input dimension (the layout of GGUF's Q4_1 blocks). With
-bf16 activations on a CPU with AVX-512 BF16 and VNNI they run kvengine's own kernels (layers/native.py): for
-one row on bf16 activations (about 1.4x (int4) and 3x (int8) faster than PyTorch's at decode), for several
-rows on int8-quantized activations (about 1.6x a dense bf16 matmul at 32 rows). Otherwise PyTorch's packed
-kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`), with a dense copy for large steps. Each module
-stores its weight in the layouts of the kernels it runs.
+bf16 activations on a CPU with AVX-512 BF16 and VNNI they run kvengine's own kernels (layers/native.py): on
+int8-quantized activations for shapes that fit their 16-row tiles (the rule for every layer of the supported
+models), on bf16 activations otherwise (about 1.4x (int4) and 3x (int8) faster than PyTorch's at decode).
+Elsewhere PyTorch's packed kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`), with a dense copy for
+large steps. Each module stores its weight in the layouts of the kernels it runs.
 """
 
 from __future__ import annotations
@@ -45,12 +45,12 @@ class Linear(torch.nn.Module):
 
 
 class PackedLinear(torch.nn.Module):
-    """Common part of the quantized forms. A step of one row (batch-1 decode) runs the packed kernel on bf16
-    activations: it reads each weight once and is bound by that. A step of several rows (prefill, batched
-    decode) is bound by arithmetic: where the layer runs kvengine's kernels it multiplies a tiled copy of the
-    same codes by int8-quantized activations (`gemm`, csrc/vnni_mm.cpp, ~1.6x a dense bf16 matmul at 32 rows);
-    elsewhere, with `dense_above` set, steps of more rows use a dense copy of the dequantized weight in the
-    compute dtype."""
+    """Common part of the quantized forms. Where the layer runs kvengine's kernels and its shape fits their
+    tiles, every step multiplies a tiled copy of the codes by int8-quantized activations (`gemm`,
+    csrc/vnni_mm.cpp): ~1.6x a dense bf16 matmul at 32 rows, ~1.2x the bf16 row kernel at batch-1 decode, and
+    each row's result is the same whatever else is in the batch. Otherwise the packed kernel (`packed_mm`:
+    kvengine's row kernel on bf16 activations, or PyTorch's), with, where `dense_above` is set, a dense copy of
+    the dequantized weight in the compute dtype for steps of more rows (where those kernels are slower)."""
 
     qweight: torch.Tensor
     dense: torch.Tensor | None
@@ -71,7 +71,7 @@ class PackedLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, K] -> [T, N]"""
-        if self.wtiles is not None and x.shape[0] > 1:
+        if self.wtiles is not None:
             y = self.gemm(x)
         elif self.dense is not None and x.shape[0] > self.dense_above:
             return F.linear(x, self.dense, self.bias)
@@ -84,13 +84,6 @@ class PackedLinear(torch.nn.Module):
 
     def gemm(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
-
-    scales_name = "scales"  # the buffer holding the row kernel's scales
-
-    def native_operands(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(weight codes, scales) as kvengine's row kernel takes them, for ops that call it from C++
-        (csrc/decode_layer.cpp); None unless the layer runs that kernel and has no bias."""
-        return (self.qweight, getattr(self, self.scales_name)) if self.native and self.bias is None else None
 
     def tile_operands(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(tiled codes, scales) as the gemm kernel takes them, for ops that call it from C++; None where the
@@ -134,8 +127,6 @@ class Int4Linear(PackedLinear):
     Native layout: qweight [N, K/2] uint8 (native.pack_int4) and `dm` [N, 2, K/G] float16 (scale, lo: GGUF
     Q4_1's d and m exactly). PyTorch's: its packed qweight and `scale_zero` [K/G, N, 2] in the activation dtype,
     for its form (q - 8) * scale + zero, zero = lo + 8 * scale."""
-
-    scales_name = "dm"
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, act_dtype: torch.dtype,
                  group_size: int = INT4_GROUP, dense_above: int | None = None) -> None:
@@ -195,9 +186,9 @@ def describe_kernels(model: torch.nn.Module, act_dtype: torch.dtype) -> str:
     layers = [m for m in model.modules() if isinstance(m, PackedLinear)]
     n_native = sum(m.native for m in layers)
     if layers and n_native == len(layers):
-        tiled = sum(m.wtiles is not None for m in layers)
-        several = "int8 activations in groups of 32" + (f" for {tiled} of {len(layers)} layers" * (tiled < len(layers)))
-        return f"kvengine AVX-512 kernels (one row: bf16 activations; several rows: {several})"
+        untiled = sum(m.wtiles is None for m in layers)
+        rest = f"; bf16 activations for {untiled} layers whose shape the tiles do not fit" if untiled else ""
+        return f"kvengine AVX-512 kernels (int8 activations in groups of 32{rest})"
     why = native.reason() or ("they need bfloat16 activations" if act_dtype != torch.bfloat16
                               else "shapes they do not take")
     if n_native:

@@ -116,18 +116,16 @@ class LlamaDecoderLayer(torch.nn.Module):
 
     def fused_weights(self) -> list[torch.Tensor] | None:
         """The weights `kvengine::decode_layer` (layers/csrc/decode_layer.cpp) takes for this layer, or None when
-        the layer has a part that op does not run: a linear layer off kvengine's kernels or with a bias, QK-norm,
-        an activation other than SiLU, a sliding window."""
+        the layer has a part that op does not run: a linear layer off kvengine's tile kernels or with a bias,
+        QK-norm, an activation other than SiLU, a sliding window."""
         attn, mlp = self.self_attn, self.mlp
-        modules = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
-        linears = [m.native_operands() if isinstance(m, PackedLinear) else None for m in modules]
-        tiles = [m.tile_operands() if isinstance(m, PackedLinear) else None for m in modules]
-        if (any(op is None for op in linears + tiles) or attn.q_norm is not None or mlp.act is not F.silu
+        tiles = [m.tile_operands() if isinstance(m, PackedLinear) else None
+                 for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
+        if (any(op is None for op in tiles) or attn.q_norm is not None or mlp.act is not F.silu
                 or attn.window is not None or self.input_layernorm.offset):
             return None
-        qkv, o, gate_up, down = linears
-        return [self.input_layernorm.weight, *qkv, *o, self.post_attention_layernorm.weight, *gate_up, *down,
-                *(t for pair in tiles for t in pair)]
+        qkv, o, gate_up, down = tiles
+        return [self.input_layernorm.weight, *qkv, *o, self.post_attention_layernorm.weight, *gate_up, *down]
 
 
 class LlamaForCausalLM(CheckpointWeights, torch.nn.Module):
@@ -152,7 +150,7 @@ class LlamaForCausalLM(CheckpointWeights, torch.nn.Module):
         every process). Returns "" when enabled, else why not, for the run summary."""
         weights = [layer.fused_weights() for layer in self.layers]
         if any(w is None for w in weights):
-            return "it needs bf16 activations and kvengine's kernels for every linear layer"
+            return "it needs bf16 activations and kvengine's tile kernels for every linear layer"
         if not fused_decode_pool(pool):
             return "it needs a bfloat16 KV cache that keeps every token"
         self.fused = weights

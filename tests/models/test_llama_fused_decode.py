@@ -3,10 +3,11 @@ the same tokens and, within bf16 noise, the same logits as the layer-by-layer Py
 quantized weights, for one sequence (consecutive and scattered, prefix-cache hit, block tables) and for several
 decoded together; and the cases it does not take say why in the run summary.
 
-Both paths multiply by the same int4 weights with the same kernels (bf16 activations for one row, int8 ones for
-several); they differ in where bf16 rounding happens inside a norm, a rotation or a softmax (the op rounds once
-per operation), so logits agree to a few bf16 ulps of their range, not bit for bit. Skipped on CPUs without the
-kernels' instructions."""
+Both paths multiply by the same int4 weights with the same kernels (int8 activations); they differ in where
+bf16 rounding happens inside a norm, a rotation or a softmax (the op rounds once per operation), so logits
+agree to a few bf16 ulps of their range, not bit for bit. Within the op every row is computed on its own: a
+request's logits are bit-identical alone or batched with others. Skipped on CPUs without the kernels'
+instructions."""
 
 from __future__ import annotations
 
@@ -97,7 +98,7 @@ def test_fused_decode_says_when_it_runs_and_why_not():
     model, _ = tiny_pair("llama", **TINY)  # fp32 activations: the kernels are bf16-only
     fp32 = LLM.from_model(model, None, weights="int4", block_size=4, kv_cache_memory=1 << 20)
     assert fused_line(fp32) == (
-        "layer by layer (it needs bf16 activations and kvengine's kernels for every linear layer)")
+        "layer by layer (it needs bf16 activations and kvengine's tile kernels for every linear layer)")
 
 
 def fused_line(llm: LLM) -> str | None:
@@ -125,9 +126,9 @@ def test_fused_step_returns_only_sampled_rows():
 
 
 def test_several_sequences_decode_together_as_layer_by_layer():
-    """Requests sent at once decode in shared steps of several rows through the op (int8-activation gemm
-    kernels inside, attention over each row's own slots); the layer-by-layer path runs the same kernels: same
-    tokens, logits within bf16 noise, every block back."""
+    """Requests sent at once decode in shared steps of several rows through the op (gemm kernels inside,
+    attention over each row's own slots); the layer-by-layer path runs the same kernels: same tokens, logits
+    within bf16 noise, every block back."""
     prompts = [SHARED + [7, 7], [2, 7, 1, 8, 2], SHARED + [2, 8, 1], [9] * 9]
     results = []
     for fused in (True, False):
@@ -156,6 +157,32 @@ def test_several_sequences_decode_together_as_layer_by_layer():
     assert got == want and max(got_rows) == len(prompts) and got_rows == want_rows
     worst = max(((g - w).abs().max() / w.abs().max()).item() for g, w in zip(got_logits, want_logits, strict=True))
     assert worst <= LOGIT_TOL, worst
+
+
+def test_a_request_decodes_the_same_alone_or_batched():
+    """Batch invariance: every decode step's logits for a request are bit-identical whether it runs alone or
+    with three other requests (prefill in one step with them, then decode steps of four rows)."""
+    target, others = SHARED + [2, 8, 1], [[2, 7, 1, 8, 2], [9] * 9, [6, 5, 4, 3, 2, 1, 2]]
+    steps: list[torch.Tensor] = []
+    real_run = ModelRunner.run
+
+    def run(self, batch):
+        out = real_run(self, batch)
+        if batch.is_decode:
+            steps.append(out.clone())
+        return out
+
+    llm = _engine(True, max_num_seqs=4, enable_prefix_caching=False)
+    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ModelRunner, "run", run)
+        alone = llm.generate(prompt_token_ids=[target], sampling_params=params)[0].token_ids
+        alone_steps, steps[:] = list(steps), []
+        together = llm.generate(prompt_token_ids=[others[0], target, *others[1:]], sampling_params=params)
+    assert together[1].token_ids == alone
+    assert len(steps) == len(alone_steps) == NEW_TOKENS - 1 and all(len(s) == 4 for s in steps)
+    for mine, batched in zip(alone_steps, steps, strict=True):
+        assert any(torch.equal(mine[0], row) for row in batched)
 
 
 def test_fused_decode_under_preemption_prefix_hits_and_chunked_prefill():
@@ -203,8 +230,8 @@ def test_decode_layer_rejects_wrong_inputs():
         call(5, slots[0])
     with pytest.raises(RuntimeError, match="lens must lie in 1..L"):
         call(6, torch.tensor([3]))
-    with pytest.raises(RuntimeError, match="18 weight tensors expected"):
-        call(0, model.fused[0][:10])
+    with pytest.raises(RuntimeError, match="10 weight tensors expected"):
+        call(0, model.fused[0][:9])
     with pytest.raises(RuntimeError, match="slots must lie in the cache"):
         call(5, torch.tensor([[0, layer.k.shape[1]]]))
     with pytest.raises(RuntimeError, match="cos/sin must be \\[M, D\\] bfloat16"):

@@ -1,17 +1,18 @@
 // Llama-family decoder layer for decode steps (one new token for each of M sequences) as one op
-// (kvengine/models/llama.py calls it when every linear layer runs kvengine's kernels).
+// (kvengine/models/llama.py calls it when every linear layer runs kvengine's tile kernels).
 //
 // A decode step of a small model is ~15 tensor ops per layer, and from Python each costs a few microseconds
 // of dispatch, more than its arithmetic; torch.compile removes most of that but traces the model again in
-// every process. Here the layer is one call: the matrix products are packed_mm.cpp's for one row (bf16
-// activations, as the layer-by-layer path runs them) and vnni_mm.cpp's for several (int8 activations, ditto),
-// the rest (RMSNorm, RoPE, the cache writes, attention, SwiGLU, residual adds) are plain loops.
+// every process. Here the layer is one call: the matrix products are vnni_mm.cpp's (int8 activations, as the
+// layer-by-layer path runs them), the rest (RMSNorm, RoPE, the cache writes, attention, SwiGLU, residual adds)
+// are plain loops. Every row is computed on its own, the same way whatever the other rows are: a sequence's
+// logits do not depend on what it is batched with.
 //
 //   kvengine::decode_layer(x [M, H] bf16, weights, cos [M, D], sin [M, D], k_cache, v_cache,
 //                          slots [M, L] int64, lens [M] int64, num_heads, num_kv_heads, eps, scale) -> [M, H] bf16
-//     weights: input norm [H], qkv (q, s), o (q, s), post-attention norm [H], gate_up (q, s), down (q, s), then
-//     the tiles of qkv, o, gate_up, down (w, s) for q4_gemm / q8_gemm; a linear layer's (q, s) being q4_mm's
-//     (uint8, fp16 dm) or q8_mm's (int8, fp32 scale) operands.
+//     weights: input norm [H], qkv (w, s), o (w, s), post-attention norm [H], gate_up (w, s), down (w, s), a
+//     linear layer's (w, s) being q4_gemm's (uint8 [N/16, K/32, 4, 64], fp32 dm) or q8_gemm's (uint8
+//     [N/16, K/4, 64], fp32 scale) operands.
 //     k_cache / v_cache: the layer's [Hkv, slots, D] bf16 views of the pool. Row i's sequence has lens[i] keys
 //     at slots[i, 0 .. lens[i] - 1] (the rest of the row is padding); its new token's key and value go to the
 //     last of them, and attention reads them all.
@@ -20,7 +21,6 @@
 // rounded to bf16 here at the same point; inside an operation (a norm, a rotation, a softmax) the arithmetic is
 // fp32, where the PyTorch path sometimes rounds in between: logits agree within bf16 noise, not bit for bit.
 
-#include "packed_mm.h"
 #include "simd.h"
 #include "vnni_mm.h"
 
@@ -41,16 +41,9 @@ using kvengine::simd::load16;
 using kvengine::simd::store16;
 constexpr int64_t kMaxHeadDim = 256;
 
-// One row: the packed kernels on bf16 activations; several: the tile kernels (PackedLinear.forward's choice).
-// `l` is the linear layer's index in 0..3 (qkv, o, gate_up, down).
-at::Tensor linear(const at::Tensor& x, at::TensorList w, int l) {
-  static constexpr int kRowOps[4] = {1, 3, 6, 8};
-  if (x.size(0) == 1) {
-    const at::Tensor &q = w[kRowOps[l]], &s = w[kRowOps[l] + 1];
-    return q.scalar_type() == at::kByte ? kvengine::q4_mm(x, q, s) : kvengine::q8_mm(x, q, s);
-  }
-  const at::Tensor &t = w[10 + 2 * l], &s = w[11 + 2 * l];
-  return t.dim() == 4 ? kvengine::q4_gemm(x, t, s) : kvengine::q8_gemm(x, t, s);
+// The linear layer whose (w, s) are weights[i], weights[i + 1]: q4_gemm's operands or q8_gemm's.
+at::Tensor linear(const at::Tensor& x, at::TensorList w, int i) {
+  return w[i].dim() == 4 ? kvengine::q4_gemm(x, w[i], w[i + 1]) : kvengine::q8_gemm(x, w[i], w[i + 1]);
 }
 
 // e^x for 16 lanes: x = k ln2 + r with |r| <= ln2 / 2, e^r by its Taylor series to r^6 (relative error ~1e-7),
@@ -160,7 +153,7 @@ at::Tensor decode_layer(const at::Tensor& x, at::TensorList w, const at::Tensor&
                         const at::Tensor& lens, int64_t num_heads, int64_t num_kv_heads, double eps, double scale) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.is_contiguous(),
               "decode_layer: x must be [M, H] bfloat16");
-  TORCH_CHECK(w.size() == 18, "decode_layer: 18 weight tensors expected");
+  TORCH_CHECK(w.size() == 10, "decode_layer: 10 weight tensors expected");
   const int64_t M = x.size(0), H = x.size(1), D = k_cache.size(2), Hq = num_heads, Hkv = num_kv_heads;
   for (int i : {0, 5})
     TORCH_CHECK(w[i].scalar_type() == at::kBFloat16 && w[i].is_contiguous() && w[i].numel() == H,
@@ -186,7 +179,7 @@ at::Tensor decode_layer(const at::Tensor& x, at::TensorList w, const at::Tensor&
               "decode_layer: cos/sin must be [M, D] bfloat16");
 
   // attention block
-  at::Tensor qkv = linear(rms_norm(x, w[0], eps), w, 0);  // [M, (Hq + 2 Hkv) D]
+  at::Tensor qkv = linear(rms_norm(x, w[0], eps), w, 1);  // [M, (Hq + 2 Hkv) D]
   const int64_t width = (Hq + 2 * Hkv) * D;
   TORCH_CHECK(qkv.size(1) == width, "decode_layer: qkv weight must have (heads + 2 kv heads) * D rows");
   bf16* kc = k_cache.data_ptr<bf16>();
@@ -214,14 +207,14 @@ at::Tensor decode_layer(const at::Tensor& x, at::TensorList w, const at::Tensor&
     }
   });
   at::Tensor out = x.clone();  // [M, H]: the residual stream
-  add_into(out, linear(attn, w, 1));
+  add_into(out, linear(attn, w, 3));
 
   // MLP block: down(silu(gate) * up)
-  at::Tensor gate_up = linear(rms_norm(out, w[5], eps), w, 2);  // [M, 2I]
+  at::Tensor gate_up = linear(rms_norm(out, w[5], eps), w, 6);  // [M, 2I]
   const int64_t I = gate_up.size(1) / 2;
   at::Tensor act = at::empty({M, I}, x.options());  // [M, I]
   swiglu(gate_up.data_ptr<bf16>(), M, I, act.data_ptr<bf16>());
-  add_into(out, linear(act, w, 3));
+  add_into(out, linear(act, w, 8));
   return out;
 }
 

@@ -1,5 +1,6 @@
-// Packed-weight matrix products for decode on x86 CPUs with AVX-512 BF16 (kvengine/layers/native.py builds
-// and loads this file; layers/linear.py calls the ops).
+// Packed-weight matrix products on bf16 activations, on x86 CPUs with AVX-512 BF16 (kvengine/layers/native.py
+// builds and loads this file; layers/linear.py calls the ops for layers whose shape vnni_mm.cpp's 16-row tiles
+// do not fit).
 //
 // At decode a step multiplies few rows (M <= 8) by every weight once, so the time is the weight bytes read
 // and the instructions spent turning them into numbers. Both kernels read each weight row once for all M

@@ -1,9 +1,10 @@
-// Quantized-weight matrix products for many rows (prefill, batched decode) with int8 activations, on x86 CPUs
-// with AVX-512 VNNI (kvengine/layers/native.py builds and loads this file; layers/linear.py calls the ops).
+// Quantized-weight matrix products with int8 activations, on x86 CPUs with AVX-512 VNNI (kvengine/layers/native.py
+// builds and loads this file; layers/linear.py and decode_layer.cpp call the ops).
 //
-// With many rows of x a matmul is bound by arithmetic, not by weight bytes. VPDPBUSD multiplies 64 unsigned
-// bytes by 64 signed bytes into 16 int32 sums in one instruction, twice the products of a bf16 VDPBF16PS, so
-// x is quantized first, the way GGUF's Q8_1 does for llama.cpp's dot products: each group of 32 values of a
+// With many rows of x a matmul is bound by arithmetic, not by weight bytes, and with one row by the
+// instructions that turn weight bytes into products. VPDPBUSD multiplies 64 unsigned bytes by 64 signed bytes
+// into 16 int32 sums in one instruction, twice the products of a bf16 VDPBF16PS and no unpacking to bf16, so x
+// is quantized first, the way GGUF's Q8_1 does for llama.cpp's dot products: each group of 32 values of a
 // row gets its own scale da = max|x| / 127 and codes qa = round(x / da) in -127..127, and its sum
 // sx = da * sum(qa). (Int4 weights add m * sx per group; the sum of the quantized x, not of x, keeps that term's
 // error with the rest: measured on random rows, 0.55% relative error against 1.2% with the exact sum.)

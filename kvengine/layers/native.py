@@ -3,12 +3,13 @@
 `kvengine::q4_gemm` and `kvengine::q8_gemm` (vnni_mm.cpp) multiply activations, quantized to int8 in groups of
 32, by int4 / int8 weights in a tiled layout on x86 CPUs with AVX-512 VNNI; `kvengine::q4_mm` and
 `kvengine::q8_mm` (packed_mm.cpp) multiply bf16 activations by the same weights in a row layout, for shapes the
-tiles do not fit (each file's header says how); `kvengine::decode_layer` (decode_layer.cpp) runs a whole Llama-family layer for a
-decode step on them (models/llama.py). They are compiled with the machine's g++ the first time a quantized
-model is built (~30 s, then cached by torch under ~/.cache/torch_extensions) and registered as torch ops; the
-matmuls have shape functions, so compiled decode graphs call them directly. Where the CPU lacks the
-instructions, the build fails, or KVENGINE_NATIVE=0 is set, `available()` is False and layers/linear.py keeps
-PyTorch's packed kernels; `reason()` says why, for the run summary.
+tiles do not fit (each file's header says how); `kvengine::decode_layer` (decode_layer.cpp) runs a whole
+Llama-family layer for a decode step on the tile kernels (models/llama.py). They are compiled with the
+machine's g++ the first time a quantized model is built (~30 s, then cached by torch under
+~/.cache/torch_extensions) and registered as torch ops; the matmuls have shape functions, so compiled decode
+graphs call them directly. Where the CPU lacks the instructions, the build fails, or KVENGINE_NATIVE=0 is set,
+`available()` is False and layers/linear.py keeps PyTorch's packed kernels; `reason()` says why, for the run
+summary.
 """
 
 from __future__ import annotations

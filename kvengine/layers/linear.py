@@ -52,7 +52,6 @@ class PackedLinear(torch.nn.Module):
     kvengine's row kernel on bf16 activations, or PyTorch's), with, where `dense_above` is set, a dense copy of
     the dequantized weight in the compute dtype for steps of more rows (where those kernels are slower)."""
 
-    qweight: torch.Tensor
     dense: torch.Tensor | None
     bias: torch.Tensor | None
     wtiles: torch.Tensor | None
@@ -95,18 +94,22 @@ class PackedLinear(torch.nn.Module):
 
 
 class Int8Linear(PackedLinear):
-    """Symmetric int8 weight with one scale per output row: W[n] = q[n] * scale[n]."""
+    """Symmetric int8 weight with one scale per output row: W[n] = q[n] * scale[n].
+
+    Layouts: kvengine's tiles (`wtiles` [N/16, K/4, 64] uint8, q + 128, native.tile_int8; `stiles` the [N]
+    fp32 scales) where they fit and `act_int8`; else kvengine's row kernel (`qweight` [N, K] int8, `scales` [N]
+    fp32); else PyTorch's (`qweight`, `scales` in the activation dtype)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, act_dtype: torch.dtype,
-                 dense_above: int | None = None) -> None:
+                 dense_above: int | None = None, act_int8: bool = True) -> None:
         super().__init__()
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         q, scale = quantize_int8(weight)
         self.native = uses_native(act_dtype, self.in_features % 16 == 0)
-        self.register_buffer("qweight", q)  # [N, K] int8
-        self.register_buffer("scales", scale if self.native else scale.to(act_dtype))  # [N]
+        tiles = (native.tile_int8(q), scale) if self.native and act_int8 and tiles_fit(self) else None
+        self.register_buffer("qweight", q if tiles is None else None)  # [N, K] int8
+        self.register_buffer("scales", None if tiles else scale if self.native else scale.to(act_dtype))  # [N]
         self.register_buffer("bias", bias.to(act_dtype) if bias is not None else None)
-        tiles = (native.tile_int8(q), scale) if self.native and tiles_fit(self) else None
         self._init_batched(act_dtype, dense_above, tiles)
 
     def packed_mm(self, x: torch.Tensor) -> torch.Tensor:
@@ -118,38 +121,44 @@ class Int8Linear(PackedLinear):
         return torch.ops.kvengine.q8_gemm(x, self.wtiles, self.stiles)
 
     def dequantized(self) -> torch.Tensor:
+        if self.wtiles is not None:
+            return native.untile_int8(self.wtiles).float() * self.stiles[:, None]
         return self.qweight.float() * self.scales.float()[:, None]
 
 
 class Int4Linear(PackedLinear):
     """Asymmetric int4 weight in groups along K: W[n, g*G + i] = q * scale[n, g] + lo[n, g], q in 0..15.
 
-    Native layout: qweight [N, K/2] uint8 (native.pack_int4) and `dm` [N, 2, K/G] float16 (scale, lo: GGUF
-    Q4_1's d and m exactly). PyTorch's: its packed qweight and `scale_zero` [K/G, N, 2] in the activation dtype,
-    for its form (q - 8) * scale + zero, zero = lo + 8 * scale."""
+    Layouts: kvengine's tiles (`wtiles` [N/16, K/32, 4, 64] uint8, native.tile_int4; `stiles` [N/16, K/32, 2, 16]
+    fp32 scale and lo) where they fit and `act_int8`; else kvengine's row kernel (`qweight` [N, K/2] uint8,
+    native.pack_int4; `dm` [N, 2, K/G] float16); else PyTorch's (its packed `qweight`, `scale_zero` [K/G, N, 2]
+    in the activation dtype, for its form (q - 8) * scale + zero, zero = lo + 8 * scale). kvengine's layouts hold
+    scale and lo at float16 precision, GGUF Q4_1's d and m exactly."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, act_dtype: torch.dtype,
-                 group_size: int = INT4_GROUP, dense_above: int | None = None) -> None:
+                 group_size: int = INT4_GROUP, dense_above: int | None = None, act_int8: bool = True) -> None:
         super().__init__()
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         self.group_size = group_size
         q, scale, lo = quantize_int4(weight, group_size)
         self.native = uses_native(act_dtype, group_size == 32 and self.in_features % 64 == 0
                                   and self.in_features <= 16384)
-        if self.native:
+        dm = torch.stack([scale, lo], dim=1).half()  # [N, 2, K/G]
+        tiles = None
+        if self.native and act_int8 and tiles_fit(self):
+            n, _, g = dm.shape
+            tiles = (native.tile_int4(q), dm.float().reshape(n // 16, 16, 2, g).permute(0, 3, 2, 1).contiguous())
+            self.register_buffer("qweight", None)  # the tiles are the only copy of the codes
+            self.register_buffer("dm", None)
+        elif self.native:
             self.register_buffer("qweight", native.pack_int4(q))  # [N, K/2] uint8
-            self.register_buffer("dm", torch.stack([scale, lo], dim=1).half())  # [N, 2, K/G]
+            self.register_buffer("dm", dm)
         else:
             self.register_buffer("qweight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))  # [N, K/2]
             zero = lo + 8.0 * scale
             self.register_buffer("scale_zero", torch.stack([scale, zero], dim=-1).transpose(0, 1)
                                  .contiguous().to(act_dtype))  # [K/G, N, 2]
         self.register_buffer("bias", bias.to(act_dtype) if bias is not None else None)
-        tiles = None
-        if self.native and tiles_fit(self):
-            n, _, g = self.dm.shape  # the same fp16 d and m as the row kernel's
-            dm = self.dm.float().reshape(n // 16, 16, 2, g).permute(0, 3, 2, 1).contiguous()  # [N/16, G, 2, 16]
-            tiles = (native.tile_int4(q), dm)
         self._init_batched(act_dtype, dense_above, tiles)
 
     def packed_mm(self, x: torch.Tensor) -> torch.Tensor:
@@ -162,6 +171,11 @@ class Int4Linear(PackedLinear):
 
     def dequantized(self) -> torch.Tensor:
         """The float weight the kernel multiplies by. [N, K]"""
+        if self.wtiles is not None:
+            t, g = self.stiles.shape[:2]
+            d, m = self.stiles.permute(0, 3, 2, 1).reshape(16 * t, 2, g).repeat_interleave(self.group_size, dim=2) \
+                .unbind(1)  # [N, K] each
+            return native.untile_int4(self.wtiles).float() * d + m
         if self.native:
             d, m = self.dm.float().repeat_interleave(self.group_size, dim=2).unbind(1)  # [N, K] each
             return native.unpack_int4(self.qweight).float() * d + m

@@ -136,3 +136,10 @@ def tile_int8(q: torch.Tensor) -> torch.Tensor:
     n, k = q.shape
     u = (q.to(torch.int16) + 128).to(torch.uint8)  # [N, K]
     return u.reshape(n // 16, 16, k // 4, 4).permute(0, 2, 1, 3).reshape(n // 16, k // 4, 64).contiguous()
+
+
+def untile_int8(w: torch.Tensor) -> torch.Tensor:
+    """Inverse of `tile_int8`: [N/16, K/4, 64] uint8 -> [N, K] int8."""
+    t, c = w.shape[:2]
+    return (w.reshape(t, c, 16, 4).permute(0, 2, 1, 3).reshape(16 * t, 4 * c).to(torch.int16) - 128).to(torch.int8)
+

@@ -38,6 +38,7 @@ def test_tile_layouts():
     t8 = native.tile_int8(q8)
     assert t8.shape == (1, 2, 64)
     assert t8[0, 1, 4 * 3 + 1].item() == q8[3, 4 + 1].item() + 128
+    assert torch.equal(native.untile_int8(t8), q8)
 
 
 @needs_cpu
@@ -56,8 +57,8 @@ REL_TOL = 2 ** -8
 def test_q4_mm_equals_matmul_by_its_weight(rows, shape):
     n, k = shape
     gen = torch.Generator().manual_seed(rows)
-    layer = Int4Linear(torch.randn(n, k, generator=gen) * 0.05, None, torch.bfloat16)
-    assert layer.native
+    layer = Int4Linear(torch.randn(n, k, generator=gen) * 0.05, None, torch.bfloat16, act_int8=False)
+    assert layer.native and layer.wtiles is None
     x = torch.randn(rows, k, generator=gen).to(torch.bfloat16)
     ref = x.double() @ layer.dequantized().double().t()  # [rows, n]
     got = layer.packed_mm(x)
@@ -69,8 +70,8 @@ def test_q4_mm_equals_matmul_by_its_weight(rows, shape):
 @pytest.mark.parametrize("rows", [1, 4, 9])
 def test_q8_mm_equals_matmul_by_its_weight(rows):
     gen = torch.Generator().manual_seed(rows)
-    layer = Int8Linear(torch.randn(250, 576, generator=gen), None, torch.bfloat16)
-    assert layer.native
+    layer = Int8Linear(torch.randn(250, 576, generator=gen), None, torch.bfloat16)  # 250 rows: no tiles
+    assert layer.native and layer.wtiles is None
     x = torch.randn(rows, 576, generator=gen).to(torch.bfloat16)
     ref = x.double() @ layer.dequantized().double().t()
     got = layer.packed_mm(x)
@@ -98,6 +99,7 @@ def test_gemm_equals_matmul_of_its_quantized_activations(cls, rows):
     gen = torch.Generator().manual_seed(rows)
     layer = cls(torch.randn(96, 576, generator=gen) * 0.05, None, torch.bfloat16)
     assert layer.native and layer.wtiles is not None and layer.dense is None
+    assert layer.qweight is None  # the tiles are the only copy of the codes
     x = torch.randn(rows, 576, generator=gen).to(torch.bfloat16)
     x[0, :32] = 0  # an all-zero group quantizes to zeros, not NaN
     w = layer.dequantized().double()
@@ -113,7 +115,7 @@ def test_gemm_equals_matmul_of_its_quantized_activations(cls, rows):
 
 @needs_cpu
 def test_native_int4_keeps_q4_1_scales_exactly():
-    """The native layout stores each group's scale and minimum in float16, GGUF Q4_1's own precision, so a
+    """Both native layouts store each group's scale and minimum at float16 precision, GGUF Q4_1's own, so a
     weight already on a Q4_1 grid (fp16 d and m) comes back exactly."""
     gen = torch.Generator().manual_seed(3)
     q = torch.randint(0, 16, (32, 128), generator=gen)
@@ -122,8 +124,9 @@ def test_native_int4_keeps_q4_1_scales_exactly():
     d = (torch.rand(32, 4, generator=gen) * 0.01 + 0.001).half().float()
     m = (-torch.rand(32, 4, generator=gen) * 0.1).half().float()
     w = (q.view(32, 4, 32) * d[..., None] + m[..., None]).view(32, 128)
-    layer = Int4Linear(w, None, torch.bfloat16)
-    assert layer.native and torch.equal(layer.dequantized(), w)
+    for act_int8 in (True, False):  # the tiled layout and the row one
+        layer = Int4Linear(w, None, torch.bfloat16, act_int8=act_int8)
+        assert layer.native and (layer.wtiles is not None) == act_int8 and torch.equal(layer.dequantized(), w)
     q2, scale, lo = quantize_int4(w, 32)
     assert torch.equal(q2, q.int())
 

@@ -29,10 +29,13 @@ class KVView:
     kv_index: list[int | torch.Tensor]  # [B]: start slot, or [L] slots
     kv_positions: list[torch.Tensor | None]  # [B]: [L] text positions of the keys read, or None = 0 .. L - 1
     num_sinks: list[int]  # [B]: leading keys that are sinks
-    # Batched decode only: [B, max_len] slots (padding repeats a real slot), [B, max_len] validity, [B] lengths.
+    # Batched decode only: [B, max_len] slots (padding repeats a real slot) and [B, max_len] validity.
     decode_slots: torch.Tensor | None = None
     decode_mask: torch.Tensor | None = None
-    decode_lens: torch.Tensor | None = None
+    # Steps the model runs as one op per layer (models/llama.py): token r's sequence's slots [T, max_len]
+    # (padding repeats a real slot) and [T] how many it reads, its own last (causal).
+    row_slots: torch.Tensor | None = None
+    row_lens: torch.Tensor | None = None
 
 
 @dataclass(slots=True)

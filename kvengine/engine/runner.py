@@ -17,6 +17,16 @@ from kvengine.engine.compiled import CompiledDecode
 from kvengine.engine.scheduler import ScheduledSeq
 from kvengine.engine.sequence import Sequence
 
+# The one-op path attends with a plain loop per (token, head); a prefill step whose tokens together read more
+# keys than this (a long prompt) runs layer by layer, where PyTorch's attention kernels are faster. 32 chat
+# prompts of ~36 tokens read ~21k.
+FUSED_ROW_KEYS = 1 << 16
+
+
+def row_keys(scheduled: list[ScheduledSeq]) -> int:
+    """Keys the step's tokens read together (causal): token t of a chunk starting at `start` reads start + t + 1."""
+    return sum(s.num_new_tokens * s.start + s.num_new_tokens * (s.num_new_tokens + 1) // 2 for s in scheduled)
+
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, pool: KVPool | None, block_tables: KVBlockTables | None,
@@ -29,8 +39,9 @@ class ModelRunner:
 
     @property
     def fused_decode(self) -> bool:
-        """The model runs decode steps as one op per layer (models/llama.py enable_fused_decode); they skip
-        compilation, and need each sequence's keys by slot list."""
+        """The model runs steps as one op per layer (models/llama.py enable_fused_decode): every decode step,
+        and prefill steps whose tokens read few keys (`FUSED_ROW_KEYS`); they skip compilation, and need each
+        token's keys by slot list (`_add_row_slots`)."""
         return getattr(self.model, "fused", None) is not None
 
     @torch.inference_mode()
@@ -82,8 +93,7 @@ class ModelRunner:
         # compiled decode reads keys by slot list even where blocks are consecutive: Dynamo guards the index's
         # type, so a start slot and a slot list would be two graphs, and the second compile would stall the first
         # request whose blocks are scattered (after a prefix-cache hit: the usual case from the second request on).
-        # The fused op takes slot lists only (several sequences: the padded rows of _add_decode_gather).
-        as_slots = decode and (self.compiled is not None or (self.fused_decode and len(scheduled) == 1))
+        as_slots = decode and self.compiled is not None
         for s in scheduled:
             start, end = s.start, s.start + s.num_new_tokens
             table = self.bm.block_table(s.seq.seq_id, group)
@@ -104,12 +114,29 @@ class ModelRunner:
             kv_index.append(index)
         view = KVView(retention.window, retention.sinks, torch.cat(slots).to(self.device), tables, kv_index,
                       kv_positions, num_sinks)
-        if decode and len(scheduled) > 1 and not any(num_sinks):
+        if self.fused_decode and (decode or row_keys(scheduled) <= FUSED_ROW_KEYS):
+            self._add_row_slots(view, scheduled)
+        elif decode and len(scheduled) > 1 and not any(num_sinks):
             self._add_decode_gather(view, scheduled)
         return view
 
+    def _add_row_slots(self, view: KVView, scheduled: list[ScheduledSeq]) -> None:
+        """Per-token slot lists for the model's one-op path: token t of sequence s (position start + t) reads
+        the first start + t + 1 slots of s's list."""
+        seqs, lens = [], []
+        for index, s in zip(view.kv_index, scheduled, strict=True):
+            end = s.start + s.num_new_tokens
+            seqs.append(torch.arange(index, index + end, device=self.device) if isinstance(index, int)
+                        else index[:end])
+            lens.append(torch.arange(s.start + 1, end + 1, device=self.device))
+        max_len = max(len(r) for r in seqs)
+        padded = torch.stack([torch.cat([r, r[:1].expand(max_len - len(r))]) for r in seqs])  # [S, max_len]
+        counts = torch.tensor([s.num_new_tokens for s in scheduled], device=self.device)  # [S]
+        view.row_slots = padded.repeat_interleave(counts, dim=0)  # [T, max_len]
+        view.row_lens = torch.cat(lens)  # [T]
+
     def _add_decode_gather(self, view: KVView, scheduled: list[ScheduledSeq]) -> None:
-        """Padded slot indices for one batched attention call: [B, max_len] slots, validity mask and lengths.
+        """Padded slot indices for one batched attention call: [B, max_len] slots and validity mask.
         Padding repeats the sequence's first slot, so masked keys are real (finite) values."""
         rows = []
         for index, s in zip(view.kv_index, scheduled, strict=True):
@@ -118,7 +145,6 @@ class ModelRunner:
         max_len = max(len(r) for r in rows)
         view.decode_slots = torch.stack([torch.cat([r, r[:1].expand(max_len - len(r))]) for r in rows])  # [B, L]
         lens = torch.tensor([len(r) for r in rows], device=self.device)  # [B]
-        view.decode_lens = lens
         view.decode_mask = torch.arange(max_len, device=self.device)[None, :] < lens[:, None]  # [B, max_len]
 
     def build_no_cache(self, seqs: list[Sequence]) -> StepBatch:

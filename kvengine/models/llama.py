@@ -157,31 +157,21 @@ class LlamaForCausalLM(CheckpointWeights, torch.nn.Module):
         return ""
 
     def decodes_fused(self, batch: StepBatch, kv: KVPool | None) -> bool:
-        """Whether forward(batch, kv) takes the one-op-per-layer path: a decode step (one new token per
-        sequence) whose keys come by slot list (one sequence: the runner's choice when this model has the path;
-        several: its padded slot rows), on a pool the op reads."""
-        if self.fused is None or kv is None or batch.kv is None or not fused_decode_pool(kv):
-            return False
-        view = batch.kv[0]
-        if batch.num_tokens == 1:
-            return isinstance(view.kv_index[0], torch.Tensor)
-        return batch.num_tokens == len(batch.context_lens) and view.decode_slots is not None
+        """Whether forward(batch, kv) takes the one-op-per-layer path: the runner gave every token its slot list
+        (engine/runner.py `_add_row_slots`: decode steps, and prefill steps that read few keys), on a pool the op
+        reads."""
+        return (self.fused is not None and kv is not None and batch.kv is not None
+                and batch.kv[0].row_slots is not None and fused_decode_pool(kv))
 
     def _forward_fused(self, batch: StepBatch, kv: KVPool) -> torch.Tensor:
         assert self.fused is not None
         c, view = self.config, batch.kv[0]
-        if view.decode_slots is not None:
-            slots, lens = view.decode_slots, view.decode_lens  # [M, L], [M]
-        else:  # one sequence: its [L] slots, the new token's last
-            index = view.kv_index[0]
-            assert isinstance(index, torch.Tensor)
-            slots, lens = index[None], torch.tensor([len(index)])  # [1, L], [1]
-        x = self.embed_tokens(batch.input_ids)  # [M, hidden]
-        cos, sin = self.rotary.table(batch.positions, batch.max_context_len)  # [M, 1, D] each
+        x = self.embed_tokens(batch.input_ids)  # [T, hidden]
+        cos, sin = self.rotary.table(batch.positions, batch.max_context_len)  # [T, 1, D] each
         for weights, layer_kv in zip(self.fused, kv.layers, strict=True):
-            x = torch.ops.kvengine.decode_layer(x, weights, cos, sin, layer_kv.k, layer_kv.v, slots, lens,
-                                                c.num_heads, c.num_kv_heads, c.rms_norm_eps,
-                                                c.attn_scale)  # [M, hidden]
+            x = torch.ops.kvengine.decode_layer(x, weights, cos, sin, layer_kv.k, layer_kv.v, view.row_slots,
+                                                view.row_lens, c.num_heads, c.num_kv_heads, c.rms_norm_eps,
+                                                c.attn_scale)  # [T, hidden]
         return self.lm_head(self.norm(x[batch.logits_indices])).float()  # [N, vocab]
 
     def forward(self, batch: StepBatch, kv: KVPool | None) -> torch.Tensor:

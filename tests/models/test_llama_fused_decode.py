@@ -79,7 +79,10 @@ def test_fused_decode_equals_layer_by_layer(monkeypatch):
     assert fused.engine.model.fused is not None and plain.engine.model.fused is None
     calls = count_decode_layer_calls(monkeypatch)
     got, got_logits, blocks = _decode(fused)
-    assert len(calls) == 2 * (NEW_TOKENS - 1) * 2  # every decode step of both requests, 2 layers each
+    # every step of both requests, 2 layers each: the prompt's uncached tokens (14; then 3, the shared 12 hit the
+    # prefix cache), then 11 one-token decode steps
+    prefill = [len(PROMPTS[0]), len(PROMPTS[1]) - len(SHARED)]
+    assert calls == [n for p in prefill for n in [p] * 2 + [1] * 2 * (NEW_TOKENS - 1)]
     want, want_logits, _ = _decode(plain)
     assert got == want and [len(t) for t in got] == [NEW_TOKENS] * 2
     assert True in blocks and False in blocks  # a fresh request's blocks, then a prefix-cache hit's
@@ -88,6 +91,26 @@ def test_fused_decode_equals_layer_by_layer(monkeypatch):
     assert worst <= LOGIT_TOL, worst
     bm = fused.engine.bm
     assert bm.num_free_blocks == bm.manager.num_blocks  # nothing held once the requests are done
+
+
+def test_prefill_reading_many_keys_runs_layer_by_layer(monkeypatch):
+    """A prefill step whose tokens read more keys than runner.FUSED_ROW_KEYS (a long prompt: the op's attention
+    is a plain loop) runs layer by layer; its decode steps still go through the op."""
+    from kvengine.engine import runner
+
+    prompt = PROMPTS[0]  # 14 tokens read 14 * 15 / 2 = 105 keys
+    monkeypatch.setattr(runner, "FUSED_ROW_KEYS", 104)
+    llm = _engine(True)
+    with pytest.MonkeyPatch.context() as mp:
+        calls = count_decode_layer_calls(mp)
+        out = llm.generate(prompt_token_ids=[prompt], sampling_params=SamplingParams(
+            max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True))[0]
+    assert calls == [1] * 2 * (NEW_TOKENS - 1) and len(out.token_ids) == NEW_TOKENS
+    monkeypatch.setattr(runner, "FUSED_ROW_KEYS", 105)
+    with pytest.MonkeyPatch.context() as mp:
+        calls = count_decode_layer_calls(mp)
+        llm.generate(prompt_token_ids=[[5, *prompt[1:]]], sampling_params=SamplingParams(max_tokens=1))
+    assert calls == [len(prompt)] * 2
 
 
 def test_fused_decode_says_when_it_runs_and_why_not():
@@ -129,7 +152,7 @@ def test_several_sequences_decode_together_as_layer_by_layer():
     """Requests sent at once decode in shared steps of several rows through the op (gemm kernels inside,
     attention over each row's own slots); the layer-by-layer path runs the same kernels: same tokens, logits
     within bf16 noise, every block back."""
-    prompts = [SHARED + [7, 7], [2, 7, 1, 8, 2], SHARED + [2, 8, 1], [9] * 9]
+    prompts = [SHARED + [7, 7], [2, 7, 1, 8, 2], SHARED + [2, 8, 1], [5, 3, 9, 1, 4, 1, 5, 9, 2]]
     results = []
     for fused in (True, False):
         llm = _engine(fused, max_num_seqs=4)
@@ -149,7 +172,8 @@ def test_several_sequences_decode_together_as_layer_by_layer():
             mp.setattr(ModelRunner, "run", run)
             outs = llm.generate(prompt_token_ids=prompts, sampling_params=SamplingParams(
                 max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True))
-        assert calls == ([n for n in rows for _ in range(2)] if fused else [])  # each decode step, 2 layers
+        prefill = sum(map(len, prompts))  # the four prompts in one step, then decode steps of four rows
+        assert calls == ([n for n in [prefill, *rows] for _ in range(2)] if fused else [])  # 2 layers each
         bm = llm.engine.bm
         assert bm.num_free_blocks == bm.manager.num_blocks
         results.append(([o.token_ids for o in outs], rows, logits))

@@ -1,5 +1,6 @@
-// Llama-family decoder layer for decode steps (one new token for each of M sequences) as one op
-// (kvengine/models/llama.py calls it when every linear layer runs kvengine's tile kernels).
+// Llama-family decoder layer for M new tokens as one op: a decode step (one token for each of M sequences) or
+// a prefill step of short prompts (several tokens per sequence, each reading its sequence's keys up to itself).
+// kvengine/models/llama.py calls it when every linear layer runs kvengine's tile kernels.
 //
 // A decode step of a small model is ~15 tensor ops per layer, and from Python each costs a few microseconds
 // of dispatch, more than its arithmetic; torch.compile removes most of that but traces the model again in
@@ -13,9 +14,9 @@
 //     weights: input norm [H], qkv (w, s), o (w, s), post-attention norm [H], gate_up (w, s), down (w, s), a
 //     linear layer's (w, s) being q4_gemm's (uint8 [N/16, K/32, 4, 64], fp32 dm) or q8_gemm's (uint8
 //     [N/16, K/4, 64], fp32 scale) operands.
-//     k_cache / v_cache: the layer's [Hkv, slots, D] bf16 views of the pool. Row i's sequence has lens[i] keys
-//     at slots[i, 0 .. lens[i] - 1] (the rest of the row is padding); its new token's key and value go to the
-//     last of them, and attention reads them all.
+//     k_cache / v_cache: the layer's [Hkv, slots, D] bf16 views of the pool. Token i reads lens[i] keys at
+//     slots[i, 0 .. lens[i] - 1] (the rest of the row is padding), its own key and value last: every token's are
+//     written first, so tokens of one sequence in one step see each other causally.
 //
 // Numerics follow the PyTorch path (models/llama.py) in bf16: every value that is a bf16 tensor there is
 // rounded to bf16 here at the same point; inside an operation (a norm, a rotation, a softmax) the arithmetic is

@@ -117,7 +117,8 @@ def output_json(llm, out: RequestOutput) -> dict[str, Any]:
     if out.verify is not None:
         v = out.verify
         data["verify"] = {"tokens_checked": v.tokens_checked, "max_abs_logit_diff": v.max_abs_logit_diff,
-                          "first_divergence": v.first_divergence, "passed": v.passed}
+                          "first_divergence": v.first_divergence, "divergence_margin": v.divergence_margin,
+                          "tolerance": v.tolerance, "passed": v.passed}
     return data
 
 

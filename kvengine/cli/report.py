@@ -58,7 +58,10 @@ def run_summary(llm, out: RequestOutput, file: TextIO, turn: bool = False) -> No
         v = out.verify
         verdict = "identical" if v.passed else "DIFFERENT"
         div = "none" if v.first_divergence is None else f"token {v.first_divergence}"
+        if v.divergence_margin is not None:
+            tie = " (a near-tie, within the dtype's tolerance)" if v.divergence_margin <= v.tolerance else ""
+            div += f", where the no-cache run ranks its own pick {v.divergence_margin:.3g} above this run's{tie}"
         lines.append(f"verify: recomputed without cache: {verdict}; max |logit diff| {v.max_abs_logit_diff:.2e} over "
-                     f"{v.tokens_checked} steps, first diverging token: {div}")
+                     f"{v.tokens_checked} steps (tolerance {v.tolerance:g}), first diverging token: {div}")
     for line in lines:
         print(line, file=file)

@@ -295,11 +295,11 @@ class LLMEngine:
         got = torch.stack(seq.step_logits)  # [n_steps, vocab]
         diff = (ref - got).abs().max().item() if n_steps else 0.0
         outputs = seq.output_token_ids
-        first = None
+        first, margin = None, None
         for i in range(n_steps):
             if seq.params.greedy and int(ref[i].argmax()) != outputs[i]:
-                first = i
+                first, margin = i, float(ref[i].max() - ref[i, outputs[i]])
                 break
         seq.step_logits.clear()
         return VerifyReport(tokens_checked=n_steps, max_abs_logit_diff=diff, first_divergence=first,
-                            tolerance=VERIFY_TOLERANCE.get(self.dtype, 0.5))
+                            tolerance=VERIFY_TOLERANCE.get(self.dtype, 0.5), divergence_margin=margin)

@@ -20,6 +20,9 @@ class VerifyReport:
     max_abs_logit_diff: float
     first_divergence: int | None  # index of the first generated token whose no-cache argmax differs
     tolerance: float
+    # at that token: how far the no-cache run's best logit lies above its logit for the token the cached run
+    # chose (within `tolerance`: a near-tie that rounding flipped)
+    divergence_margin: float | None = None
 
     @property
     def passed(self) -> bool:

@@ -119,6 +119,41 @@ def test_verify_mode_reports_identical_logits():
     assert out.verify.max_abs_logit_diff < 1e-4 and out.verify.passed
 
 
+def test_verify_reports_where_and_by_how_much_a_run_diverged(monkeypatch):
+    """A cached run made to pick token 7 at its third token (its logits nudged there: a bookkeeping test) is
+    reported diverging at that token, with how far the no-cache run ranks its own pick above token 7, and the
+    run summary says so."""
+    import io
+
+    from kvengine.cli.report import run_summary
+    from kvengine.engine.runner import ModelRunner
+
+    llm = tiny_llm()
+    real_run = ModelRunner.run
+    decode_steps = []
+
+    def run(self, batch):
+        out = real_run(self, batch)
+        if batch.uses_cache and batch.is_decode:
+            decode_steps.append(1)
+            if len(decode_steps) == 2:  # the third token (the first comes from the prefill step)
+                out = out.clone()
+                out[0, 7] = out[0].max() + 5
+        return out
+
+    monkeypatch.setattr(ModelRunner, "run", run)
+    prompt = prompts([10])[0]
+    out = llm.generate(prompt_token_ids=[prompt], sampling_params=GREEDY, verify=True)[0]
+    assert out.token_ids[2] == 7 and out.verify.first_divergence == 2 and not out.verify.passed
+    ref = llm.engine.runner.full_logits_no_cache(prompt + out.token_ids[:2], len(prompt) + 1)[0]  # [vocab]
+    assert int(ref.argmax()) != 7
+    assert out.verify.divergence_margin == pytest.approx(float(ref.max() - ref[7]))
+    buf = io.StringIO()
+    run_summary(llm, out, buf)
+    assert (f"first diverging token: token 2, where the no-cache run ranks its own pick "
+            f"{out.verify.divergence_margin:.3g} above this run's") in buf.getvalue()
+
+
 def test_stream_yields_every_token():
     llm = tiny_llm()
     chunks = list(llm.stream(prompt_token_ids=prompts([6])[0], sampling_params=GREEDY))

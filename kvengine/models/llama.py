@@ -145,9 +145,10 @@ class LlamaForCausalLM(CheckpointWeights, torch.nn.Module):
         self.fused: list[list[torch.Tensor]] | None = None  # per layer: decode_layer's weights (enable_fused_decode)
 
     def enable_fused_decode(self, pool: KVPool) -> str:
-        """Run decode steps (one sequence or several) as one `kvengine::decode_layer` op per layer (the PyTorch
-        ops' dispatch otherwise costs more than their arithmetic; compilation removes it too, but traces again in
-        every process). Returns "" when enabled, else why not, for the run summary."""
+        """Run decode steps (one sequence or several) and prefill steps of short prompts as one
+        `kvengine::decode_layer` op per layer (the PyTorch ops' dispatch otherwise costs more than their
+        arithmetic; compilation removes it too, but traces again in every process). Returns "" when enabled, else
+        why not, for the run summary."""
         weights = [layer.fused_weights() for layer in self.layers]
         if any(w is None for w in weights):
             return "it needs bf16 activations and kvengine's tile kernels for every linear layer"

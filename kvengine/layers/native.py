@@ -85,6 +85,10 @@ def _build() -> None:
     def _q8_shape(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         return x.new_empty(x.shape[0], q.shape[0])  # [M, N]
 
+    @torch.library.register_fake("kvengine::bf16_mm")
+    def _bf16_shape(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return x.new_empty(x.shape[0], w.shape[0])  # [M, N]
+
     @torch.library.register_fake("kvengine::q4_gemm")
     @torch.library.register_fake("kvengine::q8_gemm")
     def _gemm_shape(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ from kvengine.batch import StepBatch
 from kvengine.cache.pool import KVPool, LayerKV
 from kvengine.config import ModelConfig
 from kvengine.errors import ModelLoadError
+from kvengine.layers import native
 from kvengine.layers.attention import attend
 from kvengine.layers.linear import Linear, PackedLinear
 from kvengine.layers.norm import RMSNorm
@@ -116,11 +117,10 @@ class LlamaDecoderLayer(torch.nn.Module):
 
     def fused_weights(self) -> list[torch.Tensor] | None:
         """The weights `kvengine::decode_layer` (layers/csrc/decode_layer.cpp) takes for this layer, or None when
-        the layer has a part that op does not run: a linear layer off kvengine's tile kernels or with a bias,
-        QK-norm, an activation other than SiLU, a sliding window."""
+        the layer has a part that op does not run: a linear layer neither on kvengine's tile kernels nor with
+        bf16 weights, or with a bias; QK-norm; an activation other than SiLU; a sliding window."""
         attn, mlp = self.self_attn, self.mlp
-        tiles = [m.tile_operands() if isinstance(m, PackedLinear) else None
-                 for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
+        tiles = [fused_operands(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
         if (any(op is None for op in tiles) or attn.q_norm is not None or mlp.act is not F.silu
                 or attn.window is not None or self.input_layernorm.offset):
             return None
@@ -151,7 +151,7 @@ class LlamaForCausalLM(CheckpointWeights, torch.nn.Module):
         why not, for the run summary."""
         weights = [layer.fused_weights() for layer in self.layers]
         if any(w is None for w in weights):
-            return "it needs bf16 activations and kvengine's tile kernels for every linear layer"
+            return "it needs bf16 activations, and kvengine's tile kernels or bf16 weights in every linear layer"
         if not fused_decode_pool(pool):
             return "it needs a bfloat16 KV cache that keeps every token"
         self.fused = weights
@@ -173,7 +173,12 @@ class LlamaForCausalLM(CheckpointWeights, torch.nn.Module):
             x = torch.ops.kvengine.decode_layer(x, weights, cos, sin, layer_kv.k, layer_kv.v, view.row_slots,
                                                 view.row_lens, c.num_heads, c.num_kv_heads, c.rms_norm_eps,
                                                 c.attn_scale)  # [T, hidden]
-        return self.lm_head(self.norm(x[batch.logits_indices])).float()  # [N, vocab]
+        x = self.norm(x[batch.logits_indices])  # [N, hidden]
+        head = self.lm_head
+        if (type(head) is Linear and head.weight.dtype == torch.bfloat16 and len(x) <= 4 and head.bias is None
+                and head.in_features % 32 == 0):
+            return torch.ops.kvengine.bf16_mm(x, head.weight).float()  # [N, vocab]: read at memory speed
+        return head(x).float()  # [N, vocab]
 
     def forward(self, batch: StepBatch, kv: KVPool | None) -> torch.Tensor:
         if self.decodes_fused(batch, kv):
@@ -199,6 +204,17 @@ class LlamaForCausalLM(CheckpointWeights, torch.nn.Module):
         elif hf.endswith("k_proj.weight") or hf.endswith("k_proj.bias"):
             tensor = unpermute_rope_rows(tensor, config.num_kv_heads)
         return hf, tensor
+
+
+def fused_operands(layer: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A linear layer's pair for `kvengine::decode_layer`: its tiles (kvengine's gemm kernels), or a bf16 weight
+    and an unused empty tensor; None for anything else (a bias, fp32 weights, other kernels)."""
+    if isinstance(layer, PackedLinear):
+        return layer.tile_operands()
+    if (isinstance(layer, Linear) and layer.bias is None and layer.weight.dtype == torch.bfloat16
+            and native.available()):
+        return layer.weight, layer.weight.new_empty(0)
+    return None
 
 
 def fused_decode_pool(pool: KVPool) -> bool:

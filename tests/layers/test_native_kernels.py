@@ -1,4 +1,4 @@
-"""kvengine's own kernels: the packed and tiled layouts round-trip; q4_mm / q8_mm (layers/csrc/packed_mm.cpp,
+"""kvengine's own kernels: the packed and tiled layouts round-trip; q4_mm / q8_mm / bf16_mm (layers/csrc/packed_mm.cpp,
 bf16 activations) equal a float matmul by the weight they store, for every number of rows (1..8 run together,
 more in chunks of 8) and for output sizes that are not a multiple of the kernels' 4-row tiles; q4_gemm /
 q8_gemm (vnni_mm.cpp, int8 activations) equal a float matmul of the activations as they quantize them, and
@@ -76,6 +76,21 @@ def test_q8_mm_equals_matmul_by_its_weight(rows):
     ref = x.double() @ layer.dequantized().double().t()
     got = layer.packed_mm(x)
     assert (got.double() - ref).abs().max() <= REL_TOL * ref.abs().max()
+
+
+@needs_cpu
+@pytest.mark.parametrize("rows", [1, 3, 8, 9])
+def test_bf16_mm_equals_matmul(rows):
+    """Unquantized bf16 weights (decode_layer's few-row product): exact products, fp32 sums, one rounding."""
+    gen = torch.Generator().manual_seed(rows)
+    w = torch.randn(100, 576, generator=gen).to(torch.bfloat16)
+    x = torch.randn(rows, 576, generator=gen).to(torch.bfloat16)
+    ref = x.double() @ w.double().t()  # [rows, 100]
+    got = torch.ops.kvengine.bf16_mm(x, w)
+    assert got.shape == (rows, 100) and got.dtype == torch.bfloat16
+    assert (got.double() - ref).abs().max() <= REL_TOL * ref.abs().max()
+    with pytest.raises(RuntimeError, match="bf16_mm: w must be \\[N, K\\] bfloat16 with K a multiple of 32"):
+        torch.ops.kvengine.bf16_mm(x[:, :48], w[:, :48])
 
 
 def int8_groups(x: torch.Tensor) -> torch.Tensor:

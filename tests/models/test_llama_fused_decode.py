@@ -37,7 +37,8 @@ LOGIT_TOL = 0.02
 def _engine(fused: bool, **kw) -> LLM:
     model, _ = tiny_pair("llama", **TINY)
     kw.setdefault("kv_cache_memory", 1 << 20)
-    return LLM.from_model(model.to(torch.bfloat16), None, weights="int4", block_size=4, fused_decode=fused, **kw)
+    kw.setdefault("weights", "int4")
+    return LLM.from_model(model.to(torch.bfloat16), None, block_size=4, fused_decode=fused, **kw)
 
 
 def count_decode_layer_calls(monkeypatch) -> list[int]:
@@ -121,7 +122,49 @@ def test_fused_decode_says_when_it_runs_and_why_not():
     model, _ = tiny_pair("llama", **TINY)  # fp32 activations: the kernels are bf16-only
     fp32 = LLM.from_model(model, None, weights="int4", block_size=4, kv_cache_memory=1 << 20)
     assert fused_line(fp32) == (
-        "layer by layer (it needs bf16 activations and kvengine's tile kernels for every linear layer)")
+        "layer by layer (it needs bf16 activations, and kvengine's tile kernels or bf16 weights in every linear "
+        "layer)")
+    model, _ = tiny_pair("llama", **TINY)  # float weights: fp32 runs layer by layer without a word, bf16 fused
+    assert fused_line(LLM.from_model(model, None, block_size=4, kv_cache_memory=1 << 20)) is None
+    assert fused_line(_engine(True, weights="bf16")) == "one kvengine op per layer"
+
+
+def test_bf16_weights_decode_through_the_op_as_layer_by_layer():
+    """Unquantized bf16 weights: the op multiplies with PyTorch's bf16 matmul; same tokens as layer by layer,
+    logits within bf16 noise, for requests prefilled and decoded together."""
+    results = []
+    for fused in (True, False):
+        llm = _engine(fused, weights="bf16", max_num_seqs=4)
+        assert (llm.engine.model.fused is not None) == fused
+        outs, calls, _, logits = _generate_recording(llm, PROMPTS)
+        assert bool(calls) == fused
+        results.append(([o.token_ids for o in outs], logits))
+    (got, got_logits), (want, want_logits) = results
+    assert got == want
+    worst = max(((g - w).abs().max() / w.abs().max()).item() for g, w in zip(got_logits, want_logits, strict=True))
+    assert worst <= LOGIT_TOL, worst
+
+
+def _generate_recording(llm: LLM, prompts: list[list[int]]):
+    """Greedy NEW_TOKENS for `prompts` together: (outputs, decode_layer calls' rows, the sequences of each decode
+    step, the logits of every step)."""
+    rows: list[int] = []
+    logits: list[torch.Tensor] = []
+    real_run = ModelRunner.run
+
+    def run(self, batch):
+        out = real_run(self, batch)
+        if batch.is_decode:
+            rows.append(batch.num_seqs)
+        logits.append(out.clone())
+        return out
+
+    with pytest.MonkeyPatch.context() as mp:
+        calls = count_decode_layer_calls(mp)
+        mp.setattr(ModelRunner, "run", run)
+        outs = llm.generate(prompt_token_ids=prompts, sampling_params=SamplingParams(
+            max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True))
+    return outs, calls, rows, logits
 
 
 def fused_line(llm: LLM) -> str | None:
@@ -156,22 +199,7 @@ def test_several_sequences_decode_together_as_layer_by_layer():
     results = []
     for fused in (True, False):
         llm = _engine(fused, max_num_seqs=4)
-        rows: list[int] = []
-        logits: list[torch.Tensor] = []
-        real_run = ModelRunner.run
-
-        def run(self, batch, real_run=real_run, rows=rows, logits=logits):
-            out = real_run(self, batch)
-            if batch.is_decode:
-                rows.append(batch.num_seqs)
-                logits.append(out.clone())
-            return out
-
-        with pytest.MonkeyPatch.context() as mp:
-            calls = count_decode_layer_calls(mp)
-            mp.setattr(ModelRunner, "run", run)
-            outs = llm.generate(prompt_token_ids=prompts, sampling_params=SamplingParams(
-                max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True))
+        outs, calls, rows, logits = _generate_recording(llm, prompts)
         prefill = sum(map(len, prompts))  # the four prompts in one step, then decode steps of four rows
         assert calls == ([n for n in [prefill, *rows] for _ in range(2)] if fused else [])  # 2 layers each
         bm = llm.engine.bm
@@ -262,6 +290,9 @@ def test_decode_layer_rejects_wrong_inputs():
         call(1, torch.ones(2, c.head_dim, dtype=torch.bfloat16))
     with pytest.raises(RuntimeError, match="norm weights must be \\[H\\] bfloat16"):
         call(0, [w.float() if i == 0 else w for i, w in enumerate(model.fused[0])])
+    bf16 = _engine(True, weights="bf16").engine.model.fused[0]  # qkv as a float weight [N, K]
+    with pytest.raises(RuntimeError, match="a float weight must be \\[N, K\\] bfloat16"):
+        call(0, [w.float() if i == 1 else w for i, w in enumerate(bf16)])
 
 
 def test_default_model_fused_decode_tracks_fp32(default_gguf, default_llm, monkeypatch):

@@ -1,19 +1,20 @@
 // Llama-family decoder layer for M new tokens as one op: a decode step (one token for each of M sequences) or
 // a prefill step of short prompts (several tokens per sequence, each reading its sequence's keys up to itself).
-// kvengine/models/llama.py calls it when every linear layer runs kvengine's tile kernels.
+// kvengine/models/llama.py calls it when every linear layer runs kvengine's tile kernels or has bf16 weights.
 //
 // A decode step of a small model is ~15 tensor ops per layer, and from Python each costs a few microseconds
 // of dispatch, more than its arithmetic; torch.compile removes most of that but traces the model again in
 // every process. Here the layer is one call: the matrix products are vnni_mm.cpp's (int8 activations, as the
-// layer-by-layer path runs them), the rest (RMSNorm, RoPE, the cache writes, attention, SwiGLU, residual adds)
-// are plain loops. Every row is computed on its own, the same way whatever the other rows are: a sequence's
-// logits do not depend on what it is batched with.
+// layer-by-layer path runs them) or, for bf16 weights, packed_mm.cpp's bf16_mm for few rows and PyTorch's
+// matmul for more; the rest (RMSNorm, RoPE, the cache writes, attention, SwiGLU, residual adds) are plain loops.
+// With quantized weights every row is computed on its own, the same way whatever the other rows are: a
+// sequence's logits do not depend on what it is batched with.
 //
 //   kvengine::decode_layer(x [M, H] bf16, weights, cos [M, D], sin [M, D], k_cache, v_cache,
 //                          slots [M, L] int64, lens [M] int64, num_heads, num_kv_heads, eps, scale) -> [M, H] bf16
 //     weights: input norm [H], qkv (w, s), o (w, s), post-attention norm [H], gate_up (w, s), down (w, s), a
 //     linear layer's (w, s) being q4_gemm's (uint8 [N/16, K/32, 4, 64], fp32 dm) or q8_gemm's (uint8
-//     [N/16, K/4, 64], fp32 scale) operands.
+//     [N/16, K/4, 64], fp32 scale) operands, or a bf16 weight [N, K] and an unused tensor (unquantized models).
 //     k_cache / v_cache: the layer's [Hkv, slots, D] bf16 views of the pool. Token i reads lens[i] keys at
 //     slots[i, 0 .. lens[i] - 1] (the rest of the row is padding), its own key and value last: every token's are
 //     written first, so tokens of one sequence in one step see each other causally.
@@ -22,6 +23,7 @@
 // rounded to bf16 here at the same point; inside an operation (a norm, a rotation, a softmax) the arithmetic is
 // fp32, where the PyTorch path sometimes rounds in between: logits agree within bf16 noise, not bit for bit.
 
+#include "packed_mm.h"
 #include "simd.h"
 #include "vnni_mm.h"
 
@@ -41,9 +43,17 @@ using kvengine::simd::first;
 using kvengine::simd::load16;
 using kvengine::simd::store16;
 constexpr int64_t kMaxHeadDim = 256;
+constexpr int64_t kFewRows = 4;
 
-// The linear layer whose (w, s) are weights[i], weights[i + 1]: q4_gemm's operands or q8_gemm's.
+// The linear layer whose (w, s) are weights[i], weights[i + 1]: q4_gemm's operands, q8_gemm's, or a bf16 weight
+// [N, K] (s unused) multiplied by PyTorch's matmul.
 at::Tensor linear(const at::Tensor& x, at::TensorList w, int i) {
+  if (w[i].dim() == 2) {
+    TORCH_CHECK(w[i].scalar_type() == at::kBFloat16 && w[i].size(1) == x.size(1),
+                "decode_layer: a float weight must be [N, K] bfloat16");
+    // few rows: bound by the weight bytes, which bf16_mm reads at memory speed; more: PyTorch's matmul
+    return x.size(0) <= kFewRows && x.size(1) % 32 == 0 ? kvengine::bf16_mm(x, w[i]) : at::linear(x, w[i]);
+  }
   return w[i].dim() == 4 ? kvengine::q4_gemm(x, w[i], w[i + 1]) : kvengine::q8_gemm(x, w[i], w[i + 1]);
 }
 

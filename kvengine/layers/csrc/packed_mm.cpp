@@ -16,6 +16,9 @@
 //     group's offset: y = sum_g d_g * dot_g + (m_g - 128 d_g) * sum_g(x).
 //   kvengine::q8_mm(x [M, K] bf16, q [N, K] int8, scale [N] fp32) -> [M, N] bf16
 //     W[n, k] = q[n, k] * scale[n]; int8 -> fp32 by sign extension and conversion, fp32 FMAs.
+//   kvengine::bf16_mm(x [M, K] bf16, w [N, K] bf16) -> [M, N] bf16
+//     unquantized weights, 32 per VDPBF16PS: bound by the weight bytes (PyTorch's matmul at one row ran ~5x
+//     slower here); decode_layer.cpp uses it for bf16 models' steps of few rows.
 
 #include "packed_mm.h"
 #include "simd.h"
@@ -127,6 +130,33 @@ void q8_rows(const float* x, const int8_t* q, const float* scale, c10::BFloat16*
   for (; n < n1; ++n) q8_tile<M, 1>(x, q, scale, y, K, N, n);
 }
 
+// R rows of a bf16 weight against M rows of x: 32 weights per VDPBF16PS, no unpacking.
+template <int M, int R>
+inline void bf16_tile(const uint16_t* x, const uint16_t* w, c10::BFloat16* y, int64_t K, int64_t N, int64_t n) {
+  prefetch_ahead(w + n * K, R * K * 2, w + N * K);
+  __m512 acc[R][M];
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < M; ++i) acc[r][i] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 32) {
+    for (int r = 0; r < R; ++r) {
+      const __m512bh wv = (__m512bh)_mm512_loadu_si512(w + (n + r) * K + k);
+      for (int i = 0; i < M; ++i)
+        acc[r][i] = _mm512_dpbf16_ps(acc[r][i], wv, (__m512bh)_mm512_loadu_si512(x + i * K + k));
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < M; ++i) y[i * N + n + r] = c10::BFloat16(_mm512_reduce_add_ps(acc[r][i]));
+}
+
+template <int M>
+void bf16_rows(const uint16_t* x, const uint16_t* w, c10::BFloat16* y, int64_t K, int64_t N, int64_t n0,
+               int64_t n1) {
+  constexpr int R = M == 1 ? 4 : (M == 2 ? 2 : 1);
+  int64_t n = n0;
+  for (; n + R <= n1; n += R) bf16_tile<M, R>(x, w, y, K, N, n);
+  for (; n < n1; ++n) bf16_tile<M, 1>(x, w, y, K, N, n);
+}
+
 constexpr int64_t kGrain = 32;  // output rows per parallel task
 
 // x's rows in chunks of at most kMaxRows (m0, rows), the output rows split across threads (n0, n1).
@@ -189,14 +219,32 @@ at::Tensor q8_mm(const at::Tensor& x, const at::Tensor& q, const at::Tensor& sca
   return y;
 }
 
+at::Tensor bf16_mm(const at::Tensor& x, const at::Tensor& w) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "bf16_mm: x must be [M, K] bfloat16");
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kBFloat16 && w.is_contiguous() && w.size(1) == x.size(1) &&
+                  x.size(1) % 32 == 0, "bf16_mm: w must be [N, K] bfloat16 with K a multiple of 32");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  at::Tensor xc = x.contiguous();
+  at::Tensor y = at::empty({M, N}, x.options());  // [M, N]
+  const auto* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
+  const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+  auto* yp = y.data_ptr<at::BFloat16>();
+  for_tiles(M, N, [&](int64_t m0, int64_t rows, int64_t n0, int64_t n1) {
+    KV_ROWS_SWITCH(bf16_rows, rows, xp + m0 * K, wp, yp + m0 * N, K, N, n0, n1)
+  });
+  return y;
+}
+
 }  // namespace kvengine
 
 TORCH_LIBRARY(kvengine, m) {
   m.def("q4_mm(Tensor x, Tensor q, Tensor dm) -> Tensor");
   m.def("q8_mm(Tensor x, Tensor q, Tensor scale) -> Tensor");
+  m.def("bf16_mm(Tensor x, Tensor w) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(kvengine, CPU, m) {
   m.impl("q4_mm", &kvengine::q4_mm);
   m.impl("q8_mm", &kvengine::q8_mm);
+  m.impl("bf16_mm", &kvengine::bf16_mm);
 }

@@ -10,5 +10,7 @@ namespace kvengine {
 at::Tensor q4_mm(const at::Tensor& x, const at::Tensor& q, const at::Tensor& dm);
 // x [M, K] bf16, q [N, K] int8, scale [N] fp32 -> [M, N] bf16
 at::Tensor q8_mm(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale);
+// x [M, K] bf16, w [N, K] bf16 (K a multiple of 32) -> [M, N] bf16
+at::Tensor bf16_mm(const at::Tensor& x, const at::Tensor& w);
 
 }  // namespace kvengine

@@ -47,9 +47,8 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: StepBatch) -> torch.Tensor:
         """logits [N, vocab] float32 for the batch's logits_indices rows."""
-        if self.compiled is not None and self.compiled.applies(batch) and not (
-                self.fused_decode and self.model.decodes_fused(batch, self.pool)):
-            return self.compiled(batch, self.pool)
+        if self.compiled is not None and self.compiled.applies(batch) and batch.kv[0].row_slots is None:
+            return self.compiled(batch, self.pool)  # (steps with row slots run the model's one-op path)
         return self.model(batch, self.pool if batch.uses_cache else None)
 
     def build_cached(self, scheduled: list[ScheduledSeq]) -> StepBatch:
@@ -123,29 +122,29 @@ class ModelRunner:
     def _add_row_slots(self, view: KVView, scheduled: list[ScheduledSeq]) -> None:
         """Per-token slot lists for the model's one-op path: token t of sequence s (position start + t) reads
         the first start + t + 1 slots of s's list."""
-        seqs, lens = [], []
-        for index, s in zip(view.kv_index, scheduled, strict=True):
-            end = s.start + s.num_new_tokens
-            seqs.append(torch.arange(index, index + end, device=self.device) if isinstance(index, int)
-                        else index[:end])
-            lens.append(torch.arange(s.start + 1, end + 1, device=self.device))
-        max_len = max(len(r) for r in seqs)
-        padded = torch.stack([torch.cat([r, r[:1].expand(max_len - len(r))]) for r in seqs])  # [S, max_len]
+        padded, _ = self._sequence_slots(view, scheduled)  # [S, max_len]
         counts = torch.tensor([s.num_new_tokens for s in scheduled], device=self.device)  # [S]
         view.row_slots = padded.repeat_interleave(counts, dim=0)  # [T, max_len]
-        view.row_lens = torch.cat(lens)  # [T]
+        view.row_lens = torch.cat([torch.arange(s.start + 1, s.start + s.num_new_tokens + 1, device=self.device)
+                                   for s in scheduled])  # [T]
 
     def _add_decode_gather(self, view: KVView, scheduled: list[ScheduledSeq]) -> None:
-        """Padded slot indices for one batched attention call: [B, max_len] slots and validity mask.
-        Padding repeats the sequence's first slot, so masked keys are real (finite) values."""
+        """Padded slot indices for one batched attention call: [B, max_len] slots and validity mask."""
+        view.decode_slots, lens = self._sequence_slots(view, scheduled)  # [B, max_len], [B]
+        max_len = view.decode_slots.shape[1]
+        view.decode_mask = torch.arange(max_len, device=self.device)[None, :] < lens[:, None]  # [B, max_len]
+
+    def _sequence_slots(self, view: KVView, scheduled: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each sequence's slots up to the step's end, padded to one length: ([S, max_len], [S] lengths).
+        Padding repeats the sequence's first slot, so padded keys are real (finite) values."""
         rows = []
         for index, s in zip(view.kv_index, scheduled, strict=True):
-            n = s.start + 1
-            rows.append(torch.arange(index, index + n, device=self.device) if isinstance(index, int) else index)
+            end = s.start + s.num_new_tokens
+            rows.append(torch.arange(index, index + end, device=self.device) if isinstance(index, int)
+                        else index[:end])
         max_len = max(len(r) for r in rows)
-        view.decode_slots = torch.stack([torch.cat([r, r[:1].expand(max_len - len(r))]) for r in rows])  # [B, L]
-        lens = torch.tensor([len(r) for r in rows], device=self.device)  # [B]
-        view.decode_mask = torch.arange(max_len, device=self.device)[None, :] < lens[:, None]  # [B, max_len]
+        padded = torch.stack([torch.cat([r, r[:1].expand(max_len - len(r))]) for r in rows])  # [S, max_len]
+        return padded, torch.tensor([len(r) for r in rows], device=self.device)
 
     def build_no_cache(self, seqs: list[Sequence]) -> StepBatch:
         """Every sequence's whole text, recomputed from scratch; logits for each last position."""

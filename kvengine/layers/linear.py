@@ -146,8 +146,7 @@ class Int4Linear(PackedLinear):
         dm = torch.stack([scale, lo], dim=1).half()  # [N, 2, K/G]
         tiles = None
         if self.native and act_int8 and tiles_fit(self):
-            n, _, g = dm.shape
-            tiles = (native.tile_int4(q), dm.float().reshape(n // 16, 16, 2, g).permute(0, 3, 2, 1).contiguous())
+            tiles = (native.tile_int4(q), native.tile_int4_scales(dm))
             self.register_buffer("qweight", None)  # the tiles are the only copy of the codes
             self.register_buffer("dm", None)
         elif self.native:
@@ -171,14 +170,12 @@ class Int4Linear(PackedLinear):
 
     def dequantized(self) -> torch.Tensor:
         """The float weight the kernel multiplies by. [N, K]"""
-        if self.wtiles is not None:
-            t, g = self.stiles.shape[:2]
-            d, m = self.stiles.permute(0, 3, 2, 1).reshape(16 * t, 2, g).repeat_interleave(self.group_size, dim=2) \
-                .unbind(1)  # [N, K] each
-            return native.untile_int4(self.wtiles).float() * d + m
         if self.native:
-            d, m = self.dm.float().repeat_interleave(self.group_size, dim=2).unbind(1)  # [N, K] each
-            return native.unpack_int4(self.qweight).float() * d + m
+            tiled = self.wtiles is not None
+            dm = native.untile_int4_scales(self.stiles) if tiled else self.dm.float()  # [N, 2, K/G]
+            d, m = dm.repeat_interleave(self.group_size, dim=2).unbind(1)  # [N, K] each
+            q = native.untile_int4(self.wtiles) if tiled else native.unpack_int4(self.qweight)  # [N, K]
+            return q.float() * d + m
         # recovered through PyTorch's kernel itself (its packed layout is its own)
         eye = torch.eye(self.in_features, dtype=self.scale_zero.dtype)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.qweight, self.group_size, self.scale_zero).t()

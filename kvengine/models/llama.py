@@ -159,10 +159,9 @@ class LlamaForCausalLM(CheckpointWeights, torch.nn.Module):
 
     def decodes_fused(self, batch: StepBatch, kv: KVPool | None) -> bool:
         """Whether forward(batch, kv) takes the one-op-per-layer path: the runner gave every token its slot list
-        (engine/runner.py `_add_row_slots`: decode steps, and prefill steps that read few keys), on a pool the op
-        reads."""
-        return (self.fused is not None and kv is not None and batch.kv is not None
-                and batch.kv[0].row_slots is not None and fused_decode_pool(kv))
+        (engine/runner.py `_add_row_slots`: decode steps, and prefill steps that read few keys). The pool was
+        checked once, by enable_fused_decode."""
+        return self.fused is not None and kv is not None and batch.kv is not None and batch.kv[0].row_slots is not None
 
     def _forward_fused(self, batch: StepBatch, kv: KVPool) -> torch.Tensor:
         assert self.fused is not None
@@ -175,8 +174,8 @@ class LlamaForCausalLM(CheckpointWeights, torch.nn.Module):
                                                 c.attn_scale)  # [T, hidden]
         x = self.norm(x[batch.logits_indices])  # [N, hidden]
         head = self.lm_head
-        if (type(head) is Linear and head.weight.dtype == torch.bfloat16 and len(x) <= 4 and head.bias is None
-                and head.in_features % 32 == 0):
+        if (type(head) is Linear and head.weight.dtype == torch.bfloat16 and len(x) <= BF16_MM_ROWS
+                and head.bias is None and head.in_features % 32 == 0):
             return torch.ops.kvengine.bf16_mm(x, head.weight).float()  # [N, vocab]: read at memory speed
         return head(x).float()  # [N, vocab]
 
@@ -204,6 +203,9 @@ class LlamaForCausalLM(CheckpointWeights, torch.nn.Module):
         elif hf.endswith("k_proj.weight") or hf.endswith("k_proj.bias"):
             tensor = unpermute_rope_rows(tensor, config.num_kv_heads)
         return hf, tensor
+
+
+BF16_MM_ROWS = 4  # steps of at most this many rows multiply bf16 weights with bf16_mm (decode_layer.cpp's kFewRows)
 
 
 def fused_operands(layer: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -39,6 +39,10 @@ def test_tile_layouts():
     assert t8.shape == (1, 2, 64)
     assert t8[0, 1, 4 * 3 + 1].item() == q8[3, 4 + 1].item() + 128
     assert torch.equal(native.untile_int8(t8), q8)
+    dm = torch.randn(32, 2, 3).half()  # scale, lo of 32 rows x 3 groups
+    sc = native.tile_int4_scales(dm)
+    assert sc.shape == (2, 3, 2, 16) and sc[1, 2, 1, 5].item() == dm[16 + 5, 1, 2].item()
+    assert torch.equal(native.untile_int4_scales(sc), dm.float())
 
 
 @needs_cpu

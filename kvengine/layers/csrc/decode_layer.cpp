@@ -43,7 +43,7 @@ using kvengine::simd::first;
 using kvengine::simd::load16;
 using kvengine::simd::store16;
 constexpr int64_t kMaxHeadDim = 256;
-constexpr int64_t kFewRows = 4;
+constexpr int64_t kFewRows = 4;  // models/llama.py BF16_MM_ROWS: the same bound for the LM head
 
 // The linear layer whose (w, s) are weights[i], weights[i + 1]: q4_gemm's operands, q8_gemm's, or a bf16 weight
 // [N, K] (s unused) multiplied by PyTorch's matmul.

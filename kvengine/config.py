@@ -20,9 +20,10 @@ HF_MODEL_TYPES: dict[str, str] = {
     "qwen2": "llama",
     "gemma3_text": "gemma3",
     "gemma3": "gemma3",
+    "gpt2": "gpt2",
 }
 # GGUF `general.architecture` -> our registry architecture name.
-GGUF_ARCHITECTURES: dict[str, str] = {"llama": "llama", "qwen2": "llama", "gemma3": "gemma3"}
+GGUF_ARCHITECTURES: dict[str, str] = {"llama": "llama", "qwen2": "llama", "gemma3": "gemma3", "gpt2": "gpt2"}
 
 
 @dataclass(slots=True, frozen=True)
@@ -126,6 +127,8 @@ class ModelConfig:
         if "text_config" in d and d.get("model_type") == "gemma3":
             d = {**d["text_config"], "model_type": "gemma3_text"}
         model_type = d.get("model_type")
+        if model_type == "gpt2":
+            return _gpt2_from_hf(d, name)
         arch = HF_MODEL_TYPES.get(model_type or "")
         if arch is None:
             raise ModelLoadError(
@@ -191,6 +194,12 @@ class ModelConfig:
             return default
 
         num_heads = int(get("attention.head_count"))
+        if arch == "gpt2":
+            return gpt2_config(name, int(get("block_count")), int(get("embedding_length")), num_heads,
+                         int(meta.get("gpt2.vocab_size") or len(meta.get("tokenizer.ggml.tokens", ()))),
+                         int(get("context_length")), int(get("feed_forward_length")), "gelu_new",
+                         float(get("attention.layer_norm_epsilon", 1e-5)), meta.get("tokenizer.ggml.bos_token_id"),
+                         _as_tuple(meta.get("tokenizer.ggml.eos_token_id")))
         hidden = int(get("embedding_length"))
         n_layers = int(get("block_count"))
         kv_heads = get("attention.head_count_kv", num_heads)
@@ -236,6 +245,39 @@ class ModelConfig:
                 value = {g.name: getattr(value, g.name) for g in fields(value)}
             out[f.name] = list(value) if isinstance(value, tuple) else value
         return out
+
+
+def gpt2_config(name: str, layers: int, width: int, heads: int, vocab: int = 50257, context: int = 1024,
+                inner: int | None = None, act: str = "gelu_new", eps: float = 1e-5, bos: int | None = None,
+                eos: tuple[int, ...] = ()) -> ModelConfig:
+    """A GPT-2-style config (models/gpt2.py): learned positions, LayerNorm, biases everywhere, tied head."""
+    return ModelConfig(architecture="gpt2", vocab_size=vocab, hidden_size=width, intermediate_size=inner or 4 * width,
+                       num_layers=layers, num_heads=heads, num_kv_heads=heads, head_dim=width // heads,
+                       max_position_embeddings=context, rms_norm_eps=eps, tie_word_embeddings=True,
+                       attention_bias=True, hidden_act=act, gated_mlp=False, bos_token_id=bos, eos_token_ids=eos,
+                       name=name)
+
+
+GPT2_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu", "relu")  # models/gpt2.py runs these
+
+
+def _gpt2_from_hf(d: dict[str, Any], name: str) -> ModelConfig:
+    """A Hugging Face GPT-2 config.json (n_embd, n_layer, n_head, n_inner, activation_function, ...)."""
+    act = str(d.get("activation_function", "gelu_new"))
+    if act not in GPT2_ACTIVATIONS:
+        raise ConfigError(f"unsupported activation_function '{act}' in the GPT-2 config "
+                          f"(supported: {', '.join(GPT2_ACTIVATIONS)})")
+    for field_name in ("scale_attn_by_inverse_layer_idx", "add_cross_attention"):
+        if d.get(field_name):
+            raise ConfigError(f"GPT-2 config field '{field_name}' = true is not supported")
+    try:
+        width = int(d["n_embd"])
+        return gpt2_config(name, int(d["n_layer"]), width, int(d["n_head"]), int(d["vocab_size"]),
+                     int(d.get("n_positions", 1024)), int(d.get("n_inner") or 4 * width), act,
+                     float(d.get("layer_norm_epsilon", 1e-5)), d.get("bos_token_id"),
+                     _as_tuple(d.get("eos_token_id")))
+    except KeyError as e:
+        raise ConfigError(f"model config is missing the field {e.args[0]!r}") from None
 
 
 def _as_tuple(value: Any) -> tuple[int, ...]:

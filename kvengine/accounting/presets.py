@@ -1,27 +1,18 @@
-"""Named model presets for accounting: architecture numbers of well-known models, no weights needed.
+"""Named model presets: architecture numbers of well-known models, no weights needed.
 
-GPT-2/GPT-3 and the seed-000 model are countable, not runnable: their `architecture` names
-("gpt2", "gpt3", "seed000") are not in the model registry. They use learned absolute positions,
-LayerNorm and biases on every linear layer, which `GPT_STYLE_ARCHITECTURES` tells the accounting.
+The accounting counts every preset. The GPT-style ones (GPT-2, GPT-3 medium, the seed-000 model) are also
+runnable with seeded random weights (`--model preset:NAME`, weights/preset.py): they share the `gpt2`
+architecture (models/gpt2.py: learned absolute positions, LayerNorm and a bias on every linear layer, which
+`GPT_STYLE_ARCHITECTURES` tells the accounting).
 """
 
 from __future__ import annotations
 
-from kvengine.config import ModelConfig
+from kvengine.config import ModelConfig, gpt2_config
 from kvengine.errors import ConfigError
 
 # Learned position embeddings, LayerNorm (weight + bias), a bias on every linear layer, plain 2-matmul MLP.
-GPT_STYLE_ARCHITECTURES = frozenset({"gpt2", "gpt3", "seed000"})
-
-
-def _gpt(name: str, arch: str, layers: int, width: int, heads: int, vocab: int = 50257,
-         context: int = 1024) -> ModelConfig:
-    return ModelConfig(
-        architecture=arch, vocab_size=vocab, hidden_size=width, intermediate_size=4 * width,
-        num_layers=layers, num_heads=heads, num_kv_heads=heads, head_dim=width // heads,
-        max_position_embeddings=context, tie_word_embeddings=True, attention_bias=True,
-        hidden_act="gelu_new", gated_mlp=False, name=name,
-    )
+GPT_STYLE_ARCHITECTURES = frozenset({"gpt2"})
 
 
 def _llama(name: str, layers: int, width: int, mlp: int, heads: int, kv_heads: int, vocab: int,
@@ -34,16 +25,15 @@ def _llama(name: str, layers: int, width: int, mlp: int, heads: int, kv_heads: i
 
 
 PRESETS: dict[str, ModelConfig] = {
-    "gpt2": _gpt("gpt2", "gpt2", 12, 768, 12),  # 124M
-    "gpt2-medium": _gpt("gpt2-medium", "gpt2", 24, 1024, 16),  # 355M
-    "gpt2-large": _gpt("gpt2-large", "gpt2", 36, 1280, 20),  # 774M
-    "gpt2-xl": _gpt("gpt2-xl", "gpt2", 48, 1600, 25),  # 1.5B
+    "gpt2": gpt2_config("gpt2", 12, 768, 12, eos=(50256,)),  # 124M
+    "gpt2-medium": gpt2_config("gpt2-medium", 24, 1024, 16, eos=(50256,)),  # 355M
+    "gpt2-large": gpt2_config("gpt2-large", 36, 1280, 20, eos=(50256,)),  # 774M
+    "gpt2-xl": gpt2_config("gpt2-xl", 48, 1600, 25, eos=(50256,)),  # 1.5B
     # Seed 004: d_model 1024, 24 layers, vocab 50,257 (GPT-3 paper: 16 heads of 64, context 2048).
-    "gpt3-medium": _gpt("gpt3-medium", "gpt3", 24, 1024, 16, context=2048),
+    "gpt3-medium": gpt2_config("gpt3-medium", 24, 1024, 16, context=2048, eos=(50256,)),
     # Seed 000: 20 layers, width 1,280, 10 heads of 128, vocab 65,536, MLP 4x, trained at 2,048 tokens.
     # Whether its LM head is tied is not stated; untied is assumed (it only changes the weight count).
-    "seed000": _gpt("seed000", "seed000", 20, 1280, 10, vocab=65536, context=2048).with_(
-        tie_word_embeddings=False),
+    "seed000": gpt2_config("seed000", 20, 1280, 10, vocab=65536, context=2048).with_(tie_word_embeddings=False),
     "smollm2-135m": _llama("smollm2-135m", 30, 576, 1536, 9, 3, 49152, 8192, 100000.0, tied=True),
     "llama3-8b": _llama("llama3-8b", 32, 4096, 14336, 32, 8, 128256, 8192, 500000.0, tied=False),
     "llama3-70b": _llama("llama3-70b", 80, 8192, 28672, 64, 8, 128256, 8192, 500000.0, tied=False),

@@ -24,13 +24,14 @@ GGUF_GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.n
 _BLK = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
 
 
-def gguf_name_to_hf(name: str, layer_names: dict[str, str] = GGUF_LAYER_NAMES) -> str | None:
+def gguf_name_to_hf(name: str, layer_names: dict[str, str] = GGUF_LAYER_NAMES,
+                    global_names: dict[str, str] = GGUF_GLOBAL_NAMES) -> str | None:
     m = _BLK.match(name)
     if m:
         part = layer_names.get(m.group(2))
         return None if part is None else f"model.layers.{m.group(1)}.{part}.{m.group(3)}"
     stem, _, kind = name.rpartition(".")
-    base = GGUF_GLOBAL_NAMES.get(stem)
+    base = global_names.get(stem)
     return None if base is None else f"{base}.{kind}"
 
 

@@ -10,6 +10,7 @@ from kvengine.errors import ModelLoadError
 MODELS: dict[str, str] = {
     "llama": "kvengine.models.llama:LlamaForCausalLM",
     "gemma3": "kvengine.models.gemma3:Gemma3ForCausalLM",
+    "gpt2": "kvengine.models.gpt2:GPT2ForCausalLM",
 }
 
 

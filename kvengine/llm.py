@@ -46,9 +46,9 @@ class LLM:
         self.source: ModelSource = open_model_source(model, quiet=quiet)
         dtype = TORCH_DTYPES[self.config.resolved_dtype()]
         net = load_model(self.source, dtype, self.config.device)
-        tokenizer = (Tokenizer.from_gguf(self.source.gguf) if self.source.gguf is not None
-                     else Tokenizer.from_folder(self.source.path))
-        self.engine = build_engine(net, tokenizer, self.config)
+        self.engine = build_engine(net, self.source.tokenizer(), self.config)
+        if self.source.weights_note:
+            self.engine.weights_desc = f"{self.source.weights_note}; {self.engine.weights_desc}"
 
     @classmethod
     def from_model(cls, model: torch.nn.Module, tokenizer: Tokenizer | None = None, **engine_args: Any) -> LLM:

@@ -19,6 +19,7 @@ from pathlib import Path
 from kvengine.errors import ModelLoadError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+PRESET_PREFIX = "preset:"  # `--model preset:NAME`: a preset's architecture with random weights (weights/preset.py)
 
 
 @dataclass(slots=True, frozen=True)
@@ -54,6 +55,15 @@ CATALOG: dict[str, CatalogEntry] = {
 }
 ALIASES = {"default": DEFAULT_MODEL, "smollm2": DEFAULT_MODEL, "smollm2-135m": DEFAULT_MODEL,
            "gemma3": "gemma3-270m", "gemma-3-270m": "gemma3-270m"}
+
+
+def preset_model(model: str | os.PathLike[str] | None):
+    """The ModelConfig of `preset:NAME` (a ConfigError listing the presets for an unknown NAME), else None."""
+    if model is None or not str(model).startswith(PRESET_PREFIX):
+        return None
+    from kvengine.accounting.presets import get_preset
+
+    return get_preset(str(model).removeprefix(PRESET_PREFIX))
 
 
 def kvengine_home() -> Path:
@@ -96,7 +106,7 @@ def resolve_model(model: str | os.PathLike[str] | None, quiet: bool = False) -> 
         return _from_hub(name)
     raise ModelLoadError(
         f"model '{name}' not found: no file or folder at '{path.resolve()}', and not a known model name "
-        f"({', '.join(sorted(CATALOG))})"
+        f"({', '.join(sorted(CATALOG))}) or {PRESET_PREFIX}NAME"
     )
 
 

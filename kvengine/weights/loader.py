@@ -2,6 +2,7 @@
 
 GGUF tensors are dequantized to float and translated to Hugging Face names by the model class
 (`gguf_to_hf`); safetensors folders already use those names. Any parameter left unfilled is an error.
+A preset source gets the family's seeded random weights instead (weights/preset.py).
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device | s
                config: ModelConfig | None = None) -> torch.nn.Module:
     config = config or source.model_config()
     cls = model_class(config.architecture)
+    if source.preset is not None:
+        from kvengine.weights.preset import random_model
+
+        return random_model(config, cls, dtype).to(device)
     with torch.device(device):
         model = cls(config, dtype)
     filled: set[str] = set()

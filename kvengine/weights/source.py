@@ -12,27 +12,49 @@ from pathlib import Path
 
 from kvengine.config import ModelConfig
 from kvengine.errors import ConfigError, ModelLoadError
-from kvengine.weights.catalog import resolve_model
+from kvengine.weights.catalog import PRESET_PREFIX, preset_model, resolve_model
 from kvengine.weights.gguf import GGUFFile, is_gguf
+from kvengine.weights.tokenizer import Tokenizer
 
 
 @dataclass(slots=True)
 class ModelSource:
     path: Path
-    kind: str  # "gguf" or "hf"
+    kind: str  # "gguf", "hf" or "preset" (random weights, weights/preset.py)
     gguf: GGUFFile | None = None
+    preset: ModelConfig | None = None
 
     @property
     def name(self) -> str:
+        if self.preset is not None:
+            return PRESET_PREFIX + self.preset.name
         return self.path.stem if self.kind == "gguf" else self.path.name
 
+    def tokenizer(self) -> Tokenizer:
+        if self.preset is not None:
+            from kvengine.weights.preset import preset_tokenizer
+
+            return preset_tokenizer(self.preset.vocab_size)
+        return Tokenizer.from_gguf(self.gguf) if self.gguf is not None else Tokenizer.from_folder(self.path)
+
+    @property
+    def weights_note(self) -> str:
+        """What the run summary must say about where the weights came from ("" for a checkpoint)."""
+        if self.preset is None:
+            return ""
+        from kvengine.weights.preset import random_weights_note
+
+        return random_weights_note(self.preset.name)
+
     def model_config(self) -> ModelConfig:
+        if self.preset is not None:
+            return self.preset
         if self.gguf is not None:
             config = ModelConfig.from_gguf_metadata(self.gguf.metadata, name=self.name)
             names = set(self.gguf.tensor_names())
             return config.with_(
                 tie_word_embeddings="output.weight" not in names,
-                attention_bias="blk.0.attn_q.bias" in names,
+                attention_bias=config.attention_bias or "blk.0.attn_q.bias" in names,
             )
         return load_hf_config(self.path / "config.json", name=self.name)
 
@@ -51,7 +73,10 @@ def load_hf_config(path: str | Path, name: str | None = None) -> ModelConfig:
 
 
 def open_model_source(model: str | Path | None, quiet: bool = False) -> ModelSource:
-    """Resolve `model` (None = the default model) to a GGUF file or a HF folder with config.json."""
+    """Resolve `model` (None = the default model) to a GGUF file, a HF folder with config.json, or a preset."""
+    preset = preset_model(model)
+    if preset is not None:
+        return ModelSource(path=Path(str(model)), kind="preset", preset=preset)
     path = resolve_model(model, quiet=quiet)
     if path.is_dir():
         return ModelSource(path=path, kind="hf")

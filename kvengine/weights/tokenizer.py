@@ -111,12 +111,15 @@ class Tokenizer:
     def from_folder(cls, path: str | Path) -> Tokenizer:
         """A HF-style folder: tokenizer.json (+ tokenizer_config.json, generation_config.json if present)."""
         folder = Path(path)
-        if not (folder / "tokenizer.json").is_file():
-            raise ModelLoadError(f"no tokenizer.json in '{folder}': kvengine needs the fast-tokenizer file")
-        try:
-            backend = Backend.from_file(str(folder / "tokenizer.json"))
-        except Exception as e:  # tokenizers raises a bare Exception on bad JSON
-            raise ModelLoadError(f"'{folder / 'tokenizer.json'}' cannot be read: {e}") from None
+        if not (folder / "tokenizer.json").is_file() and (folder / "merges.txt").is_file():
+            backend = _vocab_merges_backend(folder)
+        elif not (folder / "tokenizer.json").is_file():
+            raise ModelLoadError(f"no tokenizer.json (nor vocab.json + merges.txt) in '{folder}'")
+        else:
+            try:
+                backend = Backend.from_file(str(folder / "tokenizer.json"))
+            except Exception as e:  # tokenizers raises a bare Exception on bad JSON
+                raise ModelLoadError(f"'{folder / 'tokenizer.json'}' cannot be read: {e}") from None
         config = _read_json(folder / "tokenizer_config.json")
         generation = _read_json(folder / "generation_config.json")
 
@@ -251,6 +254,20 @@ def _sentencepiece_backend(tokens: list[str], meta: Mapping[str, Any], arch: str
     steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
     backend.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if prefix else []))
     return backend, tokens
+
+
+def _vocab_merges_backend(folder: Path) -> Backend:
+    """GPT-2's original tokenizer files: vocab.json + merges.txt, byte-level BPE, `<|endoftext|>` special."""
+    try:
+        bpe = models.BPE.from_file(str(folder / "vocab.json"), str(folder / "merges.txt"))
+    except Exception as e:  # tokenizers raises a bare Exception on unreadable files
+        raise ModelLoadError(f"'{folder}' vocab.json / merges.txt cannot be read: {e}") from None
+    backend = Backend(bpe)
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    if backend.token_to_id("<|endoftext|>") is not None:
+        backend.add_special_tokens([AddedToken("<|endoftext|>", special=True)])
+    return backend
 
 
 def implied_merges(vocab: Mapping[str, int], scores: Sequence[float]) -> list[tuple[str, str]]:

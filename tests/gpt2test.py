@@ -51,7 +51,7 @@ def byte_level_tokenizer_json(folder: Path, vocab_size: int = VOCAB) -> None:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|bos|>", "<|endoftext|>"],
-                                  initial_alphabet=[], show_progress=False)
+                                  initial_alphabet=[], limit_alphabet=50, show_progress=False)
     tok.train_from_iterator(list(topics.values())[:20], trainer)
     tok.save(str(folder / "tokenizer.json"))
 

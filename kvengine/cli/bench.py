@@ -65,24 +65,56 @@ def cache(
     threads: int | None = ThreadsOpt,
     warmup: int = typer.Option(4, "--warmup", help="Untimed warm-up tokens per run before timing (0 = none)."),
     sample_interval: float = typer.Option(0.1, "--sample-interval", help="Seconds between CPU/memory samples."),
+    runs: int = typer.Option(1, "--runs", help="Timed runs per mode; the summary averages them (seed 004: 5)."),
+    seed: str | None = typer.Option(None, "--seed", help="Set a seed's own figures beside ours: 000, 002 or 004."),
     out: Path | None = OutOpt,
 ) -> None:
     """Generate N tokens with and without the KV cache: time per token, speedup, FLOPs, CPU and memory."""
     from kvengine.bench.cache import cache_report, encode_prompt, run_cache_bench
 
     require_positive(max_tokens, "--max-tokens")
+    require_positive(runs, "--runs")
+    from kvengine.bench.seeds import seed_experiment, seed_report
+
+    experiment = seed_experiment(seed) if seed is not None else None
     # No prefix caching: the warm-up must not leave the prompt cached for the timed run.
     llm = _llm(model, dtype, device, threads, max_num_seqs=1, enable_prefix_caching=False)
     ids = encode_prompt(llm, prompt, raw)
     params = {"model": llm.model_name, "prompt": prompt, "chat_template": not raw, "prompt_tokens": len(ids),
               "max_tokens": max_tokens, "no_cache_max_tokens": no_cache_max_tokens,
               "dtype": llm.config.resolved_dtype(), "device": device, "threads": threads, "warmup_tokens": warmup,
-              "sample_interval_s": sample_interval}
+              "sample_interval_s": sample_interval, "runs": runs, "seed": seed,
+              "weights": llm.engine.weights_desc}
     report = _report("cache", f"bench cache: {llm.model_name}, {max_tokens} tokens with and without the KV cache",
                      out, params)
     with _progress() as progress:
-        result = run_cache_bench(llm, ids, max_tokens, no_cache_max_tokens, warmup, _bar(progress), sample_interval)
-    cache_report(result, report, llm.model_name).finish()
+        result = run_cache_bench(llm, ids, max_tokens, no_cache_max_tokens, warmup, _bar(progress), sample_interval,
+                                 runs)
+    cache_report(result, report, llm.model_name)
+    if experiment is not None:
+        seed_report(experiment, result, report, llm)
+    report.finish()
+
+
+@bench_app.command("seed")
+def seed_run(
+    experiment: str = typer.Argument(..., help="The seed whose experiment to run: 000, 002 or 004."),
+    max_tokens: int | None = typer.Option(None, "--max-tokens", "-n", help="New tokens (default: the seed's)."),
+    no_cache_max_tokens: int | None = typer.Option(
+        None, "--no-cache-max-tokens", help="Cap the no-cache run; the report extrapolates to the seed's count."),
+    runs: int | None = typer.Option(None, "--runs", help="Timed runs per mode (default: the seed's)."),
+    threads: int | None = ThreadsOpt,
+    warmup: int = typer.Option(4, "--warmup", help="Untimed warm-up tokens per run before timing (0 = none)."),
+    out: Path | None = OutOpt,
+) -> None:
+    """A seed's KV-cache experiment as the seed ran it (its model as a random-weight preset, its prompt, its token
+    count and runs), with the seed's published table beside kvengine's. Lower -n / --runs to fit the machine."""
+    from kvengine.bench.seeds import seed_experiment
+
+    exp = seed_experiment(experiment)
+    cache(max_tokens=max_tokens or exp.new_tokens, no_cache_max_tokens=no_cache_max_tokens, model=exp.model,
+          prompt=exp.prompt, raw=True, dtype="auto", device="cpu", threads=threads, warmup=warmup,
+          sample_interval=0.1, runs=runs or exp.runs, seed=exp.seed, out=out)
 
 
 def parse_int_list(text: str, name: str) -> list[int]:

@@ -1,0 +1,63 @@
+"""`kvengine bench cache --runs N --seed NNN` on a tiny random GPT-2 folder: every run timed, seed 004's summary
+lines from their means, the seed's published table beside ours, the extrapolation labelled, the seed's FLOP
+tables reproduced by the accounting. No speed is asserted."""
+
+from __future__ import annotations
+
+import pytest
+from gpt2test import make_gpt2_folder
+
+from kvengine.bench.cache import TimedRun
+from kvengine.bench.seeds import SEED004_FLOPS, extrapolated_total_s, seed000_flops_table, seed004_flops_table
+
+
+@pytest.fixture(scope="module")
+def gpt2_folder(tmp_path_factory):
+    return make_gpt2_folder(tmp_path_factory.mktemp("bench-gpt2") / "tiny-gpt2")
+
+
+def test_runs_and_seed004_table(gpt2_folder, run_bench):
+    _, last, data, out = run_bench("cache", "-m", str(gpt2_folder), "-n", "10", "--no-cache-max-tokens", "6",
+                                   "--runs", "2", "--warmup", "0", "--seed", "004", "--raw", "--prompt", "The file")
+    assert last["runs"] == 2 and last["new_tokens"] == 10 and last["no_cache_tokens"] == 6
+    cached, uncached = data["results"]["cached"], data["results"]["no_cache"]
+    assert len(cached["times_s"]) == 10 and len(uncached["times_s"]) == 6
+    assert last["mean_speedup"] == pytest.approx(last["speedup"])  # capped: the per-token comparison
+    assert last["time_reduction_pct"] == pytest.approx((1 - 1 / last["mean_speedup"]) * 100)
+    table = dict((r[0], r[1:]) for r in data["results"]["seed004"]["table"])
+    assert table["without KV cache"][0] == "43.33 s" and table["speedup"][0] == "5.18x"
+    assert table["time reduction"][0] == "80.70%"
+    assert table["new tokens (cache / no cache)"][1] == "10 / 6"
+    assert "EXTRAPOLATED to 1,000 tokens: without / with" in table
+    report = (out / "report.md").read_text()
+    assert "Seed 004's published run beside kvengine's" in report and "NVIDIA T4 GPU" in report
+    assert "It is an estimate, not a measurement." in report
+    assert "Seed 004's closed-form FLOPs for GPT3-medium" in report
+
+
+def test_seed004_closed_form_rows_match_the_seed():
+    """kvengine's kv-only convention is seed 004's closed form: every published row to its three digits."""
+    rows = seed004_flops_table().rows
+    assert [r[0] for r in rows] == [f"{s:,}" for s in SEED004_FLOPS]
+    for row, (without, with_) in zip(rows, SEED004_FLOPS.values(), strict=True):
+        assert float(row[4]) == pytest.approx(without, rel=0.006) and float(row[5]) == pytest.approx(with_, rel=0.006)
+        assert float(row[7]) > float(row[4])  # exact adds attention scores and the causal prefill
+
+
+def test_seed000_flop_table():
+    (without, with_) = seed000_flops_table().rows
+    assert without[1:] == ["277e9", "277.0e9"] and with_[1:] == ["23e9", "22.9e9"]
+
+
+def test_extrapolation_recovers_a_known_trend():
+    """Per-token times exactly 0.01 + 0.001·pos (cached-like) and 0.002·pos² (no-cache-like): the fits sum
+    them to 100 tokens exactly."""
+    def run(step):
+        times, t = [0.5], 0.5
+        for pos in range(6, 25):
+            t += step(pos)
+            times.append(t)
+        return TimedRun("x", True, 5, list(range(20)), times)
+    line, parabola = (lambda p: 0.01 + 0.001 * p), (lambda p: 0.002 * p * p)
+    assert extrapolated_total_s(run(line), 100, 1) == pytest.approx(0.5 + sum(line(p) for p in range(6, 105)))
+    assert extrapolated_total_s(run(parabola), 100, 2) == pytest.approx(0.5 + sum(parabola(p) for p in range(6, 105)))

@@ -43,8 +43,9 @@ def tiny_gpt2_pair(seed: int = 0, **overrides):
 
 def byte_level_tokenizer_json(folder: Path, vocab_size: int = VOCAB) -> None:
     """A byte-level BPE tokenizer.json trained offline on CPython's pydoc topics, `vocab_size` entries with
-    <|endoftext|> at id 1 (the tiny config's eos)."""
+    <|endoftext|> at id 1 (the tiny config's eos); only the 50 commonest characters, so it has merges."""
     from pydoc_data.topics import topics
+
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())

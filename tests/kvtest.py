@@ -150,3 +150,18 @@ def assert_tracks_reference(got: torch.Tensor, ref: torch.Tensor, ids: list[int]
     nll = torch.nn.functional.cross_entropy
     ratio = math.exp(nll(got[:len(target)], target).item() - nll(ref[:len(target)], target).item())
     assert abs(ratio - 1) < 0.02 and agree >= 0.9, (ratio, agree)
+
+
+def run_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """`kvengine ARGS` through the real main() in-process: (exit code, stdout, stderr)."""
+    import sys
+
+    import pytest
+
+    from kvengine.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["kvengine", *args])
+    with pytest.raises(SystemExit) as e:
+        main()
+    captured = capsys.readouterr()
+    return e.value.code, captured.out, captured.err

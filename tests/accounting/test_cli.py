@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 import transformers
+from kvtest import run_main
 from typer.testing import CliRunner
 
 import kvengine.cli.accounting  # noqa: F401  registers the commands on `app`
-from kvengine.cli import app, main
+from kvengine.cli import app
 
 runner = CliRunner()
 
@@ -19,14 +19,6 @@ def invoke_json(*args: str) -> dict:
     result = runner.invoke(app, [*args, "--json"])
     assert result.exit_code == 0, result.output
     return json.loads(result.stdout)
-
-
-def run_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["kvengine", *args])
-    with pytest.raises(SystemExit) as e:
-        main()
-    captured = capsys.readouterr()
-    return e.value.code, captured.out, captured.err
 
 
 def test_flops_json_reproduces_seed000():

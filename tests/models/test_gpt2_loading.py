@@ -8,14 +8,13 @@ Logits of every loaded model equal transformers' GPT2LMHeadModel within fp32 noi
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 import torch
 from gpt2test import VOCAB, make_gpt2_folder, tiny_gpt2_hf, write_gpt2_gguf
+from kvtest import run_main
 from safetensors.torch import load_file, save_file
 
-from kvengine.cli import main
 from kvengine.llm import LLM
 from kvengine.sampling import SamplingParams
 from kvengine.weights.loader import load_model
@@ -92,14 +91,6 @@ def test_gguf_from_the_same_weights_loads_and_matches(tmp_path, hf_model, gpt2_f
     assert (logits_of(load_model(source, torch.float32), IDS) - reference).abs().max() <= TOL
     text = "Please tell me about Paris."
     assert source.tokenizer().encode(text) == open_model_source(str(gpt2_folder)).tokenizer().encode(text)
-
-
-def run_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["kvengine", *args])
-    with pytest.raises(SystemExit) as e:
-        main()
-    captured = capsys.readouterr()
-    return e.value.code, captured.out, captured.err
 
 
 def broken_folder(tmp_path, gpt2_folder, case: str):

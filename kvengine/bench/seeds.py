@@ -34,6 +34,7 @@ class SeedExperiment:
     seed_prompt_tokens: int | None
     without_s: float
     with_s: float
+    max_run_tokens: int | None = None  # the most kvengine's stand-in can generate (learned positions)
 
 
 SEEDS: dict[str, SeedExperiment] = {
@@ -44,7 +45,8 @@ SEEDS: dict[str, SeedExperiment] = {
                           "not stated (a video of 'our GPT model')", "a GPT model (size not stated)", None, 42.0, 9.0),
     "000": SeedExperiment("000", "preset:seed000", "Please tell me about Paris", 10_000, 1,
                           "the author's GPU (not named; figures 17.9/17.10 chart its utilisation and memory)",
-                          "the author's 20-layer GPT (width 1,280, 10 heads, vocab 65,536; trained)", 5, 269.0, 82.0),
+                          "the author's 20-layer GPT (width 1,280, 10 heads, vocab 65,536; trained)", 5, 269.0, 82.0,
+                          max_run_tokens=2048 - 16),  # 2,048 learned positions, less the prompt
 }
 # Seed 004's closed-form table for GPT3-medium (d_model 1024, 24 layers, vocab 50,257): s -> (without, with).
 SEED004_FLOPS = {10: (1.11e10, 7.07e9), 100: (5.64e11, 7.07e10), 500: (1.29e13, 3.53e11), 1000: (5.09e13, 7.07e11),

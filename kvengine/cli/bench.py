@@ -112,7 +112,8 @@ def seed_run(
     from kvengine.bench.seeds import seed_experiment
 
     exp = seed_experiment(experiment)
-    cache(max_tokens=max_tokens or exp.new_tokens, no_cache_max_tokens=no_cache_max_tokens, model=exp.model,
+    n = max_tokens or min(exp.new_tokens, exp.max_run_tokens or exp.new_tokens)
+    cache(max_tokens=n, no_cache_max_tokens=no_cache_max_tokens, model=exp.model,
           prompt=exp.prompt, raw=True, dtype="auto", device="cpu", threads=threads, warmup=warmup,
           sample_interval=0.1, runs=runs or exp.runs, seed=exp.seed, out=out)
 

@@ -61,3 +61,22 @@ def test_extrapolation_recovers_a_known_trend():
     line, parabola = (lambda p: 0.01 + 0.001 * p), (lambda p: 0.002 * p * p)
     assert extrapolated_total_s(run(line), 100, 1) == pytest.approx(0.5 + sum(line(p) for p in range(6, 105)))
     assert extrapolated_total_s(run(parabola), 100, 2) == pytest.approx(0.5 + sum(parabola(p) for p in range(6, 105)))
+
+
+def test_bench_seed_runs_the_seeds_setup_on_a_random_preset(run_bench):
+    """`bench seed 002` = preset:gpt2 (random weights, said in the table), seed 004's prompt as is, the seed's
+    published 42 s / 9 s beside ours; -n shortens it for the test."""
+    _, last, data, out = run_bench("seed", "002", "-n", "2", "--warmup", "0")
+    assert last["model"] == "preset:gpt2" and last["new_tokens"] == last["no_cache_tokens"] == 2
+    assert data["params"]["prompt"] == "Hello, I'm a language model" and data["params"]["chat_template"] is False
+    table = dict((r[0], r[1:]) for r in data["results"]["seed002"]["table"])
+    assert table["without KV cache"][0] == "42.00 s" and table["with KV cache"][0] == "9.00 s"
+    assert table["model"][1].startswith("preset:gpt2: RANDOM weights")
+    assert "EXTRAPOLATED to 100 tokens" in (out / "report.md").read_text()
+
+
+def test_unknown_seed_is_one_error_line(monkeypatch, capsys):
+    from kvtest import run_main
+
+    code, _, err = run_main(monkeypatch, capsys, "bench", "seed", "003")
+    assert code == 2 and err.strip() == "error: unknown seed experiment '003' (choose from 004, 002, 000)"

@@ -31,7 +31,7 @@ def test_runs_and_seed004_table(gpt2_folder, run_bench):
     assert "EXTRAPOLATED to 1,000 tokens: without / with" in table
     report = (out / "report.md").read_text()
     assert "Seed 004's published run beside kvengine's" in report and "NVIDIA T4 GPU" in report
-    assert "It is an estimate, not a measurement." in report
+    assert "It is an estimate, not a measurement." in report and "time = c0 + c1·FLOPs" in report
     assert "Seed 004's closed-form FLOPs for GPT3-medium" in report
 
 
@@ -50,17 +50,20 @@ def test_seed000_flop_table():
 
 
 def test_extrapolation_recovers_a_known_trend():
-    """Per-token times exactly 0.01 + 0.001·pos (cached-like) and 0.002·pos² (no-cache-like): the fits sum
-    them to 100 tokens exactly."""
-    def run(step):
-        times, t = [0.5], 0.5
-        for pos in range(6, 25):
-            t += step(pos)
+    """Per-token times exactly 0.01 s + 1 ns per FLOP of each step: the fit sums them over 100 tokens' steps
+    exactly, with and without the cache (the no-cache steps' FLOPs grow with the text)."""
+    from kvengine.accounting.flops import completion_flops
+    from kvengine.accounting.presets import get_preset
+
+    short, long = (completion_flops(get_preset("gpt2"), 5, n, lm_head="last") for n in (20, 100))
+    for measured, target in ((short.steps_with, long.steps_with), (short.steps_without, long.steps_without)):
+        times, t = [], 0.0
+        for k, f in enumerate(measured):
+            t += 0.5 if k == 0 else 0.01 + 1e-9 * f
             times.append(t)
-        return TimedRun("x", True, 5, list(range(20)), times)
-    line, parabola = (lambda p: 0.01 + 0.001 * p), (lambda p: 0.002 * p * p)
-    assert extrapolated_total_s(run(line), 100, 1) == pytest.approx(0.5 + sum(line(p) for p in range(6, 105)))
-    assert extrapolated_total_s(run(parabola), 100, 2) == pytest.approx(0.5 + sum(parabola(p) for p in range(6, 105)))
+        run = TimedRun("x", True, 5, list(range(20)), times)
+        assert extrapolated_total_s(run, measured, target) == pytest.approx(
+            0.5 + sum(0.01 + 1e-9 * f for f in target[1:]))
 
 
 def test_bench_seed_runs_the_seeds_setup_on_a_random_preset(run_bench):

@@ -200,8 +200,10 @@ def describe_kernels(model: torch.nn.Module, act_dtype: torch.dtype) -> str:
         untiled = sum(m.wtiles is None for m in layers)
         rest = f"; bf16 activations for {untiled} layers whose shape the tiles do not fit" if untiled else ""
         return f"kvengine AVX-512 kernels (int8 activations in groups of 32{rest})"
-    why = native.reason() or ("they need bfloat16 activations" if act_dtype != torch.bfloat16
-                              else "shapes they do not take")
+    if act_dtype != torch.bfloat16:  # the first reason whatever the CPU, so the line does not depend on call order
+        why = "they need bfloat16 activations"
+    else:
+        why = native.reason() or "shapes they do not take"
     if n_native:
         return f"kvengine AVX-512 kernels for {n_native} of {len(layers)} layers, PyTorch's for the rest ({why})"
     return f"PyTorch packed kernels (not kvengine's: {why})"

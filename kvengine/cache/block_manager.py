@@ -296,6 +296,10 @@ class BlockManager:
         bs = self.block_size
         return self._seqs[seq_id].table[position // bs] * bs + position % bs
 
+    def registered_hashes(self) -> list[bytes]:
+        """Chain hashes of every block a prompt can reuse now (held or cached-free); what a router may know."""
+        return list(self._hash_to_block)
+
     def has_seq(self, seq_id: int) -> bool:
         return seq_id in self._seqs
 

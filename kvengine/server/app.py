@@ -30,7 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from kvengine.engine.engine import LLMEngine
 from kvengine.engine.output import RequestOutput
 from kvengine.errors import AuthenticationError, KVEngineError, ModelNotFoundError, OverloadedError, RequestError
-from kvengine.server.async_engine import AsyncEngine, RequestGroup
+from kvengine.server.async_engine import AsyncEngine, Backend, RequestGroup
 from kvengine.server.metrics import CONTENT_TYPE, ServerMetrics
 from kvengine.server.protocol import (
     ChatCompletionRequest,
@@ -47,6 +47,7 @@ DASHBOARD_DIR = Path(__file__).parent / "dashboard"
 DISCONNECT_POLL_S = 1.0  # how often a non-streaming request checks that its client is still there
 RETRY_AFTER_S = 1
 MAX_BODY_BYTES = 16 << 20  # a request body larger than this is refused (413) before it is read whole
+REPLICA_HEADER = "x-kvengine-replica"  # which replica served the request (set when the backend has replicas)
 
 
 class PayloadTooLarge(KVEngineError):
@@ -56,9 +57,9 @@ class PayloadTooLarge(KVEngineError):
 class ServerState:
     """What the routes share: the engine thread, metrics, the served model's name and the api keys."""
 
-    def __init__(self, engine: LLMEngine, model_name: str, api_keys: Sequence[str], max_waiting: int) -> None:
-        self.metrics = ServerMetrics()
-        self.engine = AsyncEngine(engine, max_waiting=max_waiting, metrics=self.metrics)
+    def __init__(self, backend: Backend, model_name: str, api_keys: Sequence[str], metrics: ServerMetrics) -> None:
+        self.metrics = metrics
+        self.engine = backend
         self.model_name = model_name
         self.api_keys = [k.encode() for k in api_keys]
         self.started = time.time()
@@ -90,10 +91,17 @@ def create_app(llm_or_engine: Any, *, model_name: str | None = None, api_keys: S
     while the app runs: the app's engine thread owns it."""
     engine: LLMEngine = getattr(llm_or_engine, "engine", llm_or_engine)
     name = model_name or getattr(llm_or_engine, "model_name", None) or engine.model_config.name
-    keys = [api_keys] if isinstance(api_keys, str) else list(api_keys or [])
     if max_waiting < 1:
         raise RequestError(f"max_waiting must be at least 1, got {max_waiting}", param="max_waiting")
-    state = ServerState(engine, name, keys, max_waiting)
+    metrics = ServerMetrics()
+    return create_backend_app(AsyncEngine(engine, max_waiting=max_waiting, metrics=metrics), name, api_keys, metrics)
+
+
+def create_backend_app(backend: Backend, model_name: str, api_keys: Sequence[str] | str | None = None,
+                       metrics: ServerMetrics | None = None) -> FastAPI:
+    """The same app over any Backend: one engine thread here, or kvengine replicas elsewhere (kvengine/cluster)."""
+    keys = [api_keys] if isinstance(api_keys, str) else list(api_keys or [])
+    state = ServerState(backend, model_name, keys, metrics or ServerMetrics())
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -144,7 +152,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         state.authorize(request)
         return {"object": "list", "data": [{
             "id": state.model_name, "object": "model", "created": int(state.started), "owned_by": "kvengine",
-            "max_model_len": state.engine.engine.max_model_len}]}
+            "max_model_len": state.engine.max_model_len}]}
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -163,7 +171,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         body = parse_body(await _read_body(request), ChatCompletionRequest)
         state.check_model(body.model)
         messages = body.template_messages()
-        tokenizer = state.engine.engine.tokenizer
+        tokenizer = state.engine.tokenizer
         if tokenizer is None:
             raise RequestError("this model has no tokenizer; send token ids to /v1/completions")
         ids = tokenizer.encode_chat(messages)
@@ -182,8 +190,8 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     @app.get("/dashboard/state")
     async def dashboard_state() -> dict[str, Any]:
         data = await state.engine.snapshot()
-        e = state.engine.engine
-        data.update(model=state.model_name, max_num_seqs=e.scheduler.max_num_seqs, max_model_len=e.max_model_len,
+        e = state.engine
+        data.update(model=state.model_name, max_num_seqs=e.max_num_seqs, max_model_len=e.max_model_len,
                     max_waiting=state.engine.max_waiting, uptime_s=time.time() - state.started, time=time.time())
         return data
 
@@ -203,7 +211,7 @@ async def _read_body(request: Request) -> bytes:
 
 
 def _encode(state: ServerState, text: str) -> list[int]:
-    tokenizer = state.engine.engine.tokenizer
+    tokenizer = state.engine.tokenizer
     if tokenizer is None:
         raise RequestError("this model has no tokenizer; send the prompt as token ids", param="prompt")
     return tokenizer.encode(text)
@@ -213,18 +221,20 @@ async def _generate(state: ServerState, request: Request, kind: Literal["chat", 
                     body: ChatCompletionRequest | CompletionRequest, ids: list[int], max_tokens: int | None,
                     cache_salt: str | None) -> Response:
     if max_tokens is None:  # chat without a limit: up to the end of the context
-        max_tokens = max(1, state.engine.engine.max_model_len - len(ids))
+        max_tokens = max(1, state.engine.max_model_len - len(ids))
     params = body.sampling_params(max_tokens)
     salt = "|".join(s for s in (cache_salt, body.cache_salt) if s) or None
     writer = ResponseWriter(kind, state.model_name)
     rids = [f"{writer.id}-{i}" for i in range(body.n)]
     group = await state.engine.add(rids, ids, params, salt)
+    headers = {REPLICA_HEADER: group.replica} if group.replica else None
     if body.stream:
-        return _GroupStream(state.engine, group, _stream(group, writer, body.include_usage))
+        return _GroupStream(state.engine, group, _stream(group, writer, body.include_usage), headers)
     finals = await _collect(state, request, group)
     if finals is None:
         return Response(status_code=499)  # the client went away; nobody reads this
-    return JSONResponse(writer.full(finals, usage(group.prompt_tokens, [o.metrics for o in finals])))
+    return JSONResponse(writer.full(finals, usage(group.prompt_tokens, [o.metrics for o in finals])),
+                        headers=headers)
 
 
 async def _collect(state: ServerState, request: Request, group: RequestGroup) -> list[RequestOutput] | None:
@@ -250,9 +260,10 @@ class _GroupStream(StreamingResponse):
     """Server-sent events of one request group. However the response ends (finished, client gone before or
     during the stream, server shutdown), unfinished engine requests are aborted and their blocks freed."""
 
-    def __init__(self, engine: AsyncEngine, group: RequestGroup, events: AsyncIterator[str]) -> None:
+    def __init__(self, engine: Backend, group: RequestGroup, events: AsyncIterator[str],
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(events, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})})
         self.engine, self.group = engine, group
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:

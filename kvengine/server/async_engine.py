@@ -17,13 +17,15 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from kvengine.engine.engine import LLMEngine
 from kvengine.engine.output import RequestOutput
+from kvengine.engine.stats import EngineStats
 from kvengine.errors import KVEngineError, OverloadedError
 from kvengine.sampling import SamplingParams
 from kvengine.server.metrics import ServerMetrics
+from kvengine.weights.tokenizer import Tokenizer
 
 log = logging.getLogger("kvengine.server")
 
@@ -59,6 +61,7 @@ class RequestGroup:
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     remaining: int = 0
     prompt_tokens: int = 0
+    replica: str | None = None  # the replica serving it, when the backend has several (kvengine/cluster)
 
     def __post_init__(self) -> None:
         self.remaining = len(self.request_ids)
@@ -80,6 +83,28 @@ class RequestGroup:
     async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         while not self.done:
             yield await self.next()
+
+
+class Backend(Protocol):
+    """What the HTTP app needs from whatever runs the requests: AsyncEngine here, replicas in kvengine/cluster."""
+
+    max_waiting: int
+
+    @property
+    def tokenizer(self) -> Tokenizer | None: ...
+    @property
+    def max_model_len(self) -> int: ...
+    @property
+    def max_num_seqs(self) -> int: ...
+    @property
+    def alive(self) -> bool: ...
+    def start(self) -> None: ...
+    def shutdown(self) -> None: ...
+    async def add(self, request_ids: list[str], prompt_token_ids: list[int], params: list[SamplingParams],
+                  cache_salt: str | None) -> RequestGroup: ...
+    def abort(self, group: RequestGroup) -> None: ...
+    async def stats(self) -> EngineStats: ...
+    async def snapshot(self) -> dict[str, Any]: ...
 
 
 class AsyncEngine:
@@ -117,6 +142,18 @@ class AsyncEngine:
     @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def tokenizer(self) -> Tokenizer | None:
+        return self.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def max_num_seqs(self) -> int:
+        return self.engine.scheduler.max_num_seqs
 
     def pause(self) -> None:
         """Stop stepping (commands still run): requests queue up, nothing generates. For tests and draining."""
@@ -227,7 +264,7 @@ class AsyncEngine:
             return data
         return await self.call(take)
 
-    async def stats(self):
+    async def stats(self) -> EngineStats:
         return await self.call(lambda engine: engine.stats())
 
     # -- the engine thread --------------------------------------------------------------------------

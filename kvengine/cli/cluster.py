@@ -1,0 +1,80 @@
+"""`kvengine cluster`: N engine replicas behind one OpenAI-compatible endpoint on Ray Serve (kvengine/cluster)."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import typer
+
+from kvengine.cli.app import app
+from kvengine.cli.generate import (
+    DeviceOpt,
+    DtypeOpt,
+    KVDtypeOpt,
+    KVMemOpt,
+    KVWindowOpt,
+    ModelOpt,
+    SinkOpt,
+    ThreadsOpt,
+    WeightsOpt,
+)
+from kvengine.cli.serve import MaxLenOpt, MaxSeqsOpt, _is_loopback
+
+RouterOpt = typer.Option("kvengine", "--router", help="Request router: kvengine (KV-block aware), round_robin, "
+                         "power_of_two (Ray Serve's default), prefix_affinity (Ray's PrefixCacheAffinityRouter).")
+
+
+@app.command()
+def cluster(
+    replicas: int = typer.Option(2, "--replicas", "-r", help="Engine replicas (each one kvengine engine)."),
+    model: str | None = ModelOpt,
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on (loopback unless told otherwise)."),
+    port: int = typer.Option(8000, "--port", help="TCP port of the endpoint (0 = any free port)."),
+    address: str | None = typer.Option(None, "--address", help="Join this Ray cluster (e.g. 10.0.0.1:6379, or "
+                                       "'auto') instead of starting a local Ray instance."),
+    router: str = RouterOpt,
+    api_key: list[str] | None = typer.Option(None, "--api-key", help="Require 'Authorization: Bearer KEY' on /v1 "
+                                             "routes (repeatable; each key is its own prefix-cache tenant)."),
+    max_num_seqs: int = MaxSeqsOpt,
+    max_waiting: int = typer.Option(256, "--max-waiting", help="Requests waiting for a slot at most, per replica; "
+                                    "more get HTTP 429."),
+    max_model_len: int | None = MaxLenOpt,
+    served_model_name: str | None = typer.Option(None, "--served-model-name", help="Model id clients send."),
+    cpus_per_replica: float | None = typer.Option(None, "--cpus-per-replica", help="Ray CPUs per replica (default: "
+                                                  "this machine's cores / replicas; 1 on a cluster)."),
+    dtype: str = DtypeOpt,
+    weights: str = WeightsOpt,
+    device: str = DeviceOpt,
+    threads: int | None = ThreadsOpt,
+    kv_dtype: str = KVDtypeOpt,
+    kv_memory: float | None = KVMemOpt,
+    kv_window: int | None = KVWindowOpt,
+    sink_tokens: int = SinkOpt,
+) -> None:
+    """Serve a model from N replicas on Ray Serve behind one OpenAI-compatible endpoint, routed by KV cache."""
+    from kvengine.cluster import require_ray
+    from kvengine.cluster.app import ClusterConfig, prepare, start, stop
+    from kvengine.config import EngineConfig
+
+    budget = int(kv_memory) if kv_memory is not None and kv_memory > 1 else kv_memory
+    engine_args = dict(dtype=dtype, device=device, num_threads=threads, kv_cache_dtype=kv_dtype,
+                       kv_cache_memory=budget, weights=weights, kv_window=kv_window, sink_tokens=sink_tokens,
+                       max_num_seqs=max_num_seqs, max_model_len=max_model_len)
+    EngineConfig(**engine_args).resolved_dtype()  # bad engine options: one line here, not in every replica
+    config = ClusterConfig(replicas=replicas, model=model, engine_args=engine_args, host=host, port=port,
+                           address=address, api_keys=list(api_key or []), served_model_name=served_model_name,
+                           max_waiting=max_waiting, router=router, cpus_per_replica=cpus_per_replica)
+    require_ray()
+    prepare(config)
+    if not api_key and not _is_loopback(host):
+        print(f"warning: listening on {host} without --api-key: anyone who can reach it can use it", file=sys.stderr)
+    print(f"kvengine cluster: starting {replicas} replica(s) on Ray Serve ({router} router)...", file=sys.stderr)
+    try:
+        url = start(config, quiet=True)
+        print(f"kvengine cluster serving on {url} ({replicas} replicas, {config.cpus_per_replica:g} CPUs and "
+              f"{engine_args['num_threads']} threads each); Ctrl-C stops it", file=sys.stderr)
+        while True:
+            time.sleep(3600)
+    finally:
+        stop()

@@ -3,14 +3,12 @@ every Ray test of the session and shut down at its end. Without the cluster extr
 
 from __future__ import annotations
 
-import importlib.util
 import time
 
 import pytest
+from clustertest import HAVE_RAY, SKIP_REASON
 from kvtest import make_tiny_hf_folder
 
-HAVE_RAY = importlib.util.find_spec("ray") is not None and importlib.util.find_spec("ray.serve") is not None
-needs_ray = pytest.mark.skipif(not HAVE_RAY, reason="Ray Serve is not installed (pip install 'kvengine[cluster]')")
 TINY_KV_BYTES = 4 << 20  # 512 blocks of 16 tokens per replica
 
 
@@ -63,7 +61,7 @@ class Cluster:
 @pytest.fixture(scope="session")
 def cluster(cluster_model):
     if not HAVE_RAY:
-        pytest.skip("Ray Serve is not installed (pip install 'kvengine[cluster]')")
+        pytest.skip(SKIP_REASON)
     from kvengine.cluster.app import ClusterConfig, prepare, start, stop
 
     config = prepare(ClusterConfig(replicas=2, model=str(cluster_model), port=0, stats_period_s=0.2,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from conftest import needs_ray
+from clustertest import needs_ray
 
 pytestmark = [needs_ray, pytest.mark.ray]
 MESSAGES = [{"role": "user", "content": "Tell me about the import statement in Python."}]

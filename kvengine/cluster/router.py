@@ -35,6 +35,7 @@ class KVCacheRouter(FIFOMixin, RequestRouter):
         self.rng = random.Random(seed)
         self._stats_seen: dict[str, dict[str, Any]] = {}  # replica -> the last stats dict indexed
         self._keys_of: dict[str, list[bytes]] = {}  # internal request id -> its block keys (until routed)
+        self._dead: set[str] = set()  # replicas seen dying: their last stats are never indexed again
 
     @property
     def view(self) -> ClusterView:
@@ -74,6 +75,7 @@ class KVCacheRouter(FIFOMixin, RequestRouter):
 
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         super().on_replica_actor_died(replica_id)
+        self._dead.add(replica_id.unique_id)
         self._forget(replica_id.unique_id)
 
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
@@ -92,12 +94,13 @@ class KVCacheRouter(FIFOMixin, RequestRouter):
             stats = r.routing_stats
             keys = stats.get("keys") if stats else None
             rid = r.replica_id.unique_id
-            if keys is None or self._stats_seen.get(rid) is stats:
+            if keys is None or rid in self._dead or self._stats_seen.get(rid) is stats:
                 continue
             self._stats_seen[rid] = stats
             self.index.report(rid, keys)
             self.view.stats[rid] = stats.get("stats", {})
             self.view.pids[rid] = stats.get("pid", 0)
+            self.view.indexed[rid] = self.index.num_keys(rid)
 
     def _load(self, replica: RunningReplica) -> int:
         queued = self.replica_queue_len_cache.get(replica.replica_id)
@@ -108,8 +111,7 @@ class KVCacheRouter(FIFOMixin, RequestRouter):
 
     def _forget(self, rid: str) -> None:
         self.index.forget(rid)
-        self.view.stats.pop(rid, None)
-        self.view.pids.pop(rid, None)
+        self.view.forget(rid)
         self._stats_seen.pop(rid, None)
 
 

@@ -353,6 +353,10 @@ class EngineConfig:
     # sink_tokens; generation may then run past the model's context with constant memory.
     kv_window: int | None = None
     sink_tokens: int = 0
+    # The KV disk tier (docs/kv-disk.md): a directory that keeps full blocks across restarts, and its budget in
+    # bytes (None: a quarter of the free space, at most 16 GiB).
+    kv_disk_dir: str | None = None
+    kv_disk_budget: float | None = None
 
     def __post_init__(self) -> None:
         self.dtype = normalize_dtype(self.dtype)

@@ -19,6 +19,9 @@ import torch
 
 from kvengine.cache.block_manager import BlockManager
 from kvengine.cache.block_tables import KVBlockTables
+from kvengine.cache.disk_store import DiskStore, check_disk_budget, check_disk_dir
+from kvengine.cache.disk_tier import KVDiskTier
+from kvengine.cache.fingerprint import files_id, kv_fingerprint, tensors_id
 from kvengine.cache.pool import KVPool, num_blocks_for_budget
 from kvengine.cache.retention import max_blocks
 from kvengine.cache.spec import KVCacheSpec
@@ -30,6 +33,7 @@ from kvengine.errors import ConfigError, RequestError
 from kvengine.layers.linear import describe_kernels, quantize_linears
 from kvengine.sampling import SamplingParams
 from kvengine.weights.loader import load_model
+from kvengine.weights.preset import PRESET_SEED
 from kvengine.weights.source import ModelSource, open_model_source
 from kvengine.weights.tokenizer import Tokenizer
 
@@ -43,10 +47,12 @@ class LLM:
         self.config = EngineConfig(**engine_args)
         _apply_threads(self.config)
         _check_device(self.config.device)
+        disk = open_disk_store(self.config)  # a bad directory or budget is refused before the model loads
         self.source: ModelSource = open_model_source(model, quiet=quiet)
         dtype = TORCH_DTYPES[self.config.resolved_dtype()]
         net = load_model(self.source, dtype, self.config.device)
-        self.engine = build_engine(net, self.source.tokenizer(), self.config)
+        model_id = source_id(self.source, disk.root) if disk is not None else None
+        self.engine = build_engine(net, self.source.tokenizer(), self.config, disk, model_id)
         if self.source.weights_note:
             self.engine.weights_desc = f"{self.source.weights_note}; {self.engine.weights_desc}"
 
@@ -56,7 +62,8 @@ class LLM:
         self = cls.__new__(cls)
         self.config = EngineConfig(**engine_args)
         self.source = None
-        self.engine = build_engine(model, tokenizer, self.config)
+        disk = open_disk_store(self.config)
+        self.engine = build_engine(model, tokenizer, self.config, disk, tensors_id(model) if disk else None)
         return self
 
     # -- properties -------------------------------------------------------------------------------
@@ -157,8 +164,10 @@ class LLM:
         return ids
 
 
-def build_engine(model: torch.nn.Module, tokenizer: Tokenizer | None, config: EngineConfig) -> LLMEngine:
-    """Size the KV pool from the budget, then wire pool, block tables, scheduler and runner together."""
+def build_engine(model: torch.nn.Module, tokenizer: Tokenizer | None, config: EngineConfig,
+                 disk: DiskStore | None = None, model_id: str | None = None) -> LLMEngine:
+    """Size the KV pool from the budget, then wire pool, block tables, scheduler and runner together (and the
+    KV disk tier over `disk`, keyed by `model_id` and the rest of the fingerprint)."""
     mc: ModelConfig = model.config
     if config.kv_window is None:
         max_len = config.max_model_len or mc.max_position_embeddings
@@ -187,10 +196,33 @@ def build_engine(model: torch.nn.Module, tokenizer: Tokenizer | None, config: En
         why_not = model.enable_fused_decode(pool)
         weights += "; decode steps: " + (f"layer by layer ({why_not})" if why_not else "one kvengine op per layer")
     bm = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching and spec.prefix_cacheable)
+    tier = None
+    if disk is not None and bm.enable_prefix_caching:
+        fingerprint = kv_fingerprint(model_id or "unknown", mc, spec, weights, str(dtype).removeprefix("torch."))
+        tier = KVDiskTier(disk, pool, fingerprint)
     engine = LLMEngine(model, tokenizer, pool, KVBlockTables(bm, spec.groups), config.max_num_seqs,
-                       config.max_num_batched_tokens, max_len, config.device, config.seed, config.compile)
+                       config.max_num_batched_tokens, max_len, config.device, config.seed, config.compile, tier)
     engine.weights_desc = weights
     return engine
+
+
+def open_disk_store(config: EngineConfig) -> DiskStore | None:
+    """The KV disk tier's directory and budget, checked (ConfigError), or None without kv_disk_dir."""
+    if config.kv_disk_dir is None:
+        if config.kv_disk_budget is not None:
+            raise ConfigError("kv_disk_budget needs kv_disk_dir (--kv-disk-budget needs --kv-disk-dir)")
+        return None
+    root = check_disk_dir(config.kv_disk_dir)
+    return DiskStore(root, check_disk_budget(config.kv_disk_budget, root))
+
+
+def source_id(source: ModelSource, cache_dir: Path) -> str:
+    """What identifies a model's weights for the KV fingerprint: its files' hash, or a preset's name and seed."""
+    if source.preset is not None:
+        return f"{source.name}:seed{PRESET_SEED}"
+    if source.kind == "gguf":
+        return files_id([source.path], cache_dir)
+    return files_id(sorted(source.path.glob("*.safetensors")) + [source.path / "config.json"], cache_dir)
 
 
 def describe_weights(act_dtype: torch.dtype, chosen: dict[str, str] | None = None,

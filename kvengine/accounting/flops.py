@@ -171,6 +171,12 @@ def step_flops(config: ModelConfig, new_tokens: int, context_len: int, lm_head_t
     return _build(config, n, c, lm, _pairs(config, n, c, attention), attention)
 
 
+def span_flops(config: ModelConfig, start: int, stop: int) -> int:
+    """Matmul FLOPs of computing positions start .. stop - 1 in one step after `start` cached ones, no LM head:
+    what a prefix reused from a cache would cost to recompute (0 for an empty span)."""
+    return step_flops(config, stop - start, stop, lm_head_tokens=0).total if stop > start else 0
+
+
 def _build(config: ModelConfig, n: int, c: int, lm: int, pairs: int, attention: str) -> StepFlops:
     """Every component from the counts it is linear in: positions `n`, LM-head positions `lm`, query-key
     `pairs` summed over layers. Linear, so the sums of several steps' counts give their summed FLOPs."""

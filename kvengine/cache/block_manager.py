@@ -14,6 +14,11 @@ A windowed layer group (cache/retention.py) drops the blocks that left its windo
 them and leaves a HOLE (-1) in the table, so table index i still means positions i*bs .. i*bs + bs - 1.
 Such tables are never hashed (prefix caching needs every block of a prefix).
 
+A lower tier (the KV disk tier, cache/disk_tier.py) extends a match: `allocate(..., loaded=...)` registers the
+full blocks that followed the memory hit and were found on disk into fresh blocks, as if computed; the caller
+copies their bytes into those blocks before the next forward. `commit` returns the blocks it registered, so
+the caller can write them down.
+
 Every block is in exactly one of three states: used (ref > 0), cached-free (ref 0, hash registered, in
 the LRU), plain free (ref 0, no hash). Per-step work is O(blocks touched); only `check_invariants` scans.
 """
@@ -43,6 +48,25 @@ class MissReason(StrEnum):
     PARTIAL_BLOCK = "partial_block"  # every full block hit; the rest is a partial block (never shared)
     LAST_TOKEN = "last_token"  # the whole prompt was cached; its last block is recomputed for logits
     DISABLED = "disabled"  # prefix caching is off
+    LOADED_FROM_DISK = "loaded_from_disk"  # the memory cache missed here; the disk tier had the blocks
+
+
+@dataclass(slots=True, frozen=True)
+class BlockKey:
+    """What a full block's KV depends on besides the model: its chain hash (with the salt) and its tokens."""
+
+    chain_hash: bytes
+    unsalted: bytes  # the chain hash of the same tokens without a salt
+    salt: str | None
+    tokens: tuple[int, ...]
+
+
+@dataclass(slots=True)
+class LoadedPrefix:
+    """Full blocks a lower tier holds right after a memory match of `start` blocks, in order."""
+
+    start: int
+    keys: list[BlockKey]
 
 
 @dataclass(slots=True)
@@ -50,6 +74,7 @@ class PrefixMatch:
     num_cached_tokens: int  # tokens whose KV is reused (a multiple of block_size)
     block_ids: list[int]  # the matched blocks, in order
     miss_reason: MissReason | None  # None when not applicable (empty prompt)
+    num_loaded_tokens: int = 0  # of num_cached_tokens: loaded from a lower tier (block_ids[-n // bs:])
 
 
 @dataclass(slots=True)
@@ -97,6 +122,19 @@ def chain_hash(parent: bytes, salt: str | None, tokens: Sequence[int]) -> bytes:
         h.update(b"\x01" + len(salt_bytes).to_bytes(4, "little") + salt_bytes)
     h.update(array("q", tokens).tobytes())
     return h.digest()
+
+
+def chain_keys(token_ids: Sequence[int], salt: str | None, block_size: int, start: int, stop: int) -> list[BlockKey]:
+    """The keys of full blocks start .. stop - 1 of `token_ids` (the chain is hashed from the first block)."""
+    keys: list[BlockKey] = []
+    parent = unsalted = ROOT_HASH
+    for i in range(stop):
+        chunk = tuple(token_ids[i * block_size:(i + 1) * block_size])
+        parent = chain_hash(parent, salt, chunk)
+        unsalted = parent if salt is None else chain_hash(unsalted, None, chunk)
+        if i >= start:
+            keys.append(BlockKey(parent, unsalted, salt, chunk))
+    return keys
 
 
 class BlockManager:
@@ -190,14 +228,21 @@ class BlockManager:
 
     # ---- sequence lifecycle -------------------------------------------------------------------------
 
-    def allocate(self, seq_id: int, token_ids: Sequence[int], salt: str | None = None) -> PrefixMatch | None:
-        """Admit a sequence: reuse its cached prefix, add fresh blocks to cover `token_ids`.
+    def max_cached_blocks(self, num_tokens: int) -> int:
+        """The most full blocks a prompt of `num_tokens` may take from a cache (one token is left to compute)."""
+        return max(0, num_tokens - 1) // self.block_size
+
+    def allocate(self, seq_id: int, token_ids: Sequence[int], salt: str | None = None,
+                 loaded: LoadedPrefix | None = None) -> PrefixMatch | None:
+        """Admit a sequence: reuse its cached prefix, add fresh blocks to cover `token_ids`. `loaded`: blocks a
+        lower tier holds after the memory match; they are registered into fresh blocks (to be filled by the caller).
 
         Returns None and changes nothing when the free blocks do not suffice.
         """
         if seq_id in self._seqs:
             raise ValueError(f"sequence {seq_id} already holds blocks")
         match = self.match_prefix(token_ids, salt)
+        keys = self._loadable(match, loaded, len(token_ids))
         revived = sum(1 for b in match.block_ids if self._blocks[b].ref_count == 0)
         fresh = self.blocks_needed(len(token_ids)) - len(match.block_ids)
         if fresh + revived > self.num_free_blocks:
@@ -206,6 +251,13 @@ class BlockManager:
             self._acquire(b)
         state = _SeqState(salt, list(match.block_ids))
         state.table.extend(self._take_free() for _ in range(fresh))
+        for i, key in enumerate(keys, start=len(match.block_ids)):
+            self._register(state.table[i], key.chain_hash, key.unsalted, key.salt, key.tokens)
+            match.block_ids.append(state.table[i])
+        if keys:
+            match.num_loaded_tokens = len(keys) * self.block_size
+            match.num_cached_tokens += match.num_loaded_tokens
+            match.miss_reason = MissReason.LOADED_FROM_DISK
         if match.block_ids:
             last = self._blocks[match.block_ids[-1]]
             assert last.hash is not None and last.unsalted is not None
@@ -216,6 +268,18 @@ class BlockManager:
         self._queries += len(token_ids)
         return match
 
+    def _loadable(self, match: PrefixMatch, loaded: LoadedPrefix | None, num_tokens: int) -> list[BlockKey]:
+        """The loaded blocks that extend `match`: none unless they start where it stopped on a full-block miss;
+        cut at the first one memory registered meanwhile (its twin serves it) and at the prompt's last block."""
+        if loaded is None or loaded.start != len(match.block_ids) or match.miss_reason not in (
+                MissReason.NO_MATCH, MissReason.EVICTED, MissReason.CACHE_SALT):
+            return []
+        keys = loaded.keys[:self.max_cached_blocks(num_tokens) - loaded.start]
+        for i, key in enumerate(keys):
+            if key.chain_hash in self._hash_to_block:
+                return keys[:i]
+        return keys
+
     def ensure_capacity(self, seq_id: int, num_tokens: int) -> bool:
         """Grow the table of `seq_id` to cover `num_tokens`; False and no change if blocks run short."""
         table = self._seqs[seq_id].table
@@ -225,8 +289,9 @@ class BlockManager:
         table.extend(self._take_free() for _ in range(need))
         return True
 
-    def commit(self, seq_id: int, token_ids: Sequence[int], num_computed_tokens: int) -> None:
-        """Register the chain hash of every full block of `seq_id` whose tokens all have KV now.
+    def commit(self, seq_id: int, token_ids: Sequence[int], num_computed_tokens: int) -> list[tuple[int, BlockKey]]:
+        """Register the chain hash of every full block of `seq_id` whose tokens all have KV now; returns the
+        (block, key) pairs registered by this call.
 
         A block whose hash another block already registered stays unregistered (its twin serves hits).
         """
@@ -234,8 +299,9 @@ class BlockManager:
         if num_computed_tokens > len(token_ids) or self.blocks_needed(num_computed_tokens) > len(state.table):
             raise ValueError(f"sequence {seq_id}: {num_computed_tokens} computed tokens exceed its tokens "
                              f"({len(token_ids)}) or its blocks ({len(state.table)})")
+        registered: list[tuple[int, BlockKey]] = []
         if not self.enable_prefix_caching:
-            return
+            return registered
         bs = self.block_size
         for i in range(state.num_hashed, num_computed_tokens // bs):
             chunk = tuple(token_ids[i * bs:(i + 1) * bs])
@@ -243,7 +309,9 @@ class BlockManager:
             u = h if state.salt is None else chain_hash(state.parent_unsalted, None, chunk)
             if h not in self._hash_to_block:
                 self._register(state.table[i], h, u, state.salt, chunk)
+                registered.append((state.table[i], BlockKey(h, u, state.salt, chunk)))
             state.num_hashed, state.parent, state.parent_unsalted = i + 1, h, u
+        return registered
 
     def free(self, seq_id: int) -> None:
         """Release a finished, aborted or preempted sequence's blocks."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
 
-from kvengine.cache.block_manager import BlockManager, BlockStats, MissReason, PrefixMatch
+from kvengine.cache.block_manager import BlockKey, BlockManager, BlockStats, LoadedPrefix, MissReason, PrefixMatch
 from kvengine.cache.retention import KVGroup, Retention, max_blocks
 
 
@@ -64,11 +64,18 @@ class KVBlockTables:
 
     # ---- sequence lifecycle -------------------------------------------------------------------------
 
-    def allocate(self, seq_id: int, token_ids: Sequence[int], salt: str | None = None) -> PrefixMatch | None:
-        """Admit a sequence. One full group: reuse its cached prefix and cover the whole text (None if the
-        blocks do not suffice). Otherwise empty tables; `ensure_capacity` adds blocks chunk by chunk."""
+    def match_prefix(self, token_ids: Sequence[int], salt: str | None = None) -> PrefixMatch:
         if self.simple:
-            return self.manager.allocate(seq_id, token_ids, salt)
+            return self.manager.match_prefix(token_ids, salt)
+        return PrefixMatch(0, [], MissReason.DISABLED)
+
+    def allocate(self, seq_id: int, token_ids: Sequence[int], salt: str | None = None,
+                 loaded: LoadedPrefix | None = None) -> PrefixMatch | None:
+        """Admit a sequence. One full group: reuse its cached prefix (and `loaded` blocks of a lower tier) and
+        cover the whole text (None if the blocks do not suffice). Otherwise empty tables; `ensure_capacity`
+        adds blocks chunk by chunk."""
+        if self.simple:
+            return self.manager.allocate(seq_id, token_ids, salt, loaded)
         for g in range(len(self.groups)):
             self.manager.allocate(self._key(seq_id, g), ())
         return PrefixMatch(0, [], MissReason.DISABLED)
@@ -85,9 +92,11 @@ class KVBlockTables:
                 return False
         return True
 
-    def commit(self, seq_id: int, token_ids: Sequence[int], num_computed_tokens: int) -> None:
+    def commit(self, seq_id: int, token_ids: Sequence[int], num_computed_tokens: int) -> list[tuple[int, BlockKey]]:
+        """Register the newly full blocks' hashes (one full group only); the (block, key) pairs registered."""
         if self.simple:
-            self.manager.commit(seq_id, token_ids, num_computed_tokens)
+            return self.manager.commit(seq_id, token_ids, num_computed_tokens)
+        return []
 
     def free(self, seq_id: int) -> None:
         for g in range(len(self.groups)):

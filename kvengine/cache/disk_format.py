@@ -51,7 +51,7 @@ class BlockFileError(Exception):
 
 
 @dataclass(slots=True, frozen=True)
-class BlockKey:
+class FileKey:
     """What identifies a block's KV bytes: the chain hash (tokens and salt of it and every block before it),
     the fingerprint of everything else that changes the bytes, the salt's digest and the block's tokens."""
 
@@ -80,7 +80,7 @@ def salt_digest(salt: str | None) -> str:
     return "" if salt is None else hashlib.blake2b(salt.encode(), digest_size=16).hexdigest()
 
 
-def encode_block(key: BlockKey, parts: list[Part]) -> bytes:
+def encode_block(key: FileKey, parts: list[Part]) -> bytes:
     header = json.dumps({"fingerprint": key.fingerprint, "chain_hash": key.chain_hash.hex(), "salt": key.salt,
                          "tokens": list(key.tokens),
                          "parts": [{"dtype": p.dtype, "shape": list(p.shape)} for p in parts]}).encode()
@@ -90,7 +90,7 @@ def encode_block(key: BlockKey, parts: list[Part]) -> bytes:
     return body + _CRC.pack(zlib.crc32(body))
 
 
-def decode_block(data: bytes, expected: BlockKey) -> list[Part]:
+def decode_block(data: bytes, expected: FileKey) -> list[Part]:
     """The parts of a block file if it is whole and is the block `expected` names; else BlockFileError."""
     if len(data) < _PREAMBLE.size + _CRC.size:
         raise BlockFileError(SkipReason.TRUNCATED, f"{len(data)} bytes")

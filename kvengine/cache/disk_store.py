@@ -104,11 +104,11 @@ class DiskStore:
     def has(self, name: str) -> bool:
         return self.path(name).exists()
 
-    def read(self, name: str) -> bytes | None:
+    def read(self, name: str) -> bytearray | None:
         """The file's bytes (its mtime bumped: recently used), or None if there is no such file."""
         p = self.path(name)
         try:
-            data = p.read_bytes()
+            data = bytearray(p.read_bytes())
         except OSError:  # no such file (or a directory that went away): a miss
             with self._lock:
                 self.stats.misses += 1

@@ -239,6 +239,35 @@ class KVPool:
     def layer(self, i: int) -> LayerKV:
         return self.layers[i]
 
+    # ---- whole blocks (the disk tier) ---------------------------------------------------------------
+    # Every pool tensor keeps slots (or, for per-block key scales, blocks) on axis 3: a block's bytes are its
+    # rows on that axis in each of (kv, *scales).
+
+    def _rows(self, t: torch.Tensor, block_ids: list[int]) -> torch.Tensor:
+        """Axis-3 indices of `block_ids` in tensor `t`: their slots, or the blocks themselves. [n * rows]"""
+        blocks = torch.tensor(block_ids, dtype=torch.int64, device=t.device)  # [n]
+        if t.shape[3] == self.num_blocks:
+            return blocks
+        bs = self.spec.block_size
+        return (blocks[:, None] * bs + torch.arange(bs, device=t.device)[None, :]).reshape(-1)  # [n * bs]
+
+    def read_blocks(self, block_ids: list[int]) -> list[torch.Tensor]:
+        """Copies of the blocks' contents, one tensor per pool tensor, the blocks in order on axis 3."""
+        return [t.index_select(3, self._rows(t, block_ids)) for t in (self.kv, *self.scales)]
+
+    def write_blocks(self, block_ids: list[int], parts: list[torch.Tensor]) -> None:
+        """Put what `read_blocks` returned for as many blocks back, into `block_ids`."""
+        for t, part in zip((self.kv, *self.scales), parts, strict=True):
+            t.index_copy_(3, self._rows(t, block_ids), part.to(t.device))
+
+    def block_part_shapes(self) -> list[tuple[torch.dtype, tuple[int, ...]]]:
+        """(dtype, shape) of each tensor `read_blocks` returns for one block."""
+        out = []
+        for t in (self.kv, *self.scales):
+            rows = 1 if t.shape[3] == self.num_blocks else self.spec.block_size
+            out.append((t.dtype, (*t.shape[:3], rows, *t.shape[4:])))
+        return out
+
 
 def _allocate_quantized(spec: KVCacheSpec, num_blocks: int, device: torch.device | str) -> KVPool:
     """Codes and scales for fp8 / int8 / int4, exactly the bytes KVCacheSpec counts."""

@@ -28,6 +28,10 @@ KVWindowOpt = typer.Option(None, "--kv-window", help="Keep only the last W token
                            "(docs/long-context.md).")
 SinkOpt = typer.Option(0, "--sink-tokens", help="With --kv-window: also keep the first S tokens (StreamingLLM's "
                        "attention sinks; 4 is the usual choice).")
+DiskDirOpt = typer.Option(None, "--kv-disk-dir", help="Keep full KV blocks in this directory (created 0700) across "
+                          "restarts and load them on a prefix miss instead of recomputing (docs/kv-disk.md).")
+DiskBudgetOpt = typer.Option(None, "--kv-disk-budget", help="GiB the --kv-disk-dir may hold (LRU eviction; default: a "
+                             "quarter of the free space, at most 16).")
 CompileOpt = typer.Option(False, "--compile", help="torch.compile decode steps (slow first run; "
                           "cached on disk afterwards).")
 
@@ -40,13 +44,25 @@ def _sampling(max_tokens: int, temperature: float, top_p: float, top_k: int, see
 
 def _open_llm(model: str | None, dtype: str, device: str, threads: int | None, kv_dtype: str,
               kv_memory: float | None, weights: str = "auto", kv_window: int | None = None, sink_tokens: int = 0,
-              compile_decode: bool = False, **kw: Any):
+              compile_decode: bool = False, kv_disk_dir: str | None = None, kv_disk_gib: float | None = None,
+              **kw: Any):
     from kvengine.llm import LLM
 
     budget = int(kv_memory) if kv_memory is not None and kv_memory > 1 else kv_memory
     return LLM(model, dtype=dtype, device=device, num_threads=threads, kv_cache_dtype=kv_dtype,
                kv_cache_memory=budget, weights=weights, kv_window=kv_window, sink_tokens=sink_tokens,
-               compile=compile_decode, **kw)
+               compile=compile_decode, kv_disk_dir=kv_disk_dir, kv_disk_budget=disk_budget_bytes(kv_disk_gib), **kw)
+
+
+def disk_budget_bytes(gib: float | None) -> int | None:
+    """--kv-disk-budget GiB in bytes; a negative, zero or not-a-number budget is one ConfigError."""
+    if gib is None:
+        return None
+    if not gib > 0 or gib == float("inf"):
+        from kvengine.errors import ConfigError
+
+        raise ConfigError(f"--kv-disk-budget must be a positive number of GiB, got {gib}")
+    return int(gib * 2**30)
 
 
 @app.command()
@@ -140,11 +156,14 @@ def chat(
     kv_window: int | None = KVWindowOpt,
     sink_tokens: int = SinkOpt,
     compile_decode: bool = CompileOpt,
+    kv_disk_dir: str | None = DiskDirOpt,
+    kv_disk_budget: float | None = DiskBudgetOpt,
 ) -> None:
-    """Interactive multi-turn chat; each turn reuses the KV cache of the turns before it."""
+    """Interactive multi-turn chat; each turn reuses the KV cache of the turns before it (and, with
+    --kv-disk-dir, of earlier runs with the same model)."""
     params = _sampling(max_tokens, temperature, top_p, top_k, seed, False, None)
     llm = _open_llm(model, dtype, device, threads, kv_dtype, kv_memory, weights, kv_window, sink_tokens,
-                    compile_decode, max_num_seqs=4)
+                    compile_decode, kv_disk_dir, kv_disk_budget, max_num_seqs=4)
     if llm.tokenizer.chat_template is None:
         from kvengine.errors import ConfigError
 

@@ -22,6 +22,18 @@ def human_count(n: float) -> str:
     return f"{n:.0f}"
 
 
+def disk_line(m) -> str:
+    """Where the reused tokens came from, what reading them cost, and what recomputing them would have cost."""
+    line = (f"KV disk tier: reused {m.memory_tokens} tokens from memory, {m.disk_tokens} from disk "
+            f"({human_bytes(m.disk_bytes_read)} read in {m.disk_load_s * 1000:.0f} ms)")
+    reuse = m.reuse_flops_memory + m.reuse_flops_disk
+    if reuse:
+        line += f"; recomputing them: {human_count(reuse)} FLOPs"
+        if m.recompute_s is not None:
+            line += f", ~{m.recompute_s:.2f} s at this engine's measured prefill rate"
+    return line
+
+
 def run_summary(llm, out: RequestOutput, file: TextIO, turn: bool = False) -> None:
     m = out.metrics
     spec = llm.kv_cache_spec
@@ -42,6 +54,8 @@ def run_summary(llm, out: RequestOutput, file: TextIO, turn: bool = False) -> No
             + (f"; bounded: every layer keeps at most {spec.sink_tokens} sink + {spec.kv_window} recent tokens"
                if spec.kv_window is not None else "")
         )
+    if m.use_cache and llm.engine.disk is not None:
+        lines.append(disk_line(m))
     ratio = m.flops_no_cache / m.flops if m.flops else 0.0
     lines.append(
         f"matmul FLOPs (2mnp): {human_count(m.flops)} spent; a no-cache run computes "

@@ -11,6 +11,8 @@ import typer
 from kvengine.cli.app import app, bench_app
 from kvengine.cli.generate import (
     DeviceOpt,
+    DiskBudgetOpt,
+    DiskDirOpt,
     DtypeOpt,
     KVDtypeOpt,
     KVMemOpt,
@@ -48,6 +50,8 @@ def serve(
     kv_memory: float | None = KVMemOpt,
     kv_window: int | None = KVWindowOpt,
     sink_tokens: int = SinkOpt,
+    kv_disk_dir: str | None = DiskDirOpt,
+    kv_disk_budget: float | None = DiskBudgetOpt,
     log_level: str = typer.Option("info", "--log-level", help="uvicorn log level."),
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API, with /metrics and a live KV-cache /dashboard."""
@@ -60,12 +64,13 @@ def serve(
         print(f"warning: listening on {host} without --api-key: anyone who can reach it can use it",
               file=sys.stderr)
     llm = _open_llm(model, dtype, device, threads, kv_dtype, kv_memory, weights, kv_window, sink_tokens,
-                    max_num_seqs=max_num_seqs, max_model_len=max_model_len)
+                    kv_disk_dir=kv_disk_dir, kv_disk_gib=kv_disk_budget, max_num_seqs=max_num_seqs,
+                    max_model_len=max_model_len)
     application = create_app(llm, model_name=served_model_name, api_keys=api_key or None, max_waiting=max_waiting)
     spec = llm.kv_cache_spec
     print(f"kvengine serving '{served_model_name or llm.model_name}' on http://{host}:{port} "
-          f"(KV pool {llm.engine.bm.num_blocks} blocks of {spec.block_size} tokens, {spec.dtype}); "
-          f"dashboard: http://{host}:{port}/dashboard", file=sys.stderr)
+          f"(KV pool {llm.engine.bm.num_blocks} blocks of {spec.block_size} tokens, {spec.dtype}"
+          f"{disk_note(llm)}); dashboard: http://{host}:{port}/dashboard", file=sys.stderr)
     uvicorn.run(application, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
 
 
@@ -107,6 +112,15 @@ def bench_serve(
                      "url": url or "child"})
     name, results, final = run_serving_bench(config)
     serving_report(report, name, results, final, max_tokens).finish()
+
+
+def disk_note(llm) -> str:
+    disk = llm.engine.disk
+    if disk is None:
+        return ""
+    s = disk.store.stats
+    return (f"; KV disk tier {disk.store.root}: {s.files} blocks, {s.bytes / 2**30:.2f} of "
+            f"{s.budget / 2**30:.2f} GiB")
 
 
 def _is_loopback(host: str) -> bool:

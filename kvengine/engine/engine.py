@@ -12,8 +12,9 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from kvengine.accounting.flops import request_flops, step_flops
+from kvengine.accounting.flops import request_flops, span_flops, step_flops
 from kvengine.cache.block_tables import KVBlockTables
+from kvengine.cache.disk_tier import KVDiskTier
 from kvengine.cache.pool import KVPool
 from kvengine.config import ModelConfig
 from kvengine.engine.output import RequestMetrics, RequestOutput, TextTracker, VerifyReport
@@ -43,7 +44,7 @@ class LLMEngine:
     def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer | None, pool: KVPool,
                  block_tables: KVBlockTables, max_num_seqs: int, max_num_batched_tokens: int,
                  max_model_len: int, device: torch.device | str = "cpu", seed: int = 0,
-                 compile_decode: bool = False) -> None:
+                 compile_decode: bool = False, disk: KVDiskTier | None = None) -> None:
         self.model = model
         self.model_config: ModelConfig = model.config
         # What a cached step's attention reads: a sink+window layer sees min(p + 1, S + W) keys, as a window of
@@ -54,7 +55,8 @@ class LLMEngine:
         self.pool = pool
         self.bm = block_tables
         self.max_model_len = max_model_len
-        self.scheduler = Scheduler(block_tables, max_num_seqs, max_num_batched_tokens)
+        self.disk = disk  # the KV disk tier (cache/disk_tier.py), None without --kv-disk-dir
+        self.scheduler = Scheduler(block_tables, max_num_seqs, max_num_batched_tokens, disk)
         self.runner = ModelRunner(model, pool, block_tables, device, compile_decode)
         self.sampler = Sampler(seed)
         self.dtype = next(model.parameters()).dtype
@@ -66,6 +68,8 @@ class LLMEngine:
         self.num_steps = 0
         self.tokens_generated = 0
         self.weights_desc = ""  # how the weights are stored, for run summaries (set by build_engine)
+        self.prefill_flops = 0  # matmul FLOPs of steps that computed prompt chunks, and their seconds: the
+        self.prefill_s = 0.0  # measured rate that prices what a reused token would cost to recompute
 
     # -- requests ---------------------------------------------------------------------------------
     def add_request(self, prompt: str | None, params: SamplingParams, *, prompt_token_ids: list[int] | None = None,
@@ -147,7 +151,7 @@ class LLMEngine:
             bytes_per_token=spec.bytes_per_token, bytes_per_block=spec.bytes_per_block, pool_bytes=self.pool.nbytes,
             prefix_hit_tokens=b.hits, prefix_query_tokens=b.queries, prefix_evictions=b.evictions,
             tokens_generated=self.tokens_generated, preemptions=self.scheduler.num_preemptions,
-            steps=self.num_steps, requests=requests)
+            steps=self.num_steps, requests=requests, disk=self.disk.to_dict() if self.disk is not None else None)
 
     # -- the step ---------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -165,15 +169,24 @@ class LLMEngine:
         batch = self.runner.build_cached(scheduled)
         now = time.perf_counter()
         sampled = [s.seq for s in scheduled if s.needs_logits]
+        flops = 0
         for s in scheduled:
             seq = s.seq
             seq.first_scheduled_time = seq.first_scheduled_time or now
-            seq.flops += step_flops(self.cached_flops_config, s.num_new_tokens, s.start + s.num_new_tokens,
-                                    lm_head_tokens=int(s.needs_logits)).total
+            f = step_flops(self.cached_flops_config, s.num_new_tokens, s.start + s.num_new_tokens,
+                           lm_head_tokens=int(s.needs_logits)).total
+            seq.flops += f
+            flops += f
         logits = self.runner.run(batch)  # [len(sampled), vocab]
+        if any(s.num_new_tokens > 1 for s in scheduled):
+            self.prefill_flops += flops
+            self.prefill_s += time.perf_counter() - now
+        registered = []
         for s in scheduled:
             s.seq.num_computed_tokens += s.num_new_tokens
-            self.bm.commit(s.seq.seq_id, s.seq.token_ids, s.seq.num_computed_tokens)
+            registered += self.bm.commit(s.seq.seq_id, s.seq.token_ids, s.seq.num_computed_tokens)
+        if self.disk is not None:
+            self.disk.save(registered)
         return self._append_tokens(sampled, logits)
 
     def _step_no_cache(self) -> list[RequestOutput]:
@@ -269,6 +282,10 @@ class LLMEngine:
         blocks = seq.blocks_at_finish
         tokens_held = seq.num_computed_tokens if seq.use_cache else 0
         _, no_cache = request_flops(self.model_config, seq.num_prompt_tokens, n_out)
+        memory_end = seq.num_cached_tokens - seq.num_disk_tokens
+        reuse_memory = span_flops(self.cached_flops_config, 0, memory_end)
+        reuse_disk = span_flops(self.cached_flops_config, memory_end, seq.num_cached_tokens)
+        rate = self.prefill_flops / self.prefill_s if self.prefill_s > 0 else None
         return RequestMetrics(
             use_cache=seq.use_cache,
             prompt_tokens=seq.num_prompt_tokens,
@@ -285,6 +302,12 @@ class LLMEngine:
             num_preemptions=seq.num_preemptions,
             flops=seq.flops,
             flops_no_cache=no_cache,
+            disk_tokens=seq.num_disk_tokens,
+            disk_bytes_read=seq.disk_bytes_read,
+            disk_load_s=seq.disk_load_s,
+            reuse_flops_memory=reuse_memory,
+            reuse_flops_disk=reuse_disk,
+            recompute_s=(reuse_memory + reuse_disk) / rate if rate else None,
         )
 
     def verify(self, seq: Sequence) -> VerifyReport:

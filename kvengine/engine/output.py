@@ -46,9 +46,22 @@ class RequestMetrics:
     num_preemptions: int
     flops: int  # matmul FLOPs the engine spent on this request
     flops_no_cache: int  # what a no-cache run of the same request computes
+    # the KV disk tier (cache/disk_tier.py): of cached_tokens, those loaded from disk, and what that cost
+    disk_tokens: int = 0
+    disk_bytes_read: int = 0
+    disk_load_s: float = 0.0
+    # what recomputing the reused tokens would have cost: FLOPs (from memory, from disk) and the seconds the
+    # engine's measured prefill rate predicts (None before any prefill was timed)
+    reuse_flops_memory: int = 0
+    reuse_flops_disk: int = 0
+    recompute_s: float | None = None
+
+    @property
+    def memory_tokens(self) -> int:
+        return self.cached_tokens - self.disk_tokens
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "memory_tokens": self.memory_tokens}
 
 
 @dataclass(slots=True)

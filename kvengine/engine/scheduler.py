@@ -12,7 +12,9 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from kvengine.cache.block_manager import MissReason
 from kvengine.cache.block_tables import KVBlockTables
+from kvengine.cache.disk_tier import DiskFind, KVDiskTier
 from kvengine.engine.sequence import Sequence, SequenceStatus
 
 
@@ -42,8 +44,10 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, block_tables: KVBlockTables, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(self, block_tables: KVBlockTables, max_num_seqs: int, max_num_batched_tokens: int,
+                 disk: KVDiskTier | None = None) -> None:
         self.bm = block_tables
+        self.disk = disk  # looked up on a memory miss at admission (cache/disk_tier.py)
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -90,9 +94,13 @@ class Scheduler:
     def _admit(self, budget: int, out: SchedulerOutput) -> int:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            match = self.bm.allocate(seq.seq_id, seq.token_ids, seq.cache_salt)
+            found = self._find_on_disk(seq)
+            match = self.bm.allocate(seq.seq_id, seq.token_ids, seq.cache_salt, found.prefix if found else None)
             if match is None:
                 break  # not enough free blocks: wait for running sequences to finish
+            if found is not None and match.num_loaded_tokens:
+                assert self.disk is not None
+                self.disk.fill(match.block_ids[-match.num_loaded_tokens // self.bm.block_size:], found)
             n = min(len(seq.token_ids) - match.num_cached_tokens, budget)
             if not self.bm.ensure_capacity(seq.seq_id, match.num_cached_tokens + n, match.num_cached_tokens):
                 self.bm.free(seq.seq_id)  # a windowed layout adds blocks per chunk; these did not fit
@@ -102,12 +110,25 @@ class Scheduler:
             if not seq.admitted:  # report the first admission's prefix hit, not a recompute's
                 seq.num_cached_tokens = match.num_cached_tokens
                 seq.miss_reason = match.miss_reason.value if match.miss_reason is not None else None
+                if found is not None and match.num_loaded_tokens:
+                    seq.num_disk_tokens = match.num_loaded_tokens
+                    seq.disk_bytes_read, seq.disk_load_s = found.nbytes, found.seconds
                 seq.admitted = True
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             out.scheduled.append(ScheduledSeq(seq, n))
             budget -= n
         return budget
+
+    def _find_on_disk(self, seq: Sequence) -> DiskFind | None:
+        """The disk tier's blocks after the memory hit, when memory missed at a full block."""
+        if self.disk is None or not self.bm.enable_prefix_caching:
+            return None
+        match = self.bm.match_prefix(seq.token_ids, seq.cache_salt)
+        if match.miss_reason not in (MissReason.NO_MATCH, MissReason.EVICTED, MissReason.CACHE_SALT):
+            return None
+        stop = self.bm.manager.max_cached_blocks(len(seq.token_ids))
+        return self.disk.find(seq.token_ids, seq.cache_salt, len(match.block_ids), stop)
 
     def preempt(self, seq: Sequence) -> None:
         self.bm.free(seq.seq_id)

@@ -43,6 +43,9 @@ class Sequence:
     generator: torch.Generator | None = None
     # prefix cache
     num_cached_tokens: int = 0  # prompt tokens reused from the prefix cache at (first) admission
+    num_disk_tokens: int = 0  # of those: loaded from the KV disk tier
+    disk_bytes_read: int = 0
+    disk_load_s: float = 0.0  # reading, verifying and copying them into the pool
     miss_reason: str | None = None
     num_preemptions: int = 0
     admitted: bool = False

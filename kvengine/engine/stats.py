@@ -40,6 +40,7 @@ class EngineStats:
     preemptions: int
     steps: int
     requests: list[RequestBlocks] = field(default_factory=list)
+    disk: dict[str, Any] | None = None  # the KV disk tier's counters (KVDiskTier.to_dict), None without one
 
     @property
     def prefix_hit_rate(self) -> float:

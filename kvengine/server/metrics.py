@@ -56,6 +56,46 @@ class _EngineCollector(Collector):
         }
         for name, (doc, value) in counters.items():
             yield CounterMetricFamily(name, doc, value=value)
+        if s.disk is not None:
+            yield from _disk_metrics(s.disk)
+
+
+DISK_COUNTERS = {
+    "tokens_loaded": "prompt tokens loaded from the KV disk tier instead of recomputed",
+    "blocks_loaded": "KV blocks loaded from the disk tier",
+    "bytes_loaded": "bytes of block files read for loaded blocks",
+    "load_s": "seconds spent reading, verifying and copying loaded blocks",
+    "lookups": "prompts looked up on disk after a memory miss",
+    "store_reads": "block files found and read (disk hits)",
+    "store_misses": "block files looked up and absent (disk misses)",
+    "store_bytes_read": "bytes read from block files",
+    "store_writes": "block files written",
+    "store_bytes_written": "bytes written to block files",
+    "store_evictions": "block files removed to keep the disk budget",
+    "dropped": "blocks not written because the writer's queue was full",
+}
+DISK_GAUGES = {
+    "store_files": "block files in the disk tier's directory",
+    "store_bytes": "bytes of block files in the directory",
+    "store_budget": "the disk tier's byte budget",
+    "pending": "blocks queued for the disk writer",
+}
+
+
+def _disk_metrics(d: dict) -> Iterator[Metric]:
+    """kvengine_kv_disk_*: the disk tier's counters, gauges, skipped (corrupt or foreign) files by reason and
+    whether writes stopped."""
+    for key, doc in DISK_COUNTERS.items():
+        yield CounterMetricFamily(f"kvengine_kv_disk_{key}", doc, value=d[key])
+    for key, doc in DISK_GAUGES.items():
+        yield GaugeMetricFamily(f"kvengine_kv_disk_{key}", doc, value=d[key])
+    skipped = CounterMetricFamily("kvengine_kv_disk_skipped_files", "block files refused and removed (truncated, "
+                                  "checksum, version, fingerprint, salt, key)", labels=["reason"])
+    for reason, n in sorted(d["store_skipped"].items()):
+        skipped.add_metric([reason], n)
+    yield skipped
+    yield GaugeMetricFamily("kvengine_kv_disk_writes_stopped", "1 when the disk refused writes (full, read-only) "
+                            "and the tier only reads", value=int(d["store_writes_stopped"] is not None))
 
 
 class ServerMetrics:

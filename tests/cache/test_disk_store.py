@@ -17,7 +17,7 @@ import pytest
 
 from kvengine.cache.disk_format import (
     BlockFileError,
-    BlockKey,
+    FileKey,
     Part,
     SkipReason,
     decode_block,
@@ -30,11 +30,11 @@ from kvengine.errors import ConfigError
 FP = "fingerprint-a"
 
 
-def key(i: int, fp: str = FP, salt: str | None = None) -> BlockKey:
-    return BlockKey(i.to_bytes(16, "little"), fp, salt_digest(salt), tuple(range(i, i + 4)))
+def key(i: int, fp: str = FP, salt: str | None = None) -> FileKey:
+    return FileKey(i.to_bytes(16, "little"), fp, salt_digest(salt), tuple(range(i, i + 4)))
 
 
-def block(i: int, size: int = 1000, **kw) -> tuple[BlockKey, bytes]:
+def block(i: int, size: int = 1000, **kw) -> tuple[FileKey, bytes]:
     k = key(i, **kw)
     data = bytes((i + j) % 251 for j in range(size))
     return k, encode_block(k, [Part("uint8", (size,), data), Part("float32", (2, 3), bytes(24))])
@@ -66,10 +66,10 @@ def test_damaged_files_are_refused(damage, reason):
 def test_foreign_files_are_refused():
     k, raw = block(3)
     with pytest.raises(BlockFileError) as e:
-        decode_block(raw, BlockKey(k.chain_hash, "another-model", k.salt, k.tokens))
+        decode_block(raw, FileKey(k.chain_hash, "another-model", k.salt, k.tokens))
     assert e.value.reason is SkipReason.FINGERPRINT
     with pytest.raises(BlockFileError) as e:
-        decode_block(raw, BlockKey(k.chain_hash, k.fingerprint, salt_digest("tenant-b"), k.tokens))
+        decode_block(raw, FileKey(k.chain_hash, k.fingerprint, salt_digest("tenant-b"), k.tokens))
     assert e.value.reason is SkipReason.SALT
     with pytest.raises(BlockFileError) as e:
         decode_block(raw, key(4))
@@ -85,7 +85,7 @@ def test_directory_is_private_and_writes_are_whole(tmp_path):
     k, raw = block(5)
     assert store.write(k.name, raw)
     assert not store.write(k.name, raw)  # already there
-    assert store.read(k.name) == raw
+    assert store.read(k.name) == bytearray(raw)
     assert store.read(key(6).name) is None
     assert [p.name for p in (root / "blocks").iterdir()] == [k.name + ".kvb"]  # no temporary file left
     assert store.stats.writes == 1 and store.stats.reads == 1 and store.stats.misses == 1
@@ -171,13 +171,13 @@ def test_bad_directories_and_budgets(tmp_path):
 
 WRITER = textwrap.dedent("""
     import sys
-    from kvengine.cache.disk_format import BlockKey, Part, encode_block
+    from kvengine.cache.disk_format import FileKey, Part, encode_block
     from kvengine.cache.disk_store import DiskStore
     store = DiskStore(sys.argv[1], int(sys.argv[2]))
     start = int(sys.argv[3])
     print("ready", flush=True)
     for i in range(start, start + int(sys.argv[4])):
-        k = BlockKey(i.to_bytes(16, "little"), "fp", "", (i,))
+        k = FileKey(i.to_bytes(16, "little"), "fp", "", (i,))
         store.write(k.name, encode_block(k, [Part("uint8", (200_000,), bytes([i % 256]) * 200_000)]))
     print("done", flush=True)
 """)
@@ -195,7 +195,7 @@ def _check_every_file_whole(root: Path) -> int:
     for path in files:
         raw = path.read_bytes()
         header_i = int.from_bytes(bytes.fromhex(raw.split(b'"chain_hash": "')[1][:32].decode()), "little")
-        k = BlockKey(header_i.to_bytes(16, "little"), "fp", "", (header_i,))
+        k = FileKey(header_i.to_bytes(16, "little"), "fp", "", (header_i,))
         assert k.name + ".kvb" == path.name
         decode_block(raw, k)  # raises if partial
     return len(files)

@@ -44,6 +44,8 @@ class ServeBenchConfig:
     kv_cache_memory: float | None = None
     timeout_s: float = 600.0
     url: str | None = None
+    kv_disk_dir: str | None = None  # the KV disk tier (docs/kv-disk.md)
+    prefix_caching: bool = True
 
 
 @dataclass(slots=True)
@@ -127,7 +129,8 @@ def start_server(config: ServeBenchConfig) -> tuple[subprocess.Popen, str]:
     """A `kvengine serve` child on 127.0.0.1 and a free port; returns (process, base url) once healthy."""
     args = json.dumps({"model": config.model, "max_num_seqs": config.max_num_seqs, "dtype": config.dtype,
                        "weights": config.weights, "max_model_len": config.max_model_len, "threads": config.threads,
-                       "kv_cache_memory": config.kv_cache_memory})
+                       "kv_cache_memory": config.kv_cache_memory, "kv_disk_dir": config.kv_disk_dir,
+                       "prefix_caching": config.prefix_caching})
     code = "from kvengine.bench.serving import serve_child; serve_child()"
     proc = subprocess.Popen([sys.executable, "-c", code, args], stdout=subprocess.PIPE, text=True)
     line = proc.stdout.readline() if proc.stdout else ""
@@ -158,7 +161,8 @@ def serve_child() -> None:
 
     a = json.loads(sys.argv[1])
     llm = _open_llm(a["model"], a["dtype"], "cpu", a["threads"], "auto", a["kv_cache_memory"], a["weights"],
-                    max_num_seqs=a["max_num_seqs"], max_model_len=a["max_model_len"])
+                    max_num_seqs=a["max_num_seqs"], max_model_len=a["max_model_len"], kv_disk_dir=a["kv_disk_dir"],
+                    enable_prefix_caching=a["prefix_caching"])
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     print(f"PORT {sock.getsockname()[1]}", flush=True)

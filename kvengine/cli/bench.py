@@ -282,3 +282,39 @@ def prefix(
         result = run_prefix_bench(llm, requests, max_tokens, cached_prefix_tokens, n_seq, repeats,
                                   not no_transformers, _bar(progress))
     prefix_report(result, report, llm.model_name).finish()
+
+
+@bench_app.command("sessions")
+def bench_sessions(
+    model: str | None = ModelOpt,
+    users: int = typer.Option(2, "--users", "-k", help="Conversations (K)."),
+    turns: int = typer.Option(4, "--turns", "-t", help="Turns per conversation (T)."),
+    restart_after: int | None = typer.Option(None, "--restart-after", help="Turns before the server is killed "
+                                             "with SIGKILL and started again (default: T / 2)."),
+    history_items: int = typer.Option(200, "--history-items", help="Records in each user's first message "
+                                      "(200: about 2,500 tokens with the default model)."),
+    max_tokens: int = typer.Option(32, "--max-tokens", "-n", help="Tokens per answer (greedy, EOS ignored)."),
+    dtype: str = DtypeOpt,
+    threads: int | None = ThreadsOpt,
+    kv_memory: float | None = typer.Option(None, "--kv-cache-memory", help="KV pool budget in bytes."),
+    out: Path | None = OutOpt,
+) -> None:
+    """Multi-turn chat across a server restart: TTFT per turn with no prefix cache, memory only, memory + disk
+    (--kv-disk-dir) and memory + an emptied disk directory; decode speed of each."""
+    from kvengine.bench.sessions import SessionsConfig, run_sessions, sessions_report
+
+    for value, name in ((users, "--users"), (turns, "--turns"), (history_items, "--history-items"),
+                        (max_tokens, "--max-tokens")):
+        require_positive(value, name)
+    if turns < 2:
+        raise ConfigError("--turns must be at least 2 (one before the restart, one after)")
+    restart = turns // 2 if restart_after is None else restart_after
+    if not 0 < restart < turns:
+        raise ConfigError(f"--restart-after must be between 1 and {turns - 1} (a turn before and after it)")
+    config = SessionsConfig(model=model, users=users, turns=turns, restart_after=restart,
+                            history_items=history_items, max_tokens=max_tokens, dtype=dtype, threads=threads,
+                            kv_cache_memory=kv_memory)
+    report = _report("sessions", "kvengine bench sessions: multi-turn chat across a kill -9", out,
+                     {"model": model or "default", "users": users, "turns": turns, "restart_after": restart,
+                      "history_items": history_items, "max_tokens": max_tokens, "dtype": dtype})
+    sessions_report(report, config, run_sessions(config)).finish()

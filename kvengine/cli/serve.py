@@ -89,6 +89,7 @@ def bench_serve(
     timeout: float = typer.Option(600.0, "--timeout", help="Seconds per level at most."),
     url: str | None = typer.Option(None, "--url", help="Benchmark a running server instead of starting one."),
     out: Path | None = typer.Option(None, "--out", help="Results folder (default: results/serve-<timestamp>/)."),
+    kv_disk_dir: str | None = DiskDirOpt,
 ) -> None:
     """Load benchmark: streaming chat clients against a server on 127.0.0.1; req/s, tok/s, TTFT and ITL."""
     from kvengine.bench.report import Report, default_out_dir
@@ -99,7 +100,7 @@ def bench_serve(
     config = ServeBenchConfig(model=model, levels=levels, requests=requests, max_tokens=max_tokens,
                               max_num_seqs=max_num_seqs, max_model_len=max_model_len, dtype=dtype, weights=weights,
                               threads=threads,
-                              kv_cache_memory=kv_memory, timeout_s=timeout, url=url)
+                              kv_cache_memory=kv_memory, timeout_s=timeout, url=url, kv_disk_dir=kv_disk_dir)
     if max_tokens < 1:
         raise ConfigError(f"--max-tokens must be at least 1, got {max_tokens}")
     if url is None:  # the server starts in a child: say what is wrong with its settings here, in one line
@@ -109,7 +110,7 @@ def bench_serve(
     report = Report("serve", "kvengine serve under load", out if out is not None else default_out_dir("serve"),
                     {"model": model or "default", "concurrency": levels, "requests": requests or "max(8, 2 x clients)",
                      "max_tokens": max_tokens, "max_num_seqs": max_num_seqs, "dtype": dtype, "weights": weights,
-                     "url": url or "child"})
+                     "url": url or "child", "kv_disk_dir": kv_disk_dir})
     name, results, final = run_serving_bench(config)
     serving_report(report, name, results, final, max_tokens).finish()
 

@@ -69,11 +69,30 @@ function render(s) {
   $("bar-private").style.width = pct(s.blocks_used - s.blocks_shared);
   $("bar-shared").style.width = pct(s.blocks_shared);
   $("bar-cached").style.width = pct(s.blocks_cached_free);
+  renderDisk(s.disk);
   rateHistory.push(s.tokens_per_s);
   if (rateHistory.length > HISTORY) rateHistory.shift();
   drawSparkline();
   drawPool(s);
   renderRequests(s);
+}
+
+function renderDisk(d) {
+  $("disk-card").hidden = !d;
+  if (!d) return;
+  setText("disk-dir", d.dir);
+  setText("disk-files", count(d.store_files));
+  setText("disk-bytes", bytes(d.store_bytes));
+  setText("disk-budget", bytes(d.store_budget));
+  setText("disk-tokens", count(d.tokens_loaded));
+  setText("disk-read", bytes(d.bytes_loaded));
+  setText("disk-load", `${(1000 * d.load_s).toFixed(0)} ms`);
+  setText("disk-hits", count(d.store_reads));
+  setText("disk-misses", count(d.store_misses));
+  setText("disk-written", count(d.store_writes));
+  setText("disk-evictions", count(d.store_evictions));
+  setText("disk-skipped", count(Object.values(d.store_skipped).reduce((a, b) => a + b, 0)));
+  setText("disk-stopped", d.store_writes_stopped ? ` · writes stopped: ${d.store_writes_stopped}` : "");
 }
 
 function fitCanvas(canvas, cssHeight) {

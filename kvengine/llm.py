@@ -30,6 +30,7 @@ from kvengine.config import EngineConfig, ModelConfig
 from kvengine.engine.engine import LLMEngine
 from kvengine.engine.output import RequestOutput
 from kvengine.errors import ConfigError, RequestError
+from kvengine.layers import native
 from kvengine.layers.linear import describe_kernels, quantize_linears
 from kvengine.sampling import SamplingParams
 from kvengine.weights.loader import load_model
@@ -169,6 +170,7 @@ def build_engine(model: torch.nn.Module, tokenizer: Tokenizer | None, config: En
     """Size the KV pool from the budget, then wire pool, block tables, scheduler and runner together (and the
     KV disk tier over `disk`, keyed by `model_id` and the rest of the fingerprint)."""
     mc: ModelConfig = model.config
+    native.requested()  # a KVENGINE_ISA this CPU cannot run is a one-line error, whatever the weights
     if config.kv_window is None:
         max_len = config.max_model_len or mc.max_position_embeddings
         if max_len > mc.max_position_embeddings:

@@ -42,3 +42,22 @@ def hf_default_model(default_gguf):
     model = transformers.AutoModelForCausalLM.from_pretrained(
         str(default_gguf.parent), gguf_file=default_gguf.name, dtype=torch.float32)
     return model.eval()
+
+
+def _cpu_tier_names() -> list[str]:
+    from kvengine.layers import native
+
+    return [t.name for t in native.cpu_tiers()]
+
+
+@pytest.fixture(params=_cpu_tier_names())
+def kernel_tier(request, monkeypatch):
+    """Each kernel tier this CPU runs (layers/native.py: an AVX-512 host runs avx512, avx2 and portable), forced
+    with KVENGINE_ISA for the test, built and loaded (a failed build fails the test rather than falling back)."""
+    from kvengine.layers import native
+
+    monkeypatch.setenv("KVENGINE_ISA", request.param)
+    tier = native.tier(request.param)
+    assert native.loaded(tier), native.reason()
+    assert native.chosen() == tier
+    return tier

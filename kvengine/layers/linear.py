@@ -2,12 +2,13 @@
 
 The model builds float `Linear` modules; `quantize_linears` swaps them for `Int8Linear` / `Int4Linear`
 (a module swap, so the model code never branches on the format). Int8 keeps one scale per output row; int4
-keeps asymmetric groups of `group_size` along the input dimension (the layout of GGUF's Q4_1 blocks). With
-bf16 activations on a CPU with AVX-512 BF16 and VNNI they run kvengine's own kernels (layers/native.py): on
-int8-quantized activations for shapes that fit their 16-row tiles (the rule for every layer of the supported
-models), on bf16 activations otherwise (about 1.4x (int4) and 3x (int8) faster than PyTorch's at decode).
-Elsewhere PyTorch's packed kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`), with a dense copy for
-large steps. Each module stores its weight in the layouts of the kernels it runs.
+keeps asymmetric groups of `group_size` along the input dimension (the layout of GGUF's Q4_1 blocks). With the
+activation dtype of the kernel tier chosen for this CPU (layers/native.py: bf16 for avx512, fp32 for avx2 and
+portable) they run kvengine's own kernels: on int8-quantized activations for shapes that fit their 16-row tiles
+(the rule for every layer of the supported models); the avx512 tier also on bf16 activations otherwise (about
+1.4x (int4) and 3x (int8) faster than PyTorch's at decode). Elsewhere PyTorch's packed kernels
+(`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`), with a dense copy for large steps. Each module stores its
+weight in the layouts of the kernels it runs, and the tier it runs them on.
 """
 
 from __future__ import annotations
@@ -55,7 +56,11 @@ class PackedLinear(torch.nn.Module):
     dense: torch.Tensor | None
     bias: torch.Tensor | None
     wtiles: torch.Tensor | None
-    native: bool = False  # runs kvengine's kernels (layers/native.py), not PyTorch's
+    tier: str | None = None  # the kernel tier (layers/native.py) whose ops it runs; None: PyTorch's
+
+    @property
+    def native(self) -> bool:
+        return self.tier is not None
 
     def _init_batched(self, act_dtype: torch.dtype, dense_above: int | None,
                       tiles: tuple[torch.Tensor, torch.Tensor] | None) -> None:
@@ -105,20 +110,21 @@ class Int8Linear(PackedLinear):
         super().__init__()
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         q, scale = quantize_int8(weight)
-        self.native = uses_native(act_dtype, self.in_features % 16 == 0)
-        tiles = (native.tile_int8(q), scale) if self.native and act_int8 and tiles_fit(self) else None
+        self.tier, tiled = kernel_tier(self, act_dtype, act_int8, self.in_features % 16 == 0)
+        tiles = (native.tile_int8(q), scale) if tiled else None
         self.register_buffer("qweight", q if tiles is None else None)  # [N, K] int8
         self.register_buffer("scales", None if tiles else scale if self.native else scale.to(act_dtype))  # [N]
         self.register_buffer("bias", bias.to(act_dtype) if bias is not None else None)
         self._init_batched(act_dtype, dense_above, tiles)
 
     def packed_mm(self, x: torch.Tensor) -> torch.Tensor:
-        if self.native:
-            return torch.ops.kvengine.q8_mm(x, self.qweight, self.scales)
+        if self.tier is not None:
+            return native.ops(self.tier).q8_mm(x, self.qweight, self.scales)
         return torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scales)
 
     def gemm(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.kvengine.q8_gemm(x, self.wtiles, self.stiles)
+        assert self.tier is not None
+        return native.ops(self.tier).q8_gemm(x, self.wtiles, self.stiles)
 
     def dequantized(self) -> torch.Tensor:
         if self.wtiles is not None:
@@ -141,11 +147,11 @@ class Int4Linear(PackedLinear):
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         self.group_size = group_size
         q, scale, lo = quantize_int4(weight, group_size)
-        self.native = uses_native(act_dtype, group_size == 32 and self.in_features % 64 == 0
-                                  and self.in_features <= 16384)
+        self.tier, tiled = kernel_tier(self, act_dtype, act_int8, group_size == 32 and self.in_features % 64 == 0
+                                       and self.in_features <= 16384)
         dm = torch.stack([scale, lo], dim=1).half()  # [N, 2, K/G]
         tiles = None
-        if self.native and act_int8 and tiles_fit(self):
+        if tiled:
             tiles = (native.tile_int4(q), native.tile_int4_scales(dm))
             self.register_buffer("qweight", None)  # the tiles are the only copy of the codes
             self.register_buffer("dm", None)
@@ -161,12 +167,13 @@ class Int4Linear(PackedLinear):
         self._init_batched(act_dtype, dense_above, tiles)
 
     def packed_mm(self, x: torch.Tensor) -> torch.Tensor:
-        if self.native:
-            return torch.ops.kvengine.q4_mm(x, self.qweight, self.dm)
+        if self.tier is not None:
+            return native.ops(self.tier).q4_mm(x, self.qweight, self.dm)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.qweight, self.group_size, self.scale_zero)
 
     def gemm(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.kvengine.q4_gemm(x, self.wtiles, self.stiles)
+        assert self.tier is not None
+        return native.ops(self.tier).q4_gemm(x, self.wtiles, self.stiles)
 
     def dequantized(self) -> torch.Tensor:
         """The float weight the kernel multiplies by. [N, K]"""
@@ -186,26 +193,34 @@ def tiles_fit(layer: PackedLinear) -> bool:
     return layer.out_features % 16 == 0 and layer.in_features % 32 == 0
 
 
-def uses_native(act_dtype: torch.dtype, shape_ok: bool) -> bool:
-    """Whether a quantized layer runs kvengine's kernels: bf16 activations, a shape they take, and the kernels
-    built for this CPU (native.available())."""
-    return act_dtype == torch.bfloat16 and shape_ok and native.available()
+def kernel_tier(layer: PackedLinear, act_dtype: torch.dtype, act_int8: bool,
+                shape_ok: bool) -> tuple[str | None, bool]:
+    """(the kernel tier a quantized layer runs, whether on the tile kernels): the tier chosen for this CPU
+    (native.tier_for) where it takes `act_dtype` activations and `shape_ok` (the format's kernels take the
+    shape), on its tiles where they fit (and `act_int8`), else on its row kernels (avx512 only); else
+    (None, False): PyTorch's."""
+    t = native.tier_for(act_dtype)
+    if t is None or not shape_ok:
+        return None, False
+    if act_int8 and tiles_fit(layer):
+        return t.name, True
+    return (t.name if t.row_kernels else None), False
 
 
 def describe_kernels(model: torch.nn.Module, act_dtype: torch.dtype) -> str:
     """Which kernels the quantized layers of `model` run, and why not kvengine's where they do not."""
     layers = [m for m in model.modules() if isinstance(m, PackedLinear)]
     n_native = sum(m.native for m in layers)
+    tier = next((m.tier for m in layers if m.tier is not None), None)
     if layers and n_native == len(layers):
         untiled = sum(m.wtiles is None for m in layers)
         rest = f"; bf16 activations for {untiled} layers whose shape the tiles do not fit" if untiled else ""
-        return f"kvengine AVX-512 kernels (int8 activations in groups of 32{rest})"
-    if act_dtype != torch.bfloat16:  # the first reason whatever the CPU, so the line does not depend on call order
-        why = "they need bfloat16 activations"
-    else:
-        why = native.reason() or "shapes they do not take"
+        return f"kvengine {tier} kernels (int8 activations in groups of 32{rest})"
+    chosen = native.chosen()
+    why = native.reason() or (f"they need {str(chosen.act_dtype).removeprefix('torch.')} activations"
+                              if chosen is not None and act_dtype != chosen.act_dtype else "shapes they do not take")
     if n_native:
-        return f"kvengine AVX-512 kernels for {n_native} of {len(layers)} layers, PyTorch's for the rest ({why})"
+        return f"kvengine {tier} kernels for {n_native} of {len(layers)} layers, PyTorch's for the rest ({why})"
     return f"PyTorch packed kernels (not kvengine's: {why})"
 
 

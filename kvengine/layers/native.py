@@ -1,30 +1,61 @@
-"""The native kernels (csrc/*.cpp): built on first use, loaded as torch ops, or not at all.
+"""The native kernels (csrc/*.cpp) in ISA tiers: each tier compiled with its own flags into its own extension, one
+chosen once per process from the CPU's flags, built on first use, loaded as torch ops, or none at all.
 
-`kvengine::q4_gemm` and `kvengine::q8_gemm` (vnni_mm.cpp) multiply activations, quantized to int8 in groups of
-32, by int4 / int8 weights in a tiled layout on x86 CPUs with AVX-512 VNNI; `kvengine::q4_mm` and
-`kvengine::q8_mm` (packed_mm.cpp) multiply bf16 activations by the same weights in a row layout, for shapes the
-tiles do not fit (each file's header says how); `kvengine::decode_layer` (decode_layer.cpp) runs a whole
-Llama-family layer for a decode step on the tile kernels (models/llama.py). They are compiled with the
-machine's g++ the first time a quantized model is built (~30 s, then cached by torch under
-~/.cache/torch_extensions) and registered as torch ops; the matmuls have shape functions, so compiled decode
-graphs call them directly. Where the CPU lacks the instructions, the build fails, or KVENGINE_NATIVE=0 is set,
-`available()` is False and layers/linear.py keeps PyTorch's packed kernels; `reason()` says why, for the run
-summary.
+Tiers, fastest first (TIERS; adding one is a source file and a line here):
+  avx512   AVX-512 BF16 + VNNI (packed_mm.cpp, vnni_mm.cpp, decode_layer.cpp): bf16 activations. `q4_gemm` /
+           `q8_gemm` multiply activations quantized to int8 in groups of 32 by int4 / int8 weight tiles
+           (VPDPBUSD); `q4_mm` / `q8_mm` / `bf16_mm` take bf16 activations for shapes the tiles do not fit;
+           `decode_layer` runs a whole Llama-family layer per op.
+  avx2     AVX2 + FMA + F16C (fp32_mm.cpp with avx2_tiles.cpp, fp32_layer.cpp): fp32 activations, the same int8
+           codes and weight tiles multiplied with VPMADDUBSW / VPMADDWD; `q4_gemm`, `q8_gemm`, `decode_layer`.
+  portable plain C++ any compiler builds and vectorizes (portable_tiles.cpp instead of avx2_tiles.cpp).
+A tier's ops live in the namespace torch.ops.kvengine_<tier> (`ops(name)`), so one process can load several: the
+run uses `chosen()`, the tests run every tier in `cpu_tiers()`. KVENGINE_ISA=avx512|avx2|portable forces a
+tier the CPU can run (others are a ConfigError naming the ones it can); KVENGINE_NATIVE=0 turns them all off.
+A tier is compiled with the machine's g++ the first time it is used (scripts/setup does it ahead; ~30-60 s,
+then cached by torch under ~/.cache/torch_extensions), saying so on stderr; a failed build says why in one line
+and the next tier down runs instead. Where none loads, layers/linear.py keeps PyTorch's packed kernels and
+`reason()` says why, for the run summary. The matmuls have shape functions, so compiled graphs call them.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
 import torch
 
+from kvengine.errors import ConfigError
+
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = (CSRC / "packed_mm.cpp", CSRC / "vnni_mm.cpp", CSRC / "decode_layer.cpp")
-CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni", "f16c", "fma")
-CFLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-mf16c", "-mfma"]
+COMMON_CFLAGS = ("-O3", "-fopenmp")
+
+
+@dataclass(frozen=True, slots=True)
+class Tier:
+    name: str
+    cpu_flags: tuple[str, ...]  # what /proc/cpuinfo must list for the CPU to run it
+    cflags: tuple[str, ...]
+    sources: tuple[str, ...]  # files of csrc/
+    act_dtype: torch.dtype  # the activations its ops take and return
+    row_kernels: bool = False  # q4_mm / q8_mm / bf16_mm for shapes the tiles do not fit
+
+    @property
+    def namespace(self) -> str:
+        return f"kvengine_{self.name}"
+
+
+TIERS = (
+    Tier("avx512", ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni", "f16c", "fma"),
+         ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-mf16c", "-mfma"),
+         ("packed_mm.cpp", "vnni_mm.cpp", "decode_layer.cpp"), torch.bfloat16, row_kernels=True),
+    Tier("avx2", ("avx2", "fma", "f16c"), ("-mavx2", "-mfma", "-mf16c"),
+         ("fp32_mm.cpp", "avx2_tiles.cpp", "fp32_layer.cpp"), torch.float32),
+    Tier("portable", (), (), ("fp32_mm.cpp", "portable_tiles.cpp", "fp32_layer.cpp"), torch.float32),
+)
 _status: dict[str, str] = {}
 
 
@@ -38,61 +69,111 @@ def cpu_flags() -> set[str]:
     return set(line.partition(":")[2].split())
 
 
-def missing_cpu_flags() -> list[str]:
-    """The instructions the kernels need that this CPU lacks (empty where they apply)."""
-    return [f for f in CPU_FLAGS if f not in cpu_flags()]
+def tier(name: str) -> Tier:
+    return next(t for t in TIERS if t.name == name)
 
 
-@cache
-def available() -> bool:
-    """True once the ops are loaded (building them if needed); False, with `reason()`, where they cannot be."""
+def cpu_tiers() -> list[Tier]:
+    """The tiers this CPU can run, fastest first (portable always)."""
+    return [t for t in TIERS if all(f in cpu_flags() for f in t.cpu_flags)]
+
+
+def requested() -> Tier | None:
+    """The tier this process should run, from the CPU and KVENGINE_ISA / KVENGINE_NATIVE, without building it;
+    None with KVENGINE_NATIVE=0. A KVENGINE_ISA the CPU cannot run is a ConfigError naming the ones it can."""
     if os.environ.get("KVENGINE_NATIVE", "1") == "0":
+        return None
+    runnable = cpu_tiers()
+    name = os.environ.get("KVENGINE_ISA", "").strip().lower()
+    if not name:
+        return runnable[0]
+    for t in runnable:
+        if t.name == name:
+            return t
+    known = "" if name in {t.name for t in TIERS} else f" (tiers: {', '.join(t.name for t in TIERS)})"
+    raise ConfigError(f"KVENGINE_ISA={name}: this CPU runs the {', '.join(t.name for t in runnable)} kernel tiers"
+                      f"{known}")
+
+
+def chosen() -> Tier | None:
+    """The tier whose ops this process runs, built and loaded (once); a tier that fails to build says why in one
+    line and the next one down is tried. None (with `reason()`) where none loads or KVENGINE_NATIVE=0."""
+    first = requested()
+    if first is None:
         _status["reason"] = "KVENGINE_NATIVE=0"
-        return False
-    missing = missing_cpu_flags()
-    if missing:
-        _status["reason"] = f"the CPU lacks {', '.join(missing)}"
-        return False
-    try:
-        _build()
-    except Exception as e:  # a compiler or ninja missing, a failed build: fall back, say why once
-        _status["reason"] = f"building the kernels failed ({str(e).strip().splitlines()[-1][:200]})"
-        print(f"kvengine: native kernels unavailable, using PyTorch's: {_status['reason']}", file=sys.stderr)
-        return False
-    return True
+        return None
+    for t in cpu_tiers()[cpu_tiers().index(first):]:
+        if loaded(t):
+            _status["reason"] = ""
+            return t
+    return None
+
+
+def available() -> bool:
+    """True once the chosen tier's ops are loaded (building them if needed)."""
+    return chosen() is not None
+
+
+def tier_for(act_dtype: torch.dtype) -> Tier | None:
+    """The chosen tier if its ops take `act_dtype` activations, else None (PyTorch's kernels run)."""
+    t = chosen()
+    return t if t is not None and t.act_dtype == act_dtype else None
 
 
 def reason() -> str:
     return _status.get("reason", "")
 
 
-def _build() -> None:
-    from torch.utils.cpp_extension import load
+@cache
+def ops(name: str) -> torch._ops._OpNamespace:
+    """torch.ops.kvengine_<name>: the ops of a loaded tier."""
+    return getattr(torch.ops, tier(name).namespace)
+
+
+@cache
+def loaded(t: Tier) -> bool:
+    """Build (first use) and load tier `t`; False, saying why on stderr once, where that fails."""
+    slower = next((s.name for s in cpu_tiers() if TIERS.index(s) > TIERS.index(t)), None)
+    try:
+        _build(t)
+    except Exception as e:  # a compiler or ninja missing, a failed build: fall back, say why once
+        lines = str(e).strip().splitlines() or [type(e).__name__]
+        why = next((ln.strip() for ln in lines if "error:" in ln), lines[-1])[:200]
+        instead = f"the {slower} kernels run instead" if slower else "PyTorch's kernels run instead"
+        _status["reason"] = f"building the {t.name} kernels failed ({why})"
+        print(f"kvengine: building the {t.name} kernels failed ({why}); {instead}", file=sys.stderr)
+        return False
+    return True
+
+
+def _build(t: Tier) -> None:
+    from torch.utils.cpp_extension import _get_build_directory, load
 
     # torch runs `ninja` from PATH; the one pip installed beside this interpreter counts even when the
     # environment is not activated
     bindir = str(Path(sys.executable).parent)
     if bindir not in os.environ.get("PATH", "").split(os.pathsep):
         os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
-    load(name="kvengine_kernels", sources=[str(s) for s in SOURCES], extra_cflags=CFLAGS,
-         extra_ldflags=["-fopenmp"], extra_include_paths=[str(CSRC)], is_python_module=False, verbose=False)
+    name = f"{t.namespace}_kernels"
+    if not (Path(_get_build_directory(name, verbose=False)) / f"{name}.so").exists():
+        print(f"kvengine: compiling the {t.name} kernels for this CPU (first use, about a minute; cached after)",
+              file=sys.stderr)
+    load(name=name, sources=[str(CSRC / s) for s in t.sources],
+         extra_cflags=[*COMMON_CFLAGS, *t.cflags, f"-DKV_OPS={t.namespace}"], extra_ldflags=["-fopenmp"],
+         extra_include_paths=[str(CSRC)], is_python_module=False, verbose=False)
+    ns = t.namespace
 
-    @torch.library.register_fake("kvengine::q4_mm")
-    def _q4_shape(x: torch.Tensor, q: torch.Tensor, dm: torch.Tensor) -> torch.Tensor:
-        return x.new_empty(x.shape[0], q.shape[0])  # [M, N]
-
-    @torch.library.register_fake("kvengine::q8_mm")
-    def _q8_shape(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        return x.new_empty(x.shape[0], q.shape[0])  # [M, N]
-
-    @torch.library.register_fake("kvengine::bf16_mm")
-    def _bf16_shape(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return x.new_empty(x.shape[0], w.shape[0])  # [M, N]
-
-    @torch.library.register_fake("kvengine::q4_gemm")
-    @torch.library.register_fake("kvengine::q8_gemm")
-    def _gemm_shape(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    def gemm_shape(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         return x.new_empty(x.shape[0], 16 * w.shape[0])  # [M, N]
+
+    torch.library.register_fake(f"{ns}::q4_gemm", gemm_shape)
+    torch.library.register_fake(f"{ns}::q8_gemm", gemm_shape)
+    if t.row_kernels:
+        def rows_shape(x: torch.Tensor, q: torch.Tensor, *_: torch.Tensor) -> torch.Tensor:
+            return x.new_empty(x.shape[0], q.shape[0])  # [M, N]
+
+        for op in ("q4_mm", "q8_mm", "bf16_mm"):
+            torch.library.register_fake(f"{ns}::{op}", rows_shape)
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:

@@ -143,18 +143,23 @@ class LlamaForCausalLM(CheckpointWeights, torch.nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.fused: list[list[torch.Tensor]] | None = None  # per layer: decode_layer's weights (enable_fused_decode)
+        self.fused_tier = ""  # the kernel tier (layers/native.py) whose decode_layer runs them
 
     def enable_fused_decode(self, pool: KVPool) -> str:
         """Run decode steps (one sequence or several) and prefill steps of short prompts as one
         `kvengine::decode_layer` op per layer (the PyTorch ops' dispatch otherwise costs more than their
         arithmetic; compilation removes it too, but traces again in every process). Returns "" when enabled, else
         why not, for the run summary."""
+        tier = native.tier_for(self.norm.weight.dtype)
         weights = [layer.fused_weights() for layer in self.layers]
-        if any(w is None for w in weights):
-            return "it needs bf16 activations, and kvengine's tile kernels or bf16 weights in every linear layer"
-        if not fused_decode_pool(pool):
-            return "it needs a bfloat16 KV cache that keeps every token"
-        self.fused = weights
+        if tier is None or any(w is None for w in weights):
+            chosen = native.chosen()
+            act = "bf16" if chosen is None or chosen.act_dtype == torch.bfloat16 else "fp32"
+            bf16 = " or bf16 weights" if act == "bf16" else ""
+            return f"it needs {act} activations, and kvengine's tile kernels{bf16} in every linear layer"
+        if not fused_decode_pool(pool, tier.act_dtype):
+            return f"it needs a {str(tier.act_dtype).removeprefix('torch.')} KV cache that keeps every token"
+        self.fused, self.fused_tier = weights, tier.name
         return ""
 
     def decodes_fused(self, batch: StepBatch, kv: KVPool | None) -> bool:
@@ -169,14 +174,14 @@ class LlamaForCausalLM(CheckpointWeights, torch.nn.Module):
         x = self.embed_tokens(batch.input_ids)  # [T, hidden]
         cos, sin = self.rotary.table(batch.positions, batch.max_context_len)  # [T, 1, D] each
         for weights, layer_kv in zip(self.fused, kv.layers, strict=True):
-            x = torch.ops.kvengine.decode_layer(x, weights, cos, sin, layer_kv.k, layer_kv.v, view.row_slots,
+            x = native.ops(self.fused_tier).decode_layer(x, weights, cos, sin, layer_kv.k, layer_kv.v, view.row_slots,
                                                 view.row_lens, c.num_heads, c.num_kv_heads, c.rms_norm_eps,
                                                 c.attn_scale)  # [T, hidden]
         x = self.norm(x[batch.logits_indices])  # [N, hidden]
         head = self.lm_head
         if (type(head) is Linear and head.weight.dtype == torch.bfloat16 and len(x) <= BF16_MM_ROWS
                 and head.bias is None and head.in_features % 32 == 0):
-            return torch.ops.kvengine.bf16_mm(x, head.weight).float()  # [N, vocab]: read at memory speed
+            return native.ops(self.fused_tier).bf16_mm(x, head.weight).float()  # [N, vocab]: read at memory speed
         return head(x).float()  # [N, vocab]
 
     def forward(self, batch: StepBatch, kv: KVPool | None) -> torch.Tensor:
@@ -210,18 +215,21 @@ BF16_MM_ROWS = 4  # steps of at most this many rows multiply bf16 weights with b
 
 def fused_operands(layer: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
     """A linear layer's pair for `kvengine::decode_layer`: its tiles (kvengine's gemm kernels), or a bf16 weight
-    and an unused empty tensor; None for anything else (a bias, fp32 weights, other kernels)."""
+    and an unused empty tensor (the avx512 tier's bf16_mm); None for anything else (a bias, fp32 weights, other
+    kernels)."""
     if isinstance(layer, PackedLinear):
         return layer.tile_operands()
+    tier = native.tier_for(torch.bfloat16)
     if (isinstance(layer, Linear) and layer.bias is None and layer.weight.dtype == torch.bfloat16
-            and native.available()):
+            and tier is not None and tier.row_kernels):
         return layer.weight, layer.weight.new_empty(0)
     return None
 
 
-def fused_decode_pool(pool: KVPool) -> bool:
-    """Whether `kvengine::decode_layer` reads this pool: plain bfloat16 K/V, one group keeping every token."""
-    return pool.spec.prefix_cacheable and type(pool.layers[0]) is LayerKV and pool.kv.dtype == torch.bfloat16
+def fused_decode_pool(pool: KVPool, dtype: torch.dtype) -> bool:
+    """Whether `kvengine::decode_layer` reads this pool: plain K/V of the tier's activation dtype, one group
+    keeping every token."""
+    return pool.spec.prefix_cacheable and type(pool.layers[0]) is LayerKV and pool.kv.dtype == dtype
 
 
 def unpermute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:

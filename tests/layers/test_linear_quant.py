@@ -84,8 +84,9 @@ def test_default_model_int4_tracks_fp32(default_gguf, default_llm, dtype):
     """int4 (Q4_1 repacked exactly) + int8 LM head vs the fp32 reference on held-out text: perplexity within 2%
     and the same top token at >= 90% of positions (measured here: fp32 +0.2% / 98%, bf16 -0.7% / 96%; 256
     pydoc tokens are a noisy sample, 1,024 gave bf16 +0.14%). The text goes in as one
-    step of many rows: fp32 activations run PyTorch's packed kernels (dense_above=None: no dense copy); bf16
-    ones kvengine's gemm kernels on int8-quantized activations where the CPU has them (layers/native.py), as
+    step of many rows: activations of the kernel tier's dtype (layers/native.py: bf16 for avx512, fp32 for avx2
+    and portable) run kvengine's gemm kernels on int8-quantized activations, the other dtype PyTorch's packed
+    kernels (dense_above=None: no dense copy), as
     prefill and batched decode run them (tests/models/test_llama_fused_decode.py covers one row)."""
     from kvengine.layers import native
     from kvengine.llm import LLM
@@ -93,7 +94,7 @@ def test_default_model_int4_tracks_fp32(default_gguf, default_llm, dtype):
     llm = LLM(str(default_gguf), weights="int4", dtype=dtype, kv_cache_memory=64 << 20, max_num_seqs=2,
               dense_above=None)
     head = llm.engine.model.lm_head
-    assert head.native == (dtype == "bfloat16" and not native.missing_cpu_flags())
+    assert head.native == (native.tier_for(getattr(torch, dtype)) is not None)
     assert (head.wtiles is not None) == head.native
     ids = held_out_ids(llm.tokenizer)
     ref = default_llm.engine.runner.full_logits_no_cache(ids, 0)  # [n, vocab]

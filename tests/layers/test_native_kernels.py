@@ -1,23 +1,35 @@
-"""kvengine's own kernels: the packed and tiled layouts round-trip; q4_mm / q8_mm / bf16_mm (layers/csrc/packed_mm.cpp,
-bf16 activations) equal a float matmul by the weight they store, for every number of rows (1..8 run together,
-more in chunks of 8) and for output sizes that are not a multiple of the kernels' 4-row tiles; q4_gemm /
-q8_gemm (vnni_mm.cpp, int8 activations) equal a float matmul of the activations as they quantize them, and
-stay within a stated distance of the exact product, row by row whatever the batch; a layer whose shape fits the
-tiles runs the gemm for any number of rows.
+"""kvengine's own kernels, on every kernel tier this CPU runs (layers/native.py; the `kernel_tier` fixture forces
+each with KVENGINE_ISA): the packed and tiled layouts round-trip; q4_gemm / q8_gemm (int8 activations in groups
+of 32; avx512: vnni_mm.cpp on bf16, avx2 and portable: fp32_mm.cpp on fp32) equal a float matmul of the
+activations as they quantize them, and stay within 1% rms of the exact product, row by row whatever the batch;
+a layer whose shape fits the tiles runs the gemm for any number of rows. The avx512 tier's row kernels q4_mm /
+q8_mm / bf16_mm (packed_mm.cpp, bf16 activations) equal a float matmul by the weight they store, for every number
+of rows (1..8 run together, more in chunks of 8) and for output sizes that are not a multiple of their 4-row
+tiles. A KVENGINE_ISA the CPU cannot run is one clear error naming the tiers it can.
 
-On a CPU with the instructions the kernels must build and load (a failed build fails here, rather than
-silently leaving the PyTorch fallback in place); elsewhere these tests are skipped."""
+A failed build fails here, rather than silently leaving a slower tier or PyTorch's kernels in place; the avx512
+tests are skipped only on CPUs without AVX-512 BF16/VNNI, where that tier cannot run."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from kvengine.errors import ConfigError
 from kvengine.layers import native
 from kvengine.layers.linear import Int4Linear, Int8Linear, quantize_int4
 
-needs_cpu = pytest.mark.skipif(bool(native.missing_cpu_flags()),
-                               reason="CPU without AVX-512 BF16/VNNI: the native kernels do not apply")
+AVX512 = native.tier("avx512")
+
+
+@pytest.fixture
+def avx512(monkeypatch):
+    """The avx512 tier forced, where the CPU runs it (its row kernels exist in no other tier)."""
+    if AVX512 not in native.cpu_tiers():
+        pytest.skip("CPU without AVX-512 BF16/VNNI: the avx512 tier cannot run here")
+    monkeypatch.setenv("KVENGINE_ISA", "avx512")
+    assert native.loaded(AVX512), native.reason()
+    return AVX512
 
 
 def test_pack_int4_round_trip():
@@ -45,20 +57,64 @@ def test_tile_layouts():
     assert torch.equal(native.untile_int4_scales(sc), dm.float())
 
 
-@needs_cpu
-def test_native_kernels_build_and_load():
-    assert native.available(), native.reason()
+def test_kernel_tiers_build_and_load(kernel_tier):
+    assert native.available() and native.chosen() == kernel_tier
+    assert hasattr(native.ops(kernel_tier.name), "decode_layer")
+
+
+def test_the_fastest_tier_runs_by_default(monkeypatch):
+    monkeypatch.delenv("KVENGINE_ISA", raising=False)
+    assert native.requested() == native.cpu_tiers()[0] and native.cpu_tiers()[-1].name == "portable"
+    monkeypatch.setenv("KVENGINE_NATIVE", "0")
+    assert native.requested() is None and not native.available() and native.reason() == "KVENGINE_NATIVE=0"
+
+
+def test_unknown_or_unrunnable_tier_is_one_clear_error(monkeypatch):
+    runs = ", ".join(t.name for t in native.cpu_tiers())
+    monkeypatch.setenv("KVENGINE_ISA", "sse9")
+    with pytest.raises(ConfigError, match=f"KVENGINE_ISA=sse9: this CPU runs the {runs} kernel tiers \\(tiers: "
+                                          "avx512, avx2, portable\\)"):
+        native.requested()
+    missing = [t for t in native.TIERS if t not in native.cpu_tiers()]
+    if missing:  # an AVX2 host asked for avx512
+        monkeypatch.setenv("KVENGINE_ISA", missing[0].name)
+        with pytest.raises(ConfigError, match=f"this CPU runs the {runs} kernel tiers$"):
+            native.requested()
+
+
+def test_a_failed_build_says_why_and_what_runs_instead(monkeypatch, capsys):
+    """A tier whose build fails is one line on stderr (the compiler's error, the slower path that runs), and
+    the next tier down is tried; with none left, PyTorch's kernels run and the run summary says why."""
+    def fail(tier: native.Tier) -> None:
+        raise RuntimeError(f"Error building extension '{tier.namespace}_kernels':\nx.cpp:1:1: error: no compiler"
+                           "\nninja: build stopped: subcommand failed.")
+
+    monkeypatch.setattr(native, "_build", fail)
+    monkeypatch.delenv("KVENGINE_ISA", raising=False)
+    native.loaded.cache_clear()
+    try:
+        assert native.chosen() is None and not native.available()
+        names = [t.name for t in native.cpu_tiers()]
+        want = [f"kvengine: building the {a} kernels failed (x.cpp:1:1: error: no compiler); the {b} kernels run "
+                "instead" for a, b in zip(names, names[1:], strict=False)]
+        want.append("kvengine: building the portable kernels failed (x.cpp:1:1: error: no compiler); PyTorch's "
+                    "kernels run instead")
+        assert capsys.readouterr().err.strip().splitlines() == want
+        assert native.reason() == "building the portable kernels failed (x.cpp:1:1: error: no compiler)"
+    finally:
+        native.loaded.cache_clear()
 
 
 # bf16 activations times exact weights, accumulated in fp32 (the reference in float64): the difference is
-# the rounding of the bf16 output, at most 2^-8 of the largest output.
+# the rounding of the bf16 output, at most 2^-8 of the largest output (avx512). The fp32 tiers' outputs differ
+# from the float64 reference by fp32 rounding of the per-group sums: bound at 2^-16 of the largest output.
 REL_TOL = 2 ** -8
+TIER_TOL = {torch.bfloat16: REL_TOL, torch.float32: 2 ** -16}
 
 
-@needs_cpu
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 11])
 @pytest.mark.parametrize("shape", [(100, 64), (96, 576), (64, 1536)])
-def test_q4_mm_equals_matmul_by_its_weight(rows, shape):
+def test_q4_mm_equals_matmul_by_its_weight(avx512, rows, shape):
     n, k = shape
     gen = torch.Generator().manual_seed(rows)
     layer = Int4Linear(torch.randn(n, k, generator=gen) * 0.05, None, torch.bfloat16, act_int8=False)
@@ -70,9 +126,8 @@ def test_q4_mm_equals_matmul_by_its_weight(rows, shape):
     assert (got.double() - ref).abs().max() <= REL_TOL * ref.abs().max()
 
 
-@needs_cpu
 @pytest.mark.parametrize("rows", [1, 4, 9])
-def test_q8_mm_equals_matmul_by_its_weight(rows):
+def test_q8_mm_equals_matmul_by_its_weight(avx512, rows):
     gen = torch.Generator().manual_seed(rows)
     layer = Int8Linear(torch.randn(250, 576, generator=gen), None, torch.bfloat16)  # 250 rows: no tiles
     assert layer.native and layer.wtiles is None
@@ -82,19 +137,18 @@ def test_q8_mm_equals_matmul_by_its_weight(rows):
     assert (got.double() - ref).abs().max() <= REL_TOL * ref.abs().max()
 
 
-@needs_cpu
 @pytest.mark.parametrize("rows", [1, 3, 8, 9])
-def test_bf16_mm_equals_matmul(rows):
+def test_bf16_mm_equals_matmul(avx512, rows):
     """Unquantized bf16 weights (decode_layer's few-row product): exact products, fp32 sums, one rounding."""
     gen = torch.Generator().manual_seed(rows)
     w = torch.randn(100, 576, generator=gen).to(torch.bfloat16)
     x = torch.randn(rows, 576, generator=gen).to(torch.bfloat16)
     ref = x.double() @ w.double().t()  # [rows, 100]
-    got = torch.ops.kvengine.bf16_mm(x, w)
+    got = native.ops("avx512").bf16_mm(x, w)
     assert got.shape == (rows, 100) and got.dtype == torch.bfloat16
     assert (got.double() - ref).abs().max() <= REL_TOL * ref.abs().max()
     with pytest.raises(RuntimeError, match="bf16_mm: w must be \\[N, K\\] bfloat16 with K a multiple of 32"):
-        torch.ops.kvengine.bf16_mm(x[:, :48], w[:, :48])
+        native.ops("avx512").bf16_mm(x[:, :48], w[:, :48])
 
 
 def int8_groups(x: torch.Tensor) -> torch.Tensor:
@@ -111,29 +165,28 @@ def int8_groups(x: torch.Tensor) -> torch.Tensor:
 QUANT_RMS_TOL = 0.01
 
 
-@needs_cpu
 @pytest.mark.parametrize("cls", [Int4Linear, Int8Linear])
 @pytest.mark.parametrize("rows", [1, 2, 7, 8, 9, 70])
-def test_gemm_equals_matmul_of_its_quantized_activations(cls, rows):
+def test_gemm_equals_matmul_of_its_quantized_activations(kernel_tier, cls, rows):
     gen = torch.Generator().manual_seed(rows)
-    layer = cls(torch.randn(96, 576, generator=gen) * 0.05, None, torch.bfloat16)
-    assert layer.native and layer.wtiles is not None and layer.dense is None
+    act = kernel_tier.act_dtype
+    layer = cls(torch.randn(96, 576, generator=gen) * 0.05, None, act)
+    assert layer.tier == kernel_tier.name and layer.wtiles is not None and layer.dense is None
     assert layer.qweight is None  # the tiles are the only copy of the codes
-    x = torch.randn(rows, 576, generator=gen).to(torch.bfloat16)
+    x = torch.randn(rows, 576, generator=gen).to(act)
     x[0, :32] = 0  # an all-zero group quantizes to zeros, not NaN
     w = layer.dequantized().double()
     got = layer(x)  # tiles fit: the gemm kernel, for any number of rows
-    assert torch.equal(got, layer.gemm(x)) and got.shape == (rows, 96) and got.dtype == torch.bfloat16
+    assert torch.equal(got, layer.gemm(x)) and got.shape == (rows, 96) and got.dtype == act
     ref = int8_groups(x).double() @ w.t()  # [rows, 96]
-    assert (got.double() - ref).abs().max() <= REL_TOL * ref.abs().max()
+    assert (got.double() - ref).abs().max() <= TIER_TOL[act] * ref.abs().max()
     exact = x.double() @ w.t()
     assert ((got.double() - exact).norm() / exact.norm()).item() <= QUANT_RMS_TOL
     # each row's result is the same whatever rows it is multiplied with (batch invariance)
     assert all(torch.equal(got[i:i + 1], layer(x[i:i + 1])) for i in range(rows))
 
 
-@needs_cpu
-def test_native_int4_keeps_q4_1_scales_exactly():
+def test_native_int4_keeps_q4_1_scales_exactly(kernel_tier):
     """Both native layouts store each group's scale and minimum at float16 precision, GGUF Q4_1's own, so a
     weight already on a Q4_1 grid (fp16 d and m) comes back exactly."""
     gen = torch.Generator().manual_seed(3)
@@ -143,36 +196,41 @@ def test_native_int4_keeps_q4_1_scales_exactly():
     d = (torch.rand(32, 4, generator=gen) * 0.01 + 0.001).half().float()
     m = (-torch.rand(32, 4, generator=gen) * 0.1).half().float()
     w = (q.view(32, 4, 32) * d[..., None] + m[..., None]).view(32, 128)
-    for act_int8 in (True, False):  # the tiled layout and the row one
-        layer = Int4Linear(w, None, torch.bfloat16, act_int8=act_int8)
+    for act_int8 in (True, False) if kernel_tier.row_kernels else (True,):  # the tiled layout and the row one
+        layer = Int4Linear(w, None, kernel_tier.act_dtype, act_int8=act_int8)
         assert layer.native and (layer.wtiles is not None) == act_int8 and torch.equal(layer.dequantized(), w)
     q2, scale, lo = quantize_int4(w, 32)
     assert torch.equal(q2, q.int())
 
 
-def test_bad_inputs_get_clear_errors():
-    if native.missing_cpu_flags() or not native.available():
-        pytest.skip("native kernels not loaded")
+def test_row_kernels_reject_bad_inputs(avx512):
+    ops = native.ops("avx512")
     with pytest.raises(RuntimeError, match="q4_mm: x must be \\[M, K\\] bfloat16"):
-        torch.ops.kvengine.q4_mm(torch.zeros(1, 64), torch.zeros(4, 32, dtype=torch.uint8),
-                                 torch.zeros(4, 2, 2, dtype=torch.half))
+        ops.q4_mm(torch.zeros(1, 64), torch.zeros(4, 32, dtype=torch.uint8), torch.zeros(4, 2, 2, dtype=torch.half))
     with pytest.raises(RuntimeError, match="q4_mm: K must be a multiple of 64"):
-        torch.ops.kvengine.q4_mm(torch.zeros(1, 32, dtype=torch.bfloat16), torch.zeros(4, 16, dtype=torch.uint8),
-                                 torch.zeros(4, 2, 1, dtype=torch.half))
-    x = torch.zeros(2, 64, dtype=torch.bfloat16)
-    with pytest.raises(RuntimeError, match="q4_gemm: x must be \\[M, K\\] bfloat16 with K a multiple of 32"):
-        torch.ops.kvengine.q4_gemm(x[:, :48], torch.zeros(1, 2, 4, 64, dtype=torch.uint8), torch.zeros(64))
+        ops.q4_mm(torch.zeros(1, 32, dtype=torch.bfloat16), torch.zeros(4, 16, dtype=torch.uint8),
+                  torch.zeros(4, 2, 1, dtype=torch.half))
+
+
+def test_gemm_rejects_bad_inputs(kernel_tier):
+    ops, act = native.ops(kernel_tier.name), str(kernel_tier.act_dtype).removeprefix("torch.")
+    x = torch.zeros(2, 64, dtype=kernel_tier.act_dtype)
+    with pytest.raises(RuntimeError, match=f"q4_gemm: x must be \\[M, K\\] {act} with K a multiple of 32"):
+        ops.q4_gemm(x[:, :48], torch.zeros(1, 2, 4, 64, dtype=torch.uint8), torch.zeros(64))
+    other = torch.float32 if kernel_tier.act_dtype == torch.bfloat16 else torch.bfloat16
+    with pytest.raises(RuntimeError, match=f"q8_gemm: x must be \\[M, K\\] {act}"):
+        ops.q8_gemm(x.to(other), torch.zeros(1, 16, 64, dtype=torch.uint8), torch.zeros(16))
     with pytest.raises(RuntimeError, match="q4_gemm: w must be \\[N/16, K/32, 4, 64\\] uint8"):
-        torch.ops.kvengine.q4_gemm(x, torch.zeros(1, 3, 4, 64, dtype=torch.uint8), torch.zeros(96))
+        ops.q4_gemm(x, torch.zeros(1, 3, 4, 64, dtype=torch.uint8), torch.zeros(96))
     with pytest.raises(RuntimeError, match="q4_gemm: dm must be \\[N/16, K/32, 2, 16\\] float32"):
-        torch.ops.kvengine.q4_gemm(x, torch.zeros(1, 2, 4, 64, dtype=torch.uint8), torch.zeros(64).half())
+        ops.q4_gemm(x, torch.zeros(1, 2, 4, 64, dtype=torch.uint8), torch.zeros(64).half())
     with pytest.raises(RuntimeError, match="q8_gemm: scale must be \\[N\\] float32"):
-        torch.ops.kvengine.q8_gemm(x, torch.zeros(1, 16, 64, dtype=torch.uint8), torch.zeros(15))
+        ops.q8_gemm(x, torch.zeros(1, 16, 64, dtype=torch.uint8), torch.zeros(15))
 
 
-def test_run_summary_names_the_kernels():
-    """The weights line says which kernels ran: PyTorch's for fp32 activations (and why), kvengine's for bf16
-    where the CPU has the instructions."""
+def test_run_summary_names_the_kernels(kernel_tier):
+    """The weights line names the tier whose kernels ran for activations of its dtype, and says why PyTorch's ran
+    for the other dtype."""
     from kvtest import tiny_pair
 
     from kvengine.layers.linear import describe_kernels, quantize_linears
@@ -182,10 +240,8 @@ def test_run_summary_names_the_kernels():
                              num_key_value_heads=2)
         quantize_linears(model.to(dtype), "int4", dtype)
         text = describe_kernels(model, dtype)
-        if dtype == torch.float32:
-            assert text == "PyTorch packed kernels (not kvengine's: they need bfloat16 activations)"
-        elif not native.available():  # e.g. an AVX2-only CPU: the line names the instructions it lacks
-            assert native.reason()
-            assert text == f"PyTorch packed kernels (not kvengine's: {native.reason()})"
+        if dtype == kernel_tier.act_dtype:
+            assert text == f"kvengine {kernel_tier.name} kernels (int8 activations in groups of 32)"
         else:
-            assert text == "kvengine AVX-512 kernels (int8 activations in groups of 32)"
+            act = str(kernel_tier.act_dtype).removeprefix("torch.")
+            assert text == f"PyTorch packed kernels (not kvengine's: they need {act} activations)"

@@ -25,6 +25,7 @@
 
 #include "packed_mm.h"
 #include "simd.h"
+#include "tier.h"
 #include "vnni_mm.h"
 
 #include <ATen/Parallel.h>
@@ -231,9 +232,9 @@ at::Tensor decode_layer(const at::Tensor& x, at::TensorList w, const at::Tensor&
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(kvengine, m) {
+KV_LIBRARY_FRAGMENT(KV_OPS, m) {
   m.def("decode_layer(Tensor x, Tensor[] weights, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, "
         "Tensor slots, Tensor lens, int num_heads, int num_kv_heads, float eps, float scale) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(kvengine, CPU, m) { m.impl("decode_layer", &decode_layer); }
+KV_LIBRARY_IMPL(KV_OPS, CPU, m) { m.impl("decode_layer", &decode_layer); }

@@ -22,6 +22,7 @@
 
 #include "packed_mm.h"
 #include "simd.h"
+#include "tier.h"
 
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -237,13 +238,13 @@ at::Tensor bf16_mm(const at::Tensor& x, const at::Tensor& w) {
 
 }  // namespace kvengine
 
-TORCH_LIBRARY(kvengine, m) {
+KV_LIBRARY(KV_OPS, m) {
   m.def("q4_mm(Tensor x, Tensor q, Tensor dm) -> Tensor");
   m.def("q8_mm(Tensor x, Tensor q, Tensor scale) -> Tensor");
   m.def("bf16_mm(Tensor x, Tensor w) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(kvengine, CPU, m) {
+KV_LIBRARY_IMPL(KV_OPS, CPU, m) {
   m.impl("q4_mm", &kvengine::q4_mm);
   m.impl("q8_mm", &kvengine::q8_mm);
   m.impl("bf16_mm", &kvengine::bf16_mm);

@@ -24,6 +24,7 @@
 
 #include "vnni_mm.h"
 #include "simd.h"
+#include "tier.h"
 
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -131,22 +132,6 @@ inline void q8_tile(const int8_t* xq, const float* da, const int32_t* qsum, cons
   for (int i = 0; i < R; ++i) kvengine::simd::store16(y + i * N + 16 * t, _mm512_mul_ps(acc[i], s));
 }
 
-// Every (weight tile, block of up to kRows rows of x) pair. x is taken kChunk rows at a time so its codes stay
-// in cache while every tile passes over them; within a chunk the tiles are split across threads, a thread
-// taking all row blocks of a tile while its weights are in cache.
-constexpr int64_t kChunk = 64;
-
-template <typename F>
-void for_tiles(int64_t M, int64_t tiles, const F& f) {
-  const int64_t chunks = (M + kChunk - 1) / kChunk;
-  at::parallel_for(0, chunks * tiles, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t c = b / tiles, t = b % tiles, end = std::min(M, (c + 1) * kChunk);
-      for (int64_t i0 = c * kChunk; i0 < end; i0 += kRows) f(t, i0, std::min<int64_t>(kRows, end - i0));
-    }
-  });
-}
-
 void check_x(const at::Tensor& x, const char* op) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.size(1) % kGroup == 0, op,
               ": x must be [M, K] bfloat16 with K a multiple of 32");
@@ -171,7 +156,7 @@ at::Tensor q4_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& d
   const float *dp = xr.scale.data_ptr<float>(), *sp = xr.sum.data_ptr<float>(), *dmp = dm.data_ptr<float>();
   const uint8_t* wp = w.data_ptr<uint8_t>();
   bf16* yp = y.data_ptr<bf16>();
-  for_tiles(M, tiles, [&](int64_t t, int64_t i0, int64_t r) {
+  kvengine::tiles::for_tiles<kRows>(M, tiles, [&](int64_t t, int64_t i0, int64_t r) {
     KV_ROWS_SWITCH(q4_tile, r, qp + i0 * K, dp + i0 * G, sp + i0 * G, wp, dmp, yp + i0 * N, K, N, t)
   });
   return y;
@@ -193,7 +178,7 @@ at::Tensor q8_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
   const int32_t* cp = xr.qsum.data_ptr<int32_t>();
   const uint8_t* wp = w.data_ptr<uint8_t>();
   bf16* yp = y.data_ptr<bf16>();
-  for_tiles(M, tiles, [&](int64_t t, int64_t i0, int64_t r) {
+  kvengine::tiles::for_tiles<kRows>(M, tiles, [&](int64_t t, int64_t i0, int64_t r) {
     KV_ROWS_SWITCH(q8_tile, r, qp + i0 * K, dp + i0 * G, cp + i0 * G, wp, sp, yp + i0 * N, K, N, t)
   });
   return y;
@@ -201,12 +186,12 @@ at::Tensor q8_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
 
 }  // namespace kvengine
 
-TORCH_LIBRARY_FRAGMENT(kvengine, m) {
+KV_LIBRARY_FRAGMENT(KV_OPS, m) {
   m.def("q4_gemm(Tensor x, Tensor w, Tensor dm) -> Tensor");
   m.def("q8_gemm(Tensor x, Tensor w, Tensor scale) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(kvengine, CPU, m) {
+KV_LIBRARY_IMPL(KV_OPS, CPU, m) {
   m.impl("q4_gemm", &kvengine::q4_gemm);
   m.impl("q8_gemm", &kvengine::q8_gemm);
 }

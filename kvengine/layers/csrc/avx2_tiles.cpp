@@ -1,0 +1,86 @@
+// The avx2 tier's tile kernels (fp32_mm.h), for x86 CPUs with AVX2 and FMA (most laptops, desktops and cloud VMs;
+// no AVX-512, no bf16 arithmetic).
+//
+// Without VPDPBUSD, a 4-byte dot product per int32 lane is VPMADDUBSW (unsigned bytes times signed bytes, adjacent
+// pairs summed into int16) then VPMADDWD by ones (adjacent int16 pairs into int32). A 256-bit register holds half
+// of a 64-byte tile row block: 8 output rows x 4 inputs, so each half (rows 8h..8h+7) is its own pass over the
+// groups and keeps one accumulator per row of x in a register.
+//   int4: weights 0..15 are the unsigned operand; a group's 8 products per lane stay below 8 * 2 * 15 * 127 =
+//         30480, so they are summed in int16 and widened once per group.
+//   int8: the stored bytes q + 128 turn back into signed q (xor 0x80); VPMADDUBSW then takes |x| as the unsigned
+//         operand and q with x's sign as the signed one (|x| * sign(x) q = x q; a pair is at most 2 * 127 * 127,
+//         no saturation), widened per 4 inputs.
+// The integer sums equal vnni_mm.cpp's exactly; the fp32 steps after them are the same operations in the same order.
+
+#include <immintrin.h>
+
+#include "fp32_mm.h"
+
+namespace KV_OPS {
+namespace {
+
+// 4 bytes of x's codes broadcast to every int32 lane
+inline __m256i codes4(const int8_t* p) { return _mm256_set1_epi32(*reinterpret_cast<const int32_t*>(p)); }
+
+}  // namespace
+
+void q4_tile(const int8_t* xq, const float* da, const float* sx, const uint8_t* w, const float* dm, float* y, int R,
+             int64_t K, int64_t N, int64_t t) {
+  const int64_t G = K / kGroup;
+  const uint8_t* wt = w + t * G * 256;
+  const float* dmt = dm + t * G * 32;
+  const __m256i nibble = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  for (int h = 0; h < 2; ++h) {
+    __m256 acc[kRows];
+    for (int i = 0; i < kRows; ++i) acc[i] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < G; ++g) {
+      __m256i wv[8];
+      for (int j = 0; j < 4; ++j) {
+        const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wt + g * 256 + j * 64 + 32 * h));
+        wv[2 * j] = _mm256_and_si256(p, nibble);
+        wv[2 * j + 1] = _mm256_and_si256(_mm256_srli_epi16(p, 4), nibble);
+      }
+      const __m256 d = _mm256_loadu_ps(dmt + g * 32 + 8 * h), m = _mm256_loadu_ps(dmt + g * 32 + 16 + 8 * h);
+      for (int i = 0; i < R; ++i) {
+        const int8_t* xg = xq + i * K + g * kGroup;
+        __m256i s = _mm256_maddubs_epi16(wv[0], codes4(xg));
+        for (int c = 1; c < 8; ++c) s = _mm256_add_epi16(s, _mm256_maddubs_epi16(wv[c], codes4(xg + 4 * c)));
+        const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(s, ones));
+        acc[i] = _mm256_fmadd_ps(dot, _mm256_mul_ps(d, _mm256_set1_ps(da[i * G + g])), acc[i]);
+        acc[i] = _mm256_fmadd_ps(m, _mm256_set1_ps(sx[i * G + g]), acc[i]);
+      }
+    }
+    for (int i = 0; i < R; ++i) _mm256_storeu_ps(y + i * N + 16 * t + 8 * h, acc[i]);
+  }
+}
+
+void q8_tile(const int8_t* xq, const float* da, const uint8_t* w, const float* scale, float* y, int R, int64_t K,
+             int64_t N, int64_t t) {
+  const int64_t G = K / kGroup;
+  const uint8_t* wt = w + t * K * 16;
+  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80)), ones = _mm256_set1_epi16(1);
+  for (int h = 0; h < 2; ++h) {
+    __m256 acc[kRows];
+    for (int i = 0; i < kRows; ++i) acc[i] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < G; ++g) {
+      __m256i wv[8];
+      for (int c = 0; c < 8; ++c)
+        wv[c] = _mm256_xor_si256(
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wt + (g * 8 + c) * 64 + 32 * h)), flip);
+      for (int i = 0; i < R; ++i) {
+        const int8_t* xg = xq + i * K + g * kGroup;
+        __m256i s = _mm256_setzero_si256();
+        for (int c = 0; c < 8; ++c) {
+          const __m256i x4 = codes4(xg + 4 * c);
+          const __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(x4, x4), _mm256_sign_epi8(wv[c], x4));
+          s = _mm256_add_epi32(s, _mm256_madd_epi16(p, ones));
+        }
+        acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(da[i * G + g]), acc[i]);
+      }
+    }
+    const __m256 sc = _mm256_loadu_ps(scale + 16 * t + 8 * h);
+    for (int i = 0; i < R; ++i) _mm256_storeu_ps(y + i * N + 16 * t + 8 * h, _mm256_mul_ps(acc[i], sc));
+  }
+}
+
+}  // namespace KV_OPS

@@ -1,0 +1,105 @@
+// The fp32-activation matmuls of the avx2 and portable tiers (fp32_mm.h): check the operands, quantize x's rows
+// to int8 in groups of 32, and run the tier's tile kernel over every (weight tile, block of rows) pair.
+// Plain C++: each tier compiles it with its own flags, so the quantization loop is vectorized for that CPU.
+
+#include "fp32_mm.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+
+namespace KV_OPS {
+namespace {
+
+// x's rows quantized by groups of 32, as vnni_mm.cpp does: codes [M, K] int8, scales da [M, G] and sums
+// sx [M, G] = da * sum(codes); codes = round(x * (127 / max|x|)), ties to even.
+struct QuantizedRows {
+  at::Tensor codes, scale, sum;
+};
+
+QuantizedRows quantize_rows(const at::Tensor& x) {
+  const int64_t M = x.size(0), K = x.size(1), G = K / kGroup;
+  QuantizedRows r{at::empty({M, K}, x.options().dtype(at::kChar)), at::empty({M, G}, x.options()),
+                  at::empty({M, G}, x.options())};
+  const float* xp = x.data_ptr<float>();
+  int8_t* qp = r.codes.data_ptr<int8_t>();
+  float *dp = r.scale.data_ptr<float>(), *sp = r.sum.data_ptr<float>();
+  at::parallel_for(0, M * G, 256, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const float* v = xp + b * kGroup;
+      float amax = 0.f;
+      for (int k = 0; k < kGroup; ++k) amax = std::max(amax, std::fabs(v[k]));
+      const float inv = amax > 0.f ? 127.f / amax : 0.f;
+      int32_t codes[kGroup];
+      for (int k = 0; k < kGroup; ++k) codes[k] = static_cast<int32_t>(std::nearbyint(v[k] * inv));
+      int32_t total = 0;
+      for (int k = 0; k < kGroup; ++k) {
+        qp[b * kGroup + k] = static_cast<int8_t>(codes[k]);
+        total += codes[k];
+      }
+      dp[b] = amax / 127.f;
+      sp[b] = dp[b] * static_cast<float>(total);
+    }
+  });
+  return r;
+}
+
+void check_x(const at::Tensor& x, const char* op) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.size(1) % kGroup == 0, op,
+              ": x must be [M, K] float32 with K a multiple of 32");
+}
+
+}  // namespace
+
+at::Tensor q4_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& dm) {
+  check_x(x, "q4_gemm");
+  const int64_t M = x.size(0), K = x.size(1), G = K / kGroup;
+  TORCH_CHECK(w.dim() == 4 && w.scalar_type() == at::kByte && w.is_contiguous() && w.size(1) == G && w.size(2) == 4 &&
+                  w.size(3) == 64, "q4_gemm: w must be [N/16, K/32, 4, 64] uint8");
+  const int64_t tiles = w.size(0), N = 16 * tiles;
+  TORCH_CHECK(dm.scalar_type() == at::kFloat && dm.is_contiguous() && dm.numel() == tiles * G * 32,
+              "q4_gemm: dm must be [N/16, K/32, 2, 16] float32");
+  QuantizedRows xr = quantize_rows(x.contiguous());
+  at::Tensor y = at::empty({M, N}, x.options());  // [M, N]
+  const int8_t* qp = xr.codes.data_ptr<int8_t>();
+  const float *dp = xr.scale.data_ptr<float>(), *sp = xr.sum.data_ptr<float>(), *dmp = dm.data_ptr<float>();
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  float* yp = y.data_ptr<float>();
+  kvengine::tiles::for_tiles<kRows>(M, tiles, [&](int64_t t, int64_t i0, int64_t r) {
+    q4_tile(qp + i0 * K, dp + i0 * G, sp + i0 * G, wp, dmp, yp + i0 * N, static_cast<int>(r), K, N, t);
+  });
+  return y;
+}
+
+at::Tensor q8_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale) {
+  check_x(x, "q8_gemm");
+  const int64_t M = x.size(0), K = x.size(1), G = K / kGroup;
+  TORCH_CHECK(w.dim() == 3 && w.scalar_type() == at::kByte && w.is_contiguous() && w.size(1) == K / 4 &&
+                  w.size(2) == 64, "q8_gemm: w must be [N/16, K/4, 64] uint8");
+  const int64_t tiles = w.size(0), N = 16 * tiles;
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == N,
+              "q8_gemm: scale must be [N] float32");
+  QuantizedRows xr = quantize_rows(x.contiguous());
+  at::Tensor y = at::empty({M, N}, x.options());  // [M, N]
+  const int8_t* qp = xr.codes.data_ptr<int8_t>();
+  const float *dp = xr.scale.data_ptr<float>(), *sp = scale.data_ptr<float>();
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  float* yp = y.data_ptr<float>();
+  kvengine::tiles::for_tiles<kRows>(M, tiles, [&](int64_t t, int64_t i0, int64_t r) {
+    q8_tile(qp + i0 * K, dp + i0 * G, wp, sp, yp + i0 * N, static_cast<int>(r), K, N, t);
+  });
+  return y;
+}
+
+}  // namespace KV_OPS
+
+KV_LIBRARY(KV_OPS, m) {
+  m.def("q4_gemm(Tensor x, Tensor w, Tensor dm) -> Tensor");
+  m.def("q8_gemm(Tensor x, Tensor w, Tensor scale) -> Tensor");
+}
+
+KV_LIBRARY_IMPL(KV_OPS, CPU, m) {
+  m.impl("q4_gemm", &KV_OPS::q4_gemm);
+  m.impl("q8_gemm", &KV_OPS::q8_gemm);
+}

@@ -1,0 +1,34 @@
+// The fp32-activation tiers (avx2, portable): the tile kernels each tier's *_tiles.cpp defines, and the ops
+// fp32_mm.cpp builds from them (fp32_layer.cpp calls those without going through the dispatcher).
+//
+// The operands are vnni_mm.cpp's: x quantized to int8 codes in groups of 32 (scale da = max|x| / 127, sum
+// sx = da * sum(codes)), weights in native.tile_int4 / native.tile_int8's tiles of 16 output rows, so a model
+// quantized once runs on any tier. Only the activations differ: fp32 in and out, for CPUs without bf16
+// arithmetic (a bf16 product there is emulated, several times slower than fp32).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+
+#include "tier.h"
+
+namespace KV_OPS {
+
+constexpr int64_t kGroup = 32;
+constexpr int kRows = 4;  // rows of x per pass over a weight tile (the tile kernels take 1..kRows)
+
+// Rows 0..R-1 of y (row stride N), outputs 16t..16t+15, from the int4 tile t: for each group g,
+// y[i, n] += d[n, g] * da[i, g] * sum_k q * xq[i, k] + m[n, g] * sx[i, g] (xq row stride K; da, sx row stride K/32).
+void q4_tile(const int8_t* xq, const float* da, const float* sx, const uint8_t* w, const float* dm, float* y, int R,
+             int64_t K, int64_t N, int64_t t);
+// The same from the int8 tile t (bytes q + 128): y[i, n] = scale[n] * sum_g da[i, g] * sum_k q * xq[i, k].
+void q8_tile(const int8_t* xq, const float* da, const uint8_t* w, const float* scale, float* y, int R, int64_t K,
+             int64_t N, int64_t t);
+
+// x [M, K] fp32, w [N/16, K/32, 4, 64] uint8 (native.tile_int4), dm [N/16, K/32, 2, 16] fp32 -> [M, N] fp32
+at::Tensor q4_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& dm);
+// x [M, K] fp32, w [N/16, K/4, 64] uint8 (native.tile_int8), scale [N] fp32 -> [M, N] fp32
+at::Tensor q8_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale);
+
+}  // namespace KV_OPS

@@ -1,0 +1,41 @@
+// What every kernel tier shares: the op namespace of the tier being compiled, and the loop that hands (weight tile,
+// block of rows of x) pairs to threads.
+//
+// native.py compiles each tier (avx512, avx2, portable) into its own extension with its own flags and passes
+// -DKV_OPS=kvengine_<tier>, so the tiers' ops live side by side in one process (torch.ops.kvengine_avx2.q4_gemm,
+// ...): the run uses the one chosen from the CPU's flags, and the tests run every tier the CPU can.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#ifndef KV_OPS
+#define KV_OPS kvengine_dev
+#endif
+// TORCH_LIBRARY pastes its namespace argument as a token; one more macro level expands KV_OPS first
+#define KV_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
+#define KV_LIBRARY_FRAGMENT(ns, m) TORCH_LIBRARY_FRAGMENT(ns, m)
+#define KV_LIBRARY_IMPL(ns, k, m) TORCH_LIBRARY_IMPL(ns, k, m)
+
+namespace kvengine::tiles {
+
+// Rows of x taken kChunk at a time, so their int8 codes stay in cache while every weight tile passes over them;
+// within a chunk the tiles are split across threads, a thread taking all row blocks (of up to kRows rows) of a
+// tile while its weights are in cache. f(t, i0, rows).
+constexpr int64_t kChunk = 64;
+
+template <int kRows, typename F>
+void for_tiles(int64_t M, int64_t tiles, const F& f) {
+  const int64_t chunks = (M + kChunk - 1) / kChunk;
+  at::parallel_for(0, chunks * tiles, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t c = b / tiles, t = b % tiles, end = std::min(M, (c + 1) * kChunk);
+      for (int64_t i0 = c * kChunk; i0 < end; i0 += kRows) f(t, i0, std::min<int64_t>(kRows, end - i0));
+    }
+  });
+}
+
+}  // namespace kvengine::tiles

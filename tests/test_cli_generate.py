@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -86,6 +87,17 @@ def test_bad_input_is_one_clear_line(case, tmp_path, tiny_folder, default_gguf):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and expect in lines[0], r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_a_kernel_tier_the_cpu_cannot_run_is_one_clear_line(tiny_folder):
+    """KVENGINE_ISA naming no tier (or one the CPU lacks): one error line naming the tiers this CPU runs."""
+    env = {**os.environ, "KVENGINE_ISA": "sse9"}
+    r = subprocess.run([*KVENGINE, "generate", "hi", "--model", str(tiny_folder)], capture_output=True, text=True,
+                       timeout=120, env=env)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: KVENGINE_ISA=sse9 is not a kernel tier (avx512, avx2, "
+                                                   "portable); this CPU runs "), r.stderr
 
 
 def _truncated(src: Path, tmp: Path) -> Path:

@@ -90,9 +90,11 @@ def requested() -> Tier | None:
     for t in runnable:
         if t.name == name:
             return t
-    known = "" if name in {t.name for t in TIERS} else f" (tiers: {', '.join(t.name for t in TIERS)})"
-    raise ConfigError(f"KVENGINE_ISA={name}: this CPU runs the {', '.join(t.name for t in runnable)} kernel tiers"
-                      f"{known}")
+    runs = ", ".join(t.name for t in runnable)
+    if name not in {t.name for t in TIERS}:
+        raise ConfigError(f"KVENGINE_ISA={name} is not a kernel tier ({', '.join(t.name for t in TIERS)}); "
+                          f"this CPU runs {runs}")
+    raise ConfigError(f"KVENGINE_ISA={name}: this CPU cannot run the {name} kernels; it runs {runs}")
 
 
 def chosen() -> Tier | None:

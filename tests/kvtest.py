@@ -165,3 +165,20 @@ def run_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
         main()
     captured = capsys.readouterr()
     return e.value.code, captured.out, captured.err
+
+
+def poisoned_run(real_run, poison: list[int], fault: str):
+    """A stand-in for ModelRunner.run that injects a fault (a mock) into the sequence of a step whose tokens start
+    with `poison`: `fault` "forward" raises from the whole forward, "nan_logits" gives that sequence's sampled row
+    NaN logits. Other sequences of the step are untouched."""
+    def run(batch):
+        ids, starts, rows = batch.input_ids.tolist(), batch.query_start_loc, batch.logits_indices.tolist()
+        hits = [rows.index(end - 1) for start, end in zip(starts, starts[1:], strict=False)
+                if ids[start:end][:len(poison)] == poison and end - 1 in rows]  # the poisoned sampled rows
+        if hits and fault == "forward":
+            raise RuntimeError("injected fault")
+        logits = real_run(batch).clone()  # (inference tensors are read-only outside inference mode)
+        for row in hits:
+            logits[row] = float("nan")
+        return logits
+    return run

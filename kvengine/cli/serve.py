@@ -36,6 +36,8 @@ def serve(
     port: int = typer.Option(8000, "--port", help="TCP port (0 = any free port)."),
     api_key: list[str] | None = typer.Option(None, "--api-key", help="Require 'Authorization: Bearer KEY' on /v1 "
                                              "routes (repeatable; each key is its own prefix-cache tenant)."),
+    open_observability: bool = typer.Option(False, "--open-observability", help="With --api-key, leave /metrics "
+                                            "and /dashboard/state open (they need a key otherwise)."),
     max_num_seqs: int = MaxSeqsOpt,
     max_waiting: int = typer.Option(256, "--max-waiting", help="Requests waiting for a slot at most; more get "
                                     "HTTP 429 with Retry-After."),
@@ -66,7 +68,8 @@ def serve(
     llm = _open_llm(model, dtype, device, threads, kv_dtype, kv_memory, weights, kv_window, sink_tokens,
                     kv_disk_dir=kv_disk_dir, kv_disk_gib=kv_disk_budget, max_num_seqs=max_num_seqs,
                     max_model_len=max_model_len)
-    application = create_app(llm, model_name=served_model_name, api_keys=api_key or None, max_waiting=max_waiting)
+    application = create_app(llm, model_name=served_model_name, api_keys=api_key or None, max_waiting=max_waiting,
+                             open_observability=open_observability)
     spec = llm.kv_cache_spec
     print(f"kvengine serving '{served_model_name or llm.model_name}' on http://{host}:{port} "
           f"(KV pool {llm.engine.bm.num_blocks} blocks of {spec.block_size} tokens, {spec.dtype}"

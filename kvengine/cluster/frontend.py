@@ -61,6 +61,11 @@ class ReplicaBackend:
         return self.info["max_num_seqs"]
 
     @property
+    def fingerprint(self) -> str:
+        """Replicas serve one model with one configuration; what the frontend knows of it."""
+        return f"replicas|kv block {self.info['block_size']}"
+
+    @property
     def alive(self) -> bool:
         return True
 

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import TypeVar
 
 import torch
 
 from kvengine.accounting.flops import request_flops, span_flops, step_flops
+from kvengine.batch import StepBatch
 from kvengine.cache.block_tables import KVBlockTables
 from kvengine.cache.disk_tier import KVDiskTier
 from kvengine.cache.pool import KVPool
@@ -23,12 +26,13 @@ from kvengine.engine.scheduler import ScheduledSeq, Scheduler
 from kvengine.engine.sequence import FinishReason, Sequence, SequenceStatus
 from kvengine.engine.stats import EngineStats, RequestBlocks
 from kvengine.errors import RequestError
-from kvengine.sampling import Sampler, SamplingParams
+from kvengine.sampling import Sampler, SampleRow, SamplingParams
 from kvengine.weights.tokenizer import Tokenizer
 
 # max |logit diff| between the cached run and the no-cache recomputation. fp32 differs only by accumulation
 # order; bf16 logits of size ~30 are rounded to steps of 0.125-0.25, so a few steps of drift is expected.
 VERIFY_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 1.0, torch.float16: 0.25}
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -77,6 +81,7 @@ class LLMEngine:
                     verify: bool = False) -> str:
         ids = self._prompt_ids(prompt, prompt_token_ids)
         self._check_fits(len(ids), params.max_tokens, use_cache)
+        params.check_vocab(self.model_config.vocab_size)
         seq_id = next(self._ids)
         request_id = request_id if request_id is not None else str(seq_id)
         if request_id in self.requests:
@@ -166,9 +171,7 @@ class LLMEngine:
         return outputs
 
     def _step_cached(self, scheduled: list[ScheduledSeq]) -> list[RequestOutput]:
-        batch = self.runner.build_cached(scheduled)
         now = time.perf_counter()
-        sampled = [s.seq for s in scheduled if s.needs_logits]
         flops = 0
         for s in scheduled:
             seq = s.seq
@@ -177,37 +180,75 @@ class LLMEngine:
                            lm_head_tokens=int(s.needs_logits)).total
             seq.flops += f
             flops += f
-        logits = self.runner.run(batch)  # [len(sampled), vocab]
+        ok, logits, failed = self._forward_isolated(scheduled, self.runner.build_cached)
         if any(s.num_new_tokens > 1 for s in scheduled):
             self.prefill_flops += flops
             self.prefill_s += time.perf_counter() - now
+        sampled = [s.seq for s in ok if s.needs_logits]  # (before committing: needs_logits reads progress)
         registered = []
-        for s in scheduled:
+        for s in ok:
             s.seq.num_computed_tokens += s.num_new_tokens
             registered += self.bm.commit(s.seq.seq_id, s.seq.token_ids, s.seq.num_computed_tokens)
         if self.disk is not None:
             self.disk.save(registered)
-        return self._append_tokens(sampled, logits)
+        outputs = [self._fail(s.seq, e) for s, e in failed]
+        return outputs + self._append_tokens(sampled, logits)
 
     def _step_no_cache(self) -> list[RequestOutput]:
         seqs = list(self._no_cache)
-        batch = self.runner.build_no_cache(seqs)
         now = time.perf_counter()
         for seq in seqs:
             seq.first_scheduled_time = seq.first_scheduled_time or now
             n = len(seq.token_ids)
             seq.flops += step_flops(self.model_config, n, n, lm_head_tokens=1).total
-        logits = self.runner.run(batch)
-        return self._append_tokens(seqs, logits)
+        ok, logits, failed = self._forward_isolated(seqs, self.runner.build_no_cache)
+        return [self._fail(seq, e) for seq, e in failed] + self._append_tokens(ok, logits)
+
+    def _forward_isolated(self, items: list[T], build: Callable[[list[T]], StepBatch]
+                          ) -> tuple[list[T], torch.Tensor, list[tuple[T, Exception]]]:
+        """One forward over `items`; if it raises, each item again on its own, so a failure that belongs to
+        one sequence fails only that sequence. Returns (items that ran, their sampled rows' logits
+        [rows, vocab], (item, error) pairs). Re-running is safe: a step writes K/V only at the positions
+        it computes, and nothing was committed."""
+        try:
+            return items, self.runner.run(build(items)), []
+        except Exception as e:  # noqa: BLE001 - attributed below
+            if len(items) == 1:
+                return [], torch.empty(0), [(items[0], e)]
+        ok, parts, failed = [], [], []
+        for item in items:
+            try:
+                parts.append(self.runner.run(build([item])))
+                ok.append(item)
+            except Exception as e:  # noqa: BLE001 - this item's own failure
+                failed.append((item, e))
+        return ok, torch.cat(parts) if parts else torch.empty(0), failed
+
+    def _fail(self, seq: Sequence, error: Exception) -> RequestOutput:
+        """Finish one sequence whose step failed, with the error as its output; the rest of the step goes on."""
+        req = self._by_seq[seq.seq_id]
+        seq.error = f"{type(error).__name__}: {error}"
+        self._finish(req, FinishReason.ERROR)
+        out = self._output(req, delta_tokens=[])
+        self._release(req)
+        return out
 
     def _append_tokens(self, seqs: list[Sequence], logits: torch.Tensor) -> list[RequestOutput]:
-        tokens = self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        rows = [SampleRow(s.params, s.generator, s.prompt_token_ids, s.output_token_ids,
+                          () if s.params.ignore_eos else self.eos_token_ids) for s in seqs]
+        samples = self.sampler(logits, rows) if seqs else []
         now = time.perf_counter()
         outputs = []
-        for i, (seq, token) in enumerate(zip(seqs, tokens, strict=True)):
+        for i, (seq, sample) in enumerate(zip(seqs, samples, strict=True)):
+            if isinstance(sample, Exception):
+                outputs.append(self._fail(seq, sample))
+                continue
+            token = sample.token_id
             req = self._by_seq[seq.seq_id]
             if seq.record_logits:
                 seq.step_logits.append(logits[i].clone())
+            if sample.logprob is not None:
+                seq.logprobs.append(sample.logprob)
             seq.token_ids.append(token)
             seq.token_times.append(now)
             seq.first_token_time = seq.first_token_time or now
@@ -266,7 +307,11 @@ class LLMEngine:
             delta_token_ids=delta_tokens,
             finished=finished,
             finish_reason=seq.finish_reason.value if finished else None,
+            error=seq.error,
         )
+        if seq.params.logprobs is not None:
+            out.logprobs = list(seq.logprobs)
+            out.delta_logprobs = seq.logprobs[len(seq.logprobs) - len(delta_tokens):] if delta_tokens else []
         if finished:
             out.metrics = self._metrics(seq)
             if req.verify:

@@ -9,6 +9,7 @@ from typing import Any
 
 from kvengine.engine.detokenizer import IncrementalDetokenizer
 from kvengine.engine.sequence import FinishReason, Sequence
+from kvengine.sampling import TokenLogprob
 from kvengine.weights.tokenizer import Tokenizer
 
 
@@ -77,6 +78,9 @@ class RequestOutput:
     finish_reason: str | None = None
     metrics: RequestMetrics | None = None
     verify: VerifyReport | None = None
+    error: str | None = None  # set when finish_reason is "error": this request failed, the others did not
+    logprobs: list[TokenLogprob] | None = None  # one per token of token_ids (when asked for)
+    delta_logprobs: list[TokenLogprob] | None = None  # one per token of delta_token_ids
 
 
 class TextTracker:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvengine.sampling import SamplingParams
+from kvengine.sampling import SamplingParams, TokenLogprob
 
 
 class SequenceStatus(enum.Enum):
@@ -26,6 +26,7 @@ class FinishReason(enum.StrEnum):
     STOP = "stop"  # end-of-sequence token or a stop string
     LENGTH = "length"  # max_tokens or the context limit
     ABORT = "abort"
+    ERROR = "error"  # this sequence's part of a step failed (the others in the step went on)
 
 
 @dataclass(slots=True)
@@ -40,6 +41,7 @@ class Sequence:
     num_computed_tokens: int = 0
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None
+    error: str | None = None  # why the sequence failed (FinishReason.ERROR)
     generator: torch.Generator | None = None
     # prefix cache
     num_cached_tokens: int = 0  # prompt tokens reused from the prefix cache at (first) admission
@@ -57,6 +59,7 @@ class Sequence:
     finish_time: float | None = None
     token_times: list[float] = field(default_factory=list)
     step_logits: list[torch.Tensor] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per output token (params.logprobs set)
     # FLOPs actually computed for this sequence (matmul convention, accounted per step)
     flops: int = 0
 

@@ -13,15 +13,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import secrets
-import socket
-import threading
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Literal
 
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
@@ -30,21 +27,27 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from kvengine.engine.engine import LLMEngine
 from kvengine.engine.output import RequestOutput
 from kvengine.errors import AuthenticationError, KVEngineError, ModelNotFoundError, OverloadedError, RequestError
+from kvengine.sampling import SamplingParams
 from kvengine.server.async_engine import AsyncEngine, Backend, RequestGroup
 from kvengine.server.metrics import CONTENT_TYPE, ServerMetrics
 from kvengine.server.protocol import (
+    BodyT,
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
     ResponseWriter,
+    TokenizeRequest,
     error_body,
     error_from,
     parse_body,
     sse,
+    system_fingerprint,
     usage,
 )
+from kvengine.server.text import TextCodec
+from kvengine.server.thread import ServerThread  # noqa: F401 - (its home used to be here)
 
 DASHBOARD_DIR = Path(__file__).parent / "dashboard"
-DISCONNECT_POLL_S = 1.0  # how often a non-streaming request checks that its client is still there
 RETRY_AFTER_S = 1
 MAX_BODY_BYTES = 16 << 20  # a request body larger than this is refused (413) before it is read whole
 REPLICA_HEADER = "x-kvengine-replica"  # which replica served the request (set when the backend has replicas)
@@ -54,15 +57,28 @@ class PayloadTooLarge(KVEngineError):
     status_code = 413
 
 
+class UnsupportedMediaType(KVEngineError):
+    status_code = 415
+
+
 class ServerState:
     """What the routes share: the engine thread, metrics, the served model's name and the api keys."""
 
-    def __init__(self, backend: Backend, model_name: str, api_keys: Sequence[str], metrics: ServerMetrics) -> None:
+    def __init__(self, backend: Backend, model_name: str, api_keys: Sequence[str], metrics: ServerMetrics,
+                 open_observability: bool) -> None:
         self.metrics = metrics
         self.engine = backend
         self.model_name = model_name
         self.api_keys = [k.encode() for k in api_keys]
+        self.open_observability = open_observability
         self.started = time.time()
+        self.fingerprint = system_fingerprint(model_name, backend.fingerprint)
+        self.text = TextCodec(backend.tokenizer, backend.max_model_len)
+
+    def authorize_observer(self, request: Request) -> None:
+        """/metrics and the dashboard's state follow the api keys unless the operator opened them."""
+        if not self.open_observability:
+            self.authorize(request)
 
     def authorize(self, request: Request) -> str | None:
         """Check the bearer token (constant time, every key compared); returns the key's tenant salt."""
@@ -86,22 +102,24 @@ class ServerState:
 
 
 def create_app(llm_or_engine: Any, *, model_name: str | None = None, api_keys: Sequence[str] | str | None = None,
-               max_waiting: int = 256) -> FastAPI:
+               max_waiting: int = 256, open_observability: bool = False) -> FastAPI:
     """The app serving `llm_or_engine` (an LLM or an LLMEngine). The engine must not be used elsewhere
-    while the app runs: the app's engine thread owns it."""
+    while the app runs: the app's engine thread owns it. With api keys, /metrics and /dashboard/state need a
+    key too unless `open_observability`."""
     engine: LLMEngine = getattr(llm_or_engine, "engine", llm_or_engine)
     name = model_name or getattr(llm_or_engine, "model_name", None) or engine.model_config.name
     if max_waiting < 1:
         raise RequestError(f"max_waiting must be at least 1, got {max_waiting}", param="max_waiting")
     metrics = ServerMetrics()
-    return create_backend_app(AsyncEngine(engine, max_waiting=max_waiting, metrics=metrics), name, api_keys, metrics)
+    return create_backend_app(AsyncEngine(engine, max_waiting=max_waiting, metrics=metrics), name, api_keys, metrics,
+                              open_observability=open_observability)
 
 
 def create_backend_app(backend: Backend, model_name: str, api_keys: Sequence[str] | str | None = None,
-                       metrics: ServerMetrics | None = None) -> FastAPI:
+                       metrics: ServerMetrics | None = None, open_observability: bool = False) -> FastAPI:
     """The same app over any Backend: one engine thread here, or kvengine replicas elsewhere (kvengine/cluster)."""
     keys = [api_keys] if isinstance(api_keys, str) else list(api_keys or [])
-    state = ServerState(backend, model_name, keys, metrics or ServerMetrics())
+    state = ServerState(backend, model_name, keys, metrics or ServerMetrics(), open_observability)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -147,53 +165,93 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         ok = state.engine.alive
         return JSONResponse({"status": "ok" if ok else "engine stopped"}, status_code=200 if ok else 503)
 
+    def model_card() -> dict[str, Any]:
+        return {"id": state.model_name, "object": "model", "created": int(state.started), "owned_by": "kvengine",
+                "max_model_len": state.engine.max_model_len}
+
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
         state.authorize(request)
-        return {"object": "list", "data": [{
-            "id": state.model_name, "object": "model", "created": int(state.started), "owned_by": "kvengine",
-            "max_model_len": state.engine.max_model_len}]}
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str, request: Request) -> dict[str, Any]:
+        state.authorize(request)
+        state.check_model(model_id)
+        return model_card()
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         salt = state.authorize(request)
-        body = parse_body(await _read_body(request), CompletionRequest)
+        body = await _parse(request, CompletionRequest)
         state.check_model(body.model)
-        if body.echo:
-            raise RequestError("echo is not supported by this server", param="echo")
-        prompt = body.prompt_text_or_ids()
-        ids = _encode(state, prompt) if isinstance(prompt, str) else prompt
-        return await _generate(state, request, "completion", body, ids, body.max_tokens, salt)
+        prompts = body.prompts()
+        ids = [await state.text.encode(p) if isinstance(p, str) else p for p in prompts]
+        echo = [p if isinstance(p, str) else await state.text.decode(p) for p in prompts] if body.echo else None
+        return await _generate(state, request, "completion", body, ids, body.max_tokens, salt, echo)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         salt = state.authorize(request)
-        body = parse_body(await _read_body(request), ChatCompletionRequest)
+        body = await _parse(request, ChatCompletionRequest)
         state.check_model(body.model)
-        messages = body.template_messages()
+        ids = await state.text.encode_chat(body.template_messages())
+        return await _generate(state, request, "chat", body, [ids], body.requested_max_tokens, salt)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> dict[str, Any]:
+        state.authorize(request)
+        body = await _parse(request, TokenizeRequest)
+        state.check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise RequestError("send either prompt or messages", param="prompt")
+        if body.messages is not None:
+            messages = [m.as_template_dict() for m in body.messages]
+            ids = await state.text.encode_chat(messages, body.add_generation_prompt)
+        else:
+            ids = await state.text.encode(body.prompt, body.add_special_tokens)
+        return {"count": len(ids), "max_model_len": state.engine.max_model_len, "tokens": ids}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> dict[str, Any]:
+        state.authorize(request)
+        body = await _parse(request, DetokenizeRequest)
+        state.check_model(body.model)
         tokenizer = state.engine.tokenizer
-        if tokenizer is None:
-            raise RequestError("this model has no tokenizer; send token ids to /v1/completions")
-        ids = tokenizer.encode_chat(messages)
-        return await _generate(state, request, "chat", body, ids, body.requested_max_tokens, salt)
+        vocab = tokenizer.vocab_size if tokenizer is not None else 0
+        if any(not 0 <= t < vocab for t in body.tokens):
+            raise RequestError(f"token ids must be in [0, {vocab})", param="tokens")
+        return {"prompt": await state.text.decode(body.tokens)}
 
     @app.get("/metrics")
-    async def metrics() -> Response:
+    async def metrics(request: Request) -> Response:
+        state.authorize_observer(request)
         stats = await state.engine.stats()
         return Response(state.metrics.render(stats), media_type=CONTENT_TYPE)
 
     @app.get("/dashboard", response_class=HTMLResponse)
     @app.get("/dashboard/", response_class=HTMLResponse, include_in_schema=False)
     async def dashboard() -> HTMLResponse:
+        # the page is static and holds no data; everything it shows comes from /dashboard/state (keyed)
         return HTMLResponse((DASHBOARD_DIR / "index.html").read_text())
 
     @app.get("/dashboard/state")
-    async def dashboard_state() -> dict[str, Any]:
+    async def dashboard_state(request: Request) -> dict[str, Any]:
+        state.authorize_observer(request)
         data = await state.engine.snapshot()
         e = state.engine
         data.update(model=state.model_name, max_num_seqs=e.max_num_seqs, max_model_len=e.max_model_len,
                     max_waiting=state.engine.max_waiting, uptime_s=time.time() - state.started, time=time.time())
         return data
+
+
+async def _parse(request: Request, model: type[BodyT]) -> BodyT:
+    """The body as `model`: JSON only (415 otherwise), at most MAX_BODY_BYTES, parsed off the event loop."""
+    media = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    if media != "application/json":
+        raise UnsupportedMediaType(f"the request body must be JSON (Content-Type: application/json), got {media!r}")
+    raw = await _read_body(request)
+    return await asyncio.to_thread(parse_body, raw, model)
 
 
 async def _read_body(request: Request) -> bytes:
@@ -210,49 +268,98 @@ async def _read_body(request: Request) -> bytes:
     return b"".join(chunks)
 
 
-def _encode(state: ServerState, text: str) -> list[int]:
-    tokenizer = state.engine.tokenizer
-    if tokenizer is None:
-        raise RequestError("this model has no tokenizer; send the prompt as token ids", param="prompt")
-    return tokenizer.encode(text)
-
-
 async def _generate(state: ServerState, request: Request, kind: Literal["chat", "completion"],
-                    body: ChatCompletionRequest | CompletionRequest, ids: list[int], max_tokens: int | None,
-                    cache_salt: str | None) -> Response:
-    if max_tokens is None:  # chat without a limit: up to the end of the context
-        max_tokens = max(1, state.engine.max_model_len - len(ids))
-    params = body.sampling_params(max_tokens)
+                    body: ChatCompletionRequest | CompletionRequest, prompts: list[list[int]], max_tokens: int | None,
+                    cache_salt: str | None, echo: list[str] | None = None) -> Response:
+    """n engine requests per prompt: choice index = prompt index * n + choice."""
+    limit, n = state.engine.max_model_len, body.n
+    params = [body.sampling_params(max_tokens if max_tokens is not None else max(1, limit - len(ids)))
+              for ids in prompts]  # (chat without a limit: up to the end of the context)
     salt = "|".join(s for s in (cache_salt, body.cache_salt) if s) or None
-    writer = ResponseWriter(kind, state.model_name)
-    rids = [f"{writer.id}-{i}" for i in range(body.n)]
-    group = await state.engine.add(rids, ids, params, salt)
+    writer = ResponseWriter(kind, state.model_name, state.fingerprint, state.text.token_text())
+    rids = [f"{writer.id}-{i}" for i in range(n * len(prompts))]
+    group = await _add(state, rids, prompts, params, salt)
     headers = {REPLICA_HEADER: group.replica} if group.replica else None
+    echoes = [e for e in echo for _ in range(n)] if echo is not None else None
     if body.stream:
-        return _GroupStream(state.engine, group, _stream(group, writer, body.include_usage), headers)
+        return _GroupStream(state.engine, group, _stream(group, writer, body.include_usage, n, echoes), headers)
     finals = await _collect(state, request, group)
     if finals is None:
         return Response(status_code=499)  # the client went away; nobody reads this
-    return JSONResponse(writer.full(finals, usage(group.prompt_tokens, [o.metrics for o in finals])),
+    return JSONResponse(writer.full(finals, usage(group.prompt_tokens, [o.metrics for o in finals], n), echoes),
                         headers=headers)
 
 
+async def _add(state: ServerState, rids: list[str], prompts: list[list[int]], params: list[list[SamplingParams]],
+               salt: str | None) -> RequestGroup:
+    """One backend group per prompt; several are merged into one group whose indices run on (prompt, choice)."""
+    n = len(params[0])
+    parts: list[RequestGroup] = []
+    try:
+        for k, (ids, ps) in enumerate(zip(prompts, params, strict=True)):
+            parts.append(await state.engine.add(rids[k * n:(k + 1) * n], ids, ps, salt))
+    except BaseException:
+        for part in parts:
+            state.engine.abort(part)
+        raise
+    if len(parts) == 1:
+        return parts[0]
+    merged = RequestGroup(rids, asyncio.get_running_loop(), prompt_tokens=sum(map(len, prompts)),
+                          replica=parts[0].replica, parts=parts)
+
+    async def forward(part: RequestGroup, offset: int) -> None:
+        while not part.done:
+            try:
+                index, out = await part.next()
+            except BaseException as e:  # noqa: BLE001 - handed on to the merged group's reader
+                merged.queue.put_nowait(e)
+                return
+            merged.queue.put_nowait((offset + index, out))
+
+    for k, part in enumerate(parts):
+        task = asyncio.create_task(forward(part, k * n))
+        _FORWARDERS.add(task)
+        task.add_done_callback(_FORWARDERS.discard)
+    return merged
+
+
+def _abort(engine: Backend, group: RequestGroup) -> None:
+    """Abort what still runs of a group (each part of a merged one); aborting finished requests does nothing."""
+    for part in group.parts or [group]:
+        engine.abort(part)
+
+
+_FORWARDERS: set[asyncio.Task] = set()  # (a task needs a reference while it runs)
+
+
+class ClientGone(Exception):
+    """Put in a group's queue when its (non-streaming) client disconnects."""
+
+
+async def _watch_disconnect(request: Request, group: RequestGroup) -> None:
+    """Wait for the client to go away (the body has been read, so the next ASGI message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    group.queue.put_nowait(ClientGone())
+
+
 async def _collect(state: ServerState, request: Request, group: RequestGroup) -> list[RequestOutput] | None:
-    """Every choice's final output, or None if the client disconnected (its requests are aborted)."""
+    """Every choice's final output, or None if the client disconnected: then its requests are aborted at once
+    (between two engine steps) and their blocks freed."""
     finals: list[RequestOutput | None] = [None] * len(group.request_ids)
+    watcher = asyncio.create_task(_watch_disconnect(request, group))
     try:
         while not group.done:
             try:
-                index, out = await group.next(timeout=DISCONNECT_POLL_S)
-            except TimeoutError:
-                if await request.is_disconnected():
-                    return None
-                continue
+                index, out = await group.next()
+            except ClientGone:
+                return None
             if out.finished:
                 finals[index] = out
     finally:
-        if not group.done:
-            state.engine.abort(group)
+        watcher.cancel()
+        if any(f is None for f in finals):  # gone, failed or cancelled: abort whatever still runs
+            _abort(state.engine, group)
     return finals  # type: ignore[return-value]
 
 
@@ -270,69 +377,36 @@ class _GroupStream(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:
-            if not self.group.done:
-                self.engine.abort(self.group)
+            if not self.group.done or self.group.parts:
+                _abort(self.engine, self.group)
 
 
-async def _stream(group: RequestGroup, writer: ResponseWriter, include_usage: bool) -> AsyncIterator[str]:
-    """Server-sent events: a role chunk per choice (chat), text deltas, a finish chunk per choice, the usage
-    chunk (if asked), then [DONE]."""
+async def _stream(group: RequestGroup, writer: ResponseWriter, include_usage: bool, n: int,
+                  echo: list[str] | None) -> AsyncIterator[str]:
+    """Server-sent events: a role chunk per choice (chat) or its echoed prompt (completions), text deltas, a finish
+    chunk per choice, the usage chunk (if asked), then [DONE]."""
     chat = writer.kind == "chat"
-    n = len(group.request_ids)
-    metrics = [None] * n
+    count = len(group.request_ids)
+    metrics = [None] * count
+    offsets = [len(e) for e in echo] if echo is not None else [0] * count
     try:
-        if chat:
-            for i in range(n):
+        for i in range(count):
+            if chat:
                 yield sse(writer.chunk(i, "", role=True, with_usage_field=include_usage))
+            elif echo is not None:
+                yield sse(writer.chunk(i, echo[i], with_usage_field=include_usage))
         async for index, out in group.outputs():
-            if out.delta_text:
-                yield sse(writer.chunk(index, out.delta_text, with_usage_field=include_usage))
+            if out.delta_text or out.delta_logprobs:
+                yield sse(writer.chunk(index, out.delta_text, with_usage_field=include_usage,
+                                       logprobs=out.delta_logprobs, text_offset=offsets[index]))
+                offsets[index] += len(out.delta_text)
             if out.finished:
                 metrics[index] = out.metrics
                 yield sse(writer.chunk(index, None, out.finish_reason, with_usage_field=include_usage))
         if include_usage:
-            yield sse(writer.usage_chunk(usage(group.prompt_tokens, metrics)))
+            yield sse(writer.usage_chunk(usage(group.prompt_tokens, metrics, n)))
     except KVEngineError as e:
         yield sse(error_from(e))
     except Exception as e:  # noqa: BLE001 - the stream has started: report in-band, as OpenAI does
         yield sse(error_body(f"internal error: {type(e).__name__}: {e}", "server_error"))
     yield sse("[DONE]")
-
-
-class ServerThread:
-    """Runs an app with uvicorn on a background thread, bound to host:port (0 = a free port)."""
-
-    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning") -> None:
-        self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((host, port))
-        self.host, self.port = host, self.sock.getsockname()[1]
-        config = uvicorn.Config(app, log_level=log_level, lifespan="on", timeout_graceful_shutdown=2)
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True,
-                                       name="kvengine-uvicorn")
-
-    @property
-    def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
-
-    def start(self, timeout: float = 30.0) -> ServerThread:
-        self.thread.start()
-        deadline = time.monotonic() + timeout
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError(f"the server did not start within {timeout:.0f} s")
-            time.sleep(0.02)
-        return self
-
-    def stop(self, timeout: float = 15.0) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout)
-        self.sock.close()
-
-    def __enter__(self) -> ServerThread:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()

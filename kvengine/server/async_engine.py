@@ -30,6 +30,13 @@ from kvengine.weights.tokenizer import Tokenizer
 log = logging.getLogger("kvengine.server")
 
 
+class RequestFailed(KVEngineError):
+    """This request's part of an engine step failed; the other requests of the step went on."""
+
+    status_code = 500
+    error_type = "server_error"
+
+
 class EngineUnavailable(KVEngineError):
     """The engine thread is stopping or has failed: retry on another replica or later."""
 
@@ -62,6 +69,7 @@ class RequestGroup:
     remaining: int = 0
     prompt_tokens: int = 0
     replica: str | None = None  # the replica serving it, when the backend has several (kvengine/cluster)
+    parts: list[RequestGroup] = field(default_factory=list)  # the groups a merged group forwards (several prompts)
 
     def __post_init__(self) -> None:
         self.remaining = len(self.request_ids)
@@ -96,6 +104,8 @@ class Backend(Protocol):
     def max_model_len(self) -> int: ...
     @property
     def max_num_seqs(self) -> int: ...
+    @property
+    def fingerprint(self) -> str: ...
     @property
     def alive(self) -> bool: ...
     def start(self) -> None: ...
@@ -154,6 +164,12 @@ class AsyncEngine:
     @property
     def max_num_seqs(self) -> int:
         return self.engine.scheduler.max_num_seqs
+
+    @property
+    def fingerprint(self) -> str:
+        """What makes outputs differ between deployments: how the weights are stored, their dtype, the KV format."""
+        spec = self.engine.pool.spec
+        return f"{self.engine.weights_desc}|{self.engine.dtype}|kv={spec.dtype}/{spec.block_size}"
 
     def pause(self) -> None:
         """Stop stepping (commands still run): requests queue up, nothing generates. For tests and draining."""
@@ -317,7 +333,14 @@ class AsyncEngine:
                 del self._slots[out.request_id]
                 if self.metrics is not None:
                     self.metrics.observe_finished(out.finish_reason, len(out.prompt_token_ids), now - slot.arrival)
-            by_loop.setdefault(slot.group.loop, []).append((slot.group, (slot.index, out)))
+            item: Any = (slot.index, out)
+            if out.error is not None:  # fail the whole group (its other choices are aborted), nobody else
+                item = RequestFailed(f"the engine failed on this request (other requests were not affected): "
+                                     f"{out.error}", code="engine_error")
+                for rid in slot.group.request_ids:
+                    if self._slots.pop(rid, None) is not None:
+                        self.engine.abort(rid)
+            by_loop.setdefault(slot.group.loop, []).append((slot.group, item))
         for loop, items in by_loop.items():
             self._send(loop, items)
 

@@ -7,19 +7,25 @@ Nothing here touches the engine: the app turns these models into token ids and S
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import time
 import uuid
+from collections.abc import Callable
+from dataclasses import replace
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from kvengine.cache.block_manager import MissReason
 from kvengine.engine.output import RequestMetrics, RequestOutput
 from kvengine.errors import KVEngineError, RequestError
-from kvengine.sampling import SamplingParams
+from kvengine.sampling import MAX_LOGPROBS, SamplingParams, TokenLogprob, check_range
 
 MAX_N = 16  # choices per request
 MAX_STOP = 16  # stop strings per request
+MAX_JSON_DEPTH = 64  # nesting levels of a request body (json_schema included); deeper bodies are a 400
 BodyT = TypeVar("BodyT", bound=BaseModel)
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}  # union-member tags in pydantic locations
 
@@ -40,32 +46,71 @@ class _Sampling(_Body):
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # extension (vLLM)
+    min_p: float = 0.0  # extension (vLLM)
     seed: int | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None  # extension (vLLM)
     ignore_eos: bool = False  # extension (vLLM)
+    min_tokens: int = 0  # extension (vLLM)
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None  # extension (vLLM)
+    logit_bias: dict[str, float] | None = None
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
     cache_salt: str | None = Field(default=None, min_length=1)  # vLLM's name: tenants with different salts never share
     user: str | None = None
-    logprobs: bool | int | None = None
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
 
     def sampling_params(self, max_tokens: int) -> list[SamplingParams]:
-        """Parameters of each of the n choices (a seeded request's choice i uses seed + i)."""
+        """Parameters of each of the n choices (a seeded request's choice i uses seed + i), validated with
+        OpenAI's ranges; every bad value is a RequestError naming its param."""
         if not 1 <= self.n <= MAX_N:
             raise RequestError(f"n must be between 1 and {MAX_N}, got {self.n}", param="n")
-        if self.logprobs not in (None, False, 0):
-            raise RequestError("logprobs are not supported by this server", param="logprobs")
+        check_range("temperature", self.temperature, 0, 2)  # OpenAI's cap; the other ranges are SamplingParams'
         if self.seed is not None and not -(2**63) <= self.seed <= 2**64 - self.n:
             raise RequestError(f"seed must fit in 64 bits, got {self.seed}", param="seed")
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if len(stop) > MAX_STOP:
             raise RequestError(f"at most {MAX_STOP} stop strings, got {len(stop)}", param="stop")
-        return [SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
-                               top_k=self.top_k, seed=self.seed + i if self.seed is not None else None, stop=stop,
-                               stop_token_ids=list(self.stop_token_ids or []), ignore_eos=self.ignore_eos)
-                for i in range(self.n)]
+        if any(not s for s in stop):
+            raise RequestError("stop strings must not be empty", param="stop")
+        self._check_unsupported()
+        base = SamplingParams(
+            max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+            min_p=self.min_p, stop=stop, stop_token_ids=list(self.stop_token_ids or []), ignore_eos=self.ignore_eos,
+            min_tokens=self.min_tokens, presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            logit_bias=self._logit_bias(), logprobs=self.num_logprobs)
+        return [replace(base, seed=self.seed + i if self.seed is not None else None) for i in range(self.n)]
+
+    def _logit_bias(self) -> dict[int, float]:
+        bias: dict[int, float] = {}
+        for key, value in (self.logit_bias or {}).items():
+            if not key.isdigit():
+                raise RequestError(f"logit_bias keys must be token ids, got {key!r}", param="logit_bias")
+            bias[int(key)] = value
+        return bias
+
+    def _check_unsupported(self) -> None:
+        """Parameters this server does not implement are refused, never silently ignored."""
+        kind = (self.response_format or {}).get("type", "text")
+        if kind != "text":
+            raise RequestError(f"response_format {kind!r} is not supported by this server (structured output "
+                               "needs a grammar library it does not have); only 'text'", param="response_format")
+        if self.tools:
+            raise RequestError("tools are not supported by this server", param="tools")
+        if self.tool_choice not in (None, "none"):
+            raise RequestError("tool_choice is not supported by this server (no tools)", param="tool_choice")
+
+    @property
+    def num_logprobs(self) -> int | None:
+        """Top alternatives per token when log-probabilities are asked for, else None."""
+        return None
 
     @property
     def include_usage(self) -> bool:
@@ -76,20 +121,39 @@ class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = 16  # OpenAI's default for completions
     echo: bool = False
+    logprobs: int | None = None  # top alternatives per token (0..20)
+    best_of: int | None = None
+    suffix: str | None = None
 
-    def prompt_text_or_ids(self) -> str | list[int]:
-        """The one prompt, as text or token ids (a batch of prompts is not supported)."""
+    def _check_unsupported(self) -> None:
+        super()._check_unsupported()
+        if self.suffix:
+            raise RequestError("suffix (fill-in-the-middle) is not supported by this server", param="suffix")
+        if self.best_of is not None and self.best_of != self.n:
+            raise RequestError(f"best_of must equal n ({self.n}): this server returns every candidate it "
+                               f"generates, got best_of={self.best_of}", param="best_of")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise RequestError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}", param="logprobs")
+        if self.echo and self.logprobs is not None:
+            raise RequestError("echo with logprobs (prompt log-probabilities) is not supported; send one or the "
+                               "other", param="echo")
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return self.logprobs
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts, each as text or token ids (one request may carry several)."""
         p = self.prompt
         if isinstance(p, str):
-            return p
+            return [p]
         if not p:
             raise RequestError("the prompt is empty", param="prompt")
         if all(isinstance(x, int) for x in p):
-            return list(p)
-        if len(p) != 1:
-            raise RequestError(f"send one prompt per request (got a list of {len(p)}); use n for several "
-                               "choices", param="prompt")
-        return p[0]
+            return [list(p)]
+        if len(p) * self.n > MAX_N:
+            raise RequestError(f"at most {MAX_N} choices per request: {len(p)} prompts x n={self.n}", param="prompt")
+        return [x if isinstance(x, str) else list(x) for x in p]
 
 
 class TextPart(_Body):
@@ -111,6 +175,21 @@ class ChatMessage(_Body):
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = None  # OpenAI's newer name; wins over max_tokens
+    logprobs: bool = False
+    top_logprobs: int | None = None
+
+    def _check_unsupported(self) -> None:
+        super()._check_unsupported()
+        if self.top_logprobs is not None:
+            if not self.logprobs:
+                raise RequestError("top_logprobs needs logprobs: true", param="top_logprobs")
+            if not 0 <= self.top_logprobs <= MAX_LOGPROBS:
+                raise RequestError(f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {self.top_logprobs}",
+                                   param="top_logprobs")
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def template_messages(self) -> list[dict[str, str]]:
         if not self.messages:
@@ -122,14 +201,57 @@ class ChatCompletionRequest(_Sampling):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
+class TokenizeRequest(_Body):
+    """vLLM's /tokenize: a prompt, or chat messages run through the chat template."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+
+class DetokenizeRequest(_Body):
+    model: str | None = None
+    tokens: list[int]
+
+
+def _reject_constant(name: str) -> float:
+    raise RequestError(f"the request body is not valid JSON: {name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise RequestError(f"the request body is not valid JSON for this API: the number {text[:40]} is too large")
+    return value
+
+
+def json_depth_over(data: Any, limit: int) -> bool:
+    """True if `data` nests lists/objects more than `limit` levels deep (iterative: no recursion)."""
+    stack = [(data, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > limit:
+                return True
+            stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return False
+
+
 def parse_body(raw: bytes, model: type[BodyT]) -> BodyT:
-    """Validate a raw JSON body; malformed JSON, non-objects and wrong field types raise RequestError."""
+    """Validate a raw JSON body; malformed JSON (NaN and Infinity included), nesting deeper than MAX_JSON_DEPTH,
+    non-objects and wrong field types raise RequestError. Work proportional to the body: call it off the loop."""
     try:
-        data = json.loads(raw)
+        data = json.loads(raw, parse_constant=_reject_constant, parse_float=_finite_float)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise RequestError(f"the request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise RequestError(f"the request body nests more than {MAX_JSON_DEPTH} levels deep") from None
     if not isinstance(data, dict):
         raise RequestError("the request body must be a JSON object")
+    if json_depth_over(data, MAX_JSON_DEPTH):
+        raise RequestError(f"the request body nests more than {MAX_JSON_DEPTH} levels deep")
     try:
         return model.model_validate(data)
     except ValidationError as e:
@@ -158,11 +280,18 @@ def new_id(kind: Literal["chat", "completion"]) -> str:
     return ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
 
 
-def usage(prompt_tokens: int, metrics: list[RequestMetrics]) -> dict[str, Any]:
-    """OpenAI's usage (the prompt counted once, completions summed) plus kvengine's own FLOP/byte readout."""
+def tenant_miss_reason(reason: str | None) -> str | None:
+    """The miss reason as the caller's own salt can see it: a block cached under another tenant's salt is, to
+    this tenant, a block nobody cached ("no_match"); anything else would tell it what others sent."""
+    return "no_match" if reason == MissReason.CACHE_SALT else reason
+
+
+def usage(prompt_tokens: int, metrics: list[RequestMetrics], n: int = 1) -> dict[str, Any]:
+    """OpenAI's usage (each prompt counted once, completions summed) plus kvengine's own FLOP/byte readout.
+    `metrics` are per choice, n per prompt; the prefix-cache fields are summed over the prompts' first choices."""
     completion = sum(m.completion_tokens for m in metrics)
-    first = metrics[0] if metrics else None
-    cached = first.cached_tokens if first else 0
+    firsts = [m for m in metrics[::n] if m is not None]
+    cached = sum(m.cached_tokens for m in firsts)
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion,
@@ -173,54 +302,96 @@ def usage(prompt_tokens: int, metrics: list[RequestMetrics]) -> dict[str, Any]:
             "flops_no_cache": sum(m.flops_no_cache for m in metrics),
             "kv_cache_bytes": sum(m.kv_cache_bytes for m in metrics),
             "cached_tokens": cached,
-            "cached_tokens_memory": first.memory_tokens if first else 0,
-            "cached_tokens_disk": first.disk_tokens if first else 0,
-            "disk_bytes_read": first.disk_bytes_read if first else 0,
-            "disk_load_s": first.disk_load_s if first else 0.0,
-            "reuse_flops_memory": first.reuse_flops_memory if first else 0,
-            "reuse_flops_disk": first.reuse_flops_disk if first else 0,
-            "recompute_s": first.recompute_s if first else None,
-            "miss_reason": first.miss_reason if first else None,
+            "cached_tokens_memory": sum(m.memory_tokens for m in firsts),
+            "cached_tokens_disk": sum(m.disk_tokens for m in firsts),
+            "disk_bytes_read": sum(m.disk_bytes_read for m in firsts),
+            "disk_load_s": sum(m.disk_load_s for m in firsts),
+            "reuse_flops_memory": sum(m.reuse_flops_memory for m in firsts),
+            "reuse_flops_disk": sum(m.reuse_flops_disk for m in firsts),
+            "recompute_s": firsts[0].recompute_s if firsts else None,
+            "miss_reason": tenant_miss_reason(firsts[0].miss_reason) if firsts else None,
             "num_preemptions": sum(m.num_preemptions for m in metrics),
         },
     }
 
 
+def system_fingerprint(model_name: str, configuration: str) -> str:
+    """fp_ + a hash of the model and what makes its outputs differ (weights format, dtypes, KV format)."""
+    return "fp_" + hashlib.sha256(f"{model_name}|{configuration}".encode()).hexdigest()[:12]
+
+
+def chat_logprobs(items: list[TokenLogprob], token_text: Callable[[int], str]) -> dict[str, Any]:
+    """OpenAI's chat `logprobs`: {"content": [{token, logprob, bytes, top_logprobs: [...]}]}."""
+    def entry(token_id: int, logprob: float) -> dict[str, Any]:
+        text = token_text(token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+    return {"content": [{**entry(x.token_id, x.logprob), "top_logprobs": [entry(t, lp) for t, lp in x.top]}
+                        for x in items]}
+
+
+def completion_logprobs(items: list[TokenLogprob], token_text: Callable[[int], str], offset: int) -> dict[str, Any]:
+    """OpenAI's legacy completions `logprobs`: parallel lists; text offsets start at `offset`."""
+    tokens = [token_text(x.token_id) for x in items]
+    offsets = []
+    for t in tokens:
+        offsets.append(offset)
+        offset += len(t)
+    return {"tokens": tokens, "token_logprobs": [x.logprob for x in items],
+            "top_logprobs": [{token_text(t): lp for t, lp in x.top} for x in items], "text_offset": offsets}
+
+
 class ResponseWriter:
     """Builds one request's response bodies (whole or chunked) in OpenAI's shape for chat or completions."""
 
-    def __init__(self, kind: Literal["chat", "completion"], model: str) -> None:
+    def __init__(self, kind: Literal["chat", "completion"], model: str, fingerprint: str | None = None,
+                 token_text: Callable[[int], str] = str) -> None:
         self.kind = kind
         self.id = new_id(kind)
         self.model = model
+        self.fingerprint = fingerprint
+        self.token_text = token_text
         self.created = int(time.time())
 
     def _head(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
-                "system_fingerprint": None}
+                "system_fingerprint": self.fingerprint}
 
-    def full(self, outputs: list[RequestOutput], usage_body: dict[str, Any]) -> dict[str, Any]:
+    def _logprobs(self, items: list[TokenLogprob] | None, offset: int) -> dict[str, Any] | None:
+        if items is None:
+            return None
+        if self.kind == "chat":
+            return chat_logprobs(items, self.token_text)
+        return completion_logprobs(items, self.token_text, offset)
+
+    def full(self, outputs: list[RequestOutput], usage_body: dict[str, Any],
+             echo: list[str] | None = None) -> dict[str, Any]:
         chat = self.kind == "chat"
         body = self._head("chat.completion" if chat else "text_completion")
-        body["choices"] = [
-            {"index": i, "logprobs": None, "finish_reason": out.finish_reason,
-             **({"message": {"role": "assistant", "content": out.text}} if chat else {"text": out.text})}
-            for i, out in enumerate(outputs)
-        ]
+        choices = []
+        for i, out in enumerate(outputs):
+            prefix = echo[i] if echo is not None else ""
+            choice = {"index": i, "logprobs": self._logprobs(out.logprobs, len(prefix)),
+                      "finish_reason": out.finish_reason}
+            choice.update({"message": {"role": "assistant", "content": out.text}} if chat
+                          else {"text": prefix + out.text})
+            choices.append(choice)
+        body["choices"] = choices
         body["usage"] = usage_body
         return body
 
     def chunk(self, index: int, text: str | None, finish_reason: str | None = None, role: bool = False,
-              with_usage_field: bool = False) -> dict[str, Any]:
+              with_usage_field: bool = False, logprobs: list[TokenLogprob] | None = None,
+              text_offset: int = 0) -> dict[str, Any]:
         chat = self.kind == "chat"
         body = self._head("chat.completion.chunk" if chat else "text_completion")
+        lp = self._logprobs(logprobs, text_offset)
         if chat:
             delta: dict[str, Any] = {"role": "assistant"} if role else {}
             if text is not None:
                 delta["content"] = text
-            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish_reason}
         else:
-            choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": index, "text": text or "", "logprobs": lp, "finish_reason": finish_reason}
         body["choices"] = [choice]
         if with_usage_field:
             body["usage"] = None

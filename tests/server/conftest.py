@@ -63,7 +63,9 @@ class Served:
             conn.close()
 
     def state_json(self) -> dict[str, Any]:
-        status, _, data = self.request("GET", "/dashboard/state")
+        keys = self.state.api_keys
+        auth = {"Authorization": f"Bearer {keys[0].decode()}"} if keys else None
+        status, _, data = self.request("GET", "/dashboard/state", headers=auth)
         assert status == 200
         return data
 

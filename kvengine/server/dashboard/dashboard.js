@@ -176,9 +176,21 @@ function renderRequests(s) {
   for (const id of requestHue.keys()) if (!live.has(id)) requestHue.delete(id);
 }
 
+// With --api-key the state needs a key: asked once, kept for this tab only (sessionStorage), sent as a bearer.
+async function fetchState() {
+  const key = sessionStorage.getItem("kvengine-key");
+  const headers = key ? { Authorization: `Bearer ${key}` } : {};
+  const response = await fetch("/dashboard/state", { cache: "no-store", headers });
+  if (response.status === 401) {
+    const given = window.prompt("This server needs an API key to show its dashboard:");
+    if (given) sessionStorage.setItem("kvengine-key", given);
+  }
+  return response;
+}
+
 async function poll() {
   try {
-    const response = await fetch("/dashboard/state", { cache: "no-store" });
+    const response = await fetchState();
     if (!response.ok) throw new Error(`HTTP ${response.status}`);
     render(await response.json());
     $("status").classList.add("live");

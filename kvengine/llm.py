@@ -48,12 +48,16 @@ class LLM:
         self.config = EngineConfig(**engine_args)
         _apply_threads(self.config)
         _check_device(self.config.device)
+        fast = self.config.resolve_fast()  # weights="fast" (the CLI's default): int4 on this CPU's kernel tier
         disk = open_disk_store(self.config)  # a bad directory or budget is refused before the model loads
         self.source: ModelSource = open_model_source(model, quiet=quiet)
         dtype = TORCH_DTYPES[self.config.resolved_dtype()]
         net = load_model(self.source, dtype, self.config.device)
         model_id = source_id(self.source, disk.root) if disk is not None else None
         self.engine = build_engine(net, self.source.tokenizer(), self.config, disk, model_id)
+        if fast:
+            self.engine.weights_desc = ("the fastest default for this CPU (--weights fp32: the exact reference): "
+                                        + self.engine.weights_desc)
         if self.source.weights_note:
             self.engine.weights_desc = f"{self.source.weights_note}; {self.engine.weights_desc}"
 

@@ -32,7 +32,7 @@ def default_llm(default_gguf):
     """The real default model, fp32, shared by the tests that only read from it."""
     from kvengine.llm import LLM
 
-    return LLM(str(default_gguf), kv_cache_memory=256 << 20, max_num_seqs=16)
+    return LLM(str(default_gguf), weights="fp32", kv_cache_memory=256 << 20, max_num_seqs=16)
 
 
 @pytest.fixture(scope="session")

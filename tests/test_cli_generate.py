@@ -25,7 +25,7 @@ def tiny_folder(tmp_path_factory):
 
 def test_generate_json_reports_run_and_cache(tiny_folder):
     r = run("generate", "The reference topics", "--model", str(tiny_folder), "--max-tokens", "12",
-            "--ignore-eos", "--json")
+            "--ignore-eos", "--json", "--weights", "fp32")
     assert r.returncode == 0, r.stderr
     data = json.loads(r.stdout.strip().splitlines()[-1])
     for key in ("text", "token_ids", "prompt_tokens", "completion_tokens", "ttft_s", "decode_tokens_per_s",
@@ -36,7 +36,7 @@ def test_generate_json_reports_run_and_cache(tiny_folder):
     assert data["kv_cache_bytes"] == 512 * (data["prompt_tokens"] + 11)
     assert "KV cache held" in r.stderr and "no-cache run computes" in r.stderr
     r2 = run("generate", "The reference topics", "--model", str(tiny_folder), "--max-tokens", "12",
-             "--ignore-eos", "--json", "--no-cache")
+             "--ignore-eos", "--json", "--no-cache", "--weights", "fp32")
     nocache = json.loads(r2.stdout.strip().splitlines()[-1])
     assert nocache["token_ids"] == data["token_ids"] and nocache["kv_cache_bytes"] == 0
 
@@ -110,7 +110,7 @@ def _truncated(src: Path, tmp: Path) -> Path:
 def test_generate_with_a_bounded_cache_runs_past_the_window(tiny_folder):
     """--kv-window 8 --sink-tokens 2: the KV held at the end is 10 tokens' worth, whatever the length."""
     r = run("generate", "The reference topics", "--model", str(tiny_folder), "--max-tokens", "40", "--ignore-eos",
-            "--json", "--kv-window", "8", "--sink-tokens", "2")
+            "--json", "--kv-window", "8", "--sink-tokens", "2", "--weights", "fp32")
     assert r.returncode == 0, r.stderr
     data = json.loads(r.stdout.strip().splitlines()[-1])
     assert data["completion_tokens"] == 40

@@ -19,6 +19,11 @@ DtypeOpt = typer.Option("auto", "--dtype", help="Compute dtype: auto, float32/fp
 DeviceOpt = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N.")
 ThreadsOpt = typer.Option(None, "--threads", help="CPU threads for PyTorch (default: PyTorch's choice).")
 WeightsOpt = typer.Option("auto", "--weights", help="Weight storage: auto (the dtype), fp32, bf16, fp16, int8, int4.")
+# generate, chat and serve: by default the fastest path that keeps quality on this CPU
+FastWeightsOpt = typer.Option("fast", "--weights", help="Weight storage: fast (default: int4 weights on kvengine's "
+                              "kernels for this CPU, in their activation dtype, when --dtype is left to auto; within "
+                              "2% perplexity of fp32), auto (the dtype's float weights), fp32 (the exact reference), "
+                              "bf16, fp16, int8, int4.")
 KVDtypeOpt = typer.Option("auto", "--kv-dtype", help="KV cache dtype: auto (the model's dtype), float32, bfloat16, "
                           "float16, fp8, int8, int8-token, int4 (docs/kv-dtypes.md).")
 KVMemOpt = typer.Option(None, "--kv-cache-memory", help="KV pool budget: bytes (e.g. 2e9) or a fraction of free "
@@ -85,7 +90,7 @@ def generate(
     threads: int | None = ThreadsOpt,
     kv_dtype: str = KVDtypeOpt,
     kv_memory: float | None = KVMemOpt,
-    weights: str = WeightsOpt,
+    weights: str = FastWeightsOpt,
     kv_window: int | None = KVWindowOpt,
     sink_tokens: int = SinkOpt,
     compile_decode: bool = CompileOpt,
@@ -152,7 +157,7 @@ def chat(
     threads: int | None = ThreadsOpt,
     kv_dtype: str = KVDtypeOpt,
     kv_memory: float | None = KVMemOpt,
-    weights: str = WeightsOpt,
+    weights: str = FastWeightsOpt,
     kv_window: int | None = KVWindowOpt,
     sink_tokens: int = SinkOpt,
     compile_decode: bool = CompileOpt,

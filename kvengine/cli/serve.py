@@ -14,6 +14,7 @@ from kvengine.cli.generate import (
     DiskBudgetOpt,
     DiskDirOpt,
     DtypeOpt,
+    FastWeightsOpt,
     KVDtypeOpt,
     KVMemOpt,
     KVWindowOpt,
@@ -45,7 +46,7 @@ def serve(
     served_model_name: str | None = typer.Option(None, "--served-model-name", help="Model id clients send "
                                                  "(default: the model's name)."),
     dtype: str = DtypeOpt,
-    weights: str = WeightsOpt,
+    weights: str = FastWeightsOpt,
     device: str = DeviceOpt,
     threads: int | None = ThreadsOpt,
     kv_dtype: str = KVDtypeOpt,

@@ -107,3 +107,17 @@ def test_bad_weights_value_is_refused():
         EngineConfig(weights="int3")
     with pytest.raises(ConfigError, match="weights 'bf16' and dtype 'float32' disagree"):
         EngineConfig(weights="bf16", dtype="float32").resolved_dtype()
+
+
+def test_fast_default_is_int4_on_the_kernel_tier(kernel_tier, monkeypatch):
+    """weights="fast" (generate, chat and serve's default): int4 weights in the activation dtype of the tier this
+    CPU runs (bf16 only where the CPU has bf16 arithmetic), the quality test_default_model_int4_tracks_fp32 and the
+    fused-op tests check on the real model; float weights when a dtype is named or no tier runs."""
+    config = EngineConfig(weights="fast")
+    assert config.resolved_dtype() == str(kernel_tier.act_dtype).removeprefix("torch.") and config.weights == "int4"
+    assert EngineConfig(weights="int8").resolved_dtype() == str(kernel_tier.act_dtype).removeprefix("torch.")
+    named = EngineConfig(weights="fast", dtype="float32")
+    assert named.resolved_dtype() == "float32" and named.weights == "auto"
+    monkeypatch.setenv("KVENGINE_NATIVE", "0")
+    off = EngineConfig(weights="fast")
+    assert off.resolved_dtype() == "float32" and off.weights == "auto"

@@ -29,7 +29,7 @@ from kvengine.server.metrics import ServerMetrics
 from kvengine.weights.source import open_model_source
 from kvengine.weights.tokenizer import Tokenizer
 
-ACCEPT_TIMEOUT_S = 300.0  # a replica must accept (or refuse) a request within this
+ACCEPT_TIMEOUT_S = 60.0  # a replica must accept (or refuse) a request within this (it queues after accepting)
 ATTEMPTS = 2  # tries of a request whose replica died before accepting it
 
 

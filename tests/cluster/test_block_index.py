@@ -6,7 +6,7 @@ import random
 
 from kvengine.cache.block_manager import BlockManager
 from kvengine.cluster.block_index import BlockIndex
-from kvengine.cluster.policy import Balance, choose
+from kvengine.cluster.policy import Balance, RecentLoad, choose
 from kvengine.cluster.request import block_key, prompt_block_keys
 
 
@@ -53,6 +53,17 @@ def test_pending_blocks_count_until_reported_or_expired():
     assert index.num_keys("r1", pending=True) == 0
 
 
+def test_recent_load_decays_with_its_half_life():
+    clock = Clock()
+    recent = RecentLoad(half_life_s=10, clock=clock)
+    recent.add("a")
+    recent.add("a")
+    clock.now = 10
+    assert abs(recent.get("a") - 1.0) < 1e-9 and recent.get("b") == 0
+    recent.forget("a")
+    assert recent.get("a") == 0
+
+
 def test_a_dead_replica_is_forgotten():
     index = BlockIndex()
     keys = [bytes([i]) * 8 for i in range(3)]
@@ -65,9 +76,10 @@ def test_a_dead_replica_is_forgotten():
 
 def test_policy_prefers_the_longest_match_then_the_least_loaded():
     rng = random.Random(0)
-    assert choose({"a": 3, "b": 1}, {"a": 2, "b": 0}, Balance(), rng) == "a"
-    assert choose({"a": 2, "b": 2}, {"a": 2, "b": 1}, Balance(), rng) == "b"
-    assert choose({}, {"a": 4, "b": 1, "c": 3}, Balance(), rng) == "b"
+    assert choose({"a": 3, "b": 1}, {"a": 2, "b": 0}, Balance(1.5, 2), rng) == "a"
+    assert choose({"a": 2, "b": 2}, {"a": 2, "b": 1}, Balance(1.5, 2), rng) == "b"
+    assert choose({}, {"a": 4, "b": 1, "c": 3}, Balance(1.5, 2), rng) == "b"
+    assert choose({"a": 5}, {"a": 0.2, "b": 0.0}, Balance(1.0, 0), rng) == "b"  # under one request: the idlest
 
 
 def test_policy_spills_a_hot_prefix_once_its_holder_is_over_the_bound():

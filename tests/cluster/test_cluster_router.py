@@ -31,7 +31,7 @@ def complete(cluster, ids: list[int], max_tokens: int = 2, **extra) -> tuple[str
 
 def test_requests_sharing_a_prefix_land_on_its_holder(cluster):
     first, _ = complete(cluster, prompt("holder", "a"))
-    later = [complete(cluster, prompt("holder", s)) for s in "bcdef"]
+    later = [complete(cluster, prompt("holder", s)) for s in "bcd"]  # within the load bound's slack
     assert {replica for replica, _ in later} == {first}
     assert all(body["usage"]["prompt_tokens_details"]["cached_tokens"] == 96 for _, body in later)
 

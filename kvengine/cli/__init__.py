@@ -8,7 +8,7 @@ from kvengine.cli.app import app
 from kvengine.errors import KVEngineError
 
 # Each module registers its commands on `app` when imported.
-from kvengine.cli import accounting, bench, bench_long, cluster, eval, generate, serve  # noqa: E402,F401  isort: skip
+from kvengine.cli import accounting, bench, bench_cluster, bench_long, cluster, eval, generate, serve  # noqa: E402,F401,E501  isort: skip
 
 
 def main() -> None:

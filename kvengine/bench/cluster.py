@@ -71,7 +71,7 @@ def run_real(config: ClusterBenchConfig) -> tuple[float, dict[str, RouterResult]
     """(ideal hit rate, result per router, settings used). Starts and stops a local Ray instance."""
     from kvengine.accounting.memory import kv_cache_spec_for
     from kvengine.cluster import require_ray
-    from kvengine.cluster.app import ClusterConfig, prepare, start, stop
+    from kvengine.cluster.app import ClusterConfig, free_port, prepare, start, stop
     from kvengine.config import EngineConfig
     from kvengine.weights.source import open_model_source
 
@@ -86,10 +86,11 @@ def run_real(config: ClusterBenchConfig) -> tuple[float, dict[str, RouterResult]
     trace = make_trace(config.trace, (256 if vocab > 1024 else 10, vocab - 1))
     args = {**config.engine_args, "kv_cache_memory": int(blocks * spec.bytes_per_block)}
     results: dict[str, RouterResult] = {}
+    port = free_port("127.0.0.1")  # Serve's proxy keeps the port it started with: every deployment uses it
     try:
         for router in config.routers:
             cluster = prepare(ClusterConfig(replicas=config.replicas, model=config.model, engine_args=dict(args),
-                                            port=0, router=router))
+                                            port=port, router=router))
             url = start(cluster)
             results[router] = asyncio.run(_replay(url, trace, config.concurrency, config.timeout_s, router))
     finally:

@@ -129,7 +129,7 @@ def start(config: ClusterConfig, quiet: bool = True) -> str:
     import ray
     from ray import serve
 
-    port = config.port or _free_port(config.host)
+    port = config.port or free_port(config.host)
     if not ray.is_initialized():
         if config.address is None:
             cores = os.cpu_count() or 1
@@ -155,7 +155,7 @@ def stop() -> None:
         ray.shutdown()
 
 
-def _free_port(host: str) -> int:
+def free_port(host: str) -> int:
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         s.bind((host, 0))
         return s.getsockname()[1]

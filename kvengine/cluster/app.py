@@ -81,8 +81,8 @@ def prepare(config: ClusterConfig) -> ClusterConfig:
         raise ConfigError(f"{config.replicas} replicas need about {need / gib:.1f} GiB ({weights / gib:.2f} GiB "
                           f"weights "
                           f"+ {kv / gib:.2f} GiB KV + {RUNTIME_BYTES / gib:.2f} GiB runtime each) but "
-                          f"{free / gib:.1f} GiB is available; use fewer replicas, a smaller --kv-memory or "
-                          f"--weights int4")
+                          f"{free / gib:.1f} GiB is available; use fewer replicas, a smaller --kv-cache-memory "
+                          f"or --weights int4")
     return config
 
 

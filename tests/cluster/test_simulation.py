@@ -28,3 +28,29 @@ def test_kvengine_routing_keeps_every_replica_near_the_mean(results):
     kv = by_router["kvengine"]
     assert kv.max_over_mean_requests < 1.5
     assert all(0 <= r.hit_rate <= 1 and r.mean_wait_s >= 0 for r in by_router.values())
+
+
+def test_bench_cluster_simulate_ends_with_its_json_line(monkeypatch, capsys, tmp_path):
+    import json
+
+    from kvtest import run_main
+
+    code, out, _ = run_main(monkeypatch, capsys, "bench", "cluster", "--simulate", "--replicas", "8,16",
+                            "--system-tokens", "64", "--out", str(tmp_path))
+    assert code in (0, None)
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["bench"] == "cluster" and summary["mode"] == "simulation"
+    for count in ("8", "16"):
+        routers = summary["replicas"][count]["routers"]
+        assert set(routers) == {"kvengine", "kvengine_no_pending", "round_robin", "power_of_two"}
+        assert routers["kvengine"]["hit_rate"] > routers["round_robin"]["hit_rate"]
+    assert (tmp_path / "sim_hit_rate.png").is_file() and (tmp_path / "report.md").is_file()
+
+
+def test_bench_cluster_refuses_bad_input(monkeypatch, capsys):
+    from kvtest import run_main
+
+    code, _, err = run_main(monkeypatch, capsys, "bench", "cluster", "--replicas", "2,4")
+    assert code == 2 and err.strip() == "error: --replicas takes one count without --simulate"
+    code, _, err = run_main(monkeypatch, capsys, "bench", "cluster", "--routers", "kvengine,magic")
+    assert code == 2 and "unknown router(s) magic" in err

@@ -70,7 +70,7 @@ class SamplingParams:
             raise RequestError(f"top_k must be -1, 0 (off) or positive, got {self.top_k}", param="top_k")
         for name in ("presence_penalty", "frequency_penalty"):  # OpenAI's ranges
             check_range(name, getattr(self, name), -2, 2)
-        check_range("repetition_penalty", self.repetition_penalty, 0, 2, lo_open=True)
+        check_range("repetition_penalty", self.repetition_penalty, 0.01, 2)  # (dividing by less overflows)
         if not 0 <= self.min_tokens <= self.max_tokens:
             raise RequestError(f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}",
                                param="min_tokens")
@@ -157,6 +157,7 @@ def sampling_probs(x: torch.Tensor, p: SamplingParams) -> torch.Tensor:
         sorted_probs, order = probs.sort(descending=True)
         # keep the smallest prefix whose mass reaches top_p (the first token always stays)
         drop = sorted_probs.cumsum(0) - sorted_probs >= p.top_p
+        drop[0] = False  # (a top_p below float32's range rounds to 0 in the comparison)
         sorted_probs[drop] = 0.0
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
     if p.min_p > 0:

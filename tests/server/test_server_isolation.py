@@ -24,7 +24,7 @@ PROMPTS = ["The quick brown fox", "Return the value of", "if the object has no s
     ({"top_p": 1.5}, "top_p", "(0, 1]"),
     ({"presence_penalty": 3}, "presence_penalty", "[-2, 2]"),
     ({"frequency_penalty": -2.5}, "frequency_penalty", "[-2, 2]"),
-    ({"repetition_penalty": 0}, "repetition_penalty", "(0, 2]"),
+    ({"repetition_penalty": 0}, "repetition_penalty", "[0.01, 2]"),
     ({"min_p": 1.5}, "min_p", "[0, 1]"),
     ({"min_tokens": 9, "max_tokens": 4}, "min_tokens", "max_tokens=4"),
     ({"logit_bias": {"5": 101}}, "logit_bias", "[-100, 100]"),

@@ -193,3 +193,5 @@ def chat(
         sys.stdout.write("\n")
         messages.append({"role": "assistant", "content": final.text})
         run_summary(llm, final, file=sys.stderr, turn=True)
+    if llm.engine.disk is not None:
+        llm.engine.disk.flush()  # the conversation's last blocks reach the disk before the process ends

@@ -127,6 +127,8 @@ class Scheduler:
         match = self.bm.match_prefix(seq.token_ids, seq.cache_salt)
         if match.miss_reason not in (MissReason.NO_MATCH, MissReason.EVICTED, MissReason.CACHE_SALT):
             return None
+        if self.bm.blocks_needed(len(seq.token_ids)) - len(match.block_ids) > self.bm.num_free_blocks:
+            return None  # it cannot be admitted now: do not read its files at every step while it waits
         stop = self.bm.manager.max_cached_blocks(len(seq.token_ids))
         return self.disk.find(seq.token_ids, seq.cache_salt, len(match.block_ids), stop)
 

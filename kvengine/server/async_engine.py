@@ -148,6 +148,8 @@ class AsyncEngine:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+        if self.engine.disk is not None:
+            self.engine.disk.flush()  # a graceful stop keeps every block computed so far
 
     @property
     def alive(self) -> bool:

@@ -160,3 +160,28 @@ def test_bad_directory_and_budget(model, tmp_path):
         engine(model, tmp_path, kv_disk_budget=-1)
     with pytest.raises(ConfigError, match="needs kv_disk_dir"):
         LLM.from_model(model, None, kv_disk_budget=1e9)
+
+
+def test_two_engines_share_one_directory(model, tmp_path):
+    a, b = engine(model, tmp_path), engine(model, tmp_path)
+    ids_a, ids_b = prompt(40, seed=1), prompt(40, seed=2)
+    out_a, out_b = run(a, ids_a), run(b, ids_b)
+    cross_a, cross_b = run(a, ids_b), run(b, ids_a)  # each loads what the other wrote
+    assert cross_a.metrics.disk_tokens == cross_b.metrics.disk_tokens == 32
+    assert cross_a.token_ids == out_b.token_ids and cross_b.token_ids == out_a.token_ids
+    assert not a.engine.disk.store.stats.skipped and not b.engine.disk.store.stats.skipped
+
+
+def test_run_summary_names_memory_and_disk(model, tmp_path):
+    import io
+
+    from kvengine.cli.report import run_summary
+
+    ids = prompt(40)
+    run(engine(model, tmp_path), ids)
+    llm = engine(model, tmp_path)
+    out = run(llm, ids)
+    text = io.StringIO()
+    run_summary(llm, out, file=text)
+    line = next(ln for ln in text.getvalue().splitlines() if ln.startswith("KV disk tier"))
+    assert "reused 0 tokens from memory, 32 from disk" in line and "FLOPs" in line

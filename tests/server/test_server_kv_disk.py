@@ -167,3 +167,21 @@ def test_a_bad_directory_is_one_error_line(tmp_path):
                             capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:") and "--kv-disk-dir" in lines[0]
+
+
+def test_metrics_and_dashboard_show_the_disk_tier(start_server, tmp_path):
+    served = start_server(kv_disk_dir=str(tmp_path / "kv"))
+    body = {"prompt": "a prompt long enough to fill a few blocks of sixteen tokens " * 4, "max_tokens": 4}
+    assert served.request("POST", "/v1/completions", body)[0] == 200
+    served.llm.engine.disk.flush()
+    served.llm.engine.bm.manager.reset_prefix_cache()
+    status, _, again = served.request("POST", "/v1/completions", body)
+    assert status == 200 and again["usage"]["kvengine"]["cached_tokens_disk"] > 0
+    disk = served.state_json()["disk"]
+    assert disk["dir"] == str(tmp_path / "kv") and disk["store_files"] > 0 and disk["tokens_loaded"] > 0
+    _, _, text = served.request("GET", "/metrics")
+    for name in ("tokens_loaded_total", "store_reads_total", "store_misses_total", "store_bytes_read_total",
+                 "store_evictions_total", "store_files", "store_budget", "writes_stopped"):
+        assert f"kvengine_kv_disk_{name} " in text, name
+    _, _, html = served.request("GET", "/dashboard")
+    assert 'id="disk-card"' in html

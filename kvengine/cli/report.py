@@ -50,7 +50,7 @@ def run_summary(llm, out: RequestOutput, file: TextIO, turn: bool = False) -> No
             f"KV cache held {human_bytes(m.kv_cache_bytes)} ({human_bytes(spec.bytes_per_token)}/token x "
             f"{round(m.kv_cache_bytes / spec.bytes_per_token)} tokens, {m.blocks_held} blocks of {spec.block_size}, "
             f"{spec.dtype}); prompt tokens computed {m.computed_prompt_tokens}, reused {m.cached_tokens}"
-            + (f" (rest not reused: {m.miss_reason})" if m.miss_reason and turn else "")
+            + (f" (rest not reused: {m.miss_reason})" if m.miss_reason and turn and not m.disk_tokens else "")
             + (f"; bounded: every layer keeps at most {spec.sink_tokens} sink + {spec.kv_window} recent tokens"
                if spec.kv_window is not None else "")
         )

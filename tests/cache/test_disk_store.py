@@ -203,7 +203,9 @@ def _check_every_file_whole(root: Path) -> int:
 
 def test_a_writer_killed_mid_write_leaves_no_partial_block(tmp_path):
     p = _writer(tmp_path, 1 << 30, 0, 100_000)
-    time.sleep(0.5)
+    deadline = time.monotonic() + 60
+    while len(list((tmp_path / "blocks").glob("*.kvb"))) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)  # killed while writing, a few blocks in
     p.send_signal(signal.SIGKILL)
     p.wait()
     assert _check_every_file_whole(tmp_path) > 0

@@ -31,7 +31,7 @@ class ClusterBenchConfig:
     replicas: int = 2
     routers: tuple[str, ...] = REAL_ROUTERS
     trace: TraceConfig = field(default_factory=TraceConfig)
-    concurrency: int = 4
+    concurrency: int = 2
     kv_blocks: int | None = None  # per replica; None = about half the tenants' system prompts plus the running
     engine_args: dict[str, Any] = field(default_factory=dict)
     timeout_s: float = 900.0

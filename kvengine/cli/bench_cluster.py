@@ -25,8 +25,8 @@ def cluster(
     system_tokens: int = typer.Option(384, "--system-tokens", help="Tokens of each system prompt."),
     requests: int = typer.Option(96, "--requests", help="Requests in the trace (simulation: 30 per replica)."),
     max_tokens: int = typer.Option(8, "--max-tokens", "-n", help="Output tokens per request (EOS ignored)."),
-    concurrency: int = typer.Option(4, "--concurrency", "-c", help="Clients sending at once (real mode)."),
-    zipf: float = typer.Option(1.1, "--zipf", help="Zipf exponent of the tenants' popularity."),
+    concurrency: int = typer.Option(2, "--concurrency", "-c", help="Clients sending at once (real mode)."),
+    zipf: float = typer.Option(0.6, "--zipf", help="Zipf exponent of the tenants' popularity."),
     kv_blocks: int | None = typer.Option(None, "--kv-blocks", help="KV blocks per replica (default: about half "
                                          "the system prompts plus the running requests)."),
     dtype: str = DtypeOpt,

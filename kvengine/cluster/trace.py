@@ -20,7 +20,7 @@ class TraceConfig:
     user_tokens: tuple[int, int] = (16, 48)  # inclusive range
     max_tokens: int = 8
     requests: int = 96
-    zipf_s: float = 1.1
+    zipf_s: float = 0.6
     seed: int = 0
 
 

@@ -19,7 +19,7 @@ from kvengine.cli.generate import (
     ThreadsOpt,
     WeightsOpt,
 )
-from kvengine.cli.serve import MaxLenOpt, MaxSeqsOpt, _is_loopback
+from kvengine.cli.serve import ApiKeyOpt, MaxLenOpt, MaxSeqsOpt, MaxWaitingOpt, ServedNameOpt, warn_if_open
 
 RouterOpt = typer.Option("kvengine", "--router", help="Request router: kvengine (KV-block aware), round_robin, "
                          "power_of_two (Ray Serve's default), prefix_affinity (Ray's PrefixCacheAffinityRouter).")
@@ -34,13 +34,11 @@ def cluster(
     address: str | None = typer.Option(None, "--address", help="Join this Ray cluster (e.g. 10.0.0.1:6379, or "
                                        "'auto') instead of starting a local Ray instance."),
     router: str = RouterOpt,
-    api_key: list[str] | None = typer.Option(None, "--api-key", help="Require 'Authorization: Bearer KEY' on /v1 "
-                                             "routes (repeatable; each key is its own prefix-cache tenant)."),
+    api_key: list[str] | None = ApiKeyOpt,
     max_num_seqs: int = MaxSeqsOpt,
-    max_waiting: int = typer.Option(256, "--max-waiting", help="Requests waiting for a slot at most, per replica; "
-                                    "more get HTTP 429."),
+    max_waiting: int = MaxWaitingOpt,
     max_model_len: int | None = MaxLenOpt,
-    served_model_name: str | None = typer.Option(None, "--served-model-name", help="Model id clients send."),
+    served_model_name: str | None = ServedNameOpt,
     cpus_per_replica: float | None = typer.Option(None, "--cpus-per-replica", help="Ray CPUs per replica (default: "
                                                   "this machine's cores / replicas; 1 on a cluster)."),
     dtype: str = DtypeOpt,
@@ -67,8 +65,7 @@ def cluster(
                            max_waiting=max_waiting, router=router, cpus_per_replica=cpus_per_replica)
     require_ray()
     prepare(config)
-    if not api_key and not _is_loopback(host):
-        print(f"warning: listening on {host} without --api-key: anyone who can reach it can use it", file=sys.stderr)
+    warn_if_open(host, api_key)
     print(f"kvengine cluster: starting {replicas} replica(s) on Ray Serve ({router} router)...", file=sys.stderr)
     try:
         url = start(config, quiet=True)

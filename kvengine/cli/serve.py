@@ -28,6 +28,11 @@ from kvengine.errors import ConfigError
 
 MaxSeqsOpt = typer.Option(64, "--max-num-seqs", help="Requests in the running batch at most.")
 MaxLenOpt = typer.Option(None, "--max-model-len", help="Context limit (default: the model's).")
+ApiKeyOpt = typer.Option(None, "--api-key", help="Require 'Authorization: Bearer KEY' on /v1 routes (repeatable; "
+                         "each key is its own prefix-cache tenant).")
+MaxWaitingOpt = typer.Option(256, "--max-waiting", help="Requests waiting for a slot at most (per replica in a "
+                             "cluster); more get HTTP 429 with Retry-After.")
+ServedNameOpt = typer.Option(None, "--served-model-name", help="Model id clients send (default: the model's name).")
 
 
 @app.command()
@@ -35,16 +40,13 @@ def serve(
     model: str | None = ModelOpt,
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on (loopback unless told otherwise)."),
     port: int = typer.Option(8000, "--port", help="TCP port (0 = any free port)."),
-    api_key: list[str] | None = typer.Option(None, "--api-key", help="Require 'Authorization: Bearer KEY' on /v1 "
-                                             "routes (repeatable; each key is its own prefix-cache tenant)."),
+    api_key: list[str] | None = ApiKeyOpt,
     open_observability: bool = typer.Option(False, "--open-observability", help="With --api-key, leave /metrics "
                                             "and /dashboard/state open (they need a key otherwise)."),
     max_num_seqs: int = MaxSeqsOpt,
-    max_waiting: int = typer.Option(256, "--max-waiting", help="Requests waiting for a slot at most; more get "
-                                    "HTTP 429 with Retry-After."),
+    max_waiting: int = MaxWaitingOpt,
     max_model_len: int | None = MaxLenOpt,
-    served_model_name: str | None = typer.Option(None, "--served-model-name", help="Model id clients send "
-                                                 "(default: the model's name)."),
+    served_model_name: str | None = ServedNameOpt,
     dtype: str = DtypeOpt,
     weights: str = FastWeightsOpt,
     device: str = DeviceOpt,
@@ -63,9 +65,7 @@ def serve(
     from kvengine.server.app import create_app
 
     _check_port(port)
-    if not api_key and not _is_loopback(host):
-        print(f"warning: listening on {host} without --api-key: anyone who can reach it can use it",
-              file=sys.stderr)
+    warn_if_open(host, api_key)
     llm = _open_llm(model, dtype, device, threads, kv_dtype, kv_memory, weights, kv_window, sink_tokens,
                     kv_disk_dir=kv_disk_dir, kv_disk_gib=kv_disk_budget, max_num_seqs=max_num_seqs,
                     max_model_len=max_model_len)
@@ -126,6 +126,13 @@ def disk_note(llm) -> str:
     s = disk.store.stats
     return (f"; KV disk tier {disk.store.root}: {s.files} blocks, {s.bytes / 2**30:.2f} of "
             f"{s.budget / 2**30:.2f} GiB")
+
+
+def warn_if_open(host: str, api_keys: list[str] | None) -> None:
+    """One warning line when a server without keys listens beyond this machine."""
+    if not api_keys and not _is_loopback(host):
+        print(f"warning: listening on {host} without --api-key: anyone who can reach it can use it",
+              file=sys.stderr)
 
 
 def _is_loopback(host: str) -> bool:

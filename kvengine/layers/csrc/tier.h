@@ -20,6 +20,15 @@
 #define KV_LIBRARY_FRAGMENT(ns, m) TORCH_LIBRARY_FRAGMENT(ns, m)
 #define KV_LIBRARY_IMPL(ns, k, m) TORCH_LIBRARY_IMPL(ns, k, m)
 
+// The ops every tier registers, each under its own namespace, with one schema
+namespace kvengine::schema {
+constexpr const char* kQ4Gemm = "q4_gemm(Tensor x, Tensor w, Tensor dm) -> Tensor";
+constexpr const char* kQ8Gemm = "q8_gemm(Tensor x, Tensor w, Tensor scale) -> Tensor";
+constexpr const char* kDecodeLayer =
+    "decode_layer(Tensor x, Tensor[] weights, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, "
+    "Tensor slots, Tensor lens, int num_heads, int num_kv_heads, float eps, float scale) -> Tensor";
+}  // namespace kvengine::schema
+
 namespace kvengine::tiles {
 
 // Rows of x taken kChunk at a time, so their int8 codes stay in cache while every weight tile passes over them;

@@ -187,8 +187,8 @@ at::Tensor q8_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
 }  // namespace kvengine
 
 KV_LIBRARY_FRAGMENT(KV_OPS, m) {
-  m.def("q4_gemm(Tensor x, Tensor w, Tensor dm) -> Tensor");
-  m.def("q8_gemm(Tensor x, Tensor w, Tensor scale) -> Tensor");
+  m.def(kvengine::schema::kQ4Gemm);
+  m.def(kvengine::schema::kQ8Gemm);
 }
 
 KV_LIBRARY_IMPL(KV_OPS, CPU, m) {

@@ -1,0 +1,93 @@
+// The data flow of decode_layer, one Llama-family decoder layer for M new tokens, shared by every tier: the operand
+// checks and the order of the steps. decode_layer.cpp (bf16 activations) and fp32_layer.cpp (fp32) include it
+// inside their namespace after defining, for their element type T, the steps it calls by name:
+//   linear(x, w, i), rms_norm(x, norm, eps), add_into(out, y)      tensors of T
+//   rotate_heads(T* x, heads, D, cos, sin), swiglu(gate_up, M, I, out), attend_head(q, k, v, slots, L, D, scale,
+//   p, out)                                                         rows of T
+//   kMaxHeadDim
+// Read decode_layer.cpp's header for the operands and their meaning.
+// It holds no #include of its own (it is read inside a namespace): the includer brings ATen, <algorithm> and
+// <vector>.
+#pragma once
+
+// Every operand of decode_layer whose activations, norms, cos/sin and caches are `dtype` (named `name` in the
+// errors), with head_dim a multiple of `head_dim_step`.
+inline void check_layer_operands(const at::Tensor& x, at::TensorList w, const at::Tensor& cos, const at::Tensor& sin,
+                                 const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& slots,
+                                 const at::Tensor& lens, int64_t Hq, int64_t Hkv, at::ScalarType dtype,
+                                 const char* name, int64_t head_dim_step) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == dtype && x.is_contiguous(), "decode_layer: x must be [M, H] ", name);
+  TORCH_CHECK(w.size() == 10, "decode_layer: 10 weight tensors expected");
+  const int64_t M = x.size(0), H = x.size(1), D = k_cache.size(2);
+  for (int i : {0, 5})
+    TORCH_CHECK(w[i].scalar_type() == dtype && w[i].is_contiguous() && w[i].numel() == H,
+                "decode_layer: norm weights must be [H] ", name);
+  TORCH_CHECK(D % head_dim_step == 0 && D <= kMaxHeadDim && Hq % Hkv == 0 && k_cache.size(0) == Hkv,
+              "decode_layer: head_dim must be a multiple of ", head_dim_step, " up to ", kMaxHeadDim,
+              ", heads a multiple of kv heads");
+  for (const at::Tensor* c : {&k_cache, &v_cache})
+    TORCH_CHECK(c->scalar_type() == dtype && c->stride(2) == 1 && c->stride(1) == D,
+                "decode_layer: caches must be [Hkv, slots, D] ", name, " with rows of D");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.dim() == 2 && slots.size(0) == M &&
+                  lens.scalar_type() == at::kLong && lens.is_contiguous() && lens.numel() == M,
+              "decode_layer: slots must be [M, L] int64 and lens [M] int64");
+  const int64_t Lmax = slots.size(1);
+  const int64_t *sp = slots.data_ptr<int64_t>(), *lp = lens.data_ptr<int64_t>();
+  const int64_t num_slots = std::min(k_cache.size(1), v_cache.size(1));
+  for (int64_t i = 0; i < M; ++i) {
+    TORCH_CHECK(lp[i] >= 1 && lp[i] <= Lmax, "decode_layer: lens must lie in 1..L");
+    TORCH_CHECK(std::all_of(sp + i * Lmax, sp + i * Lmax + lp[i], [&](int64_t s) { return s >= 0 && s < num_slots; }),
+                "decode_layer: slots must lie in the cache");
+  }
+  TORCH_CHECK(cos.numel() == M * D && sin.numel() == M * D && cos.scalar_type() == dtype &&
+                  sin.scalar_type() == dtype && cos.is_contiguous() && sin.is_contiguous(),
+              "decode_layer: cos/sin must be [M, D] ", name);
+}
+
+// The layer on checked operands: x [M, H] -> [M, H], the new tokens' K/V written into the caches on the way.
+template <typename T>
+at::Tensor layer_flow(const at::Tensor& x, at::TensorList w, const at::Tensor& cos, const at::Tensor& sin,
+                      const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& slots,
+                      const at::Tensor& lens, int64_t Hq, int64_t Hkv, double eps, double scale) {
+  const int64_t M = x.size(0), D = k_cache.size(2), Lmax = slots.size(1);
+  const int64_t *sp = slots.data_ptr<int64_t>(), *lp = lens.data_ptr<int64_t>();
+
+  // attention block
+  at::Tensor qkv = linear(rms_norm(x, w[0], eps), w, 1);  // [M, (Hq + 2 Hkv) D]
+  const int64_t width = (Hq + 2 * Hkv) * D;
+  TORCH_CHECK(qkv.size(1) == width, "decode_layer: qkv weight must have (heads + 2 kv heads) * D rows");
+  T* kc = k_cache.data_ptr<T>();
+  T* vc = v_cache.data_ptr<T>();
+  const int64_t head_stride = k_cache.stride(0);
+  for (int64_t i = 0; i < M; ++i) {
+    T* row = qkv.data_ptr<T>() + i * width;
+    rotate_heads(row, Hq + Hkv, D, cos.data_ptr<T>() + i * D, sin.data_ptr<T>() + i * D);
+    const int64_t new_slot = sp[i * Lmax + lp[i] - 1];
+    for (int64_t h = 0; h < Hkv; ++h) {
+      std::copy_n(row + (Hq + h) * D, D, kc + h * head_stride + new_slot * D);
+      std::copy_n(row + (Hq + Hkv + h) * D, D, vc + h * head_stride + new_slot * D);
+    }
+  }
+  at::Tensor attn = at::empty({M, Hq * D}, x.options());  // [M, Hq D]
+  T* ap = attn.data_ptr<T>();
+  const T* qp = qkv.data_ptr<T>();
+  const int64_t group = Hq / Hkv;
+  at::parallel_for(0, M * Hq, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> p(Lmax);  // one head's scores, then weights
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t i = t / Hq, h = t % Hq, kv = h / group;
+      attend_head(qp + i * width + h * D, kc + kv * head_stride, vc + kv * head_stride, sp + i * Lmax, lp[i], D,
+                  static_cast<float>(scale), p.data(), ap + i * Hq * D + h * D);
+    }
+  });
+  at::Tensor out = x.clone();  // [M, H]: the residual stream
+  add_into(out, linear(attn, w, 3));
+
+  // MLP block: down(silu(gate) * up)
+  at::Tensor gate_up = linear(rms_norm(out, w[5], eps), w, 6);  // [M, 2I]
+  const int64_t I = gate_up.size(1) / 2;
+  at::Tensor act = at::empty({M, I}, x.options());  // [M, I]
+  swiglu(gate_up.data_ptr<T>(), M, I, act.data_ptr<T>());
+  add_into(out, linear(act, w, 8));
+  return out;
+}

@@ -29,6 +29,27 @@ constexpr const char* kDecodeLayer =
     "Tensor slots, Tensor lens, int num_heads, int num_kv_heads, float eps, float scale) -> Tensor";
 }  // namespace kvengine::schema
 
+// The weight operands every tier's q4_gemm / q8_gemm take (the 16-row tile layouts of native.py), for x of K
+// columns; each returns the number of 16-row tiles.
+namespace kvengine::operands {
+inline int64_t q4_tiles(const at::Tensor& w, const at::Tensor& dm, int64_t K) {
+  const int64_t G = K / 32;
+  TORCH_CHECK(w.dim() == 4 && w.scalar_type() == at::kByte && w.is_contiguous() && w.size(1) == G && w.size(2) == 4 &&
+                  w.size(3) == 64, "q4_gemm: w must be [N/16, K/32, 4, 64] uint8");
+  TORCH_CHECK(dm.scalar_type() == at::kFloat && dm.is_contiguous() && dm.numel() == w.size(0) * G * 32,
+              "q4_gemm: dm must be [N/16, K/32, 2, 16] float32");
+  return w.size(0);
+}
+
+inline int64_t q8_tiles(const at::Tensor& w, const at::Tensor& scale, int64_t K) {
+  TORCH_CHECK(w.dim() == 3 && w.scalar_type() == at::kByte && w.is_contiguous() && w.size(1) == K / 4 &&
+                  w.size(2) == 64, "q8_gemm: w must be [N/16, K/4, 64] uint8");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == 16 * w.size(0),
+              "q8_gemm: scale must be [N] float32");
+  return w.size(0);
+}
+}  // namespace kvengine::operands
+
 namespace kvengine::tiles {
 
 // Rows of x taken kChunk at a time, so their int8 codes stay in cache while every weight tile passes over them;

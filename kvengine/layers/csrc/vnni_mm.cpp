@@ -144,11 +144,7 @@ namespace kvengine {
 at::Tensor q4_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& dm) {
   check_x(x, "q4_gemm");
   const int64_t M = x.size(0), K = x.size(1), G = K / kGroup;
-  TORCH_CHECK(w.dim() == 4 && w.scalar_type() == at::kByte && w.is_contiguous() && w.size(1) == G && w.size(2) == 4 &&
-                  w.size(3) == 64, "q4_gemm: w must be [N/16, K/32, 4, 64] uint8");
-  const int64_t tiles = w.size(0), N = 16 * tiles;
-  TORCH_CHECK(dm.scalar_type() == at::kFloat && dm.is_contiguous() && dm.numel() == tiles * G * 32,
-              "q4_gemm: dm must be [N/16, K/32, 2, 16] float32");
+  const int64_t tiles = kvengine::operands::q4_tiles(w, dm, K), N = 16 * tiles;
   at::Tensor xc = x.contiguous();
   QuantizedRows xr = quantize_rows(xc);
   at::Tensor y = at::empty({M, N}, x.options());  // [M, N]
@@ -165,11 +161,7 @@ at::Tensor q4_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& d
 at::Tensor q8_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale) {
   check_x(x, "q8_gemm");
   const int64_t M = x.size(0), K = x.size(1), G = K / kGroup;
-  TORCH_CHECK(w.dim() == 3 && w.scalar_type() == at::kByte && w.is_contiguous() && w.size(1) == K / 4 &&
-                  w.size(2) == 64, "q8_gemm: w must be [N/16, K/4, 64] uint8");
-  const int64_t tiles = w.size(0), N = 16 * tiles;
-  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == N,
-              "q8_gemm: scale must be [N] float32");
+  const int64_t tiles = kvengine::operands::q8_tiles(w, scale, K), N = 16 * tiles;
   at::Tensor xc = x.contiguous();
   QuantizedRows xr = quantize_rows(xc);
   at::Tensor y = at::empty({M, N}, x.options());  // [M, N]

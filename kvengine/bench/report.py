@@ -29,6 +29,11 @@ def default_out_dir(bench: str, root: str | Path = "results") -> Path:
     return Path(root) / f"{bench}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def open_report(bench: str, title: str, out: Path | None, params: dict[str, Any]) -> Report:
+    """A Report writing to `out`, or to results/<bench>-<timestamp>/ when `out` is None."""
+    return Report(bench, title, out if out is not None else default_out_dir(bench), params)
+
+
 def mib(n: float | None) -> str:
     return "-" if n is None else f"{n / 2**20:,.1f} MiB"
 

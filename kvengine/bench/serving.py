@@ -20,6 +20,7 @@ from typing import Any
 
 from kvengine.bench import plots
 from kvengine.bench.report import Report, Table, ms, num, percentile
+from kvengine.config import EngineConfig
 from kvengine.errors import ConfigError
 
 TOPICS = ["the ocean", "volcanoes", "honey bees", "the moon", "trains", "chess", "bread", "rivers", "owls",
@@ -33,19 +34,12 @@ STARTUP_TIMEOUT_S = 180.0
 @dataclass(slots=True)
 class ServeBenchConfig:
     model: str | None = None
+    engine: EngineConfig | None = None  # the child server's engine (None with `url`: a server already running)
     levels: list[int] = field(default_factory=lambda: [1, 8, 32, 64])
     requests: int | None = None  # per level; None = max(8, 2 x clients)
     max_tokens: int = 32
-    max_num_seqs: int = 64
-    max_model_len: int | None = None
-    dtype: str = "auto"
-    weights: str = "auto"
-    threads: int | None = None
-    kv_cache_memory: float | None = None
     timeout_s: float = 600.0
     url: str | None = None
-    kv_disk_dir: str | None = None  # the KV disk tier (docs/kv-disk.md)
-    prefix_caching: bool = True
 
 
 @dataclass(slots=True)
@@ -125,12 +119,10 @@ def _get_json(url: str) -> dict[str, Any]:
         return json.loads(r.read())
 
 
-def start_server(config: ServeBenchConfig) -> tuple[subprocess.Popen, str]:
-    """A `kvengine serve` child on 127.0.0.1 and a free port; returns (process, base url) once healthy."""
-    args = json.dumps({"model": config.model, "max_num_seqs": config.max_num_seqs, "dtype": config.dtype,
-                       "weights": config.weights, "max_model_len": config.max_model_len, "threads": config.threads,
-                       "kv_cache_memory": config.kv_cache_memory, "kv_disk_dir": config.kv_disk_dir,
-                       "prefix_caching": config.prefix_caching})
+def start_server(model: str | None, engine: EngineConfig) -> tuple[subprocess.Popen, str]:
+    """A `kvengine serve` child on 127.0.0.1 and a free port serving `model` with `engine`; returns (process,
+    base url) once healthy."""
+    args = json.dumps({"model": model, "engine": asdict(engine)})
     code = "from kvengine.bench.serving import serve_child; serve_child()"
     proc = subprocess.Popen([sys.executable, "-c", code, args], stdout=subprocess.PIPE, text=True)
     line = proc.stdout.readline() if proc.stdout else ""
@@ -151,18 +143,17 @@ def start_server(config: ServeBenchConfig) -> tuple[subprocess.Popen, str]:
 
 
 def serve_child() -> None:
-    """Child process entry: load the model, bind 127.0.0.1:0, print 'PORT n', serve until killed."""
+    """Child process entry: load the model with the parent's EngineConfig, bind 127.0.0.1:0, print 'PORT n',
+    serve until killed."""
     import socket
 
     import uvicorn
 
-    from kvengine.cli.generate import _open_llm
+    from kvengine.llm import LLM
     from kvengine.server.app import create_app
 
     a = json.loads(sys.argv[1])
-    llm = _open_llm(a["model"], a["dtype"], "cpu", a["threads"], "auto", a["kv_cache_memory"], a["weights"],
-                    max_num_seqs=a["max_num_seqs"], max_model_len=a["max_model_len"], kv_disk_dir=a["kv_disk_dir"],
-                    enable_prefix_caching=a["prefix_caching"])
+    llm = LLM(a["model"], **a["engine"])
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     print(f"PORT {sock.getsockname()[1]}", flush=True)
@@ -175,7 +166,8 @@ def run_serving_bench(config: ServeBenchConfig) -> tuple[str, list[LevelResult],
     proc = None
     url = config.url
     if url is None:
-        proc, url = start_server(config)
+        assert config.engine is not None, "a child server needs its EngineConfig"
+        proc, url = start_server(config.model, config.engine)
     try:
         model = _get_json(url + "/v1/models")["data"][0]["id"]
         asyncio.run(run_level(url, model, 1, 1, 2, config.timeout_s))  # untimed warm-up

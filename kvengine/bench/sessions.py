@@ -20,13 +20,14 @@ import signal
 import statistics
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from kvengine.bench import plots
 from kvengine.bench.report import Report, Table, ms, num
-from kvengine.bench.serving import ServeBenchConfig, start_server
+from kvengine.bench.serving import start_server
+from kvengine.config import EngineConfig
 
 MODES = ("no prefix cache", "memory only", "memory + disk", "memory + empty disk")
 
@@ -39,10 +40,7 @@ class SessionsConfig:
     restart_after: int = 2  # turns before the kill -9
     history_items: int = 200
     max_tokens: int = 32
-    dtype: str = "auto"
-    weights: str = "auto"
-    threads: int | None = None
-    kv_cache_memory: float | None = None
+    engine: EngineConfig = field(default_factory=EngineConfig)  # each server's, before its mode's changes
 
 
 @dataclass(slots=True)
@@ -106,10 +104,9 @@ def _ask(client: Any, model: str, messages: list[dict[str, str]],
 def _server(config: SessionsConfig, mode: str, disk_dir: Path | None) -> tuple[Any, Any]:
     import openai
 
-    proc, url = start_server(ServeBenchConfig(
-        model=config.model, max_num_seqs=4, dtype=config.dtype, weights=config.weights, threads=config.threads,
-        kv_cache_memory=config.kv_cache_memory, kv_disk_dir=str(disk_dir) if disk_dir else None,
-        prefix_caching=mode != "no prefix cache"))
+    engine = replace(config.engine, max_num_seqs=4, kv_disk_dir=str(disk_dir) if disk_dir else None,
+                     enable_prefix_caching=mode != "no prefix cache")
+    proc, url = start_server(config.model, engine)
     return proc, openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
 
 

@@ -32,12 +32,13 @@ from kvengine.accounting.flops import (
 from kvengine.accounting.memory import MemoryReport, memory_report
 from kvengine.accounting.presets import get_preset, preset_names
 from kvengine.cli.app import app
+from kvengine.cli.options import FLAGS
 from kvengine.config import ModelConfig
 from kvengine.errors import ConfigError
 
 KV_FORMULA = "KV bytes per token = 2 (K and V) × layers × KV heads × head dim × bytes per element (+ scales)"
 
-ModelOpt = typer.Option(None, "--model", "-m", help="Model name, GGUF or HF folder (default: SmolLM2).")
+ModelOpt = FLAGS["model"].option()
 ConfigOpt = typer.Option(None, "--config", help="A Hugging Face config.json (or its folder).")
 PresetOpt = typer.Option(None, "--preset", help=f"A named model: {', '.join(preset_names())}.")
 JsonOpt = typer.Option(False, "--json", help="Print one JSON object instead of tables.")

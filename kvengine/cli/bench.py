@@ -6,68 +6,39 @@ Progress bars go to stderr so stdout stays tables + the final JSON line.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from kvengine.accounting.flops import require_positive
-from kvengine.bench.report import Report, default_out_dir
+from kvengine.bench.progress import progress_bars
+from kvengine.bench.report import open_report
 from kvengine.cli.app import bench_app
+from kvengine.cli.options import FLAGS, EngineOptions, engine_options
+from kvengine.cli.values import count_or_zero, parse_dtype_list, parse_int_list, parse_weights_list
 from kvengine.errors import ConfigError
 
-ModelOpt = typer.Option(None, "--model", "-m", help="Model name, GGUF file or HF folder (default: SmolLM2-135M).")
-DtypeOpt = typer.Option("auto", "--dtype", help="Compute dtype: auto (fp32 on CPU), float32, bfloat16, float16.")
-DeviceOpt = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N.")
-ThreadsOpt = typer.Option(None, "--threads", help="CPU threads for PyTorch (default: PyTorch's choice).")
+BENCH_OPTIONS = ("model", "dtype", "device", "num_threads")  # what every model benchmark takes
 OutOpt = typer.Option(None, "--out", help="Results folder (default: results/<bench>-<timestamp>/).")
 PromptOpt = typer.Option("Please tell me about Paris.", "--prompt", help="The prompt, sent as one user message.")
 RawOpt = typer.Option(False, "--raw", help="Send the prompt as is, without the chat template.")
 
 
-def _progress() -> Progress:
-    return Progress(TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("tokens"), TimeElapsedColumn(), TimeRemainingColumn(),
-                    console=Console(stderr=True), transient=False)
-
-
-def _bar(progress: Progress) -> Callable[[str, int], Callable[[int], None]]:
-    """progress(label, total) -> on_token(done): one bar per run."""
-    def start(label: str, total: int) -> Callable[[int], None]:
-        task = progress.add_task(label, total=total)
-        return lambda done: progress.update(task, completed=done)
-    return start
-
-
-def _llm(model: str | None, dtype: str, device: str, threads: int | None, **kw: Any):
-    from kvengine.llm import LLM
-
-    return LLM(model, dtype=dtype, device=device, num_threads=threads, **kw)
-
-
-def _report(bench: str, title: str, out: Path | None, params: dict[str, Any]) -> Report:
-    return Report(bench, title, out if out is not None else default_out_dir(bench), params)
-
-
 @bench_app.command("cache")
+@engine_options(*BENCH_OPTIONS)
 def cache(
     max_tokens: int = typer.Option(1000, "--max-tokens", "-n", help="New tokens per run (greedy, EOS ignored)."),
     no_cache_max_tokens: int | None = typer.Option(
         None, "--no-cache-max-tokens", help="Cap the no-cache run (it is quadratic); the report states the cap."),
-    model: str | None = ModelOpt,
     prompt: str = PromptOpt,
     raw: bool = RawOpt,
-    dtype: str = DtypeOpt,
-    device: str = DeviceOpt,
-    threads: int | None = ThreadsOpt,
     warmup: int = typer.Option(4, "--warmup", help="Untimed warm-up tokens per run before timing (0 = none)."),
     sample_interval: float = typer.Option(0.1, "--sample-interval", help="Seconds between CPU/memory samples."),
     runs: int = typer.Option(1, "--runs", help="Timed runs per mode; the summary averages them (seed 004: 5)."),
     seed: str | None = typer.Option(None, "--seed", help="Set a seed's own figures beside ours: 000, 002 or 004."),
     out: Path | None = OutOpt,
+    *, engine: EngineOptions,
 ) -> None:
     """Generate N tokens with and without the KV cache: time per token, speedup, FLOPs, CPU and memory."""
     from kvengine.bench.cache import cache_report, encode_prompt, run_cache_bench
@@ -78,18 +49,18 @@ def cache(
 
     experiment = seed_experiment(seed) if seed is not None else None
     # No prefix caching: the warm-up must not leave the prompt cached for the timed run.
-    llm = _llm(model, dtype, device, threads, max_num_seqs=1, enable_prefix_caching=False)
+    llm = engine.open_llm(max_num_seqs=1, enable_prefix_caching=False)
     ids = encode_prompt(llm, prompt, raw)
     params = {"model": llm.model_name, "prompt": prompt, "chat_template": not raw, "prompt_tokens": len(ids),
               "max_tokens": max_tokens, "no_cache_max_tokens": no_cache_max_tokens,
-              "dtype": llm.config.resolved_dtype(), "device": device, "threads": threads, "warmup_tokens": warmup,
+              "dtype": llm.config.resolved_dtype(), "device": engine.device, "threads": engine.num_threads,
+              "warmup_tokens": warmup,
               "sample_interval_s": sample_interval, "runs": runs, "seed": seed,
               "weights": llm.engine.weights_desc}
-    report = _report("cache", f"bench cache: {llm.model_name}, {max_tokens} tokens with and without the KV cache",
-                     out, params)
-    with _progress() as progress:
-        result = run_cache_bench(llm, ids, max_tokens, no_cache_max_tokens, warmup, _bar(progress), sample_interval,
-                                 runs)
+    report = open_report("cache", f"bench cache: {llm.model_name}, {max_tokens} tokens with and without the KV "
+                         "cache", out, params)
+    with progress_bars() as bar:
+        result = run_cache_bench(llm, ids, max_tokens, no_cache_max_tokens, warmup, bar, sample_interval, runs)
     cache_report(result, report, llm.model_name)
     if experiment is not None:
         seed_report(experiment, result, report, llm)
@@ -103,7 +74,7 @@ def seed_run(
     no_cache_max_tokens: int | None = typer.Option(
         None, "--no-cache-max-tokens", help="Cap the no-cache run; the report extrapolates to the seed's count."),
     runs: int | None = typer.Option(None, "--runs", help="Timed runs per mode (default: the seed's)."),
-    threads: int | None = ThreadsOpt,
+    threads: int | None = FLAGS["num_threads"].option(),
     warmup: int = typer.Option(4, "--warmup", help="Untimed warm-up tokens per run before timing (0 = none)."),
     out: Path | None = OutOpt,
 ) -> None:
@@ -114,22 +85,12 @@ def seed_run(
     exp = seed_experiment(experiment)
     n = max_tokens or min(exp.new_tokens, exp.max_run_tokens or exp.new_tokens)
     cache(max_tokens=n, no_cache_max_tokens=no_cache_max_tokens, model=exp.model,
-          prompt=exp.prompt, raw=True, dtype="auto", device="cpu", threads=threads, warmup=warmup,
+          prompt=exp.prompt, raw=True, dtype="auto", device="cpu", num_threads=threads, warmup=warmup,
           sample_interval=0.1, runs=runs or exp.runs, seed=exp.seed, out=out)
 
 
-def parse_int_list(text: str, name: str) -> list[int]:
-    """'1,4,16' -> [1, 4, 16]; a one-line ConfigError naming the option `name` otherwise."""
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ConfigError(f"{name} takes comma-separated integers, got '{text}'") from None
-    if not values or min(values) < 1:
-        raise ConfigError(f"{name} takes positive integers, got '{text}'")
-    return values
-
-
 @bench_app.command("throughput")
+@engine_options(*BENCH_OPTIONS)
 def throughput(
     concurrency: str = typer.Option("1,4,16,32,64", "--concurrency", "-c",
                                     help="Comma-separated numbers of requests sent at once."),
@@ -137,12 +98,9 @@ def throughput(
     prefix_tokens: int = typer.Option(256, "--prefix-tokens",
                                       help="Tokens of the system message every request shares (0 = none)."),
     sharing: str = typer.Option("both", "--sharing", help="Prefix caching: both, on or off."),
-    model: str | None = ModelOpt,
-    dtype: str = DtypeOpt,
-    device: str = DeviceOpt,
-    threads: int | None = ThreadsOpt,
     warmup: int = typer.Option(4, "--warmup", help="Untimed warm-up tokens (two requests) before timing."),
     out: Path | None = OutOpt,
+    *, engine: EngineOptions,
 ) -> None:
     """Aggregate tok/s, p50/p99 TTFT and inter-token latency at each concurrency, prefix sharing on and off."""
     from kvengine.bench.throughput import MODES, run_throughput_bench, throughput_report
@@ -152,43 +110,18 @@ def throughput(
     if sharing not in ("both", "on", "off"):
         raise ConfigError(f"--sharing must be both, on or off, got '{sharing}'")
     modes = {k: v for k, v in MODES.items() if sharing == "both" or v == (sharing == "on")}
-    llm = _llm(model, dtype, device, threads, max_num_seqs=1)
+    llm = engine.open_llm(max_num_seqs=1)
     params = {"model": llm.model_name, "concurrency": levels, "max_tokens": max_tokens,
               "prefix_tokens": prefix_tokens, "sharing": sharing, "dtype": llm.config.resolved_dtype(),
-              "device": device, "threads": threads, "warmup_tokens": warmup}
-    report = _report("throughput", f"bench throughput: {llm.model_name}, concurrent requests", out, params)
-    with _progress() as progress:
-        result = run_throughput_bench(llm, levels, max_tokens, prefix_tokens, modes, _bar(progress), warmup)
+              "device": engine.device, "threads": engine.num_threads, "warmup_tokens": warmup}
+    report = open_report("throughput", f"bench throughput: {llm.model_name}, concurrent requests", out, params)
+    with progress_bars() as bar:
+        result = run_throughput_bench(llm, levels, max_tokens, prefix_tokens, modes, bar, warmup)
     throughput_report(result, report, llm.model_name).finish()
 
 
-def _dtype_list(text: str) -> list[str]:
-    from kvengine.config import normalize_dtype
-
-    values = [normalize_dtype(x.strip()) for x in text.split(",") if x.strip()]
-    if not values or "auto" in values:
-        raise ConfigError(f"--dtypes takes explicit dtypes such as float32,bfloat16, got '{text}'")
-    return values
-
-
-def _weights_list(text: str) -> list[str]:
-    from kvengine.config import WEIGHT_FORMATS
-
-    values = [x.strip() for x in text.split(",") if x.strip()]
-    bad = [v for v in values if v not in WEIGHT_FORMATS]
-    if not values or bad:
-        raise ConfigError(f"--weights takes a comma list of {', '.join(WEIGHT_FORMATS)}; got "
-                          f"'{bad[0] if bad else text}'")
-    return values
-
-
-def _count_or_zero(value: int, name: str) -> int:
-    if value < 0:
-        raise ConfigError(f"{name} must be 0 (skip) or a positive number, got {value}")
-    return value
-
-
 @bench_app.command("peers")
+@engine_options("model", "device", "num_threads")
 def peers(
     lengths: str = typer.Option("20,200,1000", "--lengths", "-n", help="Comma-separated new-token counts."),
     weights: str = typer.Option("auto", "--weights", help="Comma-separated kvengine variants, one row each: auto "
@@ -209,44 +142,53 @@ def peers(
         200, "--no-cache-max-tokens", help="Longest no-cache run (quadratic); 0 = no cap."),
     only: str = typer.Option("transformers,llama.cpp", "--peers", help="Which peers to run beside kvengine."),
     repeats: int = typer.Option(1, "--repeats", help="Runs per measurement; the median (by total time) is kept."),
-    model: str | None = ModelOpt,
     prompt: str = PromptOpt,
     raw: bool = RawOpt,
-    device: str = DeviceOpt,
-    threads: int | None = ThreadsOpt,
     warmup: int = typer.Option(4, "--warmup", help="Untimed warm-up tokens per system and setting."),
     out: Path | None = OutOpt,
+    *, engine: EngineOptions,
 ) -> None:
     """kvengine variants against transformers (cache on/off) and llama.cpp on the same prompt ids: batch-1 decode,
-    concurrent requests and prefill, with issue 7's goals as ratios."""
-    from kvengine.bench.peers import LLAMA_CPP, TRANSFORMERS, PeersPlan, kvengine_variants, run_peers_bench
+    concurrent requests and prefill, with the performance goals as ratios."""
+    from kvengine.bench.peers import PeersPlan, run_peers_bench
     from kvengine.bench.peers_report import peers_report
     from kvengine.weights.source import open_model_source
 
-    ns, dts = parse_int_list(lengths, "--lengths"), _dtype_list(dtypes) if dtypes is not None else None
-    variants = kvengine_variants(_weights_list(weights), dts, compile_decode)
+    ns, variants, dts, chosen = _peers_choices(lengths, weights, dtypes, compile_decode, only)
+    require_positive(repeats, "--repeats")
+    require_positive(concurrent_tokens, "--concurrent-tokens")
+    plan = PeersPlan(ns, variants, dts, chosen, no_cache_max_tokens or None, repeats, warmup,
+                     count_or_zero(concurrency, "--concurrency"), concurrent_tokens,
+                     count_or_zero(prefill_tokens, "--prefill-tokens"), prompt, raw, engine.num_threads, engine.device)
+    name = open_model_source(engine.model).name
+    params = {"model": name, "prompt": prompt, "chat_template": not raw, "lengths": plan.lengths,
+              "dtypes": plan.dtypes, "weights": weights, "variants": [v.label for v in plan.variants],
+              "compile": compile_decode, "concurrency": plan.concurrency, "concurrent_tokens": concurrent_tokens,
+              "prefill_tokens": plan.prefill_tokens, "no_cache_max_tokens": plan.no_cache_max_tokens,
+              "peers": list(plan.peers), "repeats": repeats, "device": engine.device, "threads": engine.num_threads,
+              "warmup_tokens": warmup}
+    report = open_report("peers", f"bench peers: {name} against {', '.join(plan.peers) or 'no peers'}", out, params)
+    with progress_bars() as bar:
+        result = run_peers_bench(engine.model, plan, bar)
+    peers_report(result, report, name).finish()
+
+
+def _peers_choices(lengths: str, weights: str, dtypes: str | None, compile_decode: bool,
+                   only: str) -> tuple[list[int], list[Any], list[str], tuple[str, ...]]:
+    """`bench peers`' lengths, kvengine variants, transformers' dtypes and the peers to run."""
+    from kvengine.bench.peers import LLAMA_CPP, TRANSFORMERS, kvengine_variants
+
+    ns, dts = parse_int_list(lengths, "--lengths"), parse_dtype_list(dtypes) if dtypes is not None else None
+    variants = kvengine_variants(parse_weights_list(weights), dts, compile_decode)
     chosen = tuple(p.strip() for p in only.split(",") if p.strip())
     unknown = set(chosen) - {TRANSFORMERS, LLAMA_CPP}
     if unknown:
         raise ConfigError(f"unknown peer '{sorted(unknown)[0]}' (choose from {TRANSFORMERS}, {LLAMA_CPP})")
-    require_positive(repeats, "--repeats")
-    require_positive(concurrent_tokens, "--concurrent-tokens")
-    plan = PeersPlan(ns, variants, dts or ["float32"], chosen, no_cache_max_tokens or None, repeats, warmup,
-                     _count_or_zero(concurrency, "--concurrency"), concurrent_tokens,
-                     _count_or_zero(prefill_tokens, "--prefill-tokens"), prompt, raw, threads, device)
-    name = open_model_source(model).name
-    params = {"model": name, "prompt": prompt, "chat_template": not raw, "lengths": ns, "dtypes": plan.dtypes,
-              "weights": weights, "variants": [v.label for v in variants], "compile": compile_decode,
-              "concurrency": plan.concurrency, "concurrent_tokens": concurrent_tokens,
-              "prefill_tokens": plan.prefill_tokens, "no_cache_max_tokens": no_cache_max_tokens or None,
-              "peers": list(chosen), "repeats": repeats, "device": device, "threads": threads, "warmup_tokens": warmup}
-    report = _report("peers", f"bench peers: {name} against {', '.join(chosen) or 'no peers'}", out, params)
-    with _progress() as progress:
-        result = run_peers_bench(model, plan, _bar(progress))
-    peers_report(result, report, name).finish()
+    return ns, variants, dts or ["float32"], chosen
 
 
 @bench_app.command("prefix")
+@engine_options(*BENCH_OPTIONS)
 def prefix(
     requests: int = typer.Option(32, "--requests", "-r", help="Chat requests sent at once."),
     max_tokens: int = typer.Option(128, "--max-tokens", "-n", help="New tokens per request (greedy, EOS ignored)."),
@@ -258,11 +200,8 @@ def prefix(
     no_transformers: bool = typer.Option(False, "--no-transformers", help="Skip transformers' batched generate."),
     block_size: int = typer.Option(16, "--block-size", help="KV block size in tokens (memory waste is about half "
                                    "a block per request)."),
-    model: str | None = ModelOpt,
-    dtype: str = DtypeOpt,
-    device: str = DeviceOpt,
-    threads: int | None = ThreadsOpt,
     out: Path | None = OutOpt,
+    *, engine: EngineOptions,
 ) -> None:
     """Batched vs one-at-a-time vs transformers' batched generate; warm vs cold prefix TTFT; KV memory waste."""
     from kvengine.bench.prefix import prefix_report, run_prefix_bench
@@ -272,21 +211,21 @@ def prefix(
     require_positive(cached_prefix_tokens, "--cached-prefix-tokens")
     require_positive(repeats, "--repeats")
     n_seq = requests if sequential is None else min(require_positive(sequential, "--sequential"), requests)
-    llm = _llm(model, dtype, device, threads, max_num_seqs=1, block_size=require_positive(block_size, "--block-size"))
+    llm = engine.open_llm(max_num_seqs=1, block_size=require_positive(block_size, "--block-size"))
     params = {"model": llm.model_name, "requests": requests, "max_tokens": max_tokens, "sequential": n_seq,
               "block_size": block_size,
               "cached_prefix_tokens": cached_prefix_tokens, "repeats": repeats, "transformers": not no_transformers,
-              "dtype": llm.config.resolved_dtype(), "device": device, "threads": threads}
-    report = _report("prefix", f"bench prefix: {llm.model_name}, batching and prefix sharing", out, params)
-    with _progress() as progress:
+              "dtype": llm.config.resolved_dtype(), "device": engine.device, "threads": engine.num_threads}
+    report = open_report("prefix", f"bench prefix: {llm.model_name}, batching and prefix sharing", out, params)
+    with progress_bars() as bar:
         result = run_prefix_bench(llm, requests, max_tokens, cached_prefix_tokens, n_seq, repeats,
-                                  not no_transformers, _bar(progress))
+                                  not no_transformers, bar)
     prefix_report(result, report, llm.model_name).finish()
 
 
 @bench_app.command("sessions")
+@engine_options("model", "dtype", "num_threads", "kv_cache_memory")
 def bench_sessions(
-    model: str | None = ModelOpt,
     users: int = typer.Option(2, "--users", "-k", help="Conversations (K)."),
     turns: int = typer.Option(4, "--turns", "-t", help="Turns per conversation (T)."),
     restart_after: int | None = typer.Option(None, "--restart-after", help="Turns before the server is killed "
@@ -294,10 +233,8 @@ def bench_sessions(
     history_items: int = typer.Option(200, "--history-items", help="Records in each user's first message "
                                       "(200: about 2,500 tokens with the default model)."),
     max_tokens: int = typer.Option(32, "--max-tokens", "-n", help="Tokens per answer (greedy, EOS ignored)."),
-    dtype: str = DtypeOpt,
-    threads: int | None = ThreadsOpt,
-    kv_memory: float | None = typer.Option(None, "--kv-cache-memory", help="KV pool budget in bytes."),
     out: Path | None = OutOpt,
+    *, engine: EngineOptions,
 ) -> None:
     """Multi-turn chat across a server restart: TTFT per turn with no prefix cache, memory only, memory + disk
     (--kv-disk-dir) and memory + an emptied disk directory; decode speed of each."""
@@ -311,10 +248,10 @@ def bench_sessions(
     restart = turns // 2 if restart_after is None else restart_after
     if not 0 < restart < turns:
         raise ConfigError(f"--restart-after must be between 1 and {turns - 1} (a turn before and after it)")
-    config = SessionsConfig(model=model, users=users, turns=turns, restart_after=restart,
-                            history_items=history_items, max_tokens=max_tokens, dtype=dtype, threads=threads,
-                            kv_cache_memory=kv_memory)
-    report = _report("sessions", "kvengine bench sessions: multi-turn chat across a kill -9", out,
-                     {"model": model or "default", "users": users, "turns": turns, "restart_after": restart,
-                      "history_items": history_items, "max_tokens": max_tokens, "dtype": dtype})
+    config = SessionsConfig(model=engine.model, users=users, turns=turns, restart_after=restart,
+                            history_items=history_items, max_tokens=max_tokens, engine=engine.config())
+    report = open_report("sessions", "kvengine bench sessions: multi-turn chat across a kill -9", out,
+                         {"model": engine.model or "default", "users": users, "turns": turns,
+                          "restart_after": restart, "history_items": history_items, "max_tokens": max_tokens,
+                          "dtype": engine.dtype})
     sessions_report(report, config, run_sessions(config)).finish()

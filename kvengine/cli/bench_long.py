@@ -1,4 +1,4 @@
-"""`kvengine bench long`: a long text scored with a full cache, a plain window and sinks + window (issue 9):
+"""`kvengine bench long`: a long text scored with a full cache, a plain window and sinks + window:
 perplexity per segment, KV memory and time per token over position; tables and a final JSON line on stdout,
 progress bars on stderr, report.md / result.json / PNG plots in the results folder.
 """
@@ -10,13 +10,17 @@ from pathlib import Path
 import typer
 
 from kvengine.bench.long import DEFAULT_CHUNK, DEFAULT_SEGMENT, MODES, LongPlan, parse_modes
+from kvengine.bench.progress import progress_bars
+from kvengine.bench.report import open_report
 from kvengine.cli.app import bench_app
-from kvengine.cli.bench import DeviceOpt, DtypeOpt, ModelOpt, OutOpt, ThreadsOpt, _bar, _llm, _progress, _report
+from kvengine.cli.bench import BENCH_OPTIONS, OutOpt
+from kvengine.cli.options import EngineOptions, engine_options
 
 PROBE_KV_MEMORY = 16 << 20  # the loaded LLM's own pool is unused: every mode builds its own
 
 
 @bench_app.command("long")
+@engine_options(*BENCH_OPTIONS)
 def long(
     tokens: int | None = typer.Option(None, "--tokens", "-n", help="Tokens of the text to score (default: 1.5x the "
                                       "model's context, e.g. 12288 for SmolLM2)."),
@@ -31,11 +35,8 @@ def long(
     kv_dtype: str = typer.Option("auto", "--kv-dtype", help="KV cache dtype (auto: the model's dtype; fp8, int8, "
                                  "int8-token, int4, bfloat16, ...)."),
     block_size: int = typer.Option(16, "--block-size", help="KV block size in tokens."),
-    model: str | None = ModelOpt,
-    dtype: str = DtypeOpt,
-    device: str = DeviceOpt,
-    threads: int | None = ThreadsOpt,
     out: Path | None = OutOpt,
+    *, engine: EngineOptions,
 ) -> None:
     """Score a long text with a full cache, a plain window and sinks + window: perplexity per segment, KV memory
     and time per token over position."""
@@ -46,16 +47,16 @@ def long(
     plan = LongPlan(tokens, chunk, kv_window, sink_tokens, segment, parse_modes(modes), block_size,
                     kv_dtype if kv_dtype == "auto" else resolve_kv_dtype(kv_dtype).name)
     text_name, body = held_text(text)
-    llm = _llm(model, dtype, device, threads, max_num_seqs=1, kv_cache_memory=PROBE_KV_MEMORY)
+    llm = engine.open_llm(max_num_seqs=1, kv_cache_memory=PROBE_KV_MEMORY)
     net = llm.engine.model
     n = plan.tokens_for(net.config.max_position_embeddings)
     ids = text_tokens(llm.tokenizer, body, n)
     params = {"model": llm.model_name, "text": text_name, "tokens": n, "modes": list(plan.modes),
               "kv_window": kv_window, "sink_tokens": sink_tokens, "chunk": chunk, "segment": segment,
-              "kv_dtype": kv_dtype, "block_size": block_size, "dtype": llm.config.resolved_dtype(), "device": device,
-              "threads": threads}
-    report = _report("long", f"bench long: {llm.model_name}, {n:,} tokens with full, windowed and sink caches",
+              "kv_dtype": kv_dtype, "block_size": block_size, "dtype": llm.config.resolved_dtype(),
+              "device": engine.device, "threads": engine.num_threads}
+    report = open_report("long", f"bench long: {llm.model_name}, {n:,} tokens with full, windowed and sink caches",
                      out, params)
-    with _progress() as progress:
-        result = run_long_bench(net, ids, plan, device, _bar(progress))
+    with progress_bars() as bar:
+        result = run_long_bench(net, ids, plan, engine.device, bar)
     long_report(result, report, llm.model_name, text_name).finish()

@@ -8,59 +8,39 @@ import time
 import typer
 
 from kvengine.cli.app import app
-from kvengine.cli.generate import (
-    DeviceOpt,
-    DtypeOpt,
-    KVDtypeOpt,
-    KVMemOpt,
-    KVWindowOpt,
-    ModelOpt,
-    SinkOpt,
-    ThreadsOpt,
-    WeightsOpt,
-)
-from kvengine.cli.serve import ApiKeyOpt, MaxLenOpt, MaxSeqsOpt, MaxWaitingOpt, ServedNameOpt, warn_if_open
+from kvengine.cli.options import EngineOptions, engine_options
+from kvengine.cli.serve import ApiKeyOpt, MaxWaitingOpt, ServedNameOpt, warn_if_open
 
 RouterOpt = typer.Option("kvengine", "--router", help="Request router: kvengine (KV-block aware), round_robin, "
                          "power_of_two (Ray Serve's default), prefix_affinity (Ray's PrefixCacheAffinityRouter).")
 
 
+CLUSTER_OPTIONS = ("model", "max_num_seqs", "max_model_len", "dtype", "weights", "device", "num_threads",
+                   "kv_cache_dtype", "kv_cache_memory", "kv_window", "sink_tokens")
+
+
 @app.command()
+@engine_options(*CLUSTER_OPTIONS)
 def cluster(
     replicas: int = typer.Option(2, "--replicas", "-r", help="Engine replicas (each one kvengine engine)."),
-    model: str | None = ModelOpt,
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on (loopback unless told otherwise)."),
     port: int = typer.Option(8000, "--port", help="TCP port of the endpoint (0 = any free port)."),
     address: str | None = typer.Option(None, "--address", help="Join this Ray cluster (e.g. 10.0.0.1:6379, or "
                                        "'auto') instead of starting a local Ray instance."),
     router: str = RouterOpt,
     api_key: list[str] | None = ApiKeyOpt,
-    max_num_seqs: int = MaxSeqsOpt,
     max_waiting: int = MaxWaitingOpt,
-    max_model_len: int | None = MaxLenOpt,
     served_model_name: str | None = ServedNameOpt,
     cpus_per_replica: float | None = typer.Option(None, "--cpus-per-replica", help="Ray CPUs per replica (default: "
                                                   "this machine's cores / replicas; 1 on a cluster)."),
-    dtype: str = DtypeOpt,
-    weights: str = WeightsOpt,
-    device: str = DeviceOpt,
-    threads: int | None = ThreadsOpt,
-    kv_dtype: str = KVDtypeOpt,
-    kv_memory: float | None = KVMemOpt,
-    kv_window: int | None = KVWindowOpt,
-    sink_tokens: int = SinkOpt,
+    *, engine: EngineOptions,
 ) -> None:
     """Serve a model from N replicas on Ray Serve behind one OpenAI-compatible endpoint, routed by KV cache."""
     from kvengine.cluster import require_ray
     from kvengine.cluster.app import ClusterConfig, prepare, start, stop
-    from kvengine.config import EngineConfig
-
-    budget = int(kv_memory) if kv_memory is not None and kv_memory > 1 else kv_memory
-    engine_args = dict(dtype=dtype, device=device, num_threads=threads, kv_cache_dtype=kv_dtype,
-                       kv_cache_memory=budget, weights=weights, kv_window=kv_window, sink_tokens=sink_tokens,
-                       max_num_seqs=max_num_seqs, max_model_len=max_model_len)
-    EngineConfig(**engine_args).resolved_dtype()  # bad engine options: one line here, not in every replica
-    config = ClusterConfig(replicas=replicas, model=model, engine_args=engine_args, host=host, port=port,
+    engine_args = engine.engine_args()
+    engine.config().resolved_dtype()  # bad engine options: one line here, not in every replica
+    config = ClusterConfig(replicas=replicas, model=engine.model, engine_args=engine_args, host=host, port=port,
                            address=address, api_keys=list(api_key or []), served_model_name=served_model_name,
                            max_waiting=max_waiting, router=router, cpus_per_replica=cpus_per_replica)
     require_ray()

@@ -14,22 +14,17 @@ from rich.console import Console
 from rich.table import Table
 
 from kvengine.cli.app import eval_app
+from kvengine.cli.options import EngineOptions, engine_options
+from kvengine.cli.values import at_least_one
 from kvengine.errors import ConfigError
 from kvengine.eval.kv import CHAT_PROMPTS, DEFAULT_DTYPES, KVEvalReport
 
 PROBE_KV_MEMORY = 16 << 20  # the loaded LLM's own pool is unused: every measurement builds its own
 
 
-def _positive(value: int, name: str) -> int:
-    if value < 1:
-        raise ConfigError(f"{name} must be at least 1, got {value}")
-    return value
-
-
 @eval_app.command("kv")
+@engine_options("model", "dtype", "device", "num_threads")
 def kv(
-    model: str | None = typer.Option(None, "--model", "-m", help="Model name, GGUF file or HF folder "
-                                     "(default: SmolLM2-135M-Instruct)."),
     text: str | None = typer.Option(None, "--text", help="Held text file for perplexity (default: CPython's "
                                     "pydoc topics)."),
     tokens: int = typer.Option(2048, "--tokens", "-n", help="Tokens of the text to score."),
@@ -43,19 +38,16 @@ def kv(
                                             "(repeatable; default: four built-in prompts)."),
     chunk: int = typer.Option(256, "--chunk", help="Prefill chunk for perplexity (1 = token by token)."),
     block_size: int = typer.Option(16, "--block-size", help="KV block size (int4 key scales are per block)."),
-    dtype: str = typer.Option("auto", "--dtype", help="Compute dtype: auto (fp32 on CPU), float32, bfloat16."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
-    threads: int | None = typer.Option(None, "--threads", help="CPU threads for PyTorch."),
     as_json: bool = typer.Option(False, "--json", help="Print only the JSON line."),
+    *, engine: EngineOptions,
 ) -> None:
     """Perplexity, logit drift, greedy agreement, bytes per token and capacity for every KV dtype."""
     from kvengine.accounting.memory import parse_bytes
     from kvengine.cache.spec import kv_dtype
     from kvengine.eval.kv import evaluate_kv_dtypes, held_text, text_tokens
-    from kvengine.llm import LLM
 
     for value, name in ((tokens, "--tokens"), (seq_len, "--seq-len"), (chunk, "--chunk")):
-        _positive(value, name)
+        at_least_one(value, name)
     if generate < 0:
         raise ConfigError(f"--generate must be 0 or more, got {generate}")
     names = [kv_dtype(d.strip()).name for d in dtypes.split(",") if d.strip()]
@@ -64,13 +56,12 @@ def kv(
     nbytes = parse_bytes(budget)
     err = Console(stderr=True)
     text_name, body = held_text(text)
-    llm = LLM(model, dtype=dtype, device=device, num_threads=threads, kv_cache_memory=PROBE_KV_MEMORY,
-              max_num_seqs=1, quiet=as_json)
+    llm = engine.open_llm(kv_cache_memory=PROBE_KV_MEMORY, max_num_seqs=1, quiet=as_json)
     ids = text_tokens(llm.tokenizer, body, tokens)
     prompts = llm.encode_chats([[{"role": "user", "content": p}] for p in (prompt or CHAT_PROMPTS)])
     report = evaluate_kv_dtypes(
         llm.engine.model, llm.tokenizer, ids, prompts, names, generate=generate, chunk_size=chunk,
-        block_size=block_size, budget=nbytes, seq_len=seq_len, device=device,
+        block_size=block_size, budget=nbytes, seq_len=seq_len, device=engine.device,
         text_name=text_name, progress=lambda msg: err.print(f"[dim]{msg}[/dim]"))
     report.model = llm.model_name
     if not as_json:  # piped output is not wrapped at 80 columns

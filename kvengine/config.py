@@ -344,9 +344,10 @@ class EngineConfig:
     num_threads: int | None = None
     seed: int = 0
     compile: bool = False  # torch.compile decode steps (see engine/compiled.py)
-    # decode steps (and prefill steps of short prompts) of int8/int4 Llama-family models as one kvengine op per
-    # layer, where it applies (models/llama.py enable_fused_decode, engine/runner.py FUSED_ROW_KEYS)
-    fused_decode: bool = True
+    # run whole decoder layers as one kvengine op each (the fused layer op: decode steps and prefill steps of short
+    # prompts, int8/int4 or bf16 weights, Llama family), where it applies (models/llama.py enable_fused_layers,
+    # engine/runner.py FUSED_ROW_KEYS)
+    fused_layers: bool = True
     # int8/int4 weights on PyTorch's packed kernels (fp32 activations, or a CPU without kvengine's): steps with
     # more rows than this (prefill, large batches) multiply by a dense copy in the compute dtype, where those
     # kernels are slower; None = no dense copy (less memory). kvengine's kernels need no copy.

@@ -197,9 +197,9 @@ def build_engine(model: torch.nn.Module, tokenizer: Tokenizer | None, config: En
     per_seq = max_blocks(spec.groups, max_len, config.max_num_batched_tokens, config.block_size)
     num_blocks = num_blocks_for_budget(spec, config.kv_cache_memory, config.device, config.max_num_seqs * per_seq)
     pool = KVPool.allocate(spec, num_blocks, config.device)
-    if config.fused_decode and hasattr(model, "enable_fused_decode") and (
+    if config.fused_layers and hasattr(model, "enable_fused_layers") and (
             config.quantized_weights or dtype == torch.bfloat16):
-        why_not = model.enable_fused_decode(pool)
+        why_not = model.enable_fused_layers(pool)
         weights += "; decode steps: " + (f"layer by layer ({why_not})" if why_not else "one kvengine op per layer")
     bm = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching and spec.prefix_cacheable)
     tier = None

@@ -239,6 +239,14 @@ class KVPool:
     def layer(self, i: int) -> LayerKV:
         return self.layers[i]
 
+    def plain_dtype(self) -> torch.dtype | None:
+        """The element dtype when every layer's K/V are plain float tensors (`LayerKV.k` / `.v`, no codes or
+        scales) in one group that keeps every token: what ops reading the pool's tensors directly (the fused layer
+        op) need. None otherwise."""
+        if not (self.spec.kv_dtype.is_float and self.spec.prefix_cacheable):
+            return None
+        return self.kv.dtype
+
     # ---- whole blocks (the disk tier) ---------------------------------------------------------------
     # Every pool tensor keeps slots (or, for per-block key scales, blocks) on axis 3: a block's bytes are its
     # rows on that axis in each of (kv, *scales).

@@ -8,8 +8,8 @@ step: one sequence, several sequences (one padded gather), and a third once a st
 `dense_above` (the dense weight copies of PyTorch's packed kernels, layers/linear.py). The model reads
 `StepBatch.max_context_len`, never the per-sequence lists, and the runner gives compiled steps slot lists, never
 start slots (engine/runner.py), so the graphs depend on neither. Prefill, mixed steps and windowed layouts run
-eagerly, and so do the decode steps of a model that runs them as one op per layer (models/llama.py
-`enable_fused_decode`: then nothing is compiled). Inductor caches the compiled code on disk (under
+eagerly, and so do the decode steps of a model that runs them as one op per layer (the fused layer op,
+models/llama.py `enable_fused_layers`: then nothing is compiled). Inductor caches the compiled code on disk (under
 $KVENGINE_HOME/inductor); Dynamo's tracing is paid again in every process. `first_call_s` records what the
 first call of each kind took here.
 """

@@ -38,11 +38,11 @@ class ModelRunner:
         self.compiled = CompiledDecode(model) if compile_decode else None
 
     @property
-    def fused_decode(self) -> bool:
-        """The model runs steps as one op per layer (models/llama.py enable_fused_decode): every decode step,
+    def fused_layers(self) -> bool:
+        """The model runs steps as one op per layer (models/llama.py enable_fused_layers): every decode step,
         and prefill steps whose tokens read few keys (`FUSED_ROW_KEYS`); they skip compilation, and need each
         token's keys by slot list (`_add_row_slots`)."""
-        return getattr(self.model, "fused", None) is not None
+        return getattr(self.model, "fused_layer_weights", None) is not None
 
     @torch.inference_mode()
     def run(self, batch: StepBatch) -> torch.Tensor:
@@ -113,7 +113,7 @@ class ModelRunner:
             kv_index.append(index)
         view = KVView(retention.window, retention.sinks, torch.cat(slots).to(self.device), tables, kv_index,
                       kv_positions, num_sinks)
-        if self.fused_decode and (decode or row_keys(scheduled) <= FUSED_ROW_KEYS):
+        if self.fused_layers and (decode or row_keys(scheduled) <= FUSED_ROW_KEYS):
             self._add_row_slots(view, scheduled)
         elif decode and len(scheduled) > 1 and not any(num_sinks):
             self._add_decode_gather(view, scheduled)

@@ -42,7 +42,7 @@ GPT2_GGUF_LAYER_NAMES = {
     "ffn_norm": "ln_2", "ffn_up": "mlp.c_fc", "ffn_down": "mlp.c_proj",
 }
 GPT2_GGUF_GLOBAL_NAMES = {"token_embd": "wte", "position_embd": "wpe", "output_norm": "ln_f", "output": "lm_head"}
-FUSED_DECODE_REASON = ("kvengine's fused decode op runs RMSNorm, RoPE and a bias-free SiLU-gated MLP; GPT-2 has "
+FUSED_LAYERS_REASON = ("kvengine's fused layer op runs RMSNorm, RoPE and a bias-free SiLU-gated MLP; GPT-2 has "
                        "LayerNorm with a bias, learned positions, biases on every linear and a plain GELU MLP")
 
 
@@ -127,9 +127,9 @@ class GPT2ForCausalLM(CheckpointWeights, torch.nn.Module):
         x = self.ln_f(x[batch.logits_indices])  # [N, hidden]: only rows that are sampled
         return self.lm_head(x).float()  # [N, vocab]
 
-    def enable_fused_decode(self, pool: KVPool) -> str:
-        """GPT-2 decodes layer by layer; the reason goes into the run summary."""
-        return FUSED_DECODE_REASON
+    def enable_fused_layers(self, pool: KVPool) -> str:
+        """GPT-2 runs layer by layer; the reason goes into the run summary."""
+        return FUSED_LAYERS_REASON
 
     # -- weights ------------------------------------------------------------------------------------------
     def load_weight(self, name: str, tensor: torch.Tensor) -> str:

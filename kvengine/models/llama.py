@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from kvengine.batch import StepBatch
-from kvengine.cache.pool import KVPool, LayerKV
+from kvengine.cache.pool import KVPool
 from kvengine.config import ModelConfig
 from kvengine.errors import ModelLoadError
 from kvengine.layers import native
@@ -142,10 +142,11 @@ class LlamaForCausalLM(CheckpointWeights, torch.nn.Module):
         self.lm_head = Linear(config.hidden_size, config.vocab_size, False, dtype)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.fused: list[list[torch.Tensor]] | None = None  # per layer: decode_layer's weights (enable_fused_decode)
+        # per layer: the fused layer op's weights (enable_fused_layers), None while the model runs layer by layer
+        self.fused_layer_weights: list[list[torch.Tensor]] | None = None
         self.fused_tier = ""  # the kernel tier (layers/native.py) whose decode_layer runs them
 
-    def enable_fused_decode(self, pool: KVPool) -> str:
+    def enable_fused_layers(self, pool: KVPool) -> str:
         """Run decode steps (one sequence or several) and prefill steps of short prompts as one
         `kvengine::decode_layer` op per layer (the PyTorch ops' dispatch otherwise costs more than their
         arithmetic; compilation removes it too, but traces again in every process). Returns "" when enabled, else
@@ -157,23 +158,24 @@ class LlamaForCausalLM(CheckpointWeights, torch.nn.Module):
             act = "bf16" if chosen is None or chosen.act_dtype == torch.bfloat16 else "fp32"
             bf16 = " or bf16 weights" if act == "bf16" else ""
             return f"it needs {act} activations, and kvengine's tile kernels{bf16} in every linear layer"
-        if not fused_decode_pool(pool, tier.act_dtype):
+        if pool.plain_dtype() != tier.act_dtype:
             return f"it needs a {str(tier.act_dtype).removeprefix('torch.')} KV cache that keeps every token"
-        self.fused, self.fused_tier = weights, tier.name
+        self.fused_layer_weights, self.fused_tier = weights, tier.name
         return ""
 
-    def decodes_fused(self, batch: StepBatch, kv: KVPool | None) -> bool:
+    def runs_fused_layers(self, batch: StepBatch, kv: KVPool | None) -> bool:
         """Whether forward(batch, kv) takes the one-op-per-layer path: the runner gave every token its slot list
         (engine/runner.py `_add_row_slots`: decode steps, and prefill steps that read few keys). The pool was
-        checked once, by enable_fused_decode."""
-        return self.fused is not None and kv is not None and batch.kv is not None and batch.kv[0].row_slots is not None
+        checked once, by enable_fused_layers."""
+        return (self.fused_layer_weights is not None and kv is not None and batch.kv is not None
+                and batch.kv[0].row_slots is not None)
 
     def _forward_fused(self, batch: StepBatch, kv: KVPool) -> torch.Tensor:
-        assert self.fused is not None
+        assert self.fused_layer_weights is not None
         c, view = self.config, batch.kv[0]
         x = self.embed_tokens(batch.input_ids)  # [T, hidden]
         cos, sin = self.rotary.table(batch.positions, batch.max_context_len)  # [T, 1, D] each
-        for weights, layer_kv in zip(self.fused, kv.layers, strict=True):
+        for weights, layer_kv in zip(self.fused_layer_weights, kv.layers, strict=True):
             x = native.ops(self.fused_tier).decode_layer(x, weights, cos, sin, layer_kv.k, layer_kv.v, view.row_slots,
                                                 view.row_lens, c.num_heads, c.num_kv_heads, c.rms_norm_eps,
                                                 c.attn_scale)  # [T, hidden]
@@ -185,7 +187,7 @@ class LlamaForCausalLM(CheckpointWeights, torch.nn.Module):
         return head(x).float()  # [N, vocab]
 
     def forward(self, batch: StepBatch, kv: KVPool | None) -> torch.Tensor:
-        if self.decodes_fused(batch, kv):
+        if self.runs_fused_layers(batch, kv):
             assert kv is not None
             return self._forward_fused(batch, kv)
         x = self.embed_tokens(batch.input_ids)  # [T, hidden]
@@ -224,12 +226,6 @@ def fused_operands(layer: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor] 
             and tier is not None and tier.row_kernels):
         return layer.weight, layer.weight.new_empty(0)
     return None
-
-
-def fused_decode_pool(pool: KVPool, dtype: torch.dtype) -> bool:
-    """Whether `kvengine::decode_layer` reads this pool: plain K/V of the tier's activation dtype, one group
-    keeping every token."""
-    return pool.spec.prefix_cacheable and type(pool.layers[0]) is LayerKV and pool.kv.dtype == dtype
 
 
 def unpermute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:

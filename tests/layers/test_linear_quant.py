@@ -87,7 +87,7 @@ def test_default_model_int4_tracks_fp32(default_gguf, default_llm, dtype):
     step of many rows: activations of the kernel tier's dtype (layers/native.py: bf16 for avx512, fp32 for avx2
     and portable) run kvengine's gemm kernels on int8-quantized activations, the other dtype PyTorch's packed
     kernels (dense_above=None: no dense copy), as
-    prefill and batched decode run them (tests/models/test_llama_fused_decode.py covers one row)."""
+    prefill and batched decode run them (tests/models/test_llama_fused_layers.py covers one row)."""
     from kvengine.layers import native
     from kvengine.llm import LLM
 

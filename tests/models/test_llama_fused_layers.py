@@ -1,4 +1,5 @@
-"""Decode steps as one `kvengine::decode_layer` op per layer (layers/csrc/decode_layer.cpp, models/llama.py):
+"""The fused layer op: whole decoder layers as one `kvengine::decode_layer` op each, for decode steps and short
+prefills (layers/csrc/decode_layer.cpp, models/llama.py):
 the same tokens and, within the activations' rounding, the same logits as the layer-by-layer PyTorch path on the
 same quantized weights, for one sequence (consecutive and scattered, prefix-cache hit, block tables) and for
 several decoded together; and the cases it does not take say why in the run summary. Every test runs on each
@@ -51,7 +52,7 @@ def _engine(fused: bool, **kw) -> LLM:
     model, _ = tiny_pair("llama", **TINY)
     kw.setdefault("kv_cache_memory", 1 << 20)
     kw.setdefault("weights", "int4")
-    return LLM.from_model(model.to(act_dtype()), None, block_size=4, fused_decode=fused, **kw)
+    return LLM.from_model(model.to(act_dtype()), None, block_size=4, fused_layers=fused, **kw)
 
 
 def count_decode_layer_calls(monkeypatch) -> list[int]:
@@ -89,9 +90,9 @@ def _decode(llm: LLM) -> tuple[list[list[int]], list[torch.Tensor], list[bool]]:
     return tokens, logits, consecutive
 
 
-def test_fused_decode_equals_layer_by_layer(monkeypatch):
+def test_fused_layers_equals_layer_by_layer(monkeypatch):
     fused, plain = _engine(True), _engine(False)
-    assert fused.engine.model.fused is not None and plain.engine.model.fused is None
+    assert fused.engine.model.fused_layer_weights is not None and plain.engine.model.fused_layer_weights is None
     calls = count_decode_layer_calls(monkeypatch)
     got, got_logits, blocks = _decode(fused)
     # every step of both requests, 2 layers each: the prompt's uncached tokens (14; then 3, the shared 12 hit the
@@ -128,7 +129,7 @@ def test_prefill_reading_many_keys_runs_layer_by_layer(monkeypatch):
     assert calls == [len(prompt)] * 2
 
 
-def test_fused_decode_says_when_it_runs_and_why_not():
+def test_fused_layers_says_when_it_runs_and_why_not():
     assert fused_line(_engine(True)) == "one kvengine op per layer"
     assert fused_line(_engine(False)) is None  # turned off: not mentioned
     assert fused_line(_engine(True, kv_cache_dtype="int8")) == (
@@ -153,12 +154,12 @@ def test_bf16_weights_decode_through_the_op_as_layer_by_layer():
     logits within bf16 noise, for requests prefilled and decoded together. (On the fp32 tiers bf16 weights run
     layer by layer: those CPUs have no bf16 arithmetic.)"""
     if act_dtype() != torch.bfloat16:
-        assert _engine(True, weights="bf16").engine.model.fused is None
+        assert _engine(True, weights="bf16").engine.model.fused_layer_weights is None
         return
     results = []
     for fused in (True, False):
         llm = _engine(fused, weights="bf16", max_num_seqs=4)
-        assert (llm.engine.model.fused is not None) == fused
+        assert (llm.engine.model.fused_layer_weights is not None) == fused
         outs, calls, _, logits = _generate_recording(llm, PROMPTS)
         assert bool(calls) == fused
         results.append(([o.token_ids for o in outs], logits))
@@ -207,7 +208,7 @@ def test_fused_step_returns_only_sampled_rows():
         for start in (0, 1):
             assert engine.bm.ensure_capacity(0, start + 1, start)
             batch = engine.runner.build_cached([ScheduledSeq(seq, 1)])
-            assert engine.runner.model.decodes_fused(batch, engine.pool) == (llm is fused)
+            assert engine.runner.model.runs_fused_layers(batch, engine.pool) == (llm is fused)
             rows.append(engine.runner.run(batch))
             seq.num_computed_tokens += 1
     assert [r.shape[0] for r in rows] == [0, 1, 0, 1]
@@ -260,7 +261,7 @@ def test_a_request_decodes_the_same_alone_or_batched():
         assert any(torch.equal(mine[0], row) for row in batched)
 
 
-def test_fused_decode_under_preemption_prefix_hits_and_chunked_prefill():
+def test_fused_layers_under_preemption_prefix_hits_and_chunked_prefill():
     """A pool too small for the batch (preemption, recompute), shared prefixes (scattered block tables) and a
     small token budget (prefill in chunks beside decode steps): the fused engine's tokens equal the
     layer-by-layer engine's under the same pressure, and every block comes back."""
@@ -293,7 +294,8 @@ def test_decode_layer_rejects_wrong_inputs():
     cos = sin = torch.ones(1, c.head_dim, dtype=act_dtype())
     x = torch.zeros(1, c.hidden_size, dtype=act_dtype())
     slots, lens = torch.tensor([[0, 1]]), torch.tensor([2])
-    args = (model.fused[0], cos, sin, layer.k, layer.v, slots, lens, c.num_heads, c.num_kv_heads, 1e-5, 0.1)
+    args = (model.fused_layer_weights[0], cos, sin, layer.k, layer.v, slots, lens, c.num_heads, c.num_kv_heads, 1e-5,
+            0.1)
 
     op = native.ops(native.chosen().name).decode_layer
     act, other = act_name(), torch.float32 if act_dtype() == torch.bfloat16 else torch.bfloat16
@@ -310,28 +312,28 @@ def test_decode_layer_rejects_wrong_inputs():
     with pytest.raises(RuntimeError, match="lens must lie in 1..L"):
         call(6, torch.tensor([3]))
     with pytest.raises(RuntimeError, match="10 weight tensors expected"):
-        call(0, model.fused[0][:9])
+        call(0, model.fused_layer_weights[0][:9])
     with pytest.raises(RuntimeError, match="slots must lie in the cache"):
         call(5, torch.tensor([[0, layer.k.shape[1]]]))
     with pytest.raises(RuntimeError, match=f"cos/sin must be \\[M, D\\] {act}"):
         call(1, torch.ones(2, c.head_dim, dtype=act_dtype()))
     with pytest.raises(RuntimeError, match=f"norm weights must be \\[H\\] {act}"):
-        call(0, [w.to(other) if i == 0 else w for i, w in enumerate(model.fused[0])])
+        call(0, [w.to(other) if i == 0 else w for i, w in enumerate(model.fused_layer_weights[0])])
     if act_dtype() != torch.bfloat16:
         return
-    bf16 = _engine(True, weights="bf16").engine.model.fused[0]  # qkv as a float weight [N, K]
+    bf16 = _engine(True, weights="bf16").engine.model.fused_layer_weights[0]  # qkv as a float weight [N, K]
     with pytest.raises(RuntimeError, match="a float weight must be \\[N, K\\] bfloat16"):
         call(0, [w.float() if i == 1 else w for i, w in enumerate(bf16)])
 
 
-def test_default_model_fused_decode_tracks_fp32(default_gguf, default_llm, monkeypatch):
+def test_default_model_fused_layers_tracks_fp32(default_gguf, default_llm, monkeypatch):
     """The real default model, int4 weights and the tier's activations, teacher-forced one token per step through
     the fused op on held-out text, against the fp32 reference: perplexity within 2% (the issue's bar for quantized
     weights) and the same top token at >= 90% of positions (measured here on bf16: -0.15%, 98%)."""
     from kvengine.eval.perplexity import score_chunks
 
     llm = LLM(str(default_gguf), weights="int4", dtype=act_name(), kv_cache_memory=64 << 20, max_num_seqs=1)
-    assert llm.engine.model.fused is not None
+    assert llm.engine.model.fused_layer_weights is not None
     ids = held_out_ids(llm.tokenizer)
     ref = default_llm.engine.runner.full_logits_no_cache(ids, 0)  # [n, vocab]
     calls = count_decode_layer_calls(monkeypatch)

@@ -215,8 +215,34 @@ def run_cache_bench(llm: LLM, prompt_ids: list[int], max_tokens: int, no_cache_m
 
 def cache_report(bench: CacheBench, report: Report, model_name: str) -> Report:
     """Tables, notes, plots and JSON of a `bench cache` run, into `report`."""
-    c, u, m = bench.cached, bench.uncached, report.machine.describe()
-    f, fu = bench.flops, bench.flops_uncached
+    c, f, n = bench.cached, bench.flops, bench.compared_tokens
+    _tables(bench, report, model_name)
+    report.notes += [
+        f"Speedup {bench.speedup:,.2f}x in wall time beside {bench.flop_ratio:,.2f}x in matmul FLOPs over the "
+        f"first {n} tokens. FLOPs: {FLOP_CONVENTION}; {f.describe()}.",
+        "TTFT: time to first token (the prefill step). Growth = median time per token over the last tenth of "
+        "the positions / over the first tenth (first token left out): ~1 means flat. GFLOP: analytic matmul "
+        "FLOPs of the run; GFLOP (engine): what the engine counted step by step; CPU %: this process, mean, "
+        "% of all cores.",
+        "Greedy tokens of the two runs: " + ("identical" if bench.first_divergence is None else
+                                               f"differ from token {bench.first_divergence} on"),
+        f"Warm-up before timing: {bench.warmup_tokens} tokens with and without the cache (not timed).",
+    ]
+    if bench.capped:
+        report.notes.append(f"The no-cache run was capped at {n} tokens (--no-cache-max-tokens); the cached run "
+                            f"generated {len(c.times_s)}. Speedup and FLOP ratio compare the first {n} tokens.")
+    _plots(bench, report, model_name)
+    report.results = {"cached": c.to_dict(), "no_cache": bench.uncached.to_dict(), "flops": f.to_dict(),
+                      "flops_no_cache_run": bench.flops_uncached.to_dict(), "speedup": bench.speedup,
+                      "flop_ratio": bench.flop_ratio, "first_divergence": bench.first_divergence,
+                      "capped": bench.capped}
+    report.summary = {**bench.summary(), "model": model_name}
+    return report
+
+
+def _tables(bench: CacheBench, report: Report, model_name: str) -> None:
+    """Both runs side by side, what the cache saved, and seed 004's summary lines."""
+    c, u, f, fu = bench.cached, bench.uncached, bench.flops, bench.flops_uncached
     rows = []
     for run, fl, steps in ((c, f.with_cache, f.steps_with), (u, fu.without_cache, fu.steps_without)):
         per = run.per_token_s
@@ -239,20 +265,11 @@ def cache_report(bench: CacheBench, report: Report, model_name: str) -> Report:
         ["With KV cache", f"{bench.mean_cached_s:,.4f} seconds ({len(c.times_s)} tokens)"],
         ["Speedup factor", f"{bench.mean_speedup:,.2f}x"],
         ["Time reduction", f"{bench.time_reduction_pct:,.2f}%"]]))
-    report.notes += [
-        f"Speedup {bench.speedup:,.2f}x in wall time beside {bench.flop_ratio:,.2f}x in matmul FLOPs over the "
-        f"first {n} tokens. FLOPs: {FLOP_CONVENTION}; {f.describe()}.",
-        "TTFT: time to first token (the prefill step). Growth = median time per token over the last tenth of "
-        "the positions / over the first tenth (first token left out): ~1 means flat. GFLOP: analytic matmul "
-        "FLOPs of the run; GFLOP (engine): what the engine counted step by step; CPU %: this process, mean, "
-        "% of all cores.",
-        "Greedy tokens of the two runs: " + ("identical" if bench.first_divergence is None else
-                                               f"differ from token {bench.first_divergence} on"),
-        f"Warm-up before timing: {bench.warmup_tokens} tokens with and without the cache (not timed).",
-    ]
-    if bench.capped:
-        report.notes.append(f"The no-cache run was capped at {n} tokens (--no-cache-max-tokens); the cached run "
-                            f"generated {len(c.times_s)}. Speedup and FLOP ratio compare the first {n} tokens.")
+
+
+def _plots(bench: CacheBench, report: Report, model_name: str) -> None:
+    """Time per token (with each step's FLOPs), cumulative time, CPU and memory."""
+    c, u, f, fu, m = bench.cached, bench.uncached, bench.flops, bench.flops_uncached, report.machine.describe()
     step_flops = {CACHED: (c.positions, f.steps_with), UNCACHED: (u.positions, fu.steps_without)}
     plots.token_latency(report.plot_path("token_latency.png", "Time per generated token against its position, "
                                          "with the analytic FLOPs of each step"),
@@ -265,8 +282,3 @@ def cache_report(bench: CacheBench, report: Report, model_name: str) -> Report:
                                      "(seed 000's charts)"),
                     {CACHED: c.resources, UNCACHED: u.resources},
                     f"{model_name}: utilisation and memory while generating", m)
-    report.results = {"cached": c.to_dict(), "no_cache": u.to_dict(), "flops": f.to_dict(),
-                      "flops_no_cache_run": fu.to_dict(), "speedup": bench.speedup, "flop_ratio": bench.flop_ratio,
-                      "first_divergence": bench.first_divergence, "capped": bench.capped}
-    report.summary = {**bench.summary(), "model": model_name}
-    return report

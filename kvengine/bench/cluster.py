@@ -102,6 +102,7 @@ def run_real(config: ClusterBenchConfig) -> tuple[float, dict[str, RouterResult]
 
 async def _replay(url: str, trace: list[TraceRequest], concurrency: int, timeout_s: float,
                   router: str) -> RouterResult:
+    """The trace through `concurrency` streaming clients (closed loop): hit rate, TTFT, tokens/s, per replica."""
     import httpx
 
     queue: asyncio.Queue[TraceRequest] = asyncio.Queue()
@@ -113,31 +114,11 @@ async def _replay(url: str, trace: list[TraceRequest], concurrency: int, timeout
 
     async def client(http: httpx.AsyncClient) -> None:
         while not queue.empty():
-            request = queue.get_nowait()
-            body = {"prompt": request.token_ids, "max_tokens": request.max_tokens, "ignore_eos": True,
-                    "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
-            start = time.perf_counter()
-            first = None
-            usage = None
-            try:
-                async with http.stream("POST", url + "/v1/completions", json=body) as response:
-                    if response.status_code != 200:
-                        totals["failed"] += 1
-                        continue
-                    replica = response.headers.get("x-kvengine-replica", "?")
-                    async for line in response.aiter_lines():
-                        if not line.startswith("data: ") or line == "data: [DONE]":
-                            continue
-                        chunk = json.loads(line[6:])
-                        if first is None and chunk.get("choices") and chunk["choices"][0].get("text"):
-                            first = time.perf_counter() - start
-                        usage = chunk.get("usage") or usage
-            except httpx.HTTPError:
+            answer = await _stream(http, url, queue.get_nowait())
+            if answer is None:
                 totals["failed"] += 1
                 continue
-            if usage is None:
-                totals["failed"] += 1
-                continue
+            replica, first, usage = answer
             per_replica[replica] = per_replica.get(replica, 0) + 1
             if first is not None:
                 ttfts.append(first)
@@ -152,6 +133,31 @@ async def _replay(url: str, trace: list[TraceRequest], concurrency: int, timeout
     return RouterResult(router, len(trace), totals["failed"], totals["cached"] / max(totals["prompt"], 1),
                         percentile(ttfts, 50), percentile(ttfts, 99), totals["tokens"] / duration, duration,
                         per_replica)
+
+
+async def _stream(http: Any, url: str, request: TraceRequest) -> tuple[str, float | None, dict[str, Any]] | None:
+    """One streamed completion: (the replica that served it, time to first text, usage); None if it failed."""
+    import httpx
+
+    body = {"prompt": request.token_ids, "max_tokens": request.max_tokens, "ignore_eos": True,
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    first = usage = None
+    try:
+        async with http.stream("POST", url + "/v1/completions", json=body) as response:
+            if response.status_code != 200:
+                return None
+            replica = response.headers.get("x-kvengine-replica", "?")
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if first is None and chunk.get("choices") and chunk["choices"][0].get("text"):
+                    first = time.perf_counter() - start
+                usage = chunk.get("usage") or usage
+    except httpx.HTTPError:
+        return None
+    return None if usage is None else (replica, first, usage)
 
 
 def real_report(report: Report, config: ClusterBenchConfig, ideal: float, results: dict[str, RouterResult],

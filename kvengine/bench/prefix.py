@@ -155,11 +155,46 @@ def run_prefix_bench(llm: LLM, requests: int, max_tokens: int, cached_prefix_tok
 
 
 def prefix_report(bench: PrefixBench, report: Report, model_name: str) -> Report:
-    b, m = bench.batched, report.machine.describe()
-    n_req, n_tok = b.concurrency, len(b.times_s[0]) if b.times_s else 0
+    """Tables, notes, plots and JSON of a `bench prefix` run, into `report`."""
+    _tables(bench, report, model_name)
+    report.notes += [
+        "tok/s: output tokens / wall time. One at a time: the same requests through one engine, each after the "
+        "previous finished; its tok/s is over their summed wall time.",
+        "Warm: an earlier request with the same system message ran first (same cache salt); cold: the same "
+        "request under a salt nothing was cached with. TTFT as the engine reports it (arrival to first token).",
+        "Waste: allocated = blocks in use x bytes per block; held = tokens with KV in those blocks (a block "
+        "shared through the prefix cache counted once) x bytes per token. Steady state: every request admitted "
+        "and decoding. Sampled after every engine step.",
+        *bench.notes,
+    ]
+    _plots(bench, report, model_name)
+    s, hf = bench.waste.samples, bench.hf_batched
+    report.results = {
+        "batched": bench.batched.to_dict(), "sequential": [r.to_dict() for r in bench.sequential],
+        "sequential_tokens_per_s": bench.sequential_tokens_per_s,
+        "transformers_batched": {"wall_s": hf[0], "tokens": hf[1], "tokens_per_s": bench.hf_tokens_per_s}
+        if hf else None,
+        "ttft_cold_s": bench.ttft_cold, "ttft_warm_s": bench.ttft_warm, "cached_tokens": bench.cached_tokens,
+        "waste": [{"step": x.step, "blocks_used": x.blocks_used, "allocated_bytes": x.allocated_bytes,
+                   "held_bytes": x.held_bytes, "waste": x.waste, "steady": x.steady} for x in s]}
+    steady = bench.waste.steady_waste()
+    report.summary = {"model": model_name, "batched_tokens_per_s": bench.batched.tokens_per_s,
+                      "sequential_tokens_per_s": bench.sequential_tokens_per_s,
+                      "transformers_batched_tokens_per_s": bench.hf_tokens_per_s,
+                      "ttft_cold_s": statistics.median(bench.ttft_cold),
+                      "ttft_warm_s": statistics.median(bench.ttft_warm), "ttft_speedup": bench.ttft_speedup,
+                      "steady_waste_mean": statistics.mean(steady) if steady else None,
+                      "steady_waste_max": max(steady) if steady else None}
+    return report
+
+
+def _tables(bench: PrefixBench, report: Report, model_name: str) -> None:
+    """Throughput against one at a time and transformers; cold against warm TTFT; KV memory waste."""
+    b, n_req = bench.batched, bench.batched.concurrency
     seq_tok_s, hf_tok_s = bench.sequential_tokens_per_s, bench.hf_tokens_per_s
     report.tables.append(Table(
-        f"{model_name}: {n_req} chat requests, {n_tok} new tokens each", ["system", "how", "tok/s", "vs kvengine"], [
+        f"{model_name}: {n_req} chat requests, {_new_tokens(bench)} new tokens each",
+        ["system", "how", "tok/s", "vs kvengine"], [
             ["kvengine", f"{n_req} at once (one engine)", num(b.tokens_per_s), "1.00"],
             ["kvengine", f"one at a time ({len(bench.sequential)} requests)", num(seq_tok_s),
              num(seq_tok_s / b.tokens_per_s if b.tokens_per_s else None)],
@@ -177,21 +212,22 @@ def prefix_report(bench: PrefixBench, report: Report, model_name: str) -> Report
         ["samples", "steady-state samples", "mean at steady state", "max at steady state", "vLLM paper"],
         [[str(len(bench.waste.samples)), str(len(steady)), _pct(statistics.mean(steady) if steady else None),
           _pct(max(steady) if steady else None), "< 4%"]]))
-    report.notes += [
-        "tok/s: output tokens / wall time. One at a time: the same requests through one engine, each after the "
-        "previous finished; its tok/s is over their summed wall time.",
-        "Warm: an earlier request with the same system message ran first (same cache salt); cold: the same "
-        "request under a salt nothing was cached with. TTFT as the engine reports it (arrival to first token).",
-        "Waste: allocated = blocks in use x bytes per block; held = tokens with KV in those blocks (a block "
-        "shared through the prefix cache counted once) x bytes per token. Steady state: every request admitted "
-        "and decoding. Sampled after every engine step.",
-        *bench.notes,
-    ]
+
+
+def _new_tokens(bench: PrefixBench) -> int:
+    return len(bench.batched.times_s[0]) if bench.batched.times_s else 0
+
+
+def _plots(bench: PrefixBench, report: Report, model_name: str) -> None:
+    """Aggregate tok/s bars, cold/warm TTFT bars, waste at every step."""
+    m, n_req = report.machine.describe(), bench.batched.concurrency
     labels = [f"kvengine\n{n_req} at once", "kvengine\none at a time", f"transformers\nbatched ({n_req})"]
     plots.bars(report.plot_path("prefix_throughput.png", "Aggregate tok/s: batched engine, one at a time, "
                                 "transformers batched generate"), labels,
-               {"output tokens/s": [b.tokens_per_s, seq_tok_s, hf_tok_s]}, "aggregate output tokens/s",
-               f"{model_name}: {n_req} chat requests x {n_tok} new tokens", m)
+               {"output tokens/s": [bench.batched.tokens_per_s, bench.sequential_tokens_per_s,
+                                    bench.hf_tokens_per_s]}, "aggregate output tokens/s",
+               f"{model_name}: {n_req} chat requests x {_new_tokens(bench)} new tokens", m)
+    cold, warm = statistics.median(bench.ttft_cold), statistics.median(bench.ttft_warm)
     plots.bars(report.plot_path("prefix_ttft.png", "Time to first token, cold against a cached prefix"),
                ["cold (nothing cached)", f"warm ({bench.cached_tokens} tokens cached)"],
                {"TTFT": [cold * 1000, warm * 1000]}, "time to first token (ms)",
@@ -203,21 +239,6 @@ def prefix_report(bench: PrefixBench, report: Report, model_name: str) -> Report
                  "waste, steady state": ([x.step for x in s if x.steady], [x.waste * 100 for x in s if x.steady])},
                 "engine step", "allocated but not holding a token (% of allocated KV bytes)",
                 f"{model_name}: KV memory waste, {n_req} requests", m, hline=(VLLM_WASTE * 100, "vLLM paper: 4%"))
-    report.results = {
-        "batched": b.to_dict(), "sequential": [r.to_dict() for r in bench.sequential],
-        "sequential_tokens_per_s": seq_tok_s, "transformers_batched": {"wall_s": bench.hf_batched[0],
-                                                                       "tokens": bench.hf_batched[1],
-                                                                       "tokens_per_s": hf_tok_s}
-        if bench.hf_batched else None,
-        "ttft_cold_s": bench.ttft_cold, "ttft_warm_s": bench.ttft_warm, "cached_tokens": bench.cached_tokens,
-        "waste": [{"step": x.step, "blocks_used": x.blocks_used, "allocated_bytes": x.allocated_bytes,
-                   "held_bytes": x.held_bytes, "waste": x.waste, "steady": x.steady} for x in s]}
-    report.summary = {"model": model_name, "batched_tokens_per_s": b.tokens_per_s,
-                      "sequential_tokens_per_s": seq_tok_s, "transformers_batched_tokens_per_s": hf_tok_s,
-                      "ttft_cold_s": cold, "ttft_warm_s": warm, "ttft_speedup": bench.ttft_speedup,
-                      "steady_waste_mean": statistics.mean(steady) if steady else None,
-                      "steady_waste_max": max(steady) if steady else None}
-    return report
 
 
 def _pct(x: float | None) -> str:

@@ -63,74 +63,101 @@ class SimResult:
 
 
 def simulate(trace: list[TraceRequest], config: SimConfig, router: str) -> SimResult:
+    """Replay `trace` (Poisson arrivals) through `router` onto `config.replicas` simulated replicas."""
     if router not in SIM_ROUTERS:
         raise ValueError(f"unknown simulated router '{router}'")
-    rng = random.Random(config.seed)
-    bs = config.block_size
-    replicas = [_Replica(f"r{i}", BlockManager(config.blocks_per_replica, bs)) for i in range(config.replicas)]
-    by_name = {r.name: r for r in replicas}
-    index = BlockIndex(pending_ttl_s=0.0 if router == "kvengine_no_pending" else 30.0, clock=lambda: now)
-    recent = RecentLoad(config.load_half_life_s, clock=lambda: now)
-    mean_cost = sum(_cost(config, len(r.token_ids), r.max_tokens) for r in trace) / len(trace)
-    rate = config.utilization * config.replicas / mean_cost
-    events: list[tuple[float, int, str, object]] = []
-    order = itertools.count()
-    t = 0.0
-    for request in trace:
-        t += rng.expovariate(rate)
-        heapq.heappush(events, (t, next(order), "arrive", request))
-    heapq.heappush(events, (0.0, next(order), "report", None))
-    seq_ids = itertools.count()
-    cached = prompt = 0
-    waits: list[float] = []
-    rr = itertools.count()
-    now, left = 0.0, len(trace)
+    return _Simulation(trace, config, router).run()
 
-    def start(replica: _Replica) -> None:
-        nonlocal cached, prompt
+
+class _Simulation:
+    """One run's state: the replicas, the router's view of them, and a heap of (time, order, kind, item) events."""
+
+    def __init__(self, trace: list[TraceRequest], config: SimConfig, router: str) -> None:
+        self.config, self.router, self.trace = config, router, trace
+        self.rng = random.Random(config.seed)
+        self.replicas = [_Replica(f"r{i}", BlockManager(config.blocks_per_replica, config.block_size))
+                         for i in range(config.replicas)]
+        self.by_name = {r.name: r for r in self.replicas}
+        self.now = 0.0
+        self.index = BlockIndex(pending_ttl_s=0.0 if router == "kvengine_no_pending" else 30.0,
+                                clock=lambda: self.now)
+        self.recent = RecentLoad(config.load_half_life_s, clock=lambda: self.now)
+        self.events: list[tuple[float, int, str, object]] = []
+        self.order, self.seq_ids, self.turns = itertools.count(), itertools.count(), itertools.count()
+        self.cached = self.prompt = 0
+        self.waits: list[float] = []
+
+    def push(self, at: float, kind: str, item: object) -> None:
+        heapq.heappush(self.events, (at, next(self.order), kind, item))
+
+    def run(self) -> SimResult:
+        config, trace = self.config, self.trace
+        mean_cost = sum(_cost(config, len(r.token_ids), r.max_tokens) for r in trace) / len(trace)
+        rate = config.utilization * config.replicas / mean_cost
+        t = 0.0
+        for request in trace:
+            t += self.rng.expovariate(rate)
+            self.push(t, "arrive", request)
+        self.push(0.0, "report", None)
+        left = len(trace)
+        while left:
+            self.now, _, kind, item = heapq.heappop(self.events)
+            if kind == "report":
+                self.report()
+            elif kind == "arrive":
+                self.arrive(item)  # type: ignore[arg-type]
+            else:
+                self.finish(*item)  # type: ignore[misc]
+                left -= 1
+        return self.result()
+
+    def report(self) -> None:
+        for r in self.replicas:
+            self.index.report(r.name, [block_key(h) for h in r.bm.registered_hashes()])
+        self.push(self.now + self.config.report_period_s, "report", None)
+
+    def arrive(self, request: TraceRequest) -> None:
+        keys = (prompt_block_keys(request.token_ids, None, self.config.block_size)
+                if self.router.startswith("kvengine") else [])
+        name = _route(self.router, keys, self.replicas, self.index, self.recent, self.config.balance, self.rng,
+                      next(self.turns))
+        replica = self.by_name[name]
+        self.recent.add(name)
+        if keys:
+            self.index.add_pending(name, keys)
+        replica.in_flight += 1
+        replica.served += 1
+        replica.queue.append((self.now, request))
+        if len(replica.queue) == 1:
+            self.start(replica)
+
+    def start(self, replica: _Replica) -> None:
+        """Serve the request at the head of `replica`'s queue: its prefix hit, then its cost in busy time."""
         arrival, request = replica.queue[0]
-        seq = next(seq_ids)
+        seq = next(self.seq_ids)
         match = replica.bm.allocate(seq, request.token_ids)
         assert match is not None, "a request larger than a replica's pool"
-        cached += match.num_cached_tokens
-        prompt += len(request.token_ids)
+        self.cached += match.num_cached_tokens
+        self.prompt += len(request.token_ids)
         replica.bm.commit(seq, request.token_ids, len(request.token_ids))
-        cost = _cost(config, len(request.token_ids) - match.num_cached_tokens, request.max_tokens)
+        cost = _cost(self.config, len(request.token_ids) - match.num_cached_tokens, request.max_tokens)
         replica.busy_s += cost
-        waits.append(now - arrival)
-        heapq.heappush(events, (now + cost, next(order), "finish", (replica, seq)))
+        self.waits.append(self.now - arrival)
+        self.push(self.now + cost, "finish", (replica, seq))
 
-    while left:
-        now, _, kind, item = heapq.heappop(events)
-        if kind == "report":
-            for r in replicas:
-                index.report(r.name, [block_key(h) for h in r.bm.registered_hashes()])
-            heapq.heappush(events, (now + config.report_period_s, next(order), "report", None))
-        elif kind == "arrive":
-            request: TraceRequest = item  # type: ignore[assignment]
-            keys = prompt_block_keys(request.token_ids, None, bs) if router.startswith("kvengine") else []
-            name = _route(router, keys, replicas, index, recent, config.balance, rng, next(rr))
-            replica = by_name[name]
-            recent.add(name)
-            if keys:
-                index.add_pending(name, keys)
-            replica.in_flight += 1
-            replica.served += 1
-            replica.queue.append((now, request))
-            if len(replica.queue) == 1:
-                start(replica)
-        else:
-            replica, seq = item  # type: ignore[misc]
-            replica.bm.free(seq)
-            replica.queue.popleft()
-            replica.in_flight -= 1
-            left -= 1
-            if replica.queue:
-                start(replica)
-    served = [r.served for r in replicas]
-    busy = [r.busy_s for r in replicas]
-    return SimResult(router, config.replicas, cached / prompt, max(served) / (sum(served) / len(served)),
-                     max(busy) / (sum(busy) / len(busy)), sum(waits) / len(waits))
+    def finish(self, replica: _Replica, seq: int) -> None:
+        replica.bm.free(seq)
+        replica.queue.popleft()
+        replica.in_flight -= 1
+        if replica.queue:
+            self.start(replica)
+
+    def result(self) -> SimResult:
+        served = [r.served for r in self.replicas]
+        busy = [r.busy_s for r in self.replicas]
+        return SimResult(self.router, self.config.replicas, self.cached / self.prompt,
+                         max(served) / (sum(served) / len(served)), max(busy) / (sum(busy) / len(busy)),
+                         sum(self.waits) / len(self.waits))
 
 
 def _route(router: str, keys: list[bytes], replicas: list[_Replica], index: BlockIndex, recent: RecentLoad,

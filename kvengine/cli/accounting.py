@@ -97,12 +97,7 @@ def flops(
     """Matmul FLOPs of one step (per component) and of a whole completion, with and without the KV cache."""
     p = require_positive(prompt_tokens, "--prompt-tokens")
     n = require_positive(new_tokens, "--new-tokens")
-    require_choice(convention, CONVENTIONS, "--convention")
-    require_choice(lm_head, LM_HEAD_MODES, "--lm-head")
-    require_choice(attention, ATTENTION_MODES, "--attention")
-    k = step if step is not None else min(2, n)
-    if isinstance(k, bool) or not 1 <= k <= n:
-        raise ConfigError(f"--step must be between 1 and --new-tokens ({n}), got {k}")
+    k = _check_flops_choices(n, step, convention, lm_head, attention)
     cfg = resolve_model_config(model, config, preset)
     totals = completion_flops(cfg, p, n, convention, lm_head, attention=attention)
     pair: tuple[StepFlops, StepFlops] | None = None
@@ -122,6 +117,17 @@ def flops(
     console.print(f"convention {totals.describe()}")
     if all_steps:
         console.print(_steps_table(totals))
+
+
+def _check_flops_choices(n: int, step: int | None, convention: str, lm_head: str, attention: str) -> int:
+    """Refuse an unknown convention, LM-head or attention mode; the step to break down (default 2)."""
+    require_choice(convention, CONVENTIONS, "--convention")
+    require_choice(lm_head, LM_HEAD_MODES, "--lm-head")
+    require_choice(attention, ATTENTION_MODES, "--attention")
+    k = step if step is not None else min(2, n)
+    if isinstance(k, bool) or not 1 <= k <= n:
+        raise ConfigError(f"--step must be between 1 and --new-tokens ({n}), got {k}")
+    return k
 
 
 def _flops_json(cfg: ModelConfig, totals: CompletionFlops, k: int, pair: tuple[StepFlops, StepFlops] | None,

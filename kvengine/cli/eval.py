@@ -43,16 +43,13 @@ def kv(
 ) -> None:
     """Perplexity, logit drift, greedy agreement, bytes per token and capacity for every KV dtype."""
     from kvengine.accounting.memory import parse_bytes
-    from kvengine.cache.spec import kv_dtype
     from kvengine.eval.kv import evaluate_kv_dtypes, held_text, text_tokens
 
     for value, name in ((tokens, "--tokens"), (seq_len, "--seq-len"), (chunk, "--chunk")):
         at_least_one(value, name)
     if generate < 0:
         raise ConfigError(f"--generate must be 0 or more, got {generate}")
-    names = [kv_dtype(d.strip()).name for d in dtypes.split(",") if d.strip()]
-    if not names:
-        raise ConfigError(f"--dtypes needs at least one KV dtype, got '{dtypes}'")
+    names = _kv_dtypes(dtypes)
     nbytes = parse_bytes(budget)
     err = Console(stderr=True)
     text_name, body = held_text(text)
@@ -67,6 +64,16 @@ def kv(
     if not as_json:  # piped output is not wrapped at 80 columns
         Console(width=None if sys.stdout.isatty() else 160).print(kv_table(report))
     print(json.dumps({"eval": "kv", **report.to_dict()}))
+
+
+def _kv_dtypes(text: str) -> list[str]:
+    """--dtypes 'fp8,int4' -> the KV dtypes' canonical names; at least one."""
+    from kvengine.cache.spec import kv_dtype
+
+    names = [kv_dtype(d.strip()).name for d in text.split(",") if d.strip()]
+    if not names:
+        raise ConfigError(f"--dtypes needs at least one KV dtype, got '{text}'")
+    return names
 
 
 def kv_table(report: KVEvalReport) -> Table:

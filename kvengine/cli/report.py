@@ -36,7 +36,6 @@ def disk_line(m) -> str:
 
 def run_summary(llm, out: RequestOutput, file: TextIO, turn: bool = False) -> None:
     m = out.metrics
-    spec = llm.kv_cache_spec
     ttft = f"{m.ttft_s * 1000:.0f} ms" if m.ttft_s is not None else "-"
     decode = f"{m.decode_tokens_per_s:.1f} tok/s" if m.decode_tokens_per_s else "-"
     mode = "KV cache" if m.use_cache else "no cache (recompute every step)"
@@ -46,14 +45,7 @@ def run_summary(llm, out: RequestOutput, file: TextIO, turn: bool = False) -> No
         f"time to first token {ttft}, decode {decode}, total {m.total_s:.2f} s",
     ]
     if m.use_cache:
-        lines.append(
-            f"KV cache held {human_bytes(m.kv_cache_bytes)} ({human_bytes(spec.bytes_per_token)}/token x "
-            f"{round(m.kv_cache_bytes / spec.bytes_per_token)} tokens, {m.blocks_held} blocks of {spec.block_size}, "
-            f"{spec.dtype}); prompt tokens computed {m.computed_prompt_tokens}, reused {m.cached_tokens}"
-            + (f" (rest not reused: {m.miss_reason})" if m.miss_reason and turn and not m.disk_tokens else "")
-            + (f"; bounded: every layer keeps at most {spec.sink_tokens} sink + {spec.kv_window} recent tokens"
-               if spec.kv_window is not None else "")
-        )
+        lines.append(_cache_line(llm, m, turn))
     if m.use_cache and llm.engine.disk is not None:
         lines.append(disk_line(m))
     ratio = m.flops_no_cache / m.flops if m.flops else 0.0
@@ -61,21 +53,44 @@ def run_summary(llm, out: RequestOutput, file: TextIO, turn: bool = False) -> No
         f"matmul FLOPs (2mnp): {human_count(m.flops)} spent; a no-cache run computes "
         f"{human_count(m.flops_no_cache)} ({ratio:.1f}x)"
     )
-    compiled = llm.engine.runner.compiled
-    first_calls = compiled.untold_first_calls() if compiled is not None else {}
-    if first_calls:
-        took = ", ".join(f"{kind} {s:.1f} s" for kind, s in first_calls.items())
-        lines.append(f"torch.compile: first compiled decode steps took {took} (tracing, then compiling or loading "
-                     "Inductor's disk cache); that time is inside this run's decode rate; later requests in this "
-                     "process skip it, a new process traces again (Dynamo keeps no disk cache)")
+    lines += _compile_lines(llm)
     if out.verify is not None:
-        v = out.verify
-        verdict = "identical" if v.passed else "DIFFERENT"
-        div = "none" if v.first_divergence is None else f"token {v.first_divergence}"
-        if v.divergence_margin is not None:
-            tie = " (a near-tie, within the dtype's tolerance)" if v.divergence_margin <= v.tolerance else ""
-            div += f", where the no-cache run ranks its own pick {v.divergence_margin:.3g} above this run's{tie}"
-        lines.append(f"verify: recomputed without cache: {verdict}; max |logit diff| {v.max_abs_logit_diff:.2e} over "
-                     f"{v.tokens_checked} steps (tolerance {v.tolerance:g}), first diverging token: {div}")
+        lines.append(_verify_line(out.verify))
     for line in lines:
         print(line, file=file)
+
+
+def _cache_line(llm, m, turn: bool) -> str:
+    """What the KV cache held and which prompt tokens it reused."""
+    spec = llm.kv_cache_spec
+    return (
+        f"KV cache held {human_bytes(m.kv_cache_bytes)} ({human_bytes(spec.bytes_per_token)}/token x "
+        f"{round(m.kv_cache_bytes / spec.bytes_per_token)} tokens, {m.blocks_held} blocks of {spec.block_size}, "
+        f"{spec.dtype}); prompt tokens computed {m.computed_prompt_tokens}, reused {m.cached_tokens}"
+        + (f" (rest not reused: {m.miss_reason})" if m.miss_reason and turn and not m.disk_tokens else "")
+        + (f"; bounded: every layer keeps at most {spec.sink_tokens} sink + {spec.kv_window} recent tokens"
+           if spec.kv_window is not None else "")
+    )
+
+
+def _compile_lines(llm) -> list[str]:
+    """The first compiled decode steps' time, once per process."""
+    compiled = llm.engine.runner.compiled
+    first_calls = compiled.untold_first_calls() if compiled is not None else {}
+    if not first_calls:
+        return []
+    took = ", ".join(f"{kind} {s:.1f} s" for kind, s in first_calls.items())
+    return [f"torch.compile: first compiled decode steps took {took} (tracing, then compiling or loading "
+            "Inductor's disk cache); that time is inside this run's decode rate; later requests in this "
+            "process skip it, a new process traces again (Dynamo keeps no disk cache)"]
+
+
+def _verify_line(v) -> str:
+    """--verify: the run against a recomputation without any cache."""
+    verdict = "identical" if v.passed else "DIFFERENT"
+    div = "none" if v.first_divergence is None else f"token {v.first_divergence}"
+    if v.divergence_margin is not None:
+        tie = " (a near-tie, within the dtype's tolerance)" if v.divergence_margin <= v.tolerance else ""
+        div += f", where the no-cache run ranks its own pick {v.divergence_margin:.3g} above this run's{tie}"
+    return (f"verify: recomputed without cache: {verdict}; max |logit diff| {v.max_abs_logit_diff:.2e} over "
+            f"{v.tokens_checked} steps (tolerance {v.tolerance:g}), first diverging token: {div}")

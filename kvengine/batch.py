@@ -4,15 +4,20 @@ Tokens of every scheduled sequence are concatenated into one flat batch of T tok
 Sequence i owns tokens query_start_loc[i] : query_start_loc[i+1]; after this step it holds context_lens[i]
 tokens, the last query_lens[i] of which are the new ones. With a KV cache, `kv` has one KVView per KV group
 (cache/retention.py; one group unless layers keep different windows): token t's key and value are written at
-`kv[g].slot_mapping[t]` and sequence i reads the keys at `kv[g].kv_index[i]`. Without a cache (the seeds'
-baseline) `kv` is None and every sequence's whole text is in the batch (query_lens == context_lens).
+`kv[g].slot_mapping[t]` and sequence i reads the keys at `kv[g].kv_index[i]`; `kv[g].backend` is the attention
+path the group takes this step, with what it planned in `kv[g].metadata` (layers/backends). Without a cache (the
+seeds' baseline) `kv` is None and every sequence's whole text is in the batch (query_lens == context_lens).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from kvengine.layers.backends.base import AttentionBackend
 
 
 @dataclass(slots=True)
@@ -29,13 +34,10 @@ class KVView:
     kv_index: list[int | torch.Tensor]  # [B]: start slot, or [L] slots
     kv_positions: list[torch.Tensor | None]  # [B]: [L] text positions of the keys read, or None = 0 .. L - 1
     num_sinks: list[int]  # [B]: leading keys that are sinks
-    # Batched decode only: [B, max_len] slots (padding repeats a real slot) and [B, max_len] validity.
-    decode_slots: torch.Tensor | None = None
-    decode_mask: torch.Tensor | None = None
-    # Steps the model runs as one op per layer (models/llama.py): token r's sequence's slots [T, max_len]
-    # (padding repeats a real slot) and [T] how many it reads, its own last (causal).
-    row_slots: torch.Tensor | None = None
-    row_lens: torch.Tensor | None = None
+    # The group's attention path this step and its plan (layers/backends); the runner sets both for every view,
+    # in one place (engine/runner.py `ModelRunner._plan`), before the forward pass.
+    backend: AttentionBackend | None = None
+    metadata: Any = None
 
 
 @dataclass(slots=True)

@@ -16,6 +16,7 @@ from kvengine.cache.retention import Retention
 from kvengine.engine.compiled import CompiledDecode
 from kvengine.engine.scheduler import ScheduledSeq
 from kvengine.engine.sequence import Sequence
+from kvengine.layers.backends import FUSED_LAYERS, PAGED, PAGED_DECODE, AttentionBackend
 
 # The one-op path attends with a plain loop per (token, head); a prefill step whose tokens together read more
 # keys than this (a long prompt) runs layer by layer, where PyTorch's attention kernels are faster. 32 chat
@@ -23,9 +24,13 @@ from kvengine.engine.sequence import Sequence
 FUSED_ROW_KEYS = 1 << 16
 
 
-def row_keys(scheduled: list[ScheduledSeq]) -> int:
+def row_keys(batch: StepBatch) -> int:
     """Keys the step's tokens read together (causal): token t of a chunk starting at `start` reads start + t + 1."""
-    return sum(s.num_new_tokens * s.start + s.num_new_tokens * (s.num_new_tokens + 1) // 2 for s in scheduled)
+    total = 0
+    for i, end in enumerate(batch.context_lens):
+        n = batch.query_len(i)
+        total += n * (end - n) + n * (n + 1) // 2
+    return total
 
 
 class ModelRunner:
@@ -40,15 +45,15 @@ class ModelRunner:
     @property
     def fused_layers(self) -> bool:
         """The model runs steps as one op per layer (models/llama.py enable_fused_layers): every decode step,
-        and prefill steps whose tokens read few keys (`FUSED_ROW_KEYS`); they skip compilation, and need each
-        token's keys by slot list (`_add_row_slots`)."""
+        and prefill steps whose tokens read few keys (`FUSED_ROW_KEYS`); they skip compilation."""
         return getattr(self.model, "fused_layer_weights", None) is not None
 
     @torch.inference_mode()
     def run(self, batch: StepBatch) -> torch.Tensor:
         """logits [N, vocab] float32 for the batch's logits_indices rows."""
-        if self.compiled is not None and self.compiled.applies(batch) and batch.kv[0].row_slots is None:
-            return self.compiled(batch, self.pool)  # (steps with row slots run the model's one-op path)
+        if (self.compiled is not None and self.compiled.applies(batch)
+                and not batch.kv[0].backend.runs_whole_layers):  # (the fused layer op is not compiled)
+            return self.compiled(batch, self.pool)
         return self.model(batch, self.pool if batch.uses_cache else None)
 
     def build_cached(self, scheduled: list[ScheduledSeq]) -> StepBatch:
@@ -78,6 +83,7 @@ class ModelRunner:
         if sinks is not None:
             assert sinks.window is not None
             batch.sink_positions = pos.clamp(max=sinks.sinks + sinks.window - 1)  # [T]: Retention.cache_position
+        self._plan(batch)
         return batch
 
     def _view(self, group: int, retention: Retention, scheduled: list[ScheduledSeq]) -> KVView:
@@ -88,11 +94,10 @@ class ModelRunner:
         kv_index: list[int | torch.Tensor] = []
         kv_positions: list[torch.Tensor | None] = []
         num_sinks: list[int] = []
-        decode = all(s.num_new_tokens == 1 for s in scheduled)
         # compiled decode reads keys by slot list even where blocks are consecutive: Dynamo guards the index's
         # type, so a start slot and a slot list would be two graphs, and the second compile would stall the first
         # request whose blocks are scattered (after a prefix-cache hit: the usual case from the second request on).
-        as_slots = decode and self.compiled is not None
+        as_slots = self.compiled is not None and all(s.num_new_tokens == 1 for s in scheduled)
         for s in scheduled:
             start, end = s.start, s.start + s.num_new_tokens
             table = self.bm.block_table(s.seq.seq_id, group)
@@ -111,40 +116,24 @@ class ModelRunner:
                 num_sinks.append(len(sink_range))
             tables.append(table)
             kv_index.append(index)
-        view = KVView(retention.window, retention.sinks, torch.cat(slots).to(self.device), tables, kv_index,
+        return KVView(retention.window, retention.sinks, torch.cat(slots).to(self.device), tables, kv_index,
                       kv_positions, num_sinks)
-        if self.fused_layers and (decode or row_keys(scheduled) <= FUSED_ROW_KEYS):
-            self._add_row_slots(view, scheduled)
-        elif decode and len(scheduled) > 1 and not any(num_sinks):
-            self._add_decode_gather(view, scheduled)
-        return view
 
-    def _add_row_slots(self, view: KVView, scheduled: list[ScheduledSeq]) -> None:
-        """Per-token slot lists for the model's one-op path: token t of sequence s (position start + t) reads
-        the first start + t + 1 slots of s's list."""
-        padded, _ = self._sequence_slots(view, scheduled)  # [S, max_len]
-        counts = torch.tensor([s.num_new_tokens for s in scheduled], device=self.device)  # [S]
-        view.row_slots = padded.repeat_interleave(counts, dim=0)  # [T, max_len]
-        view.row_lens = torch.cat([torch.arange(s.start + 1, s.start + s.num_new_tokens + 1, device=self.device)
-                                   for s in scheduled])  # [T]
+    def _plan(self, batch: StepBatch) -> None:
+        """Each KV group's attention path for the step and that backend's metadata (layers/backends)."""
+        for view in batch.kv:
+            view.backend = self._backend_for(batch, view)
+            view.metadata = view.backend.plan(batch, view)
 
-    def _add_decode_gather(self, view: KVView, scheduled: list[ScheduledSeq]) -> None:
-        """Padded slot indices for one batched attention call: [B, max_len] slots and validity mask."""
-        view.decode_slots, lens = self._sequence_slots(view, scheduled)  # [B, max_len], [B]
-        max_len = view.decode_slots.shape[1]
-        view.decode_mask = torch.arange(max_len, device=self.device)[None, :] < lens[:, None]  # [B, max_len]
-
-    def _sequence_slots(self, view: KVView, scheduled: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each sequence's slots up to the step's end, padded to one length: ([S, max_len], [S] lengths).
-        Padding repeats the sequence's first slot, so padded keys are real (finite) values."""
-        rows = []
-        for index, s in zip(view.kv_index, scheduled, strict=True):
-            end = s.start + s.num_new_tokens
-            rows.append(torch.arange(index, index + end, device=self.device) if isinstance(index, int)
-                        else index[:end])
-        max_len = max(len(r) for r in rows)
-        padded = torch.stack([torch.cat([r, r[:1].expand(max_len - len(r))]) for r in rows])  # [S, max_len]
-        return padded, torch.tensor([len(r) for r in rows], device=self.device)
+    def _backend_for(self, batch: StepBatch, view: KVView) -> AttentionBackend:
+        """The one place a step's attention path is chosen: the fused layer op where the model runs it (decode steps,
+        and prefill steps that read few keys: `FUSED_ROW_KEYS`), batched decode for several one-token sequences
+        without sinks, else per sequence."""
+        if self.fused_layers and (batch.is_decode or row_keys(batch) <= FUSED_ROW_KEYS):
+            return FUSED_LAYERS
+        if batch.is_decode and batch.num_seqs > 1 and not any(view.num_sinks):
+            return PAGED_DECODE
+        return PAGED
 
     def build_no_cache(self, seqs: list[Sequence]) -> StepBatch:
         """Every sequence's whole text, recomputed from scratch; logits for each last position."""

@@ -1,15 +1,7 @@
-"""Attention over the paged KV pool (or over the step's own tokens when there is no cache).
+"""Attention arithmetic every backend shares (layers/backends): masks and grouped-query SDPA.
 
-One entry point, `attend`, serves all three modes the engine has:
-- no cache (the seeds' baseline): each sequence's whole text is in the batch; causal attention over it;
-- paged cache, reference path: write the new K/V into the pool, then per sequence read its keys and
-  values (a view when its blocks are consecutive, a gather otherwise) and attend with the causal mask
-  offset by the tokens already cached;
-- paged cache, batched decode: every sequence has one new token; one padded gather and one SDPA call.
-
-With a cache, the step's KVView (batch.py) for the layer's group says which keys each sequence reads: all of
-them, or, for a windowed group (cache/retention.py), its window's and its sinks' at explicit text positions,
-masked by `visible_mask`.
+The ways a step attends (no cache, paged, batched paged decode, the fused layer op) are the backends in
+layers/backends; `kvengine.layers.backends.attend` is the entry a model's attention layer calls.
 
 Grouped-query attention is handled without repeating K/V: the `group` query heads that share a kv head
 are folded into the query-length axis, so SDPA sees [kv_heads, group x q_len, head_dim].
@@ -19,9 +11,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
-from kvengine.batch import KVView, StepBatch
-from kvengine.cache.pool import LayerKV
 
 
 def causal_mask(q_len: int, kv_len: int, window: int | None, device: torch.device) -> torch.Tensor | None:
@@ -99,75 +88,3 @@ def visible_mask(q_positions: torch.Tensor, k_positions: torch.Tensor, window: i
     if window is not None:
         mask &= (k > q - window) | (k < sinks)
     return mask
-
-
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_kv: LayerKV | None, view: KVView | None,
-           batch: StepBatch, scale: float, window: int | None = None,
-           q_sink: torch.Tensor | None = None) -> torch.Tensor:
-    """q [T, Hq, D], k/v [T, Hkv, D] for the step's new tokens -> attention output [T, Hq, D].
-
-    Without a cache, `window` is the layer's own sliding window; with one, the view says what is kept.
-    `q_sink` [T, Hq, D]: the queries rotated at their cache positions, for scores against sink keys."""
-    if layer_kv is None or view is None:
-        return _attend_no_cache(q, k, v, batch, scale, window)
-    layer_kv.write(view.slot_mapping, k, v)
-    if view.decode_slots is not None:
-        return _attend_decode_batched(q, layer_kv, view, scale)
-    if batch.num_seqs == 1 and view.kv_positions[0] is None:  # one sequence, every key: no output copy
-        k_1, v_1 = layer_kv.read(view.kv_index[0], batch.context_lens[0])  # [Hkv, kv_len, D] each
-        mask = causal_mask(q.shape[0], batch.context_lens[0], None, q.device)
-        return sdpa_gqa(q, k_1.to(q.dtype), v_1.to(q.dtype), scale, mask)
-    out = torch.empty_like(q)
-    for i in range(batch.num_seqs):
-        start, end = batch.query_start_loc[i], batch.query_start_loc[i + 1]
-        out[start:end] = _attend_one(q[start:end], layer_kv, view, i, batch.context_lens[i], scale,
-                                     q_sink[start:end] if q_sink is not None else None)
-    return out
-
-
-def _attend_one(q: torch.Tensor, layer_kv: LayerKV, view: KVView, i: int, context_len: int, scale: float,
-                q_sink: torch.Tensor | None) -> torch.Tensor:
-    """Sequence i of the view: q [q_len, Hq, D] against the keys it reads -> [q_len, Hq, D]."""
-    positions = view.kv_positions[i]
-    kv_len = context_len if positions is None else len(positions)
-    k_i, v_i = layer_kv.read(view.kv_index[i], kv_len)  # [Hkv, kv_len, D] each
-    k_i, v_i = k_i.to(q.dtype), v_i.to(q.dtype)
-    q_len = q.shape[0]
-    if positions is None:
-        return sdpa_gqa(q, k_i, v_i, scale, causal_mask(q_len, kv_len, None, q.device))
-    q_pos = torch.arange(context_len - q_len, context_len, device=q.device)  # [q_len]
-    mask = visible_mask(q_pos, positions, view.window, view.sinks)
-    n_sinks = view.num_sinks[i]
-    if n_sinks and q_sink is not None:
-        # Score sinks with the query at its cache position and recent keys with it at its text position, in
-        # one call: q' = [q_sink | q], k' = [k | 0] for sinks and [0 | k] for recent keys, so q'.k' picks
-        # the right product per key (the softmax scale stays that of head_dim).
-        zeros = torch.zeros_like(k_i)
-        sink_rows = torch.arange(kv_len, device=q.device)[None, :, None] < n_sinks  # [1, kv_len, 1]
-        k_i = torch.cat([torch.where(sink_rows, k_i, zeros), torch.where(sink_rows, zeros, k_i)], -1)
-        q = torch.cat([q_sink, q], -1)  # [q_len, Hq, 2D]
-    return sdpa_gqa(q, k_i, v_i, scale, mask)
-
-
-def _attend_no_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: StepBatch, scale: float,
-                     window: int | None) -> torch.Tensor:
-    out = torch.empty_like(q)
-    for i in range(batch.num_seqs):
-        start, end = batch.query_start_loc[i], batch.query_start_loc[i + 1]
-        mask = causal_mask(end - start, end - start, window, q.device)
-        k_i = k[start:end].transpose(0, 1)  # [Hkv, L, D]
-        v_i = v[start:end].transpose(0, 1)  # [Hkv, L, D]
-        out[start:end] = sdpa_gqa(q[start:end], k_i, v_i, scale, mask)
-    return out
-
-
-def _attend_decode_batched(q: torch.Tensor, layer_kv: LayerKV, view: KVView, scale: float) -> torch.Tensor:
-    """Every sequence has one query: q [B, Hq, D] against its padded keys [B, Hkv, max_len, D]. The keys
-    gathered are exactly the ones each query sees (its window's, for a windowed group), so the mask is validity."""
-    n_seqs, n_heads, dim = q.shape
-    k, v = layer_kv.read_slots(view.decode_slots)  # [B, Hkv, max_len, D] each
-    n_kv = k.shape[1]
-    qh = q.view(n_seqs, n_kv, n_heads // n_kv, dim)  # [B, Hkv, group, D]
-    mask = view.decode_mask[:, None, None, :]  # [B, 1, 1, max_len]
-    out = F.scaled_dot_product_attention(qh, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=scale)
-    return out.reshape(n_seqs, n_heads, dim)

@@ -22,7 +22,7 @@ from kvengine.batch import StepBatch
 from kvengine.cache.pool import KVPool
 from kvengine.config import ModelConfig
 from kvengine.errors import ModelLoadError
-from kvengine.layers.attention import attend
+from kvengine.layers.backends import attend
 from kvengine.layers.linear import Linear
 from kvengine.models.common import CheckpointWeights, gguf_name_to_hf
 

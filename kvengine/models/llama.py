@@ -18,7 +18,7 @@ from kvengine.cache.pool import KVPool
 from kvengine.config import ModelConfig
 from kvengine.errors import ModelLoadError
 from kvengine.layers import native
-from kvengine.layers.attention import attend
+from kvengine.layers.backends import FusedLayersMetadata, attend
 from kvengine.layers.linear import Linear, PackedLinear
 from kvengine.layers.norm import RMSNorm
 from kvengine.layers.rotary import RotaryEmbedding, rotate
@@ -164,20 +164,20 @@ class LlamaForCausalLM(CheckpointWeights, torch.nn.Module):
         return ""
 
     def runs_fused_layers(self, batch: StepBatch, kv: KVPool | None) -> bool:
-        """Whether forward(batch, kv) takes the one-op-per-layer path: the runner gave every token its slot list
-        (engine/runner.py `_add_row_slots`: decode steps, and prefill steps that read few keys). The pool was
+        """Whether forward(batch, kv) takes the one-op-per-layer path: the runner planned the step for the fused
+        layer op (engine/runner.py `_backend_for`: decode steps, and prefill steps that read few keys). The pool was
         checked once, by enable_fused_layers."""
-        return (self.fused_layer_weights is not None and kv is not None and batch.kv is not None
-                and batch.kv[0].row_slots is not None)
+        return kv is not None and batch.kv is not None and batch.kv[0].backend.runs_whole_layers
 
     def _forward_fused(self, batch: StepBatch, kv: KVPool) -> torch.Tensor:
         assert self.fused_layer_weights is not None
-        c, view = self.config, batch.kv[0]
+        c, meta = self.config, batch.kv[0].metadata
+        assert isinstance(meta, FusedLayersMetadata)
         x = self.embed_tokens(batch.input_ids)  # [T, hidden]
         cos, sin = self.rotary.table(batch.positions, batch.max_context_len)  # [T, 1, D] each
         for weights, layer_kv in zip(self.fused_layer_weights, kv.layers, strict=True):
-            x = native.ops(self.fused_tier).decode_layer(x, weights, cos, sin, layer_kv.k, layer_kv.v, view.row_slots,
-                                                view.row_lens, c.num_heads, c.num_kv_heads, c.rms_norm_eps,
+            x = native.ops(self.fused_tier).decode_layer(x, weights, cos, sin, layer_kv.k, layer_kv.v, meta.row_slots,
+                                                meta.row_lens, c.num_heads, c.num_kv_heads, c.rms_norm_eps,
                                                 c.attn_scale)  # [T, hidden]
         x = self.norm(x[batch.logits_indices])  # [N, hidden]
         head = self.lm_head

@@ -11,7 +11,7 @@ from typing import Any
 
 from kvengine.bench import plots
 from kvengine.bench.peer_systems import KVENGINE, LLAMA_CPP, SYSTEMS, TRANSFORMERS
-from kvengine.bench.peers import PeerRun, PeersBench, RateRun, common_prefix, common_words
+from kvengine.bench.peers import PeerRun, PeersBench, PeersPlan, RateRun, common_prefix, common_words
 from kvengine.bench.report import Report, Table, ms, num
 
 GOAL_TARGETS = {"decode": 1.0, "concurrent": 5.0, "prefill": 2.0}  # kvengine / llama.cpp at least this
@@ -262,6 +262,12 @@ def _notes(bench: PeersBench, goals: list[Goal]) -> list[str]:
         "faster. Same first words: the text against that variant's (KV cache, same length), word by word; "
         "(k) = leading words in common. EOS is ignored by every system so each makes exactly the asked tokens.",
     ]
+    return notes + _plan_notes(plan) + bench.skipped
+
+
+def _plan_notes(plan: PeersPlan) -> list[str]:
+    """How the concurrent, prefill and no-cache measurements ran, for those this run made."""
+    notes: list[str] = []
     if plan.concurrency:
         notes.append(f"Concurrent: {plan.concurrency} distinct chat prompts sent at once, greedy, EOS ignored, "
                      f"{plan.concurrent_tokens} new tokens each; tok/s = output tokens / wall time. kvengine: one "
@@ -276,4 +282,4 @@ def _notes(bench: PeersBench, goals: list[Goal]) -> list[str]:
     if plan.no_cache_max_tokens:
         notes.append(f"No-cache runs only up to {plan.no_cache_max_tokens} new tokens (--no-cache-max-tokens); "
                      "longer ones are left out (-).")
-    return notes + bench.skipped
+    return notes

@@ -161,16 +161,21 @@ def peers(
                      count_or_zero(concurrency, "--concurrency"), concurrent_tokens,
                      count_or_zero(prefill_tokens, "--prefill-tokens"), prompt, raw, engine.num_threads, engine.device)
     name = open_model_source(engine.model).name
-    params = {"model": name, "prompt": prompt, "chat_template": not raw, "lengths": plan.lengths,
-              "dtypes": plan.dtypes, "weights": weights, "variants": [v.label for v in plan.variants],
-              "compile": compile_decode, "concurrency": plan.concurrency, "concurrent_tokens": concurrent_tokens,
-              "prefill_tokens": plan.prefill_tokens, "no_cache_max_tokens": plan.no_cache_max_tokens,
-              "peers": list(plan.peers), "repeats": repeats, "device": engine.device, "threads": engine.num_threads,
-              "warmup_tokens": warmup}
+    params = _peers_params(plan, name, weights, compile_decode)
     report = open_report("peers", f"bench peers: {name} against {', '.join(plan.peers) or 'no peers'}", out, params)
     with progress_bars() as bar:
         result = run_peers_bench(engine.model, plan, bar)
     peers_report(result, report, name).finish()
+
+
+def _peers_params(plan: Any, name: str, weights: str, compile_decode: bool) -> dict[str, Any]:
+    """The settings of a `bench peers` run, as its report lists them."""
+    return {"model": name, "prompt": plan.prompt, "chat_template": not plan.raw, "lengths": plan.lengths,
+            "dtypes": plan.dtypes, "weights": weights, "variants": [v.label for v in plan.variants],
+            "compile": compile_decode, "concurrency": plan.concurrency, "concurrent_tokens": plan.concurrent_tokens,
+            "prefill_tokens": plan.prefill_tokens, "no_cache_max_tokens": plan.no_cache_max_tokens,
+            "peers": list(plan.peers), "repeats": plan.repeats, "device": plan.device, "threads": plan.threads,
+            "warmup_tokens": plan.warmup_tokens}
 
 
 def _peers_choices(lengths: str, weights: str, dtypes: str | None, compile_decode: bool,

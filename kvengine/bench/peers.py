@@ -2,7 +2,7 @@
 transformers (`use_cache` on and off) and llama.cpp through llama-cpp-python, each where installed.
 
 kvengine runs as one or more variants (how the weights are stored, the compute dtype, whether its decode
-steps are compiled). Besides batch-1 decode at each length, the same run measures issue 7's other two
+steps are compiled). Besides batch-1 decode at each length, the same run measures the other two performance
 goals for every system that can: the aggregate output tok/s of N concurrent greedy requests, and the prefill
 speed of a P-token prompt (P / time to first token).
 

@@ -1,4 +1,4 @@
-"""The `bench peers` report: issue 7's goals (kvengine's best variant against llama.cpp, ratios measured in one
+"""The `bench peers` report: the performance goals (kvengine's best variant against llama.cpp, ratios measured in one
 run), the kvengine variants, the batch-1 decode tables, the concurrent-requests and prefill tables, and the
 `result.json` / final-JSON-line keys. `compute_goals` is the pure part: rates in, goals out.
 """
@@ -15,14 +15,14 @@ from kvengine.bench.peers import PeerRun, PeersBench, PeersPlan, RateRun, common
 from kvengine.bench.report import Report, Table, ms, num
 
 GOAL_TARGETS = {"decode": 1.0, "concurrent": 5.0, "prefill": 2.0}  # kvengine / llama.cpp at least this
-AGREE_TOKENS = 32  # the issue: greedy output equal to the full-precision reference for the first 32 tokens
+AGREE_TOKENS = 32  # the goal: greedy output equal to the full-precision reference for the first 32 tokens
 COMPARE_WORDS = 8  # "starts with the same words": the first this many words of kvengine's text
 KV = "KV cache"
 
 
 @dataclass(slots=True)
 class Goal:
-    """One of the issue's goals: kvengine's best rate over its variants against llama.cpp's, and the target."""
+    """One performance goal: kvengine's best rate over its variants against llama.cpp's, and the target."""
 
     key: str  # "decode", "concurrent" or "prefill"
     title: str

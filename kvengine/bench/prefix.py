@@ -1,4 +1,4 @@
-"""`bench prefix`: what the paged, prefix-sharing cache buys when many chats share one engine (issue 4).
+"""`bench prefix`: what the paged, prefix-sharing cache buys when many chats share one engine.
 
 Three measurements in one run, on one model:
 - batched throughput: `requests` chat requests at once (`max_tokens` new each) through one engine, against

@@ -25,6 +25,11 @@ PromptOpt = typer.Option("Please tell me about Paris.", "--prompt", help="The pr
 RawOpt = typer.Option(False, "--raw", help="Send the prompt as is, without the chat template.")
 
 
+def run_settings(llm: Any, engine: EngineOptions) -> dict[str, Any]:
+    """The compute dtype, device and threads a benchmark ran with, as its report's settings list them."""
+    return {"dtype": llm.config.resolved_dtype(), "device": engine.device, "threads": engine.num_threads}
+
+
 @bench_app.command("cache")
 @engine_options(*BENCH_OPTIONS)
 def cache(
@@ -53,10 +58,8 @@ def cache(
     ids = encode_prompt(llm, prompt, raw)
     params = {"model": llm.model_name, "prompt": prompt, "chat_template": not raw, "prompt_tokens": len(ids),
               "max_tokens": max_tokens, "no_cache_max_tokens": no_cache_max_tokens,
-              "dtype": llm.config.resolved_dtype(), "device": engine.device, "threads": engine.num_threads,
-              "warmup_tokens": warmup,
-              "sample_interval_s": sample_interval, "runs": runs, "seed": seed,
-              "weights": llm.engine.weights_desc}
+              **run_settings(llm, engine), "warmup_tokens": warmup, "sample_interval_s": sample_interval,
+              "runs": runs, "seed": seed, "weights": llm.engine.weights_desc}
     report = open_report("cache", f"bench cache: {llm.model_name}, {max_tokens} tokens with and without the KV "
                          "cache", out, params)
     with progress_bars() as bar:
@@ -112,8 +115,7 @@ def throughput(
     modes = {k: v for k, v in MODES.items() if sharing == "both" or v == (sharing == "on")}
     llm = engine.open_llm(max_num_seqs=1)
     params = {"model": llm.model_name, "concurrency": levels, "max_tokens": max_tokens,
-              "prefix_tokens": prefix_tokens, "sharing": sharing, "dtype": llm.config.resolved_dtype(),
-              "device": engine.device, "threads": engine.num_threads, "warmup_tokens": warmup}
+              "prefix_tokens": prefix_tokens, "sharing": sharing, **run_settings(llm, engine), "warmup_tokens": warmup}
     report = open_report("throughput", f"bench throughput: {llm.model_name}, concurrent requests", out, params)
     with progress_bars() as bar:
         result = run_throughput_bench(llm, levels, max_tokens, prefix_tokens, modes, bar, warmup)
@@ -220,7 +222,7 @@ def prefix(
     params = {"model": llm.model_name, "requests": requests, "max_tokens": max_tokens, "sequential": n_seq,
               "block_size": block_size,
               "cached_prefix_tokens": cached_prefix_tokens, "repeats": repeats, "transformers": not no_transformers,
-              "dtype": llm.config.resolved_dtype(), "device": engine.device, "threads": engine.num_threads}
+              **run_settings(llm, engine)}
     report = open_report("prefix", f"bench prefix: {llm.model_name}, batching and prefix sharing", out, params)
     with progress_bars() as bar:
         result = run_prefix_bench(llm, requests, max_tokens, cached_prefix_tokens, n_seq, repeats,

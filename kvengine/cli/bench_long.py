@@ -13,7 +13,7 @@ from kvengine.bench.long import DEFAULT_CHUNK, DEFAULT_SEGMENT, MODES, LongPlan,
 from kvengine.bench.progress import progress_bars
 from kvengine.bench.report import open_report
 from kvengine.cli.app import bench_app
-from kvengine.cli.bench import BENCH_OPTIONS, OutOpt
+from kvengine.cli.bench import BENCH_OPTIONS, OutOpt, run_settings
 from kvengine.cli.options import EngineOptions, engine_options
 
 PROBE_KV_MEMORY = 16 << 20  # the loaded LLM's own pool is unused: every mode builds its own
@@ -53,8 +53,7 @@ def long(
     ids = text_tokens(llm.tokenizer, body, n)
     params = {"model": llm.model_name, "text": text_name, "tokens": n, "modes": list(plan.modes),
               "kv_window": kv_window, "sink_tokens": sink_tokens, "chunk": chunk, "segment": segment,
-              "kv_dtype": kv_dtype, "block_size": block_size, "dtype": llm.config.resolved_dtype(),
-              "device": engine.device, "threads": engine.num_threads}
+              "kv_dtype": kv_dtype, "block_size": block_size, **run_settings(llm, engine)}
     report = open_report("long", f"bench long: {llm.model_name}, {n:,} tokens with full, windowed and sink caches",
                      out, params)
     with progress_bars() as bar:

@@ -312,7 +312,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "bf16": "bfloat16", "fp16": "float16",
                  "f16": "float16", "half": "float16", "float": "float32"}
 WEIGHT_FORMATS = ("auto", "fp32", "bf16", "fp16", "int8", "int4")
-# the CLI's default (generate, chat, serve): the fastest path that keeps quality on this CPU (EngineConfig.resolve_fast)
+# the CLI's default (generate, chat, serve): the fastest path that keeps quality on this CPU (EngineConfig._fast_format)
 FAST_WEIGHTS = "fast"
 FLOAT_WEIGHTS = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -331,7 +331,7 @@ class EngineConfig:
 
     dtype: str = "auto"  # compute dtype; auto = float32 on CPU, bfloat16 on CUDA
     device: str = "cpu"
-    weights: str = "auto"  # weight storage: auto (dtype), fp32, bf16, fp16, int8, int4; fast (resolve_fast)
+    weights: str = "auto"  # weight storage: auto (dtype), fp32, bf16, fp16, int8, int4; fast (_fast_format)
     block_size: int = 16
     # KV budget: bytes (int > 1) or a fraction of free memory (0 < x <= 1); None = enough for
     # max_num_seqs sequences of max_model_len, capped at half of free memory.
@@ -378,25 +378,22 @@ class EngineConfig:
             raise ConfigError(f"dense_above must be >= 0 or None, got {self.dense_above}")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise ConfigError(f"kv_cache_memory must be positive, got {self.kv_cache_memory}")
+        if self.weights == FAST_WEIGHTS:  # resolved here, once: every later reading is plain
+            self.weights = self._fast_format()
 
-    def resolve_fast(self) -> bool:
+    def _fast_format(self) -> str:
         """weights 'fast' -> a format: int4 weights (int8 LM head) on kvengine's kernel tier for this CPU, in the
         tier's activation dtype (layers/native.py; perplexity within 2% of fp32 on held-out text, tests/layers),
-        where the dtype is left to auto on a CPU and a tier loads; else 'auto' (the float weights of the dtype).
-        True where it chose int4."""
-        if self.weights != FAST_WEIGHTS:
-            return False
+        where the dtype is left to auto on a CPU and a tier loads; else 'auto' (the float weights of the dtype)."""
         from kvengine.layers import native
 
         fast = self.dtype == "auto" and self.device == "cpu" and native.chosen() is not None
-        self.weights = "int4" if fast else "auto"
-        return fast
+        return "int4" if fast else "auto"
 
     def resolved_dtype(self) -> str:
         """The compute (activation) dtype: as asked, else the float weight format's, else for int8/int4 weights
         on a CPU the activations of kvengine's kernel tier (layers/native.py: bf16 with AVX-512 BF16, else fp32:
         never bf16 arithmetic a CPU emulates), else float32 on CPU and bfloat16 on CUDA."""
-        self.resolve_fast()
         float_weights = FLOAT_WEIGHTS.get(self.weights)
         if self.dtype != "auto":
             if float_weights is not None and float_weights != self.dtype:

@@ -17,21 +17,13 @@ from typing import Any
 
 import torch
 
-from kvengine.cache.block_manager import BlockManager
-from kvengine.cache.block_tables import KVBlockTables
 from kvengine.cache.disk_store import DiskStore, check_disk_budget, check_disk_dir
-from kvengine.cache.disk_tier import KVDiskTier
-from kvengine.cache.fingerprint import files_id, kv_fingerprint, tensors_id
-from kvengine.cache.pool import KVPool, num_blocks_for_budget
-from kvengine.cache.retention import max_blocks
+from kvengine.cache.fingerprint import files_id, tensors_id
 from kvengine.cache.spec import KVCacheSpec
-from kvengine.cache.spec import kv_dtype as resolve_kv_dtype
-from kvengine.config import EngineConfig, ModelConfig
-from kvengine.engine.engine import LLMEngine
+from kvengine.config import FAST_WEIGHTS, EngineConfig, ModelConfig
+from kvengine.engine.assembly import build_engine
 from kvengine.engine.output import RequestOutput
 from kvengine.errors import ConfigError, RequestError
-from kvengine.layers import native
-from kvengine.layers.linear import describe_kernels, quantize_linears
 from kvengine.sampling import SamplingParams
 from kvengine.weights.loader import load_model
 from kvengine.weights.preset import PRESET_SEED
@@ -40,7 +32,6 @@ from kvengine.weights.tokenizer import Tokenizer
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 Messages = list[dict[str, str]]
-UNBOUNDED_CONTEXT = 1 << 30  # the length limit when a KV window bounds the cache (kv_window set)
 
 
 class LLM:
@@ -48,18 +39,17 @@ class LLM:
         self.config = EngineConfig(**engine_args)
         _apply_threads(self.config)
         _check_device(self.config.device)
-        fast = self.config.resolve_fast()  # weights="fast" (the CLI's default): int4 on this CPU's kernel tier
+        # weights="fast" (the CLI's default): int4 on this CPU's kernel tier where it has one
+        fast = engine_args.get("weights") == FAST_WEIGHTS and self.config.weights == "int4"
         disk = open_disk_store(self.config)  # a bad directory or budget is refused before the model loads
         self.source: ModelSource = open_model_source(model, quiet=quiet)
         dtype = TORCH_DTYPES[self.config.resolved_dtype()]
         net = load_model(self.source, dtype, self.config.device)
         model_id = source_id(self.source, disk.root) if disk is not None else None
-        self.engine = build_engine(net, self.source.tokenizer(), self.config, disk, model_id)
+        note = f"{self.source.weights_note}; " if self.source.weights_note else ""
         if fast:
-            self.engine.weights_desc = ("the fastest default for this CPU (--weights fp32: the exact reference): "
-                                        + self.engine.weights_desc)
-        if self.source.weights_note:
-            self.engine.weights_desc = f"{self.source.weights_note}; {self.engine.weights_desc}"
+            note += "the fastest default for this CPU (--weights fp32: the exact reference): "
+        self.engine = build_engine(net, self.source.tokenizer(), self.config, disk, model_id, note)
 
     @classmethod
     def from_model(cls, model: torch.nn.Module, tokenizer: Tokenizer | None = None, **engine_args: Any) -> LLM:
@@ -169,49 +159,6 @@ class LLM:
         return ids
 
 
-def build_engine(model: torch.nn.Module, tokenizer: Tokenizer | None, config: EngineConfig,
-                 disk: DiskStore | None = None, model_id: str | None = None) -> LLMEngine:
-    """Size the KV pool from the budget, then wire pool, block tables, scheduler and runner together (and the
-    KV disk tier over `disk`, keyed by `model_id` and the rest of the fingerprint)."""
-    mc: ModelConfig = model.config
-    native.requested()  # a KVENGINE_ISA this CPU cannot run is a one-line error, whatever the weights
-    if config.kv_window is None:
-        max_len = config.max_model_len or mc.max_position_embeddings
-        if max_len > mc.max_position_embeddings:
-            raise ConfigError(f"max_model_len {max_len} exceeds the model's context of {mc.max_position_embeddings}")
-    else:  # a bounded cache: generation may run past the model's context
-        max_len = config.max_model_len or UNBOUNDED_CONTEXT
-    dtype = next(model.parameters()).dtype
-    weights = describe_weights(dtype)
-    if config.quantized_weights:
-        if torch.device(config.device).type != "cpu":
-            raise ConfigError(f"weights '{config.weights}' use CPU kernels; on {config.device} use bf16 or fp32")
-        chosen = quantize_linears(model, config.quantized_weights, dtype, config.dense_above)
-        dense = any(getattr(m, "dense", None) is not None for m in model.modules())
-        weights = describe_weights(dtype, chosen, config.dense_above if dense else None,
-                                   describe_kernels(model, dtype))
-    kv_name = str(dtype).removeprefix("torch.") if config.kv_cache_dtype == "auto" else config.kv_cache_dtype
-    kv_dtype = resolve_kv_dtype(kv_name).name
-    spec = KVCacheSpec(mc.num_layers, mc.num_kv_heads, mc.head_dim, kv_dtype, config.block_size, mc.layer_windows,
-                       config.kv_window, config.sink_tokens)
-    per_seq = max_blocks(spec.groups, max_len, config.max_num_batched_tokens, config.block_size)
-    num_blocks = num_blocks_for_budget(spec, config.kv_cache_memory, config.device, config.max_num_seqs * per_seq)
-    pool = KVPool.allocate(spec, num_blocks, config.device)
-    if config.fused_layers and hasattr(model, "enable_fused_layers") and (
-            config.quantized_weights or dtype == torch.bfloat16):
-        why_not = model.enable_fused_layers(pool)
-        weights += "; decode steps: " + (f"layer by layer ({why_not})" if why_not else "one kvengine op per layer")
-    bm = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching and spec.prefix_cacheable)
-    tier = None
-    if disk is not None and bm.enable_prefix_caching:
-        fingerprint = kv_fingerprint(model_id or "unknown", mc, spec, weights, str(dtype).removeprefix("torch."))
-        tier = KVDiskTier(disk, pool, fingerprint)
-    engine = LLMEngine(model, tokenizer, pool, KVBlockTables(bm, spec.groups), config.max_num_seqs,
-                       config.max_num_batched_tokens, max_len, config.device, config.seed, config.compile, tier)
-    engine.weights_desc = weights
-    return engine
-
-
 def open_disk_store(config: EngineConfig) -> DiskStore | None:
     """The KV disk tier's directory and budget, checked (ConfigError), or None without kv_disk_dir."""
     if config.kv_disk_dir is None:
@@ -229,21 +176,6 @@ def source_id(source: ModelSource, cache_dir: Path) -> str:
     if source.kind == "gguf":
         return files_id([source.path], cache_dir)
     return files_id(sorted(source.path.glob("*.safetensors")) + [source.path / "config.json"], cache_dir)
-
-
-def describe_weights(act_dtype: torch.dtype, chosen: dict[str, str] | None = None,
-                     dense_above: int | None = None, kernels: str = "") -> str:
-    """One line for the run summary: how the weights are stored and what the activations are."""
-    act = str(act_dtype).removeprefix("torch.")
-    if not chosen:
-        return f"weights {act}"
-    counts: dict[str, int] = {}
-    for fmt in chosen.values():
-        counts[fmt] = counts.get(fmt, 0) + 1
-    parts = ", ".join(f"{n} {fmt}" for fmt, n in sorted(counts.items()))
-    dense = f"; steps over {dense_above} rows use a dense {act} copy" if dense_above is not None else ""
-    kernels = f"; {kernels}" if kernels else ""
-    return f"weights quantized ({parts} linear layers; int4 groups of 32{dense}), activations {act}{kernels}"
 
 
 def _apply_threads(config: EngineConfig) -> None:

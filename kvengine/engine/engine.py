@@ -16,10 +16,11 @@ import torch
 
 from kvengine.accounting.flops import request_flops, span_flops, step_flops
 from kvengine.batch import StepBatch
+from kvengine.cache.block_manager import BlockManager
 from kvengine.cache.block_tables import KVBlockTables
 from kvengine.cache.disk_tier import KVDiskTier
 from kvengine.cache.pool import KVPool
-from kvengine.config import ModelConfig
+from kvengine.config import EngineConfig, ModelConfig
 from kvengine.engine.output import RequestMetrics, RequestOutput, TextTracker, VerifyReport
 from kvengine.engine.runner import ModelRunner
 from kvengine.engine.scheduler import ScheduledSeq, Scheduler
@@ -45,10 +46,11 @@ class _Request:
 
 
 class LLMEngine:
-    def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer | None, pool: KVPool,
-                 block_tables: KVBlockTables, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int, device: torch.device | str = "cpu", seed: int = 0,
-                 compile_decode: bool = False, disk: KVDiskTier | None = None) -> None:
+    """Built by engine/assembly.py `build_engine` (which sizes the pool and prepares the model) from an
+    EngineConfig; the engine reads its limits, device, seed and compile option from the config."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer | None, config: EngineConfig, pool: KVPool,
+                 max_model_len: int, disk: KVDiskTier | None = None, weights_desc: str = "") -> None:
         self.model = model
         self.model_config: ModelConfig = model.config
         # What a cached step's attention reads: a sink+window layer sees min(p + 1, S + W) keys, as a window of
@@ -57,12 +59,13 @@ class LLMEngine:
             None if r.window is None else r.window + r.sinks for r in pool.spec.retentions))
         self.tokenizer = tokenizer
         self.pool = pool
-        self.bm = block_tables
+        prefix_caching = config.enable_prefix_caching and pool.spec.prefix_cacheable
+        self.bm = KVBlockTables(BlockManager(pool.num_blocks, pool.spec.block_size, prefix_caching), pool.spec.groups)
         self.max_model_len = max_model_len
         self.disk = disk  # the KV disk tier (cache/disk_tier.py), None without --kv-disk-dir
-        self.scheduler = Scheduler(block_tables, max_num_seqs, max_num_batched_tokens, disk)
-        self.runner = ModelRunner(model, pool, block_tables, device, compile_decode)
-        self.sampler = Sampler(seed)
+        self.scheduler = Scheduler(self.bm, config.max_num_seqs, config.max_num_batched_tokens, disk)
+        self.runner = ModelRunner(model, pool, self.bm, config.device, config.compile)
+        self.sampler = Sampler(config.seed)
         self.dtype = next(model.parameters()).dtype
         self.requests: dict[str, _Request] = {}
         self._by_seq: dict[int, _Request] = {}
@@ -71,7 +74,7 @@ class LLMEngine:
         self.eos_token_ids: tuple[int, ...] = tuple(tokenizer.eos_token_ids) if tokenizer else ()
         self.num_steps = 0
         self.tokens_generated = 0
-        self.weights_desc = ""  # how the weights are stored, for run summaries (set by build_engine)
+        self.weights_desc = weights_desc  # how the weights are stored, for run summaries
         self.prefill_flops = 0  # matmul FLOPs of steps that computed prompt chunks, and their seconds: the
         self.prefill_s = 0.0  # measured rate that prices what a reused token would cost to recompute
 

@@ -10,12 +10,15 @@ from __future__ import annotations
 import torch
 
 from kvengine.batch import KVView, StepBatch
+from kvengine.cache.block_manager import BlockManager
 from kvengine.cache.block_tables import KVBlockTables
 from kvengine.cache.pool import KVPool, sequence_index, slots_of
 from kvengine.cache.retention import Retention
+from kvengine.cache.spec import KVCacheSpec
 from kvengine.engine.compiled import CompiledDecode
 from kvengine.engine.scheduler import ScheduledSeq
 from kvengine.engine.sequence import Sequence
+from kvengine.errors import ConfigError
 from kvengine.layers.backends import FUSED_LAYERS, PAGED, PAGED_DECODE, AttentionBackend
 
 # The one-op path attends with a plain loop per (token, head); a prefill step whose tokens together read more
@@ -42,6 +45,14 @@ class ModelRunner:
         self.device = torch.device(device)
         self.compiled = CompiledDecode(model) if compile_decode else None
 
+    @staticmethod
+    def for_scoring(model: torch.nn.Module, spec: KVCacheSpec, num_blocks: int,
+                    device: torch.device | str = "cpu") -> ModelRunner:
+        """A runner with a pool of its own (`num_blocks` blocks of `spec`, no prefix caching) for scoring texts
+        chunk by chunk (`score_chunk`; eval/perplexity.py)."""
+        tables = KVBlockTables(BlockManager(num_blocks, spec.block_size, enable_prefix_caching=False), spec.groups)
+        return ModelRunner(model, KVPool.allocate(spec, num_blocks, device), tables, device)
+
     @property
     def fused_layers(self) -> bool:
         """The model runs steps as one op per layer (models/llama.py enable_fused_layers): every decode step,
@@ -55,6 +66,20 @@ class ModelRunner:
                 and not batch.kv[0].backend.runs_whole_layers):  # (the fused layer op is not compiled)
             return self.compiled(batch, self.pool)
         return self.model(batch, self.pool if batch.uses_cache else None)
+
+    def score_chunk(self, seq: Sequence, n: int) -> torch.Tensor:
+        """Compute `seq`'s next `n` tokens through the pool (its blocks grown to hold them) and return every row's
+        logits [n, vocab] float32: row i predicts the token after position start + i."""
+        start = seq.num_computed_tokens
+        if not self.bm.has_seq(seq.seq_id):
+            self.bm.allocate(seq.seq_id, ())  # blocks come chunk by chunk, so memory grows with the text
+        if not self.bm.ensure_capacity(seq.seq_id, start + n, start):
+            raise ConfigError(f"the KV pool has no room for tokens {start} .. {start + n - 1}")
+        batch = self.build_cached([ScheduledSeq(seq, n)])
+        batch.logits_indices = torch.arange(n, dtype=torch.int64, device=self.device)  # [n]: every row
+        logits = self.run(batch)
+        seq.num_computed_tokens += n
+        return logits
 
     def build_cached(self, scheduled: list[ScheduledSeq]) -> StepBatch:
         ids: list[int] = []

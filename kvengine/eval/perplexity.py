@@ -1,7 +1,7 @@
 """Teacher-forced perplexity through the engine's cached path, for any KV dtype.
 
-The token stream is prefilled chunk by chunk into a paged pool of the chosen KV dtype (blocks from the
-BlockManager, the forward from the ModelRunner), so every chunk attends over keys and values that went
+The token stream is prefilled chunk by chunk into a paged pool of the chosen KV dtype (`ModelRunner.for_scoring`
+and `score_chunk`: the engine's block tables and forward), so every chunk attends over keys and values that went
 through the quantized store. Row i of a chunk's logits predicts the token after position start + i.
 `chunk_size=1` is the decode path: every token is predicted by a query that reads only stored K/V.
 """
@@ -16,12 +16,8 @@ from dataclasses import dataclass, replace
 import torch
 
 from kvengine.accounting.memory import kv_cache_spec_for
-from kvengine.cache.block_manager import BlockManager
-from kvengine.cache.block_tables import KVBlockTables
-from kvengine.cache.pool import KVPool
 from kvengine.cache.retention import max_blocks
 from kvengine.engine.runner import ModelRunner
-from kvengine.engine.scheduler import ScheduledSeq
 from kvengine.engine.sequence import Sequence as Seq
 from kvengine.errors import ConfigError
 from kvengine.sampling import SamplingParams
@@ -72,23 +68,14 @@ def score_chunks(model: torch.nn.Module, token_ids: Sequence[int], kv_dtype: str
         raise ConfigError(f"{len(token_ids)} tokens exceed the model's context of {limit}")
     spec = replace(kv_cache_spec_for(model.config, kv_dtype, block_size), kv_window=kv_window,
                    sink_tokens=sink_tokens)
-    num_blocks = max_blocks(spec.groups, len(token_ids), chunk_size, block_size)
-    bm = BlockManager(num_blocks, block_size, enable_prefix_caching=False)
-    tables = KVBlockTables(bm, spec.groups)
-    runner = ModelRunner(model, KVPool.allocate(spec, num_blocks, device), tables, device)
+    runner = ModelRunner.for_scoring(model, spec, max_blocks(spec.groups, len(token_ids), chunk_size, block_size),
+                                     device)  # a pool sized for the whole text
     seq = Seq(0, list(token_ids), SamplingParams(max_tokens=1))
-    tables.allocate(0, ())  # blocks come chunk by chunk (ensure_capacity), so memory grows with the text
     for start in range(0, len(token_ids), chunk_size):
-        n = min(chunk_size, len(token_ids) - start)
-        if not tables.ensure_capacity(0, start + n, start):
-            raise AssertionError("the pool was sized for the whole text")
-        batch = runner.build_cached([ScheduledSeq(seq, n)])
-        batch.logits_indices = torch.arange(n, dtype=torch.int64, device=batch.input_ids.device)  # [n]: every row
         t0 = time.perf_counter()
-        logits = runner.run(batch)
+        logits = runner.score_chunk(seq, min(chunk_size, len(token_ids) - start))
         seconds = time.perf_counter() - t0
-        seq.num_computed_tokens += n
-        held = tables.num_held(0)
+        held = runner.bm.num_held(seq.seq_id)
         yield ScoredChunk(start, logits, held, held * spec.bytes_per_block, seconds)
 
 

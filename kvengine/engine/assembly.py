@@ -1,0 +1,95 @@
+"""Engine assembly: a loaded model, its tokenizer and an EngineConfig in; a ready LLMEngine out.
+
+Assembly changes the model in place where the config asks for it: int8/int4 weights swap its linear layers
+(layers/linear.py `quantize_linears`), and the fused layer op takes its layers' weights (models/llama.py
+`enable_fused_layers`). It then sizes the KV pool from the budget, opens the KV disk tier over a DiskStore,
+and hands the engine its parts with one line describing the weights for run summaries.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvengine.cache.disk_store import DiskStore
+from kvengine.cache.disk_tier import KVDiskTier
+from kvengine.cache.fingerprint import kv_fingerprint
+from kvengine.cache.pool import KVPool, num_blocks_for_budget
+from kvengine.cache.retention import max_blocks
+from kvengine.cache.spec import KVCacheSpec
+from kvengine.cache.spec import kv_dtype as resolve_kv_dtype
+from kvengine.config import EngineConfig, ModelConfig
+from kvengine.engine.engine import LLMEngine
+from kvengine.errors import ConfigError
+from kvengine.layers import native
+from kvengine.layers.linear import describe_kernels, quantize_linears
+from kvengine.weights.tokenizer import Tokenizer
+
+UNBOUNDED_CONTEXT = 1 << 30  # the length limit when a KV window bounds the cache (kv_window set)
+
+
+def build_engine(model: torch.nn.Module, tokenizer: Tokenizer | None, config: EngineConfig,
+                 disk: DiskStore | None = None, model_id: str | None = None, weights_note: str = "") -> LLMEngine:
+    """The engine for `model` under `config` (the model is changed in place: see the module docstring), with the
+    KV disk tier over `disk` keyed by `model_id` and the rest of the fingerprint. `weights_note` goes before the
+    weights' description in run summaries."""
+    mc: ModelConfig = model.config
+    native.requested()  # a KVENGINE_ISA this CPU cannot run is a one-line error, whatever the weights
+    max_len = context_limit(config, mc)
+    dtype = next(model.parameters()).dtype
+    weights = prepare_weights(model, config, dtype)
+    pool = allocate_pool(config, mc, dtype, max_len)
+    if config.fused_layers and hasattr(model, "enable_fused_layers") and (
+            config.quantized_weights or dtype == torch.bfloat16):
+        why_not = model.enable_fused_layers(pool)
+        weights += "; decode steps: " + (f"layer by layer ({why_not})" if why_not else "one kvengine op per layer")
+    tier = None
+    if disk is not None and config.enable_prefix_caching and pool.spec.prefix_cacheable:
+        fingerprint = kv_fingerprint(model_id or "unknown", mc, pool.spec, weights, str(dtype).removeprefix("torch."))
+        tier = KVDiskTier(disk, pool, fingerprint)
+    return LLMEngine(model, tokenizer, config, pool, max_len, tier, weights_note + weights)
+
+
+def context_limit(config: EngineConfig, mc: ModelConfig) -> int:
+    """The longest sequence (prompt and output) the engine accepts."""
+    if config.kv_window is not None:  # a bounded cache: generation may run past the model's context
+        return config.max_model_len or UNBOUNDED_CONTEXT
+    max_len = config.max_model_len or mc.max_position_embeddings
+    if max_len > mc.max_position_embeddings:
+        raise ConfigError(f"max_model_len {max_len} exceeds the model's context of {mc.max_position_embeddings}")
+    return max_len
+
+
+def prepare_weights(model: torch.nn.Module, config: EngineConfig, dtype: torch.dtype) -> str:
+    """Quantize the model's linear layers where the config asks; returns how the weights are stored."""
+    if not config.quantized_weights:
+        return describe_weights(dtype)
+    if torch.device(config.device).type != "cpu":
+        raise ConfigError(f"weights '{config.weights}' use CPU kernels; on {config.device} use bf16 or fp32")
+    chosen = quantize_linears(model, config.quantized_weights, dtype, config.dense_above)
+    dense = any(getattr(m, "dense", None) is not None for m in model.modules())
+    return describe_weights(dtype, chosen, config.dense_above if dense else None, describe_kernels(model, dtype))
+
+
+def allocate_pool(config: EngineConfig, mc: ModelConfig, dtype: torch.dtype, max_len: int) -> KVPool:
+    """The KV pool, sized from `config.kv_cache_memory` (and no larger than max_num_seqs sequences need)."""
+    kv_name = str(dtype).removeprefix("torch.") if config.kv_cache_dtype == "auto" else config.kv_cache_dtype
+    spec = KVCacheSpec(mc.num_layers, mc.num_kv_heads, mc.head_dim, resolve_kv_dtype(kv_name).name, config.block_size,
+                       mc.layer_windows, config.kv_window, config.sink_tokens)
+    per_seq = max_blocks(spec.groups, max_len, config.max_num_batched_tokens, config.block_size)
+    num_blocks = num_blocks_for_budget(spec, config.kv_cache_memory, config.device, config.max_num_seqs * per_seq)
+    return KVPool.allocate(spec, num_blocks, config.device)
+
+
+def describe_weights(act_dtype: torch.dtype, chosen: dict[str, str] | None = None,
+                     dense_above: int | None = None, kernels: str = "") -> str:
+    """One line for the run summary: how the weights are stored and what the activations are."""
+    act = str(act_dtype).removeprefix("torch.")
+    if not chosen:
+        return f"weights {act}"
+    counts: dict[str, int] = {}
+    for fmt in chosen.values():
+        counts[fmt] = counts.get(fmt, 0) + 1
+    parts = ", ".join(f"{n} {fmt}" for fmt, n in sorted(counts.items()))
+    dense = f"; steps over {dense_above} rows use a dense {act} copy" if dense_above is not None else ""
+    kernels = f"; {kernels}" if kernels else ""
+    return f"weights quantized ({parts} linear layers; int4 groups of 32{dense}), activations {act}{kernels}"

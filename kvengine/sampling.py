@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvengine.errors import RequestError
+from kvengine.structured import StructuredOutput
 
 MAX_LOGPROBS = 20  # top alternatives per token (OpenAI's limit)
 GREEDY_BELOW = 1e-5  # a temperature below this is greedy (vLLM's epsilon): dividing by it would overflow
@@ -54,6 +55,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # divides positive / multiplies negative logits of prompt + output tokens
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
     logprobs: int | None = None  # None: none; k: the chosen token's log-probability and the top k alternatives
+    structured: StructuredOutput | None = None  # the text must follow this grammar (kvengine/structured.py)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -87,6 +89,7 @@ class SamplingParams:
     def plain(self) -> bool:
         """Greedy with nothing to process or report: the batched argmax path."""
         return (self.greedy and self.logprobs is None and not self.logit_bias and self.min_tokens == 0
+                and self.structured is None
                 and self.presence_penalty == 0 and self.frequency_penalty == 0 and self.repetition_penalty == 1)
 
     def check_vocab(self, vocab_size: int) -> None:
@@ -107,6 +110,7 @@ class SampleRow:
     prompt_ids: Sequence[int]
     output_ids: Sequence[int]
     end_ids: Sequence[int] = ()  # end-of-sequence ids this sequence stops at (masked before min_tokens)
+    allowed: torch.Tensor | None = None  # [vocab] bool: the only tokens its grammar accepts next
 
 
 @dataclass(slots=True)
@@ -125,9 +129,11 @@ class Sample:
 
 
 def processed_logits(row: torch.Tensor, r: SampleRow) -> torch.Tensor:
-    """[vocab] float32 logits after min_tokens masks, logit_bias and the penalties (vLLM's order)."""
+    """[vocab] float32 logits after the grammar's mask, min_tokens masks, logit_bias and the penalties."""
     p = r.params
     x = row.float().cpu().clone()  # [vocab]
+    if r.allowed is not None:
+        x = x.masked_fill(~r.allowed, float("-inf"))
     if p.min_tokens and len(r.output_ids) < p.min_tokens:
         ends = [t for t in (*r.end_ids, *p.stop_token_ids) if 0 <= t < x.shape[0]]
         if ends:
@@ -191,7 +197,8 @@ class Sampler:
             try:
                 if not finite[i]:
                     raise FloatingPointError("the model produced non-finite logits for this sequence")
-                out.append(Sample(argmax[i]) if r.params.plain else self.sample_row(logits[i], r))
+                plain = r.params.plain and r.allowed is None
+                out.append(Sample(argmax[i]) if plain else self.sample_row(logits[i], r))
             except Exception as e:  # noqa: BLE001 - isolated to this row's request
                 out.append(e)
         return out

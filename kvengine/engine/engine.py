@@ -27,7 +27,8 @@ from kvengine.engine.scheduler import ScheduledSeq, Scheduler
 from kvengine.engine.sequence import FinishReason, Sequence, SequenceStatus
 from kvengine.engine.stats import EngineStats, RequestBlocks
 from kvengine.errors import RequestError
-from kvengine.sampling import Sampler, SampleRow, SamplingParams
+from kvengine.sampling import Sample, Sampler, SampleRow, SamplingParams
+from kvengine.structured import GrammarCompiler, available
 from kvengine.weights.tokenizer import Tokenizer
 
 # max |logit diff| between the cached run and the no-cache recomputation. fp32 differs only by accumulation
@@ -77,6 +78,7 @@ class LLMEngine:
         self.weights_desc = weights_desc  # how the weights are stored, for run summaries
         self.prefill_flops = 0  # matmul FLOPs of steps that computed prompt chunks, and their seconds: the
         self.prefill_s = 0.0  # measured rate that prices what a reused token would cost to recompute
+        self._grammars: GrammarCompiler | None = None  # built at the first structured request
 
     # -- requests ---------------------------------------------------------------------------------
     def add_request(self, prompt: str | None, params: SamplingParams, *, prompt_token_ids: list[int] | None = None,
@@ -90,6 +92,8 @@ class LLMEngine:
         if request_id in self.requests:
             raise RequestError(f"request id '{request_id}' is already in use", param="request_id")
         seq = Sequence(seq_id, ids, params, use_cache=use_cache, cache_salt=cache_salt, record_logits=verify)
+        if params.structured is not None:
+            seq.constraint = self._grammar_compiler().constraint(params.structured)
         tracker = TextTracker(self.tokenizer, seq) if self.tokenizer is not None else None
         req = _Request(request_id, prompt, seq, tracker, verify)
         self.requests[request_id] = req
@@ -100,6 +104,15 @@ class LLMEngine:
             seq.status = SequenceStatus.RUNNING
             self._no_cache.append(seq)
         return request_id
+
+    def _grammar_compiler(self) -> GrammarCompiler:
+        if self._grammars is None:
+            if self.tokenizer is None or not available():
+                raise RequestError("structured output needs the model's tokenizer and the llguidance package "
+                                   "(pip install llguidance)", param="response_format")
+            self._grammars = GrammarCompiler(self.tokenizer.to_json(), list(self.eos_token_ids),
+                                             self.model_config.vocab_size)
+        return self._grammars
 
     def _prompt_ids(self, prompt: str | None, prompt_token_ids: list[int] | None) -> list[int]:
         if prompt_token_ids is None:
@@ -238,8 +251,15 @@ class LLMEngine:
 
     def _append_tokens(self, seqs: list[Sequence], logits: torch.Tensor) -> list[RequestOutput]:
         rows = [SampleRow(s.params, s.generator, s.prompt_token_ids, s.output_token_ids,
-                          () if s.params.ignore_eos else self.eos_token_ids) for s in seqs]
+                          () if s.params.ignore_eos else self.eos_token_ids,
+                          s.constraint.allowed() if s.constraint is not None else None) for s in seqs]
         samples = self.sampler(logits, rows) if seqs else []
+        for i, (seq, sample) in enumerate(zip(seqs, samples, strict=True)):
+            if seq.constraint is not None and isinstance(sample, Sample) and not self._ends(seq, sample.token_id):
+                try:
+                    seq.constraint.accept(sample.token_id)
+                except Exception as e:  # noqa: BLE001 - this sequence's own failure
+                    samples[i] = e
         now = time.perf_counter()
         outputs = []
         for i, (seq, sample) in enumerate(zip(seqs, samples, strict=True)):
@@ -257,8 +277,11 @@ class LLMEngine:
             seq.first_token_time = seq.first_token_time or now
             self.tokens_generated += 1
             reason = self._stop_reason(seq, token)
+            hide = reason is FinishReason.STOP  # an end token's text is not part of the output
+            if reason is None and seq.constraint is not None and seq.constraint.done:
+                reason = FinishReason.STOP  # the grammar is complete: nothing more may follow
             if req.tracker is not None:
-                req.tracker.add(token, hide=reason is FinishReason.STOP)
+                req.tracker.add(token, hide=hide)
                 if req.tracker.stopped:
                     reason = FinishReason.STOP
             if reason is not None:
@@ -268,9 +291,13 @@ class LLMEngine:
                 self._release(req)
         return outputs
 
+    def _ends(self, seq: Sequence, token: int) -> bool:
+        p = seq.params
+        return token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids)
+
     def _stop_reason(self, seq: Sequence, token: int) -> FinishReason | None:
         p = seq.params
-        if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
+        if self._ends(seq, token):
             return FinishReason.STOP
         if seq.num_output_tokens >= p.max_tokens or len(seq.token_ids) >= self.max_model_len:
             return FinishReason.LENGTH

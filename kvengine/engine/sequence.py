@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvengine.sampling import SamplingParams, TokenLogprob
+from kvengine.structured import Constraint
 
 
 class SequenceStatus(enum.Enum):
@@ -60,6 +61,7 @@ class Sequence:
     token_times: list[float] = field(default_factory=list)
     step_logits: list[torch.Tensor] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per output token (params.logprobs set)
+    constraint: Constraint | None = None  # where its text is in its grammar (params.structured set)
     # FLOPs actually computed for this sequence (matmul convention, accounted per step)
     flops: int = 0
 

@@ -22,6 +22,8 @@ from kvengine.cache.block_manager import MissReason
 from kvengine.engine.output import RequestMetrics, RequestOutput
 from kvengine.errors import KVEngineError, RequestError
 from kvengine.sampling import MAX_LOGPROBS, SamplingParams, TokenLogprob, check_range
+from kvengine.structured import StructuredOutput
+from kvengine.structured import available as structured_available
 
 MAX_N = 16  # choices per request
 MAX_STOP = 16  # stop strings per request
@@ -85,7 +87,7 @@ class _Sampling(_Body):
             min_tokens=self.min_tokens, presence_penalty=self.presence_penalty or 0.0,
             frequency_penalty=self.frequency_penalty or 0.0,
             repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
-            logit_bias=self._logit_bias(), logprobs=self.num_logprobs)
+            logit_bias=self._logit_bias(), logprobs=self.num_logprobs, structured=self._structured())
         return [replace(base, seed=self.seed + i if self.seed is not None else None) for i in range(self.n)]
 
     def _logit_bias(self) -> dict[int, float]:
@@ -96,12 +98,28 @@ class _Sampling(_Body):
             bias[int(key)] = value
         return bias
 
+    def _structured(self) -> StructuredOutput | None:
+        """OpenAI's response_format: text, json_object, or json_schema {name, schema, strict}."""
+        fmt = self.response_format or {}
+        kind = fmt.get("type", "text")
+        if kind == "text":
+            return None
+        if kind not in ("json_object", "json_schema"):
+            raise RequestError(f"response_format type must be text, json_object or json_schema, got {kind!r}",
+                               param="response_format")
+        if not structured_available():
+            raise RequestError(f"response_format {kind!r} needs the llguidance package, which this server lacks",
+                               param="response_format")
+        if kind == "json_object":
+            return StructuredOutput("json_object")
+        spec = fmt.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+            raise RequestError("response_format json_schema needs {\"json_schema\": {\"name\": ..., \"schema\": "
+                               "{...}}}", param="response_format")
+        return StructuredOutput("json_schema", spec["schema"])
+
     def _check_unsupported(self) -> None:
         """Parameters this server does not implement are refused, never silently ignored."""
-        kind = (self.response_format or {}).get("type", "text")
-        if kind != "text":
-            raise RequestError(f"response_format {kind!r} is not supported by this server (structured output "
-                               "needs a grammar library it does not have); only 'text'", param="response_format")
         if self.tools:
             raise RequestError("tools are not supported by this server", param="tools")
         if self.tool_choice not in (None, "none"):

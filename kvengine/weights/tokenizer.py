@@ -153,6 +153,10 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def to_json(self) -> str:
+        """The backend as HF `tokenizer.json` text (grammar engines build their token tries from it)."""
+        return self._backend.to_str()
+
     def id_to_token(self, token_id: int) -> str:
         """The vocabulary entry as stored (e.g. 'Ġworld' or '▁world'), not its decoded text."""
         token = self._backend.id_to_token(int(token_id))

@@ -34,7 +34,7 @@ PROMPTS = ["The quick brown fox", "Return the value of", "if the object has no s
     ({"stop_token_ids": [100000]}, "stop_token_ids", "outside the vocabulary"),
     ({"top_k": -2}, "top_k", "top_k"),
     ({"n": 17}, "n", "between 1 and 16"),
-    ({"response_format": {"type": "json_object"}}, "response_format", "not supported"),
+    ({"response_format": {"type": "xml"}}, "response_format", "must be text, json_object or json_schema"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "not supported"),
     ({"tool_choice": "required"}, "tool_choice", "not supported"),
 ])

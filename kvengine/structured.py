@@ -1,0 +1,87 @@
+"""Structured output: a grammar decides which tokens a sequence may sample next, so its text always parses.
+
+`StructuredOutput` is what a request asks for (any JSON object, or JSON valid under a schema); a
+`GrammarCompiler` (one per tokenizer: building llguidance's token trie takes ~1 s) turns it into a
+`Constraint`, the per-sequence state: `allowed()` gives the [vocab] mask of tokens the grammar accepts next
+(end-of-sequence only once the text is complete), `accept(token)` advances it, and `done` says the grammar
+can take nothing more. JSON is compact (no free whitespace), so a model cannot pad it forever.
+
+llguidance (Microsoft's Rust grammar engine, also behind vLLM and llama.cpp's `--grammar`) is used because it
+installs as one wheel with no build step, needs no precompiled per-tokenizer state, and computes a mask for a
+49,152-token vocabulary in about 10 ms on this CPU (docs/server.md). It is optional: without it, requests
+for structured output are refused.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from kvengine.errors import RequestError
+
+
+@dataclass(slots=True, frozen=True)
+class StructuredOutput:
+    kind: Literal["json_object", "json_schema"]
+    schema: dict[str, Any] | None = field(default=None, hash=False, compare=False)
+
+    def grammar_schema(self) -> dict[str, Any]:
+        return {"type": "object"} if self.kind == "json_object" else (self.schema or {})
+
+
+def available() -> bool:
+    try:
+        import llguidance  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class Constraint:
+    """One sequence's position in its grammar."""
+
+    def __init__(self, matcher: Any, vocab_size: int) -> None:
+        self._matcher = matcher
+        self.vocab_size = vocab_size
+
+    def allowed(self) -> torch.Tensor:
+        """[vocab] bool: the tokens the grammar accepts next."""
+        allowed = torch.zeros(self.vocab_size, dtype=torch.bool)
+        mask = torch.frombuffer(bytearray(self._matcher.compute_logit_bias()), dtype=torch.uint8) > 0  # [tok vocab]
+        n = min(self.vocab_size, mask.shape[0])
+        allowed[:n] = mask[:n]
+        return allowed
+
+    def accept(self, token_id: int) -> None:
+        if not self._matcher.consume_token(token_id):
+            raise RuntimeError(f"the grammar refused token {token_id}: {self._matcher.get_error()}")
+
+    @property
+    def done(self) -> bool:
+        return self._matcher.is_stopped()
+
+
+class GrammarCompiler:
+    def __init__(self, tokenizer_json: str, eos_token_ids: list[int], vocab_size: int) -> None:
+        from llguidance import LLTokenizer
+        self._tokenizer = LLTokenizer(tokenizer_json, eos_token=eos_token_ids)
+        self.vocab_size = vocab_size
+
+    def constraint(self, spec: StructuredOutput) -> Constraint:
+        """A fresh constraint; a schema llguidance cannot compile is a RequestError naming response_format."""
+        from llguidance import LLMatcher
+        try:
+            grammar = LLMatcher.grammar_from_json_schema(json.dumps(spec.grammar_schema()),
+                                                         overrides={"whitespace_flexible": False})
+        except ValueError as e:
+            raise RequestError(f"response_format: the JSON schema is invalid: {e}", param="response_format") from None
+        error = LLMatcher.validate_grammar(grammar, self._tokenizer)
+        if error and not error.startswith("WARNING"):
+            raise RequestError(f"response_format: the JSON schema cannot be used: {error}", param="response_format")
+        matcher = LLMatcher(self._tokenizer, grammar, log_level=0)
+        if matcher.is_error():
+            raise RequestError(f"response_format: {matcher.get_error()}", param="response_format")
+        return Constraint(matcher, self.vocab_size)

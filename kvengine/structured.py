@@ -1,15 +1,14 @@
 """Structured output: a grammar decides which tokens a sequence may sample next, so its text always parses.
 
 `StructuredOutput` is what a request asks for (any JSON object, or JSON valid under a schema); a
-`GrammarCompiler` (one per tokenizer: building llguidance's token trie takes ~1 s) turns it into a
+`GrammarCompiler` (one per tokenizer: building llguidance's token trie is the slow part) turns it into a
 `Constraint`, the per-sequence state: `allowed()` gives the [vocab] mask of tokens the grammar accepts next
 (end-of-sequence only once the text is complete), `accept(token)` advances it, and `done` says the grammar
 can take nothing more. JSON is compact (no free whitespace), so a model cannot pad it forever.
 
-llguidance (Microsoft's Rust grammar engine, also behind vLLM and llama.cpp's `--grammar`) is used because it
-installs as one wheel with no build step, needs no precompiled per-tokenizer state, and computes a mask for a
-49,152-token vocabulary in about 10 ms on this CPU (docs/server.md). It is optional: without it, requests
-for structured output are refused.
+llguidance (Microsoft's Rust grammar engine, one of vLLM's structured-output backends) is used because it
+installs as one wheel with no build step and needs no precompiled per-tokenizer state (its cost per token is in
+docs/server.md). It is optional: without it, requests for structured output are refused.
 """
 
 from __future__ import annotations

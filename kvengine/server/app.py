@@ -133,7 +133,8 @@ def create_backend_app(backend: Backend, model_name: str, api_keys: Sequence[str
                   lifespan=lifespan)
     app.state.kv = state
     _install_error_handlers(app)
-    _add_routes(app, state)
+    for add in (_add_model_routes, _add_generation_routes, _add_token_routes, _add_observer_routes):
+        add(app, state)
     app.mount("/dashboard/static", StaticFiles(directory=DASHBOARD_DIR), name="dashboard-static")
     return app
 
@@ -159,7 +160,8 @@ def _install_error_handlers(app: FastAPI) -> None:
                             status_code=500)
 
 
-def _add_routes(app: FastAPI, state: ServerState) -> None:
+def _add_model_routes(app: FastAPI, state: ServerState) -> None:
+    """/health and the model list."""
     @app.get("/health")
     async def health() -> JSONResponse:
         ok = state.engine.alive
@@ -180,6 +182,9 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         state.check_model(model_id)
         return model_card()
 
+
+def _add_generation_routes(app: FastAPI, state: ServerState) -> None:
+    """The OpenAI generation endpoints."""
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         salt = state.authorize(request)
@@ -198,6 +203,9 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         ids = await state.text.encode_chat(body.template_messages())
         return await _generate(state, request, "chat", body, [ids], body.requested_max_tokens, salt)
 
+
+def _add_token_routes(app: FastAPI, state: ServerState) -> None:
+    """vLLM's /tokenize and /detokenize."""
     @app.post("/tokenize")
     async def tokenize(request: Request) -> dict[str, Any]:
         state.authorize(request)
@@ -223,6 +231,9 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
             raise RequestError(f"token ids must be in [0, {vocab})", param="tokens")
         return {"prompt": await state.text.decode(body.tokens)}
 
+
+def _add_observer_routes(app: FastAPI, state: ServerState) -> None:
+    """What an operator watches: /metrics and the dashboard (page and state)."""
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:
         state.authorize_observer(request)

@@ -1,7 +1,8 @@
 """Configuration dataclasses: ModelConfig (a model's architecture numbers) and EngineConfig (how we run it).
 
-ModelConfig is built from a Hugging Face `config.json` dict or from GGUF metadata; both parsers live
-here so every other module sees one shape. No torch import: accounting and the block manager use it too.
+ModelConfig is the one shape every module sees; each model family builds it from a Hugging Face `config.json`
+dict or GGUF metadata in its own file (models/registry.py `config_from_hf`, `config_from_gguf`). No torch import:
+accounting and the block manager use it too.
 """
 
 from __future__ import annotations
@@ -11,19 +12,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from kvengine.cache.retention import Retention
-from kvengine.errors import ConfigError, ModelLoadError
-
-# HF `model_type` -> our registry architecture name.
-HF_MODEL_TYPES: dict[str, str] = {
-    "llama": "llama",
-    "mistral": "llama",
-    "qwen2": "llama",
-    "gemma3_text": "gemma3",
-    "gemma3": "gemma3",
-    "gpt2": "gpt2",
-}
-# GGUF `general.architecture` -> our registry architecture name.
-GGUF_ARCHITECTURES: dict[str, str] = {"llama": "llama", "qwen2": "llama", "gemma3": "gemma3", "gpt2": "gpt2"}
+from kvengine.errors import ConfigError
 
 
 @dataclass(slots=True, frozen=True)
@@ -58,7 +47,7 @@ class RopeScaling:
 class ModelConfig:
     """Architecture numbers of one decoder-only transformer."""
 
-    architecture: str  # registry key: "llama" (Llama/Mistral/Qwen2/SmolLM) or "gemma3"
+    architecture: str  # the family: a key of models/registry.py FAMILIES ("llama", "gemma3", "gpt2")
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -120,123 +109,6 @@ class ModelConfig:
     def with_(self, **changes: Any) -> ModelConfig:
         return replace(self, **changes)
 
-    # -- parsers ----------------------------------------------------------------------------------
-    @staticmethod
-    def from_hf_dict(d: dict[str, Any], name: str = "model") -> ModelConfig:
-        """Build from a Hugging Face config.json dict (Llama, Mistral, Qwen2, Gemma 3)."""
-        if "text_config" in d and d.get("model_type") == "gemma3":
-            d = {**d["text_config"], "model_type": "gemma3_text"}
-        model_type = d.get("model_type")
-        if model_type == "gpt2":
-            return _gpt2_from_hf(d, name)
-        arch = HF_MODEL_TYPES.get(model_type or "")
-        if arch is None:
-            raise ModelLoadError(
-                f"unsupported architecture '{model_type}' (supported model_type values: "
-                f"{', '.join(sorted(HF_MODEL_TYPES))})"
-            )
-        rope_global, rope_local = _rope_parameters(d)
-        try:
-            num_heads = int(d["num_attention_heads"])
-            hidden = int(d["hidden_size"])
-            common = dict(
-                architecture=arch,
-                vocab_size=int(d["vocab_size"]),
-                hidden_size=hidden,
-                intermediate_size=int(d["intermediate_size"]),
-                num_layers=int(d["num_hidden_layers"]),
-                num_heads=num_heads,
-                num_kv_heads=int(d.get("num_key_value_heads") or num_heads),
-                head_dim=int(d.get("head_dim") or hidden // num_heads),
-                max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
-                rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-                rope_theta=float(rope_global.get("rope_theta", 10000.0)),
-                rope_scaling=RopeScaling.from_dict(rope_global),
-                tie_word_embeddings=bool(d.get("tie_word_embeddings", arch == "gemma3")),
-                attention_bias=bool(d.get("attention_bias", model_type == "qwen2")),
-                hidden_act=str(d.get("hidden_act") or d.get("hidden_activation") or "silu"),
-                bos_token_id=d.get("bos_token_id"),
-                eos_token_ids=_as_tuple(d.get("eos_token_id")),
-                name=name,
-            )
-        except KeyError as e:
-            raise ConfigError(f"model config is missing the field {e.args[0]!r}") from None
-        n_layers = common["num_layers"]
-        if arch == "gemma3":
-            common.update(
-                layer_windows=_gemma3_windows(d, n_layers),
-                rope_local_theta=float(rope_local.get("rope_theta", d.get("rope_local_base_freq", 10000.0))),
-                query_pre_attn_scalar=float(d.get("query_pre_attn_scalar", common["head_dim"])),
-                final_logit_softcapping=d.get("final_logit_softcapping"),
-            )
-        elif d.get("sliding_window") and d.get("use_sliding_window", True):
-            window = int(d["sliding_window"])
-            types = d.get("layer_types") or ["sliding_attention"] * n_layers
-            common["layer_windows"] = tuple(window if t == "sliding_attention" else None for t in types)
-        return ModelConfig(**common)
-
-    @staticmethod
-    def from_gguf_metadata(meta: dict[str, Any], name: str = "model") -> ModelConfig:
-        """Build from GGUF key/value metadata (already decoded to Python values)."""
-        gguf_arch = meta.get("general.architecture")
-        arch = GGUF_ARCHITECTURES.get(str(gguf_arch))
-        if arch is None:
-            raise ModelLoadError(
-                f"unsupported GGUF architecture '{gguf_arch}' (supported: {', '.join(sorted(GGUF_ARCHITECTURES))})"
-            )
-
-        def get(key: str, default: Any = None) -> Any:
-            full = f"{gguf_arch}.{key}"
-            if full in meta:
-                return meta[full]
-            if default is None:
-                raise ConfigError(f"GGUF metadata is missing '{full}'")
-            return default
-
-        num_heads = int(get("attention.head_count"))
-        if arch == "gpt2":
-            return gpt2_config(name, int(get("block_count")), int(get("embedding_length")), num_heads,
-                         int(meta.get("gpt2.vocab_size") or len(meta.get("tokenizer.ggml.tokens", ()))),
-                         int(get("context_length")), int(get("feed_forward_length")), "gelu_new",
-                         float(get("attention.layer_norm_epsilon", 1e-5)), meta.get("tokenizer.ggml.bos_token_id"),
-                         _as_tuple(meta.get("tokenizer.ggml.eos_token_id")))
-        hidden = int(get("embedding_length"))
-        n_layers = int(get("block_count"))
-        kv_heads = get("attention.head_count_kv", num_heads)
-        head_dim = int(get("attention.key_length", hidden // num_heads))
-        vocab = meta.get(f"{gguf_arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens", ()))
-        common = dict(
-            architecture=arch,
-            vocab_size=int(vocab),
-            hidden_size=hidden,
-            intermediate_size=int(get("feed_forward_length")),
-            num_layers=n_layers,
-            num_heads=num_heads,
-            num_kv_heads=int(kv_heads),
-            head_dim=head_dim,
-            max_position_embeddings=int(get("context_length")),
-            rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-6)),
-            rope_theta=float(get("rope.freq_base", 10000.0)),
-            attention_bias=False,  # set by the loader when bias tensors are present
-            bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
-            eos_token_ids=_as_tuple(meta.get("tokenizer.ggml.eos_token_id")),
-            name=name,
-        )
-        scale_type = meta.get(f"{gguf_arch}.rope.scaling.type")
-        if scale_type == "linear":
-            common["rope_scaling"] = RopeScaling("linear", float(get("rope.scaling.factor")))
-        if arch == "gemma3":
-            window = int(get("attention.sliding_window", 512))
-            pre_attn = hidden // num_heads if n_layers == 62 else head_dim  # llama.cpp: 27B scales by hidden/heads
-            common.update(
-                hidden_act="gelu_pytorch_tanh",
-                tie_word_embeddings=True,
-                layer_windows=tuple(None if (i + 1) % 6 == 0 else window for i in range(n_layers)),
-                rope_local_theta=10000.0,
-                query_pre_attn_scalar=float(pre_attn),
-            )
-        return ModelConfig(**common)
-
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for f in fields(self):
@@ -250,62 +122,13 @@ class ModelConfig:
 def gpt2_config(name: str, layers: int, width: int, heads: int, vocab: int = 50257, context: int = 1024,
                 inner: int | None = None, act: str = "gelu_new", eps: float = 1e-5, bos: int | None = None,
                 eos: tuple[int, ...] = ()) -> ModelConfig:
-    """A GPT-2-style config (models/gpt2.py): learned positions, LayerNorm, biases everywhere, tied head."""
+    """A GPT-2-style config (models/gpt2.py): learned positions, LayerNorm, biases everywhere, tied head. Here, not
+    in models/, because the accounting presets (accounting/presets.py) build these without the model code."""
     return ModelConfig(architecture="gpt2", vocab_size=vocab, hidden_size=width, intermediate_size=inner or 4 * width,
                        num_layers=layers, num_heads=heads, num_kv_heads=heads, head_dim=width // heads,
                        max_position_embeddings=context, rms_norm_eps=eps, tie_word_embeddings=True,
                        attention_bias=True, hidden_act=act, gated_mlp=False, bos_token_id=bos, eos_token_ids=eos,
                        name=name)
-
-
-GPT2_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu", "relu")  # models/gpt2.py runs these
-
-
-def _gpt2_from_hf(d: dict[str, Any], name: str) -> ModelConfig:
-    """A Hugging Face GPT-2 config.json (n_embd, n_layer, n_head, n_inner, activation_function, ...)."""
-    act = str(d.get("activation_function", "gelu_new"))
-    if act not in GPT2_ACTIVATIONS:
-        raise ConfigError(f"unsupported activation_function '{act}' in the GPT-2 config "
-                          f"(supported: {', '.join(GPT2_ACTIVATIONS)})")
-    for field_name in ("scale_attn_by_inverse_layer_idx", "add_cross_attention"):
-        if d.get(field_name):
-            raise ConfigError(f"GPT-2 config field '{field_name}' = true is not supported")
-    try:
-        width = int(d["n_embd"])
-        return gpt2_config(name, int(d["n_layer"]), width, int(d["n_head"]), int(d["vocab_size"]),
-                     int(d.get("n_positions", 1024)), int(d.get("n_inner") or 4 * width), act,
-                     float(d.get("layer_norm_epsilon", 1e-5)), d.get("bos_token_id"),
-                     _as_tuple(d.get("eos_token_id")))
-    except KeyError as e:
-        raise ConfigError(f"model config is missing the field {e.args[0]!r}") from None
-
-
-def _as_tuple(value: Any) -> tuple[int, ...]:
-    if value is None:
-        return ()
-    if isinstance(value, (list, tuple)):
-        return tuple(int(v) for v in value)
-    return (int(value),)
-
-
-def _rope_parameters(d: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(global, local) RoPE settings from either transformers-5 `rope_parameters` or the older
-    `rope_theta` / `rope_scaling` / `rope_local_base_freq` keys."""
-    params = d.get("rope_parameters") or {}
-    if "full_attention" in params:
-        return dict(params["full_attention"]), dict(params.get("sliding_attention") or {})
-    merged = {**(d.get("rope_scaling") or {}), **params}
-    merged.setdefault("rope_theta", d.get("rope_theta", 10000.0))
-    return merged, {}
-
-
-def _gemma3_windows(d: dict[str, Any], n_layers: int) -> tuple[int | None, ...]:
-    window = int(d.get("sliding_window", 512))
-    layer_types = d.get("layer_types")
-    if layer_types:
-        return tuple(window if t == "sliding_attention" else None for t in layer_types)
-    pattern = int(d.get("sliding_window_pattern", 6))
-    return tuple(None if (i + 1) % pattern == 0 else window for i in range(n_layers))
 
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -334,7 +157,8 @@ class EngineConfig:
     weights: str = "auto"  # weight storage: auto (dtype), fp32, bf16, fp16, int8, int4; fast (_fast_format)
     block_size: int = 16
     # KV budget: bytes (int > 1) or a fraction of free memory (0 < x <= 1); None = enough for
-    # max_num_seqs sequences of max_model_len, capped at half of free memory.
+    # max_num_seqs sequences of max_model_len, capped at a quarter of free memory and at DEFAULT_BUDGET_CAP
+    # (cache/pool.py num_blocks_for_budget).
     kv_cache_memory: float | int | None = None
     kv_cache_dtype: str = "auto"
     max_num_seqs: int = 64

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from kvengine.config import ModelConfig
+from kvengine.models.registry import config_from_hf
 
 VOCAB = 96
 BASE = dict(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=1)
@@ -35,7 +35,7 @@ def tiny_gpt2_pair(seed: int = 0, **overrides):
     from kvengine.models.gpt2 import GPT2ForCausalLM
 
     hf = tiny_gpt2_hf(seed, **overrides)
-    ours = GPT2ForCausalLM(ModelConfig.from_hf_dict(hf.config.to_dict(), name="tiny-gpt2"))
+    ours = GPT2ForCausalLM(config_from_hf(hf.config.to_dict(), name="tiny-gpt2"))
     filled = {ours.load_weight(n, t) for n, t in hf.state_dict().items()}
     assert ours.expected_weights() <= filled
     return ours.eval(), hf

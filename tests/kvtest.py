@@ -10,10 +10,10 @@ from kvengine.cache.block_manager import BlockManager
 from kvengine.cache.block_tables import KVBlockTables
 from kvengine.cache.pool import KVPool
 from kvengine.cache.spec import KVCacheSpec
-from kvengine.config import ModelConfig
 from kvengine.engine.runner import ModelRunner
 from kvengine.engine.scheduler import ScheduledSeq
 from kvengine.engine.sequence import Sequence
+from kvengine.models.registry import config_from_hf
 
 
 def tiny_pair(kind: str = "llama", seed: int = 0, **overrides):
@@ -37,7 +37,7 @@ def tiny_pair(kind: str = "llama", seed: int = 0, **overrides):
         for name, p in hf.named_parameters():
             if "norm" in name:
                 p.uniform_(0.5, 1.5)
-    ours = LlamaForCausalLM(ModelConfig.from_hf_dict(hf_config.to_dict(), name=f"tiny-{kind}"))
+    ours = LlamaForCausalLM(config_from_hf(hf_config.to_dict(), name=f"tiny-{kind}"))
     for name, tensor in hf.state_dict().items():
         ours.load_weight(name, tensor)
     return ours.eval(), hf
@@ -65,7 +65,7 @@ def tiny_gemma_pair(seed: int = 0, **overrides):
         for name, p in hf.named_parameters():
             if "norm" in name:
                 p.uniform_(-0.5, 0.5)
-    ours = Gemma3ForCausalLM(ModelConfig.from_hf_dict(hf_config.to_dict(), name="tiny-gemma3"))
+    ours = Gemma3ForCausalLM(config_from_hf(hf_config.to_dict(), name="tiny-gemma3"))
     for name, tensor in hf.state_dict().items():
         ours.load_weight(name, tensor)
     assert ours.expected_weights() <= {ours.load_weight(n, t) for n, t in hf.state_dict().items()}

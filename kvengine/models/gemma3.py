@@ -7,25 +7,31 @@
   (with its scaling, if any) and full attention; the per-layer windows come from ModelConfig.layer_windows;
 - GeGLU MLP (gelu tanh gate * up -> down); LM head tied to the embeddings; optional final logit soft-capping.
 
-Parameter names follow Hugging Face's Gemma3ForCausalLM; q/k/v and gate/up are stored fused as in llama.py,
-whose weight-loading methods this class shares. GGUF (llama.cpp) stores every norm weight as 1 + w and does
+The decoder loop is the shared one (models/decoder.py); this file overrides its embedding, RoPE and logits hooks.
+Parameter names follow Hugging Face's Gemma3ForCausalLM; q/k/v and gate/up are stored fused as in llama.py and
+loaded by the shared CheckpointWeights. GGUF (llama.cpp) stores every norm weight as 1 + w and does
 not permute Q/K rows (Gemma uses rotate-half RoPE there too); `gguf_to_hf` undoes the former only.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 from kvengine.batch import StepBatch
 from kvengine.cache.pool import KVPool
 from kvengine.config import ModelConfig
-from kvengine.layers.linear import Linear
 from kvengine.layers.norm import RMSNorm
 from kvengine.layers.rotary import RotaryEmbedding
-from kvengine.models.common import GGUF_LAYER_NAMES, CheckpointWeights, gguf_name_to_hf, uninitialized_embedding
-from kvengine.models.llama import GatedMLP, LlamaAttention, Ropes
+from kvengine.models.common import GGUF_LAYER_NAMES, gguf_name_to_hf, uninitialized_embedding
+from kvengine.models.config_parse import GGUFMetadata, required_fields, rope_parameters, windows_from_layer_types
+from kvengine.models.decoder import DecoderLM, Ropes, tied_head
+from kvengine.models.llama import GatedMLP, LlamaAttention, llama_gguf_fields, llama_hf_fields
 
 GEMMA_NORM_OFFSET = 1.0  # Gemma's RMSNorm multiplies by (1 + weight)
+GLOBAL_EVERY = 6  # without a per-layer list, every sixth layer is global and the others slide
 
 # llama.cpp's Gemma 3 block tensors; `ffn_norm` is the norm *before* the MLP here, not after attention.
 GEMMA3_GGUF_LAYER_NAMES = {
@@ -56,8 +62,8 @@ class Gemma3DecoderLayer(torch.nn.Module):
         return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
 
-class Gemma3ForCausalLM(CheckpointWeights, torch.nn.Module):
-    """forward(batch, kv) -> logits of the rows `batch.logits_indices`: [N, vocab]."""
+class Gemma3ForCausalLM(DecoderLM):
+    """The shared decoder loop (models/decoder.py) with Gemma's embedding scale, two RoPE bases and soft-capping."""
 
     def __init__(self, config: ModelConfig, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
@@ -72,20 +78,54 @@ class Gemma3ForCausalLM(CheckpointWeights, torch.nn.Module):
         self.local_rope = RotaryEmbedding(config.head_dim, config.max_position_embeddings, local_theta, None, dtype)
         self.layers = torch.nn.ModuleList(Gemma3DecoderLayer(config, i, dtype) for i in range(config.num_layers))
         self.norm = gemma_norm(config.hidden_size, config, dtype)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, False, dtype)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
+        self.lm_head = tied_head(config, self.embed_tokens, dtype)
 
-    def forward(self, batch: StepBatch, kv: KVPool | None) -> torch.Tensor:
-        x = self.embed_tokens(batch.input_ids) * self.embed_scale  # [T, hidden]
+    def embed(self, batch: StepBatch) -> torch.Tensor:
+        return self.embed_tokens(batch.input_ids) * self.embed_scale  # [T, hidden]
+
+    def layer_ropes(self, batch: StepBatch) -> Sequence[Ropes]:
         # cos, sin [T, 1, D] for each RoPE base, once per step: global layers and sliding-window ("local") ones
         full, local = Ropes.for_batch(self.global_rope, batch), Ropes.for_batch(self.local_rope, batch)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, batch, kv, full if self.config.window(i) is None else local)
-        x = self.norm(x[batch.logits_indices])  # [N, hidden]: only rows that are sampled
-        logits = self.lm_head(x).float()  # [N, vocab]
+        return [full if self.config.window(i) is None else local for i in range(len(self.layers))]
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        logits = super().logits(x)  # [N, vocab]
         cap = self.config.final_logit_softcapping
         return logits if cap is None else torch.tanh(logits / cap) * cap
+
+    # -- config ---------------------------------------------------------------------------------------------
+    @staticmethod
+    def config_from_hf(d: dict[str, Any], name: str) -> ModelConfig:
+        """Gemma 3 text configs (`gemma3_text`), or the text tower of a multimodal `gemma3` config."""
+        if "text_config" in d and d.get("model_type") == "gemma3":
+            d = {**d["text_config"], "model_type": "gemma3_text"}
+        rope_global, rope_local = rope_parameters(d)
+        with required_fields():
+            fields = llama_hf_fields(d, "gemma3", rope_global, name)
+        fields.update(
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", True)),
+            layer_windows=_hf_windows(d, fields["num_layers"]),
+            rope_local_theta=float(rope_local.get("rope_theta", d.get("rope_local_base_freq", 10000.0))),
+            query_pre_attn_scalar=float(d.get("query_pre_attn_scalar", fields["head_dim"])),
+            final_logit_softcapping=d.get("final_logit_softcapping"),
+        )
+        return ModelConfig(**fields)
+
+    @staticmethod
+    def config_from_gguf(meta: GGUFMetadata, name: str) -> ModelConfig:
+        """The metadata holds no layer pattern, local RoPE base or query_pre_attn_scalar: llama.cpp's defaults."""
+        fields = llama_gguf_fields(meta, "gemma3", name)
+        window = int(meta.get("attention.sliding_window", 512))
+        n_layers, heads = fields["num_layers"], fields["num_heads"]
+        pre_attn = fields["hidden_size"] // heads if n_layers == 62 else fields["head_dim"]  # llama.cpp: 27B
+        fields.update(
+            hidden_act="gelu_pytorch_tanh",
+            tie_word_embeddings=True,
+            layer_windows=_global_every(GLOBAL_EVERY, n_layers, window),
+            rope_local_theta=10000.0,
+            query_pre_attn_scalar=float(pre_attn),
+        )
+        return ModelConfig(**fields)
 
     # -- weights: load_weight / expected_weights come from CheckpointWeights -------------------------
     @staticmethod
@@ -100,3 +140,16 @@ class Gemma3ForCausalLM(CheckpointWeights, torch.nn.Module):
         if hf.endswith("norm.weight"):
             tensor = tensor - GEMMA_NORM_OFFSET
         return hf, tensor
+
+
+def _hf_windows(d: dict[str, Any], n_layers: int) -> tuple[int | None, ...]:
+    window = int(d.get("sliding_window", 512))
+    layer_types = d.get("layer_types")
+    if layer_types:
+        return windows_from_layer_types(layer_types, window)
+    return _global_every(int(d.get("sliding_window_pattern", GLOBAL_EVERY)), n_layers, window)
+
+
+def _global_every(pattern: int, n_layers: int, window: int) -> tuple[int | None, ...]:
+    """Layers pattern - 1, 2 * pattern - 1, ... global (None), the others sliding over `window` tokens."""
+    return tuple(None if (i + 1) % pattern == 0 else window for i in range(n_layers))

@@ -14,17 +14,20 @@ positions are added once at the embedding, so nothing in a layer depends on wher
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from kvengine.batch import StepBatch
 from kvengine.cache.pool import KVPool
-from kvengine.config import ModelConfig
-from kvengine.errors import ModelLoadError
+from kvengine.config import ModelConfig, gpt2_config
+from kvengine.errors import ConfigError, ModelLoadError
 from kvengine.layers.backends import attend
 from kvengine.layers.linear import Linear
-from kvengine.models.common import CheckpointWeights, gguf_name_to_hf
+from kvengine.models.common import gguf_name_to_hf
+from kvengine.models.config_parse import GGUFMetadata, int_tuple, required_fields
+from kvengine.models.decoder import DecoderLM, Ropes, tied_head
 
 # HF `activation_function` values GPT-2 checkpoints use; "gelu_new" is GELU with the tanh approximation.
 GPT2_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -94,13 +97,14 @@ class GPT2Block(torch.nn.Module):
         self.ln_2 = layer_norm(config, dtype)
         self.mlp = GPT2MLP(config, dtype)
 
-    def forward(self, x: torch.Tensor, batch: StepBatch, kv: KVPool | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, batch: StepBatch, kv: KVPool | None, rope: Ropes | None = None) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), batch, kv)
         return x + self.mlp(self.ln_2(x))
 
 
-class GPT2ForCausalLM(CheckpointWeights, torch.nn.Module):
-    """forward(batch, kv) -> logits of the rows `batch.logits_indices`: [N, vocab]."""
+class GPT2ForCausalLM(DecoderLM):
+    """The shared decoder loop (models/decoder.py) over HF's names: `h` its layers, `ln_f` its final norm; the
+    embedding adds the learned positions, and no layer takes RoPE tables."""
 
     def __init__(self, config: ModelConfig, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
@@ -113,25 +117,59 @@ class GPT2ForCausalLM(CheckpointWeights, torch.nn.Module):
                                                           dtype=dtype))
         self.h = torch.nn.ModuleList(GPT2Block(config, i, dtype) for i in range(config.num_layers))
         self.ln_f = layer_norm(config, dtype)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, False, dtype)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.wte.weight
+        self.lm_head = tied_head(config, self.wte, dtype)
 
-    def forward(self, batch: StepBatch, kv: KVPool | None) -> torch.Tensor:
+    @property
+    def layers(self) -> torch.nn.ModuleList:  # type: ignore[override]
+        return self.h
+
+    @property
+    def norm(self) -> torch.nn.Module:  # type: ignore[override]
+        return self.ln_f
+
+    def embed(self, batch: StepBatch) -> torch.Tensor:
         if int(batch.positions.max()) >= self.config.max_position_embeddings:
             raise ModelLoadError(f"position {int(batch.positions.max())} is past the model's "
                                  f"{self.config.max_position_embeddings} learned positions")
-        x = self.wte(batch.input_ids) + self.wpe(batch.positions)  # [T, hidden]
-        for block in self.h:
-            x = block(x, batch, kv)
-        x = self.ln_f(x[batch.logits_indices])  # [N, hidden]: only rows that are sampled
-        return self.lm_head(x).float()  # [N, vocab]
+        return self.wte(batch.input_ids) + self.wpe(batch.positions)  # [T, hidden]
 
     def enable_fused_layers(self, pool: KVPool) -> str:
         """GPT-2 runs layer by layer; the reason goes into the run summary."""
         return FUSED_LAYERS_REASON
 
+    # -- config -----------------------------------------------------------------------------------------------
+    @staticmethod
+    def config_from_hf(d: dict[str, Any], name: str) -> ModelConfig:
+        """A Hugging Face GPT-2 config.json (n_embd, n_layer, n_head, n_inner, activation_function, ...)."""
+        act = str(d.get("activation_function", "gelu_new"))
+        if act not in GPT2_ACTIVATIONS:
+            raise ConfigError(f"unsupported activation_function '{act}' in the GPT-2 config "
+                              f"(supported: {', '.join(GPT2_ACTIVATIONS)})")
+        for field_name in ("scale_attn_by_inverse_layer_idx", "add_cross_attention"):
+            if d.get(field_name):
+                raise ConfigError(f"GPT-2 config field '{field_name}' = true is not supported")
+        with required_fields():
+            width = int(d["n_embd"])
+            return gpt2_config(name, int(d["n_layer"]), width, int(d["n_head"]), int(d["vocab_size"]),
+                               int(d.get("n_positions", 1024)), int(d.get("n_inner") or 4 * width), act,
+                               float(d.get("layer_norm_epsilon", 1e-5)), d.get("bos_token_id"),
+                               int_tuple(d.get("eos_token_id")))
+
+    @staticmethod
+    def config_from_gguf(meta: GGUFMetadata, name: str) -> ModelConfig:
+        heads = int(meta.get("attention.head_count"))
+        return gpt2_config(name, int(meta.get("block_count")), int(meta.get("embedding_length")), heads,
+                           meta.vocab_size(), int(meta.get("context_length")), int(meta.get("feed_forward_length")),
+                           "gelu_new", float(meta.get("attention.layer_norm_epsilon", 1e-5)), meta.bos_token_id,
+                           meta.eos_token_ids)
+
     # -- weights ------------------------------------------------------------------------------------------
+    @classmethod
+    def random(cls, config: ModelConfig, seed: int) -> GPT2ForCausalLM:
+        model = cls(config, torch.float32)
+        model.random_init(seed)
+        return model
+
     def load_weight(self, name: str, tensor: torch.Tensor) -> str:
         """One HF GPT-2 tensor (Conv1D weights [in, out]) into its parameter; returns the parameter name."""
         name = name.removeprefix("transformer.")

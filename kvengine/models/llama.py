@@ -8,14 +8,14 @@ GGUF tensor names and layout are translated by `gguf_to_hf`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from kvengine.batch import StepBatch
 from kvengine.cache.pool import KVPool
-from kvengine.config import ModelConfig
+from kvengine.config import ModelConfig, RopeScaling
 from kvengine.errors import ModelLoadError
 from kvengine.layers import native
 from kvengine.layers.backends import FusedLayersMetadata, attend
@@ -23,23 +23,15 @@ from kvengine.layers.linear import Linear, PackedLinear
 from kvengine.layers.norm import RMSNorm
 from kvengine.layers.rotary import RotaryEmbedding, rotate
 from kvengine.models.common import CheckpointWeights, gguf_name_to_hf, uninitialized_embedding
-
-Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin [T, 1, head_dim] for the step's positions
-
-
-@dataclass(slots=True)
-class Ropes:
-    """One RoPE base's tables for a step: at the tokens' text positions, and (with attention sinks) at their
-    cache positions, for the scores against sink keys (cache/retention.py)."""
-
-    text: Rope
-    cache: Rope | None = None
-
-    @staticmethod
-    def for_batch(rotary: RotaryEmbedding, batch: StepBatch) -> Ropes:
-        end = batch.max_context_len
-        cache = rotary.table(batch.sink_positions, end) if batch.sink_positions is not None else None
-        return Ropes(rotary.table(batch.positions, end), cache)
+from kvengine.models.config_parse import (
+    GGUFMetadata,
+    int_tuple,
+    required_fields,
+    rope_parameters,
+    windows_from_layer_types,
+)
+from kvengine.models.decoder import Ropes
+from kvengine.models.protocol import CausalLM
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": F.silu,
@@ -128,7 +120,7 @@ class LlamaDecoderLayer(torch.nn.Module):
         return [self.input_layernorm.weight, *qkv, *o, self.post_attention_layernorm.weight, *gate_up, *down]
 
 
-class LlamaForCausalLM(CheckpointWeights, torch.nn.Module):
+class LlamaForCausalLM(CheckpointWeights, torch.nn.Module, CausalLM):
     """forward(batch, kv) -> logits of the rows `batch.logits_indices`: [N, vocab]."""
 
     def __init__(self, config: ModelConfig, dtype: torch.dtype = torch.float32) -> None:
@@ -197,6 +189,22 @@ class LlamaForCausalLM(CheckpointWeights, torch.nn.Module):
         x = self.norm(x[batch.logits_indices])  # [N, hidden]: only rows that are sampled
         return self.lm_head(x).float()  # [N, vocab]
 
+    # -- config -------------------------------------------------------------------------------------------------
+    @staticmethod
+    def config_from_hf(d: dict[str, Any], name: str) -> ModelConfig:
+        """Llama, Mistral and Qwen2 configs; Mistral's and Qwen2's sliding windows where they use them."""
+        rope, _ = rope_parameters(d)
+        with required_fields():
+            fields = llama_hf_fields(d, "llama", rope, name)
+        if d.get("sliding_window") and d.get("use_sliding_window", True):
+            types = d.get("layer_types") or ["sliding_attention"] * fields["num_layers"]
+            fields["layer_windows"] = windows_from_layer_types(types, int(d["sliding_window"]))
+        return ModelConfig(**fields)
+
+    @staticmethod
+    def config_from_gguf(meta: GGUFMetadata, name: str) -> ModelConfig:
+        return ModelConfig(**llama_gguf_fields(meta, "llama", name))
+
     # -- weights: load_weight / expected_weights come from CheckpointWeights -------------------------
     @staticmethod
     def gguf_to_hf(name: str, tensor: torch.Tensor, config: ModelConfig) -> tuple[str, torch.Tensor] | None:
@@ -232,3 +240,59 @@ def unpermute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Inverse of llama.cpp's Q/K row permutation: per head, rows (pair, 2) -> (2, pair)."""
     rows = w.shape[0]
     return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def llama_hf_fields(d: dict[str, Any], architecture: str, rope: dict[str, Any], name: str) -> dict[str, Any]:
+    """The ModelConfig fields of a Llama-style config.json (Gemma 3 reads these too), with the global RoPE
+    settings `rope` (config_parse.rope_parameters). A missing required field is a KeyError."""
+    num_heads = int(d["num_attention_heads"])
+    hidden = int(d["hidden_size"])
+    return dict(
+        architecture=architecture,
+        vocab_size=int(d["vocab_size"]),
+        hidden_size=hidden,
+        intermediate_size=int(d["intermediate_size"]),
+        num_layers=int(d["num_hidden_layers"]),
+        num_heads=num_heads,
+        num_kv_heads=int(d.get("num_key_value_heads") or num_heads),
+        head_dim=int(d.get("head_dim") or hidden // num_heads),
+        max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
+        rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+        rope_theta=float(rope.get("rope_theta", 10000.0)),
+        rope_scaling=RopeScaling.from_dict(rope),
+        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+        attention_bias=bool(d.get("attention_bias", d.get("model_type") == "qwen2")),
+        hidden_act=str(d.get("hidden_act") or d.get("hidden_activation") or "silu"),
+        bos_token_id=d.get("bos_token_id"),
+        eos_token_ids=int_tuple(d.get("eos_token_id")),
+        name=name,
+    )
+
+
+def llama_gguf_fields(meta: GGUFMetadata, architecture: str, name: str) -> dict[str, Any]:
+    """The ModelConfig fields of a Llama-style GGUF file's metadata (Gemma 3 reads these too)."""
+    num_heads = int(meta.get("attention.head_count"))
+    hidden = int(meta.get("embedding_length"))
+    n_layers = int(meta.get("block_count"))
+    kv_heads = int(meta.get("attention.head_count_kv", num_heads))
+    head_dim = int(meta.get("attention.key_length", hidden // num_heads))
+    fields: dict[str, Any] = dict(
+        architecture=architecture,
+        vocab_size=meta.vocab_size(),
+        hidden_size=hidden,
+        intermediate_size=int(meta.get("feed_forward_length")),
+        num_layers=n_layers,
+        num_heads=num_heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        max_position_embeddings=int(meta.get("context_length")),
+        rms_norm_eps=float(meta.get("attention.layer_norm_rms_epsilon", 1e-6)),
+        rope_theta=float(meta.get("rope.freq_base", 10000.0)),
+        attention_bias=False,  # set by the loader when bias tensors are present
+        bos_token_id=meta.bos_token_id,
+        eos_token_ids=meta.eos_token_ids,
+        name=name,
+    )
+    if meta.optional("rope.scaling.type") == "linear":
+        fields["rope_scaling"] = RopeScaling("linear", float(meta.get("rope.scaling.factor")))
+    return fields

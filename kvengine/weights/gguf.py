@@ -1,9 +1,8 @@
 """GGUF files: metadata and tensors. The container is parsed here (memory-mapped, every read bounds-checked);
 the `gguf` package (llama.cpp's) supplies the quantization constants and the dequantizers.
 
-Our own parser exists for speed: a vocabulary of 262k strings (Gemma 3) takes the `gguf` package's reader
-about ten seconds, because it builds numpy views for every string; a plain loop over the length-prefixed
-strings takes a fraction of a second.
+Our own parser exists for speed on large vocabularies (Gemma 3's 262k strings): the `gguf` package's reader
+builds numpy views for every string, where a plain loop over the length-prefixed strings does far less work.
 This module knows the container, not any architecture: name mapping and layout fixes (such as undoing
 the Q/K row permutation of Llama) belong to the model file that owns those tensors.
 """

@@ -14,12 +14,13 @@ import torch
 
 from kvengine.config import ModelConfig
 from kvengine.errors import ModelLoadError
+from kvengine.models.protocol import CausalLM
 from kvengine.models.registry import model_class
 from kvengine.weights.source import ModelSource
 
 
 def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device | str = "cpu",
-               config: ModelConfig | None = None) -> torch.nn.Module:
+               config: ModelConfig | None = None) -> CausalLM:
     config = config or source.model_config()
     cls = model_class(config.architecture)
     if source.preset is not None:
@@ -39,7 +40,8 @@ def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device | s
     return model.eval()
 
 
-def checkpoint_tensors(source: ModelSource, config: ModelConfig, cls: type) -> Iterator[tuple[str, torch.Tensor]]:
+def checkpoint_tensors(source: ModelSource, config: ModelConfig,
+                       cls: type[CausalLM]) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF-style name, float tensor) pairs from a GGUF file or a safetensors folder."""
     if source.gguf is not None:
         for t in source.gguf.tensors():

@@ -15,19 +15,19 @@ import torch
 
 from kvengine.config import ModelConfig
 from kvengine.errors import ModelLoadError
+from kvengine.models.protocol import CausalLM
 from kvengine.weights.tokenizer import Tokenizer
 
 PRESET_SEED = 0
 END_OF_TEXT = "<|endoftext|>"
 
 
-def random_model(config: ModelConfig, cls: type, dtype: torch.dtype, seed: int = PRESET_SEED) -> torch.nn.Module:
+def random_model(config: ModelConfig, cls: type[CausalLM], dtype: torch.dtype, seed: int = PRESET_SEED) -> CausalLM:
     """The architecture of `config` with the family's own random initialisation from `seed`."""
-    if not hasattr(cls, "random_init"):
+    model = cls.random(config, seed)
+    if model is None:
         raise ModelLoadError(f"preset '{config.name}' ({config.architecture}) is countable, not runnable: its "
                              "family has no random initialisation (GPT-style presets run)")
-    model = cls(config, torch.float32)
-    model.random_init(seed)
     return model.to(dtype).eval()
 
 

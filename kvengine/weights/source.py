@@ -12,6 +12,7 @@ from pathlib import Path
 
 from kvengine.config import ModelConfig
 from kvengine.errors import ConfigError, ModelLoadError
+from kvengine.models.registry import config_from_gguf, config_from_hf
 from kvengine.weights.catalog import PRESET_PREFIX, preset_model, resolve_model
 from kvengine.weights.gguf import GGUFFile, is_gguf
 from kvengine.weights.tokenizer import Tokenizer
@@ -50,7 +51,7 @@ class ModelSource:
         if self.preset is not None:
             return self.preset
         if self.gguf is not None:
-            config = ModelConfig.from_gguf_metadata(self.gguf.metadata, name=self.name)
+            config = config_from_gguf(self.gguf.metadata, name=self.name)
             names = set(self.gguf.tensor_names())
             return config.with_(
                 tie_word_embeddings="output.weight" not in names,
@@ -69,7 +70,7 @@ def load_hf_config(path: str | Path, name: str | None = None) -> ModelConfig:
         raise ConfigError(f"'{p}' is not valid JSON: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"'{p}' must hold a JSON object")
-    return ModelConfig.from_hf_dict(data, name=name or p.parent.name)
+    return config_from_hf(data, name=name or p.parent.name)
 
 
 def open_model_source(model: str | Path | None, quiet: bool = False) -> ModelSource:

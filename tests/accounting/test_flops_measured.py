@@ -13,6 +13,7 @@ import transformers
 
 from kvengine.accounting.flops import step_flops
 from kvengine.config import ModelConfig
+from kvengine.models.registry import config_from_hf
 
 P = 12  # prompt length
 
@@ -24,7 +25,7 @@ def tiny_llama(impl: str) -> tuple[transformers.LlamaForCausalLM, ModelConfig]:
     hf_config._attn_implementation = impl
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(hf_config).eval()
-    return model, ModelConfig.from_hf_dict(hf_config.to_dict(), name="tiny-llama")
+    return model, config_from_hf(hf_config.to_dict(), name="tiny-llama")
 
 
 def tiny_gpt2() -> tuple[transformers.GPT2LMHeadModel, ModelConfig]:

@@ -17,6 +17,7 @@ from kvengine.accounting.presets import PRESETS, get_preset, preset_names
 from kvengine.cache.spec import KVCacheSpec
 from kvengine.config import ModelConfig
 from kvengine.errors import ConfigError
+from kvengine.models.registry import config_from_hf
 
 LLAMA3_70B = get_preset("llama3-70b")
 SMOLLM2 = get_preset("smollm2-135m")
@@ -88,7 +89,7 @@ def test_parameter_count_matches_transformers(cls, tied):
         vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=tied)
     model = getattr(transformers, f"{cls}ForCausalLM")(hf_config)
-    assert parameter_count(ModelConfig.from_hf_dict(hf_config.to_dict())) == _hf_params(model)
+    assert parameter_count(config_from_hf(hf_config.to_dict())) == _hf_params(model)
 
 
 def test_parameter_count_matches_transformers_gpt2_and_gemma3():
@@ -102,7 +103,7 @@ def test_parameter_count_matches_transformers_gpt2_and_gemma3():
                                                  num_hidden_layers=2, num_attention_heads=4, head_dim=32,
                                                  num_key_value_heads=1, max_position_embeddings=128)
     gemma = transformers.Gemma3ForCausalLM(gemma_config)
-    assert parameter_count(ModelConfig.from_hf_dict(gemma_config.to_dict())) == _hf_params(gemma)
+    assert parameter_count(config_from_hf(gemma_config.to_dict())) == _hf_params(gemma)
 
 
 @pytest.mark.real_model

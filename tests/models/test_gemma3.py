@@ -14,9 +14,9 @@ import torch
 from kvtest import GEMMA_ROPE, cached_step, make_runner, tiny_gemma_pair
 from test_llama import TOL
 
-from kvengine.config import ModelConfig
 from kvengine.engine.sequence import Sequence
 from kvengine.models.gemma3 import Gemma3ForCausalLM
+from kvengine.models.registry import config_from_hf
 from kvengine.sampling import SamplingParams
 
 VOCAB = 96
@@ -114,7 +114,7 @@ def test_chunked_prefill_mixed_batch_and_batched_decode_match(name):
 def test_gguf_names_and_norm_offset():
     """llama.cpp's Gemma 3 tensors map to HF names; norms come back as w (GGUF stores 1 + w); Q/K rows keep
     their order (no Llama-style permutation)."""
-    config = ModelConfig.from_hf_dict({"model_type": "gemma3_text", "vocab_size": VOCAB, "hidden_size": 64,
+    config = config_from_hf({"model_type": "gemma3_text", "vocab_size": VOCAB, "hidden_size": 64,
                                        "intermediate_size": 112, "num_hidden_layers": 2, "num_attention_heads": 4,
                                        "num_key_value_heads": 2, "head_dim": 32})
     w = torch.arange(12.0).reshape(4, 3)

@@ -22,12 +22,13 @@ from kvengine.engine.engine import LLMEngine
 from kvengine.errors import ConfigError
 from kvengine.layers import native
 from kvengine.layers.linear import describe_kernels, quantize_linears
+from kvengine.models.protocol import CausalLM
 from kvengine.weights.tokenizer import Tokenizer
 
 UNBOUNDED_CONTEXT = 1 << 30  # the length limit when a KV window bounds the cache (kv_window set)
 
 
-def build_engine(model: torch.nn.Module, tokenizer: Tokenizer | None, config: EngineConfig,
+def build_engine(model: CausalLM, tokenizer: Tokenizer | None, config: EngineConfig,
                  disk: DiskStore | None = None, model_id: str | None = None, weights_note: str = "") -> LLMEngine:
     """The engine for `model` under `config` (the model is changed in place: see the module docstring), with the
     KV disk tier over `disk` keyed by `model_id` and the rest of the fingerprint. `weights_note` goes before the
@@ -38,9 +39,9 @@ def build_engine(model: torch.nn.Module, tokenizer: Tokenizer | None, config: En
     dtype = next(model.parameters()).dtype
     weights = prepare_weights(model, config, dtype)
     pool = allocate_pool(config, mc, dtype, max_len)
-    if config.fused_layers and hasattr(model, "enable_fused_layers") and (
-            config.quantized_weights or dtype == torch.bfloat16):
-        why_not = model.enable_fused_layers(pool)
+    why_not = model.enable_fused_layers(pool) if config.fused_layers and (
+        config.quantized_weights or dtype == torch.bfloat16) else None  # None: nothing to say
+    if why_not is not None:
         weights += "; decode steps: " + (f"layer by layer ({why_not})" if why_not else "one kvengine op per layer")
     tier = None
     if disk is not None and config.enable_prefix_caching and pool.spec.prefix_cacheable:

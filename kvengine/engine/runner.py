@@ -20,6 +20,7 @@ from kvengine.engine.scheduler import ScheduledSeq
 from kvengine.engine.sequence import Sequence
 from kvengine.errors import ConfigError
 from kvengine.layers.backends import FUSED_LAYERS, PAGED, PAGED_DECODE, AttentionBackend
+from kvengine.models.protocol import CausalLM
 
 # The one-op path attends with a plain loop per (token, head); a prefill step whose tokens together read more
 # keys than this (a long prompt) runs layer by layer, where PyTorch's attention kernels are faster. 32 chat
@@ -37,7 +38,7 @@ def row_keys(batch: StepBatch) -> int:
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, pool: KVPool | None, block_tables: KVBlockTables | None,
+    def __init__(self, model: CausalLM, pool: KVPool | None, block_tables: KVBlockTables | None,
                  device: torch.device | str = "cpu", compile_decode: bool = False) -> None:
         self.model = model
         self.pool = pool
@@ -57,7 +58,7 @@ class ModelRunner:
     def fused_layers(self) -> bool:
         """The model runs steps as one op per layer (models/llama.py enable_fused_layers): every decode step,
         and prefill steps whose tokens read few keys (`FUSED_ROW_KEYS`); they skip compilation."""
-        return getattr(self.model, "fused_layer_weights", None) is not None
+        return self.model.fused_layers_enabled
 
     @torch.inference_mode()
     def run(self, batch: StepBatch) -> torch.Tensor:

@@ -7,7 +7,7 @@ GGUF tensor names and layout are translated by `gguf_to_hf`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -22,7 +22,7 @@ from kvengine.layers.backends import FusedLayersMetadata, attend
 from kvengine.layers.linear import Linear, PackedLinear
 from kvengine.layers.norm import RMSNorm
 from kvengine.layers.rotary import RotaryEmbedding, rotate
-from kvengine.models.common import CheckpointWeights, gguf_name_to_hf, uninitialized_embedding
+from kvengine.models.common import gguf_name_to_hf, uninitialized_embedding
 from kvengine.models.config_parse import (
     GGUFMetadata,
     int_tuple,
@@ -30,8 +30,7 @@ from kvengine.models.config_parse import (
     rope_parameters,
     windows_from_layer_types,
 )
-from kvengine.models.decoder import Ropes
-from kvengine.models.protocol import CausalLM
+from kvengine.models.decoder import DecoderLM, Ropes, tied_head
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": F.silu,
@@ -120,8 +119,9 @@ class LlamaDecoderLayer(torch.nn.Module):
         return [self.input_layernorm.weight, *qkv, *o, self.post_attention_layernorm.weight, *gate_up, *down]
 
 
-class LlamaForCausalLM(CheckpointWeights, torch.nn.Module, CausalLM):
-    """forward(batch, kv) -> logits of the rows `batch.logits_indices`: [N, vocab]."""
+class LlamaForCausalLM(DecoderLM):
+    """The shared decoder loop (models/decoder.py) with one RoPE base for every layer; steps the runner planned
+    for the fused layer op (enable_fused_layers) run each layer as one kvengine op instead."""
 
     def __init__(self, config: ModelConfig, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
@@ -131,9 +131,7 @@ class LlamaForCausalLM(CheckpointWeights, torch.nn.Module, CausalLM):
                                       config.rope_scaling, dtype)
         self.layers = torch.nn.ModuleList(LlamaDecoderLayer(config, i, dtype) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, False, dtype)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
+        self.lm_head = tied_head(config, self.embed_tokens, dtype)
         # per layer: the fused layer op's weights (enable_fused_layers), None while the model runs layer by layer
         self.fused_layer_weights: list[list[torch.Tensor]] | None = None
         self.fused_tier = ""  # the kernel tier (layers/native.py) whose decode_layer runs them
@@ -154,6 +152,10 @@ class LlamaForCausalLM(CheckpointWeights, torch.nn.Module, CausalLM):
             return f"it needs a {str(tier.act_dtype).removeprefix('torch.')} KV cache that keeps every token"
         self.fused_layer_weights, self.fused_tier = weights, tier.name
         return ""
+
+    @property
+    def fused_layers_enabled(self) -> bool:
+        return self.fused_layer_weights is not None
 
     def runs_fused_layers(self, batch: StepBatch, kv: KVPool | None) -> bool:
         """Whether forward(batch, kv) takes the one-op-per-layer path: the runner planned the step for the fused
@@ -182,12 +184,10 @@ class LlamaForCausalLM(CheckpointWeights, torch.nn.Module, CausalLM):
         if self.runs_fused_layers(batch, kv):
             assert kv is not None
             return self._forward_fused(batch, kv)
-        x = self.embed_tokens(batch.input_ids)  # [T, hidden]
-        rope = Ropes.for_batch(self.rotary, batch)  # cos, sin [T, 1, D], shared by every layer
-        for layer in self.layers:
-            x = layer(x, batch, kv, rope)
-        x = self.norm(x[batch.logits_indices])  # [N, hidden]: only rows that are sampled
-        return self.lm_head(x).float()  # [N, vocab]
+        return super().forward(batch, kv)
+
+    def layer_ropes(self, batch: StepBatch) -> Sequence[Ropes]:
+        return [Ropes.for_batch(self.rotary, batch)] * len(self.layers)  # cos, sin [T, 1, D], shared by every layer
 
     # -- config -------------------------------------------------------------------------------------------------
     @staticmethod

@@ -49,7 +49,7 @@ def serve(
                              open_observability=open_observability)
     spec = llm.kv_cache_spec
     print(f"kvengine serving '{served_model_name or llm.model_name}' on http://{host}:{port} "
-          f"(KV pool {llm.engine.bm.num_blocks} blocks of {spec.block_size} tokens, {spec.dtype}"
+          f"(KV pool {llm.engine.block_tables.num_blocks} blocks of {spec.block_size} tokens, {spec.dtype}"
           f"{disk_note(llm)}); dashboard: http://{host}:{port}/dashboard", file=sys.stderr)
     uvicorn.run(application, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
 

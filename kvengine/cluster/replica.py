@@ -43,7 +43,7 @@ class EngineReplica:
         e = self.llm.engine
         return {"replica": self.replica, "pid": os.getpid(), "model_name": self.llm.model_name,
                 "max_model_len": e.max_model_len, "max_num_seqs": e.scheduler.max_num_seqs,
-                "block_size": e.bm.block_size, "num_blocks": e.bm.num_blocks}
+                "block_size": e.block_tables.block_size, "num_blocks": e.block_tables.num_blocks}
 
     async def generate(self, request: RoutedRequest) -> AsyncIterator[Accepted | KVEngineError | tuple]:
         try:
@@ -67,7 +67,7 @@ class EngineReplica:
 
     async def record_routing_stats(self) -> dict[str, Any]:
         def take(engine: LLMEngine) -> dict[str, Any]:
-            keys = [block_key(h) for h in engine.bm.manager.registered_hashes()]
+            keys = [block_key(h) for h in engine.block_tables.manager.registered_hashes()]
             return {"replica": self.replica, "pid": os.getpid(), "keys": keys, "stats": _stats(engine)}
         return await self.engine.call(take)
 

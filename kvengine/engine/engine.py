@@ -61,11 +61,12 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.pool = pool
         prefix_caching = config.enable_prefix_caching and pool.spec.prefix_cacheable
-        self.bm = KVBlockTables(BlockManager(pool.num_blocks, pool.spec.block_size, prefix_caching), pool.spec.groups)
+        manager = BlockManager(pool.num_blocks, pool.spec.block_size, prefix_caching)
+        self.block_tables = KVBlockTables(manager, pool.spec.groups)
         self.max_model_len = max_model_len
         self.disk = disk  # the KV disk tier (cache/disk_tier.py), None without --kv-disk-dir
-        self.scheduler = Scheduler(self.bm, config.max_num_seqs, config.max_num_batched_tokens, disk)
-        self.runner = ModelRunner(model, pool, self.bm, config.device, config.compile)
+        self.scheduler = Scheduler(self.block_tables, config.max_num_seqs, config.max_num_batched_tokens, disk)
+        self.runner = ModelRunner(model, pool, self.block_tables, config.device, config.compile)
         self.sampler = Sampler(config.seed)
         self.dtype = next(model.parameters()).dtype
         self.requests: dict[str, _Request] = {}
@@ -136,10 +137,10 @@ class LLMEngine:
             raise RequestError(f"this model's context is {limit} tokens, but {n_prompt + max_tokens} were "
                                f"requested ({n_prompt} in the prompt, {max_tokens} in max_tokens)",
                                param="max_tokens")
-        needed = self.bm.blocks_needed(n_prompt + max_tokens, self.scheduler.max_num_batched_tokens)
-        if use_cache and needed > self.bm.num_blocks:
+        needed = self.block_tables.blocks_needed(n_prompt + max_tokens, self.scheduler.max_num_batched_tokens)
+        if use_cache and needed > self.block_tables.num_blocks:
             raise RequestError(f"the request needs {needed} KV blocks but the KV cache holds "
-                               f"{self.bm.num_blocks}; raise kv_cache_memory", param="max_tokens")
+                               f"{self.block_tables.num_blocks}; raise kv_cache_memory", param="max_tokens")
 
     def abort(self, request_id: str) -> bool:
         """Stop a request now and free its blocks. False if it is unknown or already finished."""
@@ -155,15 +156,16 @@ class LLMEngine:
 
     def stats(self) -> EngineStats:
         """A snapshot of the pool and the queues (call from the thread that steps the engine)."""
-        b = self.bm.stats()
+        b = self.block_tables.stats()
         spec = self.pool.spec
         requests = []
+        tables = self.block_tables
         for req in self.requests.values():
             seq = req.seq
-            held = self.bm.has_seq(seq.seq_id)
+            held = tables.has_seq(seq.seq_id)
             requests.append(RequestBlocks(
-                request_id=req.request_id, status=seq.status.value, blocks=self.bm.num_held(seq.seq_id) if held else 0,
-                shared_blocks=self.bm.shared_blocks(seq.seq_id) if held else 0, tokens=len(seq.token_ids),
+                request_id=req.request_id, status=seq.status.value, blocks=tables.num_held(seq.seq_id) if held else 0,
+                shared_blocks=tables.shared_blocks(seq.seq_id) if held else 0, tokens=len(seq.token_ids),
                 computed_tokens=seq.num_computed_tokens, cached_tokens=seq.num_cached_tokens))
         return EngineStats(
             running=len(self.scheduler.running) + len(self._no_cache), waiting=len(self.scheduler.waiting),
@@ -204,7 +206,7 @@ class LLMEngine:
         registered = []
         for s in ok:
             s.seq.num_computed_tokens += s.num_new_tokens
-            registered += self.bm.commit(s.seq.seq_id, s.seq.token_ids, s.seq.num_computed_tokens)
+            registered += self.block_tables.commit(s.seq.seq_id, s.seq.token_ids, s.seq.num_computed_tokens)
         if self.disk is not None:
             self.disk.save(registered)
         outputs = [self._fail(s.seq, e) for s, e in failed]
@@ -309,7 +311,7 @@ class LLMEngine:
         seq.finish_time = time.perf_counter()
         if req.tracker is not None:
             req.tracker.finish()
-        seq.blocks_at_finish = self.bm.num_held(seq.seq_id) if self.bm.has_seq(seq.seq_id) else 0
+        seq.blocks_at_finish = self.block_tables.num_held(seq.seq_id) if self.block_tables.has_seq(seq.seq_id) else 0
 
     def _release(self, req: _Request) -> None:
         """Free the request's blocks and forget it (its final output has been built)."""

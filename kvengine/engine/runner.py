@@ -42,7 +42,7 @@ class ModelRunner:
                  device: torch.device | str = "cpu", compile_decode: bool = False) -> None:
         self.model = model
         self.pool = pool
-        self.bm = block_tables
+        self.block_tables = block_tables
         self.device = torch.device(device)
         self.compiled = CompiledDecode(model) if compile_decode else None
 
@@ -72,9 +72,9 @@ class ModelRunner:
         """Compute `seq`'s next `n` tokens through the pool (its blocks grown to hold them) and return every row's
         logits [n, vocab] float32: row i predicts the token after position start + i."""
         start = seq.num_computed_tokens
-        if not self.bm.has_seq(seq.seq_id):
-            self.bm.allocate(seq.seq_id, ())  # blocks come chunk by chunk, so memory grows with the text
-        if not self.bm.ensure_capacity(seq.seq_id, start + n, start):
+        if not self.block_tables.has_seq(seq.seq_id):
+            self.block_tables.allocate(seq.seq_id, ())  # blocks come chunk by chunk, so memory grows with the text
+        if not self.block_tables.ensure_capacity(seq.seq_id, start + n, start):
             raise ConfigError(f"the KV pool has no room for tokens {start} .. {start + n - 1}")
         batch = self.build_cached([ScheduledSeq(seq, n)])
         batch.logits_indices = torch.arange(n, dtype=torch.int64, device=self.device)  # [n]: every row
@@ -103,9 +103,9 @@ class ModelRunner:
             query_start_loc=starts,
             context_lens=context_lens,
             logits_indices=torch.tensor(logits_rows, dtype=torch.int64, device=self.device),  # [N]
-            kv=[self._view(g, r, scheduled) for g, r in enumerate(self.bm.retentions)],
+            kv=[self._view(g, r, scheduled) for g, r in enumerate(self.block_tables.retentions)],
         )
-        sinks = next((r for r in self.bm.retentions if r.sinks), None)
+        sinks = next((r for r in self.block_tables.retentions if r.sinks), None)
         if sinks is not None:
             assert sinks.window is not None
             batch.sink_positions = pos.clamp(max=sinks.sinks + sinks.window - 1)  # [T]: Retention.cache_position
@@ -114,7 +114,7 @@ class ModelRunner:
 
     def _view(self, group: int, retention: Retention, scheduled: list[ScheduledSeq]) -> KVView:
         """Group `group`'s slots for the step: where new K/V go and which keys each sequence reads."""
-        bs = self.bm.block_size
+        bs = self.block_tables.block_size
         slots: list[torch.Tensor] = []
         tables: list[list[int]] = []
         kv_index: list[int | torch.Tensor] = []
@@ -126,7 +126,7 @@ class ModelRunner:
         as_slots = self.compiled is not None and all(s.num_new_tokens == 1 for s in scheduled)
         for s in scheduled:
             start, end = s.start, s.start + s.num_new_tokens
-            table = self.bm.block_table(s.seq.seq_id, group)
+            table = self.block_tables.block_table(s.seq.seq_id, group)
             if retention.is_full:
                 index = sequence_index(table, end, bs, self.device, as_slots)
                 slots.append(torch.arange(index + start, index + end) if isinstance(index, int)

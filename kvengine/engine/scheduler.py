@@ -46,7 +46,7 @@ class SchedulerOutput:
 class Scheduler:
     def __init__(self, block_tables: KVBlockTables, max_num_seqs: int, max_num_batched_tokens: int,
                  disk: KVDiskTier | None = None) -> None:
-        self.bm = block_tables
+        self.block_tables = block_tables
         self.disk = disk  # looked up on a memory miss at admission (cache/disk_tier.py)
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -83,7 +83,7 @@ class Scheduler:
         """Blocks for the next `n` tokens of `seq`, preempting the newest running sequences as needed.
         False if `seq` itself had to be preempted."""
         start = seq.num_computed_tokens
-        while not self.bm.ensure_capacity(seq.seq_id, start + n, start):
+        while not self.block_tables.ensure_capacity(seq.seq_id, start + n, start):
             victim = self.running[-1]
             self.preempt(victim)
             out.preempted.append(victim)
@@ -95,15 +95,16 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             found = self._find_on_disk(seq)
-            match = self.bm.allocate(seq.seq_id, seq.token_ids, seq.cache_salt, found.prefix if found else None)
+            match = self.block_tables.allocate(seq.seq_id, seq.token_ids, seq.cache_salt,
+                                               found.prefix if found else None)
             if match is None:
                 break  # not enough free blocks: wait for running sequences to finish
             if found is not None and match.num_loaded_tokens:
                 assert self.disk is not None
-                self.disk.fill(match.block_ids[-match.num_loaded_tokens // self.bm.block_size:], found)
+                self.disk.fill(match.block_ids[-match.num_loaded_tokens // self.block_tables.block_size:], found)
             n = min(len(seq.token_ids) - match.num_cached_tokens, budget)
-            if not self.bm.ensure_capacity(seq.seq_id, match.num_cached_tokens + n, match.num_cached_tokens):
-                self.bm.free(seq.seq_id)  # a windowed layout adds blocks per chunk; these did not fit
+            if not self.block_tables.ensure_capacity(seq.seq_id, match.num_cached_tokens + n, match.num_cached_tokens):
+                self.block_tables.free(seq.seq_id)  # a windowed layout adds blocks per chunk; these did not fit
                 break
             self.waiting.popleft()
             seq.num_computed_tokens = match.num_cached_tokens
@@ -122,18 +123,19 @@ class Scheduler:
 
     def _find_on_disk(self, seq: Sequence) -> DiskFind | None:
         """The disk tier's blocks after the memory hit, when memory missed at a full block."""
-        if self.disk is None or not self.bm.enable_prefix_caching:
+        if self.disk is None or not self.block_tables.enable_prefix_caching:
             return None
-        match = self.bm.match_prefix(seq.token_ids, seq.cache_salt)
+        match = self.block_tables.match_prefix(seq.token_ids, seq.cache_salt)
         if match.miss_reason not in (MissReason.NO_MATCH, MissReason.EVICTED, MissReason.CACHE_SALT):
             return None
-        if self.bm.blocks_needed(len(seq.token_ids)) - len(match.block_ids) > self.bm.num_free_blocks:
+        tables = self.block_tables
+        if tables.blocks_needed(len(seq.token_ids)) - len(match.block_ids) > tables.num_free_blocks:
             return None  # it cannot be admitted now: do not read its files at every step while it waits
-        stop = self.bm.manager.max_cached_blocks(len(seq.token_ids))
+        stop = self.block_tables.manager.max_cached_blocks(len(seq.token_ids))
         return self.disk.find(seq.token_ids, seq.cache_salt, len(match.block_ids), stop)
 
     def preempt(self, seq: Sequence) -> None:
-        self.bm.free(seq.seq_id)
+        self.block_tables.free(seq.seq_id)
         self.running.remove(seq)
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
@@ -145,7 +147,7 @@ class Scheduler:
         """Release a sequence's blocks (finished or aborted); safe whether it is waiting or running."""
         if seq in self.running:
             self.running.remove(seq)
-            self.bm.free(seq.seq_id)
+            self.block_tables.free(seq.seq_id)
         elif seq in self.waiting:
             self.waiting.remove(seq)
         seq.status = SequenceStatus.FINISHED

@@ -166,7 +166,8 @@ def max_concurrent(model: torch.nn.Module, kv_dtype: str, budget: int, seq_len: 
                          max_num_batched_tokens=1 << 40, max_model_len=seq_len)
     engine = llm.engine
     prompt = [i % model.config.vocab_size for i in range(seq_len - 1)]
-    fit_bound = engine.bm.num_blocks // engine.bm.blocks_needed(seq_len) + 1  # one more than can fit
+    tables = engine.block_tables
+    fit_bound = tables.num_blocks // tables.blocks_needed(seq_len) + 1  # one more than can fit
     ids = [engine.add_request(None, SamplingParams(max_tokens=1), prompt_token_ids=prompt) for _ in range(fit_bound)]
     admitted = len(engine.scheduler.schedule().scheduled)
     for rid in ids:

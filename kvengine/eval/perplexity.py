@@ -75,7 +75,7 @@ def score_chunks(model: torch.nn.Module, token_ids: Sequence[int], kv_dtype: str
         t0 = time.perf_counter()
         logits = runner.score_chunk(seq, min(chunk_size, len(token_ids) - start))
         seconds = time.perf_counter() - t0
-        held = runner.bm.num_held(seq.seq_id)
+        held = runner.block_tables.num_held(seq.seq_id)
         yield ScoredChunk(start, logits, held, held * spec.bytes_per_block, seconds)
 
 

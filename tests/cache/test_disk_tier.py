@@ -62,7 +62,7 @@ def test_memory_first_then_disk(model, tmp_path):
     run(llm, ids)
     again = run(llm, ids)
     assert again.metrics.cached_tokens == 48 and again.metrics.disk_tokens == 0  # memory served it
-    llm.engine.bm.manager.reset_prefix_cache()
+    llm.engine.block_tables.manager.reset_prefix_cache()
     third = run(llm, ids)
     assert third.metrics.disk_tokens == 48 and third.token_ids == again.token_ids
 

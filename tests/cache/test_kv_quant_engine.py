@@ -65,7 +65,7 @@ def test_prefix_cache_hits_give_the_tokens_of_misses(model, name):
                                           sampling_params=GREEDY)
     assert again.token_ids == first.token_ids == fresh[0].token_ids
     assert other.token_ids == fresh[1].token_ids
-    assert llm.engine.bm.num_used_blocks == 0
+    assert llm.engine.block_tables.num_used_blocks == 0
 
 
 def _preempted_run(model, name: str, prefix_caching: bool):
@@ -76,8 +76,8 @@ def _preempted_run(model, name: str, prefix_caching: bool):
     small = llm_for(model, name, kv_cache_memory=int(16 * per_block), enable_prefix_caching=prefix_caching)
     outs = small.generate(prompt_token_ids=prompts, sampling_params=params, verify=True)
     assert small.engine.stats().preemptions >= 2
-    assert small.engine.bm.num_used_blocks == 0
-    small.engine.bm.check_invariants()
+    assert small.engine.block_tables.num_used_blocks == 0
+    small.engine.block_tables.check_invariants()
     return ref, outs
 
 

@@ -55,8 +55,8 @@ def _run_tracking_blocks(llm: LLM, prompt: list[int], params: SamplingParams) ->
         for out in engine.step():
             tokens += out.delta_token_ids
         most = max([most] + [r.blocks for r in engine.stats().requests if r.request_id == rid])
-    assert engine.bm.num_used_blocks == 0
-    engine.bm.check_invariants()
+    assert engine.block_tables.num_used_blocks == 0
+    engine.block_tables.check_invariants()
     return tokens, most
 
 
@@ -140,12 +140,12 @@ def test_windowed_batch_with_chunked_prefill_and_preemption_matches_one_at_a_tim
     # 10 blocks for 4 sequences that each need up to 4 during decode, and 7-token prefill chunks
     small = LLM.from_model(model, None, block_size=4, kv_cache_memory=10 * 4 * 2 * 2 * 2 * 16 * 4 // 1,
                            max_num_batched_tokens=7)
-    assert small.engine.bm.num_blocks == 10
+    assert small.engine.block_tables.num_blocks == 10
     outs = small.generate(prompt_token_ids=prompts, sampling_params=params)
     assert [o.token_ids for o in outs] == alone
     assert small.engine.scheduler.num_preemptions > 0
-    assert small.engine.bm.num_used_blocks == 0
-    small.engine.bm.check_invariants()
+    assert small.engine.block_tables.num_used_blocks == 0
+    small.engine.block_tables.check_invariants()
 
 
 def test_bad_window_settings_are_one_line_errors():

@@ -32,7 +32,7 @@ def test_cached_and_uncached_greedy_tokens_identical(default_llm):
         assert c.token_ids == u.token_ids
         assert c.verify.tokens_checked == 64 and c.verify.first_divergence is None
         assert c.verify.max_abs_logit_diff < 1e-3
-    assert default_llm.engine.bm.num_used_blocks == 0
+    assert default_llm.engine.block_tables.num_used_blocks == 0
 
 
 def test_paris_answer_matches_transformers(default_llm, hf_default_model):

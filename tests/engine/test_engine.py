@@ -44,7 +44,7 @@ def test_batched_equals_one_at_a_time_in_input_order(reference):
     outs = llm.generate(prompt_token_ids=prompts(LENGTHS), sampling_params=GREEDY)
     assert [o.token_ids for o in outs] == reference
     assert all(o.finish_reason == "length" and len(o.token_ids) == 12 for o in outs)
-    assert llm.engine.bm.num_used_blocks == 0
+    assert llm.engine.block_tables.num_used_blocks == 0
 
 
 def test_no_cache_baseline_gives_identical_tokens(reference):
@@ -52,7 +52,7 @@ def test_no_cache_baseline_gives_identical_tokens(reference):
     outs = llm.generate(prompt_token_ids=prompts(LENGTHS), sampling_params=GREEDY, use_cache=False)
     assert [o.token_ids for o in outs] == reference
     assert all(o.metrics.kv_cache_bytes == 0 and not o.metrics.use_cache for o in outs)
-    assert llm.engine.bm.num_used_blocks == 0  # the baseline never touches the pool
+    assert llm.engine.block_tables.num_used_blocks == 0  # the baseline never touches the pool
 
 
 def test_prefix_hit_gives_identical_output():
@@ -81,12 +81,12 @@ def test_cache_salt_separates_tenants():
 def test_preemption_completes_everything_identically(reference):
     # 12 blocks of 4 slots = 48 tokens for six requests that need 86 together: preemption must happen.
     llm = tiny_llm(kv_cache_memory=12 * 4 * 512, max_num_batched_tokens=64)
-    assert llm.engine.bm.num_blocks == 12
+    assert llm.engine.block_tables.num_blocks == 12
     outs = llm.generate(prompt_token_ids=prompts(LENGTHS), sampling_params=GREEDY)
     assert [o.token_ids for o in outs] == reference
     assert sum(o.metrics.num_preemptions for o in outs) > 0
-    assert llm.engine.bm.num_used_blocks == 0
-    llm.engine.bm.check_invariants()
+    assert llm.engine.block_tables.num_used_blocks == 0
+    llm.engine.block_tables.check_invariants()
 
 
 def test_chunked_prefill_under_small_token_budget(reference):
@@ -98,18 +98,18 @@ def test_chunked_prefill_under_small_token_budget(reference):
 def test_abort_mid_generation_frees_blocks():
     llm = tiny_llm()
     engine = llm.engine
-    free_before = engine.bm.num_free_blocks
+    free_before = engine.block_tables.num_free_blocks
     rid = engine.add_request(None, SamplingParams(max_tokens=50, temperature=0, ignore_eos=True),
                              prompt_token_ids=prompts([25])[0])
     other = engine.add_request(None, GREEDY, prompt_token_ids=prompts([9])[0])
     for _ in range(4):
         engine.step()
-    assert engine.bm.num_used_blocks > 0
+    assert engine.block_tables.num_used_blocks > 0
     assert engine.abort(rid) and not engine.abort(rid)
     while engine.has_unfinished():
         engine.step()
     assert other not in engine.requests
-    assert engine.bm.num_free_blocks == free_before and engine.bm.num_used_blocks == 0
+    assert engine.block_tables.num_free_blocks == free_before and engine.block_tables.num_used_blocks == 0
 
 
 def test_verify_mode_reports_identical_logits():
@@ -179,7 +179,7 @@ def test_bad_requests_are_refused_with_one_clear_line(tokens, max_tokens, messag
     with pytest.raises(RequestError) as e:
         llm.generate(prompt_token_ids=[[1] * tokens], sampling_params=SamplingParams(max_tokens=max_tokens))
     assert str(e.value) == message
-    assert not llm.engine.has_unfinished() and llm.engine.bm.num_used_blocks == 0
+    assert not llm.engine.has_unfinished() and llm.engine.block_tables.num_used_blocks == 0
 
 
 def test_max_tokens_below_one_is_refused():

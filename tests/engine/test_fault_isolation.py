@@ -38,7 +38,7 @@ def test_one_failing_sequence_fails_alone(fault, use_cache):
     bad = outs[1]
     assert bad.finish_reason == "error" and bad.token_ids == []
     assert ("injected fault" if fault == "forward" else "non-finite logits") in bad.error
-    assert llm.engine.bm.num_used_blocks == 0 and not llm.engine.has_unfinished()
+    assert llm.engine.block_tables.num_used_blocks == 0 and not llm.engine.has_unfinished()
 
 
 def test_sampler_isolates_a_failing_row():

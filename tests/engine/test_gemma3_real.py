@@ -97,7 +97,7 @@ def test_greedy_tokens_equal_transformers_with_and_without_cache(gemma):
             ref = hf(torch.tensor([seq])).logits[0, len(ids) - 1:]  # [32, vocab]
         assert (llm.engine.runner.full_logits_no_cache(seq, len(ids) - 1) - ref).abs().max() < 1e-3
     assert cached[1].text.startswith(", there was a little girl named Lily.")
-    assert llm.engine.bm.num_used_blocks == 0
+    assert llm.engine.block_tables.num_used_blocks == 0
 
 
 def test_past_the_sliding_window_matches_transformers(gemma):

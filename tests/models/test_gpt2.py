@@ -89,7 +89,7 @@ def test_batched_equals_one_at_a_time_and_no_cache(reference):
     assert [o.token_ids for o in outs] == reference
     outs = llm.generate(prompt_token_ids=prompts(LENGTHS), sampling_params=GREEDY, use_cache=False)
     assert [o.token_ids for o in outs] == reference
-    assert llm.engine.bm.num_used_blocks == 0
+    assert llm.engine.block_tables.num_used_blocks == 0
 
 
 def test_prefix_hit_changes_nothing():
@@ -102,7 +102,7 @@ def test_prefix_hit_changes_nothing():
     assert again.token_ids == first.token_ids
     cold = tiny_llm(enable_prefix_caching=False).generate(prompt_token_ids=[shared + [3]], sampling_params=GREEDY)
     assert cold[0].token_ids == second.token_ids
-    assert llm.engine.bm.num_used_blocks == 0
+    assert llm.engine.block_tables.num_used_blocks == 0
 
 
 def test_verify_mode_reports_identical_logits():
@@ -117,4 +117,4 @@ def test_quantized_kv_cache_tracks_fp32(kv_dtype, reference):
     out = llm.generate(prompt_token_ids=prompts(LENGTHS), sampling_params=GREEDY, verify=True)
     assert all(o.verify.tokens_checked == 10 for o in out)
     assert max(o.verify.max_abs_logit_diff for o in out) < 0.05
-    assert llm.engine.bm.num_used_blocks == 0
+    assert llm.engine.block_tables.num_used_blocks == 0

@@ -33,7 +33,7 @@ def test_quantized_gpt2_tracks_fp32_and_says_why_layer_by_layer(weights, dtype, 
     out = llm.generate(prompt_token_ids=[PROMPT], sampling_params=params, verify=True)[0]
     assert out.verify.passed and out.verify.first_divergence is None
     assert (logits(llm) - logits(ref)).abs().max() < 0.05
-    assert llm.engine.bm.num_used_blocks == 0
+    assert llm.engine.block_tables.num_used_blocks == 0
 
 
 def logits(llm: LLM) -> torch.Tensor:

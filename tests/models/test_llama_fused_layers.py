@@ -105,7 +105,7 @@ def test_fused_layers_equals_layer_by_layer(monkeypatch):
     worst = max(((g - w).abs().max() / w.abs().max()).item()
                 for g, w in zip(got_logits, want_logits, strict=True))
     assert worst <= LOGIT_TOL, worst
-    bm = fused.engine.bm
+    bm = fused.engine.block_tables
     assert bm.num_free_blocks == bm.manager.num_blocks  # nothing held once the requests are done
 
 
@@ -204,9 +204,9 @@ def test_fused_step_returns_only_sampled_rows():
     for llm in (fused, plain):
         engine = llm.engine
         seq = Sequence(0, [3, 1], SamplingParams(max_tokens=1))
-        engine.bm.allocate(0, ())
+        engine.block_tables.allocate(0, ())
         for start in (0, 1):
-            assert engine.bm.ensure_capacity(0, start + 1, start)
+            assert engine.block_tables.ensure_capacity(0, start + 1, start)
             batch = engine.runner.build_cached([ScheduledSeq(seq, 1)])
             assert engine.runner.model.runs_fused_layers(batch, engine.pool) == (llm is fused)
             rows.append(engine.runner.run(batch))
@@ -226,7 +226,7 @@ def test_several_sequences_decode_together_as_layer_by_layer():
         outs, calls, rows, logits = _generate_recording(llm, prompts)
         prefill = sum(map(len, prompts))  # the four prompts in one step, then decode steps of four rows
         assert calls == ([n for n in [prefill, *rows] for _ in range(2)] if fused else [])  # 2 layers each
-        bm = llm.engine.bm
+        bm = llm.engine.block_tables
         assert bm.num_free_blocks == bm.manager.num_blocks
         results.append(([o.token_ids for o in outs], rows, logits))
     (got, got_rows, got_logits), (want, want_rows, want_logits) = results
@@ -273,7 +273,7 @@ def test_fused_layers_under_preemption_prefix_hits_and_chunked_prefill():
     for fused in (True, False):
         llm = _engine(fused, kv_cache_memory=12 * 4 * 256 * act_dtype().itemsize, max_num_batched_tokens=16,
                       max_num_seqs=6)
-        assert llm.engine.bm.num_blocks == 12
+        assert llm.engine.block_tables.num_blocks == 12
         with pytest.MonkeyPatch.context() as mp:
             rows = count_decode_layer_calls(mp)
             outs = llm.generate(prompt_token_ids=prompts, sampling_params=SamplingParams(
@@ -281,8 +281,8 @@ def test_fused_layers_under_preemption_prefix_hits_and_chunked_prefill():
         assert sum(o.metrics.num_preemptions for o in outs) > 0
         assert any(o.metrics.cached_tokens > 0 for o in outs)
         assert (max(rows) > 1) if fused else not rows  # steps of several sequences went through the op
-        assert llm.engine.bm.num_used_blocks == 0
-        llm.engine.bm.check_invariants()
+        assert llm.engine.block_tables.num_used_blocks == 0
+        llm.engine.block_tables.check_invariants()
         results.append([o.token_ids for o in outs])
     assert results[0] == results[1] and all(len(t) == NEW_TOKENS for t in results[0])
 

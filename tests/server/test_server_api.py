@@ -153,7 +153,7 @@ def test_health_and_metrics(client, tiny_server):
         assert m, f"{name} missing from /metrics"
         return float(m.group(1))
 
-    assert value("kvengine_kv_blocks_total") == tiny_server.llm.engine.bm.num_blocks
+    assert value("kvengine_kv_blocks_total") == tiny_server.llm.engine.block_tables.num_blocks
     assert value("kvengine_kv_blocks_used") == 0
     assert value("kvengine_requests_running") == 0 and value("kvengine_requests_waiting") == 0
     assert value("kvengine_generation_tokens_total") >= 3

@@ -42,7 +42,7 @@ def test_static_files_and_state_json(tiny_server):
     for asset in re.findall(r'(?:src|href)="(/dashboard/static/[^"]+)"', html):
         assert tiny_server.request("GET", asset)[0] == 200, asset
     state = tiny_server.state_json()
-    engine_stats = tiny_server.llm.engine.bm.stats()
+    engine_stats = tiny_server.llm.engine.block_tables.stats()
     assert state["blocks_total"] == engine_stats.total
     assert state["kv_dtype"] == "float32" and state["bytes_per_token"] == tiny_server.llm.kv_cache_spec.bytes_per_token
     assert {"tokens_per_s", "prefix_hit_rate", "running", "waiting", "requests", "model"} <= set(state)

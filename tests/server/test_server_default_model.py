@@ -44,4 +44,4 @@ def test_two_turn_chat_reuses_cache_and_streaming_matches(default_gguf):
     greedy = SamplingParams(max_tokens=24, temperature=0)
     assert llm.chat(TURN1, greedy)[0].text == answer  # the server is gone; the engine is ours again
     assert llm.chat(turn2, greedy)[0].text == streamed
-    assert llm.engine.bm.num_used_blocks == 0
+    assert llm.engine.block_tables.num_used_blocks == 0

@@ -174,7 +174,7 @@ def test_metrics_and_dashboard_show_the_disk_tier(start_server, tmp_path):
     body = {"prompt": "a prompt long enough to fill a few blocks of sixteen tokens " * 4, "max_tokens": 4}
     assert served.request("POST", "/v1/completions", body)[0] == 200
     served.llm.engine.disk.flush()
-    served.llm.engine.bm.manager.reset_prefix_cache()
+    served.llm.engine.block_tables.manager.reset_prefix_cache()
     status, _, again = served.request("POST", "/v1/completions", body)
     assert status == 200 and again["usage"]["kvengine"]["cached_tokens_disk"] > 0
     disk = served.state_json()["disk"]

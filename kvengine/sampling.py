@@ -197,8 +197,7 @@ class Sampler:
             try:
                 if not finite[i]:
                     raise FloatingPointError("the model produced non-finite logits for this sequence")
-                plain = r.params.plain and r.allowed is None
-                out.append(Sample(argmax[i]) if plain else self.sample_row(logits[i], r))
+                out.append(Sample(argmax[i]) if r.params.plain else self.sample_row(logits[i], r))
             except Exception as e:  # noqa: BLE001 - isolated to this row's request
                 out.append(e)
         return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from kvengine.config import WEIGHT_FORMATS, normalize_dtype
 from kvengine.errors import ConfigError
 
 
@@ -18,8 +19,6 @@ def parse_int_list(text: str, name: str) -> list[int]:
 
 def parse_dtype_list(text: str) -> list[str]:
     """--dtypes 'float32,bf16' -> ['float32', 'bfloat16']; explicit dtypes only."""
-    from kvengine.config import normalize_dtype
-
     values = [normalize_dtype(x.strip()) for x in text.split(",") if x.strip()]
     if not values or "auto" in values:
         raise ConfigError(f"--dtypes takes explicit dtypes such as float32,bfloat16, got '{text}'")
@@ -28,8 +27,6 @@ def parse_dtype_list(text: str) -> list[str]:
 
 def parse_weights_list(text: str) -> list[str]:
     """--weights 'auto,int4' -> ['auto', 'int4'], each a known weight format."""
-    from kvengine.config import WEIGHT_FORMATS
-
     values = [x.strip() for x in text.split(",") if x.strip()]
     bad = [v for v in values if v not in WEIGHT_FORMATS]
     if not values or bad:

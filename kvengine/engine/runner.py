@@ -147,15 +147,17 @@ class ModelRunner:
 
     def _plan(self, batch: StepBatch) -> None:
         """Each KV group's attention path for the step and that backend's metadata (layers/backends)."""
+        whole_layers = self.fused_layers and (batch.is_decode or row_keys(batch) <= FUSED_ROW_KEYS)
         for view in batch.kv:
-            view.backend = self._backend_for(batch, view)
+            view.backend = self._backend_for(batch, view, whole_layers)
             view.metadata = view.backend.plan(batch, view)
 
-    def _backend_for(self, batch: StepBatch, view: KVView) -> AttentionBackend:
-        """The one place a step's attention path is chosen: the fused layer op where the model runs it (decode steps,
-        and prefill steps that read few keys: `FUSED_ROW_KEYS`), batched decode for several one-token sequences
-        without sinks, else per sequence."""
-        if self.fused_layers and (batch.is_decode or row_keys(batch) <= FUSED_ROW_KEYS):
+    @staticmethod
+    def _backend_for(batch: StepBatch, view: KVView, whole_layers: bool) -> AttentionBackend:
+        """The one place a step's attention path is chosen: the fused layer op where the model runs the step's
+        layers whole (`whole_layers`: decode steps, and prefill steps that read few keys, `FUSED_ROW_KEYS`), batched
+        decode for several one-token sequences without sinks, else per sequence."""
+        if whole_layers:
             return FUSED_LAYERS
         if batch.is_decode and batch.num_seqs > 1 and not any(view.num_sinks):
             return PAGED_DECODE

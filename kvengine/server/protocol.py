@@ -23,7 +23,6 @@ from kvengine.engine.output import RequestMetrics, RequestOutput
 from kvengine.errors import KVEngineError, RequestError
 from kvengine.sampling import MAX_LOGPROBS, SamplingParams, TokenLogprob, check_range
 from kvengine.structured import StructuredOutput
-from kvengine.structured import available as structured_available
 
 MAX_N = 16  # choices per request
 MAX_STOP = 16  # stop strings per request
@@ -106,9 +105,6 @@ class _Sampling(_Body):
             return None
         if kind not in ("json_object", "json_schema"):
             raise RequestError(f"response_format type must be text, json_object or json_schema, got {kind!r}",
-                               param="response_format")
-        if not structured_available():
-            raise RequestError(f"response_format {kind!r} needs the llguidance package, which this server lacks",
                                param="response_format")
         if kind == "json_object":
             return StructuredOutput("json_object")

@@ -69,6 +69,21 @@ def _cpu_flags() -> list[str]:
     return []
 
 
+def read_bandwidth(n_bytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Bytes per second that summing an `n_bytes` float32 array reads, best of `repeats`, on PyTorch's current
+    threads: the ceiling for a decode step that reads every weight once."""
+    import time
+
+    x = torch.ones(n_bytes // 4)  # [n_bytes / 4] float32, touched once before timing
+    x.sum()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t0)
+    return n_bytes / best
+
+
 def machine_info() -> MachineInfo:
     """Describe this machine now (torch threads as currently set)."""
     from kvengine import __version__ as kv_version

@@ -8,6 +8,12 @@ is not installed or cannot load the model is a one-line note, never a crash.
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import signal
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +29,7 @@ from kvengine.llm import LLM, TORCH_DTYPES
 KVENGINE, TRANSFORMERS, LLAMA_CPP = "kvengine", "transformers", "llama.cpp"
 SYSTEMS = (KVENGINE, TRANSFORMERS, LLAMA_CPP)  # table order
 INSTALL_HINT = "pip install 'kvengine[peers]'"
+WORKER = Path(__file__).with_name("llama_worker.py")
 
 
 class _TimingStreamer:
@@ -106,29 +113,66 @@ class TransformersPeer:
         return time.perf_counter() - t0, int((out.shape[1] - width) * out.shape[0])
 
 
+class PeerCrashed(RuntimeError):
+    """The peer's own process ended while it was working (a crash inside the peer, not in kvengine)."""
+
+
 class LlamaCppPeer:
+    """llama.cpp in its own process (bench/llama_worker.py): its runtime never shares one with PyTorch, and a crash
+    inside it is reported instead of ending the bench."""
+
     name = LLAMA_CPP
     compiled = False
 
-    def __init__(self, gguf: Path, threads: int, n_ctx: int) -> None:
-        import llama_cpp
-
-        self.version = llama_cpp.__version__
-        self.llm = llama_cpp.Llama(model_path=str(gguf), n_threads=threads, n_ctx=n_ctx, verbose=False, seed=0)
+    def __init__(self, gguf: Path, threads: int, n_ctx: int, extra_bufts: bool = True,
+                 python: str | None = None) -> None:
+        self.stderr = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen([python or sys.executable, str(WORKER)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self.stderr, text=True)
+        loaded = self._call(op="load", path=str(gguf), threads=threads, n_ctx=n_ctx, extra_bufts=extra_bufts)
+        self.version, self.system_info = loaded["version"], loaded["system_info"].strip()
+        self.extra_bufts = extra_bufts
         self.weights = gguf.name.rsplit(".", 2)[-2] if gguf.name.count(".") >= 2 else "GGUF"
 
+    def _call(self, **request: Any) -> dict[str, Any]:
+        """One request, one reply; PeerCrashed if the process died, RuntimeError for an error it reported."""
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        try:
+            self.proc.stdin.write(json.dumps(request) + "\n")
+            self.proc.stdin.flush()
+            line = self.proc.stdout.readline()
+        except BrokenPipeError:
+            line = ""
+        if not line:
+            raise PeerCrashed(f"{LLAMA_CPP}'s process ended ({_exit_reason(self.proc.wait())}){self._last_words()}")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise RuntimeError(reply["error"])
+        return reply
+
+    def _last_words(self) -> str:
+        self.stderr.seek(0)
+        lines = [ln.strip() for ln in self.stderr.read().splitlines() if ln.strip()]
+        return f": {lines[-1]}" if lines else ""
+
     def generate(self, prompt_ids: list[int], n: int, use_cache: bool = True) -> TimedRun:
-        self.llm.reset()  # n_tokens = 0: no reuse of the previous run's prompt (its KV rows are dropped)
-        tokens: list[int] = []
-        times: list[float] = []
-        t0 = time.perf_counter()
-        for tok in self.llm.generate(prompt_ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True):
-            times.append(time.perf_counter() - t0)
-            tokens.append(int(tok))
-            if len(tokens) == n:
-                break
-        text = self.llm.detokenize(tokens).decode("utf-8", errors="replace")
-        return TimedRun(LLAMA_CPP, True, len(prompt_ids), tokens, times, text)
+        out = self._call(op="generate", ids=prompt_ids, n=n)
+        return TimedRun(LLAMA_CPP, True, len(prompt_ids), out["tokens"], out["times"], out["text"])
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.stderr.close()
+
+
+def _exit_reason(code: int) -> str:
+    if code < 0:
+        try:
+            return signal.Signals(-code).name
+        except ValueError:
+            return f"signal {-code}"
+    return f"exit status {code}"
 
 
 def load_transformers(source: Path, dtype: str, tokenizer: Any) -> tuple[TransformersPeer | None, str | None]:
@@ -143,15 +187,20 @@ def load_transformers(source: Path, dtype: str, tokenizer: Any) -> tuple[Transfo
         return None, f"{TRANSFORMERS}: skipped (cannot load {source.name} as {dtype}: {_first_line(e)})"
 
 
-def load_llama_cpp(source: Path, threads: int, n_ctx: int) -> tuple[LlamaCppPeer | None, str | None]:
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
+def llama_cpp_installed() -> bool:
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def load_llama_cpp(source: Path, threads: int, n_ctx: int, extra_bufts: bool = True,
+                   python: str | None = None) -> tuple[LlamaCppPeer | None, str | None]:
+    """(peer, None) or (None, one-line reason it is skipped). llama_cpp is only looked up here, never imported:
+    it loads in the peer's own process, run by `python` (default: this interpreter)."""
+    if python is None and not llama_cpp_installed():
         return None, f"{LLAMA_CPP}: skipped (llama-cpp-python not installed; {INSTALL_HINT})"
     if not source.is_file():
         return None, f"{LLAMA_CPP}: skipped (it needs a GGUF file; {source.name} is a Hugging Face folder)"
     try:
-        return LlamaCppPeer(source, threads, n_ctx), None
+        return LlamaCppPeer(source, threads, n_ctx, extra_bufts, python), None
     except Exception as e:
         return None, f"{LLAMA_CPP}: skipped (cannot load {source.name}: {_first_line(e)})"
 

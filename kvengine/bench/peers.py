@@ -23,10 +23,13 @@ from typing import Any
 import torch
 
 from kvengine.bench.cache import DEFAULT_PROMPT, TimedRun, encode_prompt
+from kvengine.bench.machine import read_bandwidth
 from kvengine.bench.peer_systems import (
+    KVENGINE,
     LLAMA_CPP,
     TRANSFORMERS,
     KVEnginePeer,
+    PeerCrashed,
     generate,
     load_llama_cpp,
     load_transformers,
@@ -34,7 +37,9 @@ from kvengine.bench.peer_systems import (
 from kvengine.bench.throughput import chat_prompts, questions, reference_text
 from kvengine.config import FLOAT_WEIGHTS
 from kvengine.errors import ConfigError
+from kvengine.layers.linear import Linear, PackedLinear
 from kvengine.llm import LLM
+from kvengine.weights.gguf import GGUFFile
 from kvengine.weights.tokenizer import Tokenizer
 
 SETTINGS = (("KV cache", True), ("no cache", False))
@@ -96,6 +101,7 @@ class PeersPlan:
     raw: bool = False
     threads: int | None = None
     device: str = "cpu"
+    llama_python: str | None = None  # the interpreter of llama.cpp's process (None: this one)
 
     @property
     def goal_length(self) -> int:
@@ -148,6 +154,10 @@ class PeersBench:
     compile_s: dict[str, float | None] = field(default_factory=dict)  # variant label -> first compiled call
     weights_desc: dict[str, str] = field(default_factory=dict)  # variant label -> the engine's weights line
     skipped: list[str] = field(default_factory=list)
+    peer_notes: list[str] = field(default_factory=list)  # how a peer ran (its build, its own process, a crash)
+    read_bytes: dict[tuple[str, str], int] = field(default_factory=dict)  # (system, weights) -> weight bytes
+    # one decode token reads
+    read_bandwidth: float | None = None  # bytes/s this machine reads (bench/machine.py), the decode ceiling
     prompt_ids: list[int] = field(default_factory=list)
     concurrent_prompts: list[list[int]] = field(default_factory=list)
     prefill_ids: list[int] = field(default_factory=list)
@@ -159,6 +169,13 @@ class PeersBench:
     @property
     def prompt_tokens(self) -> int:
         return len(self.prompt_ids)
+
+    def drop(self, system: str) -> None:
+        """Forget every measurement of `system` (a peer whose process crashed part-way)."""
+        for n, runs in self.runs.items():
+            self.runs[n] = [r for r in runs if r.system != system]
+        self.concurrent = [r for r in self.concurrent if r.system != system]
+        self.prefill = [r for r in self.prefill if r.system != system]
 
     def find(self, system: str, setting: str, weights: str, length: int) -> PeerRun | None:
         return next((r for r in self.runs.get(length, []) if (r.system, r.setting, r.weights) ==
@@ -213,12 +230,48 @@ def run_peers_bench(model: str | None, plan: PeersPlan, progress: Progress | Non
                 _measure(bench, hf, progress)
             del hf  # free its weights before the next load
     if LLAMA_CPP in plan.peers:
-        n_ctx = max(bench.prompt_tokens + max(plan.lengths), len(bench.prefill_ids) + 1) + 8
-        llama, note = load_llama_cpp(source, plan.threads or torch.get_num_threads(), n_ctx)
-        bench.skipped += [note] if note else []
-        if llama is not None:
-            _measure(bench, llama, progress)
+        _run_llama_cpp(bench, source, progress)
+    bench.read_bandwidth = read_bandwidth()
     return bench
+
+
+def decode_read_bytes(model: torch.nn.Module) -> int:
+    """Weight bytes one batch-1 decode step reads: every linear layer's stored weights (the LM head included)."""
+    return sum(m.row_read_bytes() for m in model.modules() if isinstance(m, Linear | PackedLinear))
+
+
+def gguf_read_bytes(path: Path) -> int:
+    """The same for llama.cpp on a GGUF: every tensor once; the embedding table only where it is also the LM
+    head (no output.weight), since otherwise a step reads one row of it."""
+    sizes = GGUFFile(path).tensor_bytes()
+    tied = "output.weight" not in sizes
+    return sum(n for name, n in sizes.items() if tied or name != "token_embd.weight")
+
+
+def _run_llama_cpp(bench: PeersBench, source: Path, progress: Progress | None) -> None:
+    """llama.cpp in its own process. If that process crashes, its measurements so far are dropped and it runs
+    again without its extra weight buffers (the repacked and AMX kernels, where such crashes have been seen)."""
+    plan = bench.plan
+    n_ctx = max(bench.prompt_tokens + max(plan.lengths), len(bench.prefill_ids) + 1) + 8
+    for extra_bufts in (True, False):
+        llama, note = load_llama_cpp(source, plan.threads or torch.get_num_threads(), n_ctx, extra_bufts,
+                                     plan.llama_python)
+        if llama is None:
+            bench.skipped.append(note or f"{LLAMA_CPP}: skipped")
+            return
+        try:
+            _measure(bench, llama, progress)
+            bench.read_bytes[(LLAMA_CPP, llama.weights)] = gguf_read_bytes(source)
+            bench.peer_notes.append(f"{LLAMA_CPP} {llama.version} ran in its own process (no PyTorch in it), "
+                                    f"{'with' if extra_bufts else 'without'} its extra weight buffers; its build: "
+                                    f"{llama.system_info}")
+            return
+        except PeerCrashed as e:
+            bench.drop(LLAMA_CPP)
+            bench.peer_notes.append(f"{e} (with{'' if extra_bufts else 'out'} its extra weight buffers)")
+        finally:
+            llama.close()
+    bench.skipped.append(f"{LLAMA_CPP}: skipped (its process crashed with and without its extra weight buffers)")
 
 
 def _run_variant(bench: PeersBench, model: str | None, variant: Variant,
@@ -234,6 +287,7 @@ def _run_variant(bench: PeersBench, model: str | None, variant: Variant,
     compiled = llm.engine.runner.compiled
     bench.compile_s[variant.label] = compiled.compile_seconds if compiled is not None else None
     bench.weights_desc[variant.label] = llm.engine.weights_desc
+    bench.read_bytes[(KVENGINE, variant.label)] = decode_read_bytes(llm.engine.model)
     return llm.source.path, llm.tokenizer
 
 

@@ -195,6 +195,31 @@ def _rate_table(title: str, runs: list[RateRun], baseline: tuple[str, float | No
     return Table(title, ["system", "weights", "version", *first, "tok/s", baseline[0]], rows)
 
 
+def weight_read_rates(bench: PeersBench) -> list[dict[str, Any]]:
+    """Batch-1 decode at the goal length as weight bytes read per second, for each system and weights format
+    whose bytes per token are known, beside the machine's measured read bandwidth."""
+    out = []
+    for (system, weights), per_token in bench.read_bytes.items():
+        run = bench.find(system, KV, weights, bench.plan.goal_length)
+        rate = run.run.decode_tokens_per_s if run else None
+        gbs = per_token * rate / 1e9 if rate else None
+        ceiling = bench.read_bandwidth / 1e9 if bench.read_bandwidth else None
+        out.append({"system": system, "weights": weights, "bytes_per_token": per_token, "decode_tokens_per_s": rate,
+                    "weights_gb_per_s": gbs, "machine_gb_per_s": ceiling,
+                    "of_machine": gbs / ceiling if gbs and ceiling else None})
+    return out
+
+
+def _bandwidth_table(bench: PeersBench) -> Table:
+    rows = [[r["system"], r["weights"], f"{r['bytes_per_token'] / 1e6:,.1f} MB", num(r["decode_tokens_per_s"], 1),
+             num(r["weights_gb_per_s"], 2), "-" if r["of_machine"] is None else f"{r['of_machine']:.0%}"]
+            for r in weight_read_rates(bench)]
+    ceiling = f"{bench.read_bandwidth / 1e9:,.1f} GB/s" if bench.read_bandwidth else "not measured"
+    return Table(f"weight reads in batch-1 decode at {bench.plan.goal_length} new tokens (this machine reads "
+                 f"{ceiling}: a 1 GiB float32 sum, best of 5)",
+                 ["system", "weights", "weights read per token", "decode tok/s", "weights GB/s", "of machine"], rows)
+
+
 def peers_report(bench: PeersBench, report: Report, model_name: str) -> Report:
     plan = bench.plan
     goals, agreement = bench_goals(bench), token_agreement(bench)
@@ -211,6 +236,8 @@ def peers_report(bench: PeersBench, report: Report, model_name: str) -> Report:
         report.tables.append(_rate_table(f"prefill of a {plan.prefill_tokens:,}-token prompt", bench.prefill,
                                          ("/ llama.cpp prefill", llama["prefill"]), ["prompt tokens", "TTFT"],
                                          lambda r: [str(r.tokens), ms(r.seconds)]))
+    if bench.read_bytes:
+        report.tables.append(_bandwidth_table(bench))
     report.notes += _notes(bench, goals)
     if any(g.ratio for g in goals):
         plots.bars(report.plot_path("goals.png", "kvengine / llama.cpp for each goal, beside its target"),
@@ -218,11 +245,13 @@ def peers_report(bench: PeersBench, report: Report, model_name: str) -> Report:
                                             "target": [g.target for g in goals]},
                    "ratio", f"{model_name}: issue 7 goals", report.machine.describe(), "{:,.2f}")
     same = {k: a[0] == a[1] for k, a in agreement.items()}
-    report.results = {"runs": rows_json, "skipped": bench.skipped, "lengths": bench.lengths, "dtypes": plan.dtypes,
+    report.results = {"runs": rows_json, "skipped": bench.skipped, "peer_notes": bench.peer_notes,
+                      "lengths": bench.lengths, "dtypes": plan.dtypes,
                       "variants": [{**v.to_dict(), "compile_s": bench.compile_s.get(v.label), "weights_desc":
                                     bench.weights_desc.get(v.label)} for v in plan.variants],
                       "concurrent": [r.to_dict() for r in bench.concurrent],
                       "prefill": [r.to_dict() for r in bench.prefill], "goals": [g.to_dict() for g in goals],
+                      "weight_reads": weight_read_rates(bench),
                       "goal_length": plan.goal_length, "prefill_prompt_ids": bench.prefill_ids,
                       "token_agreement": {k: {"equal_leading_tokens": a[0], "compared": a[1]}
                                           for k, a in agreement.items()}}
@@ -232,7 +261,10 @@ def peers_report(bench: PeersBench, report: Report, model_name: str) -> Report:
                       "decode_tokens_per_s": {f"{r['system']}|{r['setting']}|{r['weights']}|{r['new_tokens']}":
                                               r["decode_tokens_per_s"] for r in rows_json},
                       "concurrent_tokens_per_s": {f"{r.system}|{r.weights}": r.tokens_per_s for r in bench.concurrent},
-                      "prefill_tokens_per_s": {f"{r.system}|{r.weights}": r.tokens_per_s for r in bench.prefill}}
+                      "prefill_tokens_per_s": {f"{r.system}|{r.weights}": r.tokens_per_s for r in bench.prefill},
+                      "machine_read_gb_per_s": bench.read_bandwidth / 1e9 if bench.read_bandwidth else None,
+                      "weights_gb_per_s": {f"{r['system']}|{r['weights']}": r["weights_gb_per_s"]
+                                           for r in weight_read_rates(bench)}}
     return report
 
 
@@ -262,7 +294,7 @@ def _notes(bench: PeersBench, goals: list[Goal]) -> list[str]:
         "faster. Same first words: the text against that variant's (KV cache, same length), word by word; "
         "(k) = leading words in common. EOS is ignored by every system so each makes exactly the asked tokens.",
     ]
-    return notes + _plan_notes(plan) + bench.skipped
+    return notes + _plan_notes(plan) + bench.peer_notes + bench.skipped
 
 
 def _plan_notes(plan: PeersPlan) -> list[str]:

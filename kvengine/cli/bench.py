@@ -6,6 +6,7 @@ Progress bars go to stderr so stdout stays tables + the final JSON line.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -143,6 +144,9 @@ def peers(
     no_cache_max_tokens: int | None = typer.Option(
         200, "--no-cache-max-tokens", help="Longest no-cache run (quadratic); 0 = no cap."),
     only: str = typer.Option("transformers,llama.cpp", "--peers", help="Which peers to run beside kvengine."),
+    llama_python: Path | None = typer.Option(None, "--llama-cpp-python", help="The Python that runs llama.cpp's "
+                                             "process (default: this one), e.g. a venv whose llama-cpp-python was "
+                                             "built for AVX2 alone."),
     repeats: int = typer.Option(1, "--repeats", help="Runs per measurement; the median (by total time) is kept."),
     prompt: str = PromptOpt,
     raw: bool = RawOpt,
@@ -161,13 +165,22 @@ def peers(
     require_positive(concurrent_tokens, "--concurrent-tokens")
     plan = PeersPlan(ns, variants, dts, chosen, no_cache_max_tokens or None, repeats, warmup,
                      count_or_zero(concurrency, "--concurrency"), concurrent_tokens,
-                     count_or_zero(prefill_tokens, "--prefill-tokens"), prompt, raw, engine.num_threads, engine.device)
+                     count_or_zero(prefill_tokens, "--prefill-tokens"), prompt, raw, engine.num_threads, engine.device,
+                     _llama_python(llama_python))
     name = open_model_source(engine.model).name
     params = _peers_params(plan, name, weights, compile_decode)
     report = open_report("peers", f"bench peers: {name} against {', '.join(plan.peers) or 'no peers'}", out, params)
     with progress_bars() as bar:
         result = run_peers_bench(engine.model, plan, bar)
     peers_report(result, report, name).finish()
+
+
+def _llama_python(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    if not path.is_file() or not os.access(path, os.X_OK):
+        raise ConfigError(f"--llama-cpp-python: no Python interpreter at '{path}'")
+    return str(path)
 
 
 def _peers_params(plan: Any, name: str, weights: str, compile_decode: bool) -> dict[str, Any]:
@@ -177,7 +190,7 @@ def _peers_params(plan: Any, name: str, weights: str, compile_decode: bool) -> d
             "compile": compile_decode, "concurrency": plan.concurrency, "concurrent_tokens": plan.concurrent_tokens,
             "prefill_tokens": plan.prefill_tokens, "no_cache_max_tokens": plan.no_cache_max_tokens,
             "peers": list(plan.peers), "repeats": plan.repeats, "device": plan.device, "threads": plan.threads,
-            "warmup_tokens": plan.warmup_tokens}
+            "warmup_tokens": plan.warmup_tokens, "llama_cpp_python": plan.llama_python}
 
 
 def _peers_choices(lengths: str, weights: str, dtypes: str | None, compile_decode: bool,

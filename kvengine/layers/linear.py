@@ -40,6 +40,10 @@ class Linear(torch.nn.Module):
     def dequantized(self) -> torch.Tensor:
         return self.weight.detach()
 
+    def row_read_bytes(self) -> int:
+        """Weight bytes one decode row reads (each stored weight once)."""
+        return self.weight.nbytes + (self.bias.nbytes if self.bias is not None else 0)
+
     def extra_repr(self) -> str:
         bias = self.bias is not None
         return f"in={self.in_features}, out={self.out_features}, bias={bias}, dtype={self.weight.dtype}"
@@ -82,6 +86,11 @@ class PackedLinear(torch.nn.Module):
         else:
             y = self.packed_mm(x)
         return y if self.bias is None else y + self.bias
+
+    def row_read_bytes(self) -> int:
+        """Weight bytes one decode row reads: the codes and scales its kernel runs on, not the dense copy that
+        only steps of many rows use."""
+        return sum(b.nbytes for name, b in self.named_buffers(recurse=False) if b is not None and name != "dense")
 
     def packed_mm(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

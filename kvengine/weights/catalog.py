@@ -16,10 +16,12 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvengine.errors import ModelLoadError
+from kvengine.errors import ConfigError, ModelLoadError
+from kvengine.weights.random_gguf import QUANTS, SHAPES, random_gguf_path, write_random_gguf
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 PRESET_PREFIX = "preset:"  # `--model preset:NAME`: a preset's architecture with random weights (weights/preset.py)
+RANDOM_PREFIX = "random:"  # `--model random:SHAPE:QUANT[:SEED]`: a random-weight GGUF file (weights/random_gguf.py)
 
 
 @dataclass(slots=True, frozen=True)
@@ -92,6 +94,8 @@ def resolve_model(model: str | os.PathLike[str] | None, quiet: bool = False) -> 
     key = ALIASES.get(name, name)
     if key in CATALOG:
         return ensure_model(key, quiet=quiet)
+    if name.startswith(RANDOM_PREFIX):
+        return ensure_random_gguf(name.removeprefix(RANDOM_PREFIX), quiet)
     path = Path(name).expanduser()
     if path.is_file():
         return path
@@ -106,8 +110,27 @@ def resolve_model(model: str | os.PathLike[str] | None, quiet: bool = False) -> 
         return _from_hub(name)
     raise ModelLoadError(
         f"model '{name}' not found: no file or folder at '{path.resolve()}', and not a known model name "
-        f"({', '.join(sorted(CATALOG))}) or {PRESET_PREFIX}NAME"
+        f"({', '.join(sorted(CATALOG))}), {PRESET_PREFIX}NAME or {RANDOM_PREFIX}SHAPE:QUANT"
     )
+
+
+def ensure_random_gguf(spec: str, quiet: bool = False) -> Path:
+    """`SHAPE:QUANT[:SEED]` (e.g. llama-1b:Q4_0) -> a seeded random-weight GGUF in $KVENGINE_HOME/random, written
+    once (its tokenizer is the default model's)."""
+    parts = spec.split(":")
+    if len(parts) not in (2, 3) or (len(parts) == 3 and not parts[2].isdigit()):
+        raise ConfigError(f"'{RANDOM_PREFIX}{spec}': write {RANDOM_PREFIX}SHAPE:QUANT[:SEED], e.g. "
+                          f"{RANDOM_PREFIX}llama-1b:Q4_0 (shapes: {', '.join(SHAPES)}; quantizations: "
+                          f"{', '.join(QUANTS)})")
+    shape, quant, seed = parts[0], parts[1].upper(), int(parts[2]) if len(parts) == 3 else 0
+    target = random_gguf_path(kvengine_home(), shape, quant, seed)
+    if target.is_file():
+        return target
+    tokenizer = resolve_model(DEFAULT_MODEL, quiet=quiet)
+    if shape in SHAPES and quant in QUANTS and not quiet:
+        print(f"kvengine: writing {target} once (seeded random weights; a minute or more for 1B)",
+              file=sys.stderr, flush=True)
+    return write_random_gguf(target, shape, quant, seed, tokenizer)
 
 
 def ensure_model(name: str, quiet: bool = False) -> Path:

@@ -234,6 +234,10 @@ class GGUFFile:
     def tensor_names(self) -> list[str]:
         return [t.name for t in self._infos]
 
+    def tensor_bytes(self) -> dict[str, int]:
+        """Each tensor's stored size in bytes."""
+        return {t.name: t.n_bytes for t in self._infos}
+
 
 def is_gguf(path: str | Path) -> bool:
     p = Path(path)

@@ -46,6 +46,8 @@ def test_bench_peers_rejects_unknown_peer_and_dtype(bench_folder, run_bench):
         run_bench("peers", "-m", str(bench_folder), "--peers", "transformers,vllm")
     with pytest.raises(ConfigError, match="--dtypes takes explicit dtypes"):
         run_bench("peers", "-m", str(bench_folder), "--dtypes", "auto")
+    with pytest.raises(ConfigError, match="^--llama-cpp-python: no Python interpreter at '/nonexistent/python'$"):
+        run_bench("peers", "-m", str(bench_folder), "--llama-cpp-python", "/nonexistent/python")
 
 
 def test_common_words():

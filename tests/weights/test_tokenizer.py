@@ -175,16 +175,11 @@ def _write_gguf(path, metadata: dict):
     import gguf
     import numpy as np
 
+    from kvengine.weights.random_gguf import add_value
+
     writer = gguf.GGUFWriter(str(path), "llama")
     for key, value in metadata.items():
-        if isinstance(value, list):
-            writer.add_array(key, value)
-        elif isinstance(value, bool):
-            writer.add_bool(key, value)
-        elif isinstance(value, int):
-            writer.add_uint32(key, value)
-        else:
-            writer.add_string(key, value)
+        add_value(writer, key, value)
     writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

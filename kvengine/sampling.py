@@ -56,6 +56,9 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
     logprobs: int | None = None  # None: none; k: the chosen token's log-probability and the top k alternatives
     structured: StructuredOutput | None = None  # the text must follow this grammar (kvengine/structured.py)
+    # None: none; k: each prompt token's log-probability (the first has none) and the top k alternatives, from the
+    # raw logits of the prefill's rows (the request then skips prefix reuse: engine/prompt_logprobs.py)
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -80,6 +83,9 @@ class SamplingParams:
             check_range("logit_bias", value, -100, 100)
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise RequestError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}", param="logprobs")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_LOGPROBS:
+            raise RequestError(f"prompt_logprobs must be in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs}",
+                               param="prompt_logprobs")
 
     @property
     def greedy(self) -> bool:

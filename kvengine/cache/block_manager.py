@@ -49,6 +49,7 @@ class MissReason(StrEnum):
     LAST_TOKEN = "last_token"  # the whole prompt was cached; its last block is recomputed for logits
     DISABLED = "disabled"  # prefix caching is off
     LOADED_FROM_DISK = "loaded_from_disk"  # the memory cache missed here; the disk tier had the blocks
+    PROMPT_LOGPROBS = "prompt_logprobs"  # not looked up: the request asks for every prompt position's logits
 
 
 @dataclass(slots=True, frozen=True)
@@ -233,15 +234,17 @@ class BlockManager:
         return max(0, num_tokens - 1) // self.block_size
 
     def allocate(self, seq_id: int, token_ids: Sequence[int], salt: str | None = None,
-                 loaded: LoadedPrefix | None = None) -> PrefixMatch | None:
+                 loaded: LoadedPrefix | None = None, reuse: bool = True) -> PrefixMatch | None:
         """Admit a sequence: reuse its cached prefix, add fresh blocks to cover `token_ids`. `loaded`: blocks a
         lower tier holds after the memory match; they are registered into fresh blocks (to be filled by the caller).
+        `reuse` False: no prefix is reused (the whole text is computed; its blocks are still registered after).
 
         Returns None and changes nothing when the free blocks do not suffice.
         """
         if seq_id in self._seqs:
             raise ValueError(f"sequence {seq_id} already holds blocks")
-        match = self.match_prefix(token_ids, salt)
+        skip = not reuse and self.enable_prefix_caching
+        match = PrefixMatch(0, [], MissReason.PROMPT_LOGPROBS) if skip else self.match_prefix(token_ids, salt)
         keys = self._loadable(match, loaded, len(token_ids))
         revived = sum(1 for b in match.block_ids if self._blocks[b].ref_count == 0)
         fresh = self.blocks_needed(len(token_ids)) - len(match.block_ids)

@@ -70,12 +70,12 @@ class KVBlockTables:
         return PrefixMatch(0, [], MissReason.DISABLED)
 
     def allocate(self, seq_id: int, token_ids: Sequence[int], salt: str | None = None,
-                 loaded: LoadedPrefix | None = None) -> PrefixMatch | None:
-        """Admit a sequence. One full group: reuse its cached prefix (and `loaded` blocks of a lower tier) and
-        cover the whole text (None if the blocks do not suffice). Otherwise empty tables; `ensure_capacity`
-        adds blocks chunk by chunk."""
+                 loaded: LoadedPrefix | None = None, reuse: bool = True) -> PrefixMatch | None:
+        """Admit a sequence. One full group: reuse its cached prefix (and `loaded` blocks of a lower tier; none
+        when `reuse` is False) and cover the whole text (None if the blocks do not suffice). Otherwise empty
+        tables; `ensure_capacity` adds blocks chunk by chunk."""
         if self.simple:
-            return self.manager.allocate(seq_id, token_ids, salt, loaded)
+            return self.manager.allocate(seq_id, token_ids, salt, loaded, reuse)
         for g in range(len(self.groups)):
             self.manager.allocate(self._key(seq_id, g), ())
         return PrefixMatch(0, [], MissReason.DISABLED)

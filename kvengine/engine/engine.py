@@ -22,6 +22,7 @@ from kvengine.cache.disk_tier import KVDiskTier
 from kvengine.cache.pool import KVPool
 from kvengine.config import EngineConfig, ModelConfig
 from kvengine.engine.output import RequestMetrics, RequestOutput, TextTracker, VerifyReport
+from kvengine.engine.prompt_logprobs import prompt_rows, split_rows
 from kvengine.engine.runner import ModelRunner
 from kvengine.engine.scheduler import ScheduledSeq, Scheduler
 from kvengine.engine.sequence import FinishReason, Sequence, SequenceStatus
@@ -194,8 +195,9 @@ class LLMEngine:
         for s in scheduled:
             seq = s.seq
             seq.first_scheduled_time = seq.first_scheduled_time or now
+            extra = len(prompt_rows(seq, s.start, s.num_new_tokens))  # (prompt log-probability rows)
             f = step_flops(self.cached_flops_config, s.num_new_tokens, s.start + s.num_new_tokens,
-                           lm_head_tokens=int(s.needs_logits)).total
+                           lm_head_tokens=int(s.needs_logits) + extra).total
             seq.flops += f
             flops += f
         ok, logits, failed = self._forward_isolated(scheduled, self.runner.build_cached)
@@ -203,6 +205,8 @@ class LLMEngine:
             self.prefill_flops += flops
             self.prefill_s += time.perf_counter() - now
         sampled = [s.seq for s in ok if s.needs_logits]  # (before committing: needs_logits reads progress)
+        logits = split_rows([(s.seq, prompt_rows(s.seq, s.start, s.num_new_tokens), s.needs_logits) for s in ok],
+                            logits)
         registered = []
         for s in ok:
             s.seq.num_computed_tokens += s.num_new_tokens
@@ -218,8 +222,9 @@ class LLMEngine:
         for seq in seqs:
             seq.first_scheduled_time = seq.first_scheduled_time or now
             n = len(seq.token_ids)
-            seq.flops += step_flops(self.model_config, n, n, lm_head_tokens=1).total
+            seq.flops += step_flops(self.model_config, n, n, lm_head_tokens=1 + len(prompt_rows(seq, 0, n))).total
         ok, logits, failed = self._forward_isolated(seqs, self.runner.build_no_cache)
+        logits = split_rows([(seq, prompt_rows(seq, 0, len(seq.token_ids)), True) for seq in ok], logits)
         return [self._fail(seq, e) for seq, e in failed] + self._append_tokens(ok, logits)
 
     def _forward_isolated(self, items: list[T], build: Callable[[list[T]], StepBatch]
@@ -344,6 +349,8 @@ class LLMEngine:
         if seq.params.logprobs is not None:
             out.logprobs = list(seq.logprobs)
             out.delta_logprobs = seq.logprobs[len(seq.logprobs) - len(delta_tokens):] if delta_tokens else []
+        if seq.params.prompt_logprobs is not None:
+            out.prompt_logprobs = [None, *seq.prompt_logprobs]
         if finished:
             out.metrics = self._metrics(seq)
             if req.verify:
@@ -385,7 +392,13 @@ class LLMEngine:
             reuse_flops_memory=reuse_memory,
             reuse_flops_disk=reuse_disk,
             recompute_s=(reuse_memory + reuse_disk) / rate if rate else None,
+            prompt_logprobs_flops=self._prompt_logprobs_flops(seq),
         )
+
+    def _prompt_logprobs_flops(self, seq: Sequence) -> int:
+        """The LM head over the prompt rows whose log-probabilities were reported (already in seq.flops)."""
+        rows = len(seq.prompt_logprobs)
+        return step_flops(self.model_config, rows, rows, lm_head_tokens=rows).lm_head if rows else 0
 
     def verify(self, seq: Sequence) -> VerifyReport:
         """Recompute the finished request with no cache at all and compare every sampled step's logits."""

@@ -56,6 +56,9 @@ class RequestMetrics:
     reuse_flops_memory: int = 0
     reuse_flops_disk: int = 0
     recompute_s: float | None = None
+    # prompt log-probabilities (SamplingParams.prompt_logprobs): their only cost is the LM head over the prompt's
+    # rows, whose hidden states the prefill computed anyway (engine/prompt_logprobs.py); 0 when not asked for
+    prompt_logprobs_flops: int = 0
 
     @property
     def memory_tokens(self) -> int:
@@ -81,6 +84,8 @@ class RequestOutput:
     error: str | None = None  # set when finish_reason is "error": this request failed, the others did not
     logprobs: list[TokenLogprob] | None = None  # one per token of token_ids (when asked for)
     delta_logprobs: list[TokenLogprob] | None = None  # one per token of delta_token_ids
+    # one per prompt token, the first None (nothing predicts it), when SamplingParams.prompt_logprobs is set
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 class TextTracker:

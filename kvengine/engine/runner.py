@@ -16,6 +16,7 @@ from kvengine.cache.pool import KVPool, sequence_index, slots_of
 from kvengine.cache.retention import Retention
 from kvengine.cache.spec import KVCacheSpec
 from kvengine.engine.compiled import CompiledDecode
+from kvengine.engine.prompt_logprobs import prompt_rows
 from kvengine.engine.scheduler import ScheduledSeq
 from kvengine.engine.sequence import Sequence
 from kvengine.errors import ConfigError
@@ -94,6 +95,7 @@ class ModelRunner:
             positions.extend(range(start, start + n))
             starts.append(starts[-1] + n)
             context_lens.append(start + n)
+            logits_rows.extend(starts[-2] + p - start for p in prompt_rows(seq, start, n))
             if s.needs_logits:
                 logits_rows.append(starts[-1] - 1)
         pos = torch.tensor(positions, dtype=torch.int64, device=self.device)  # [T]
@@ -164,21 +166,25 @@ class ModelRunner:
         return PAGED
 
     def build_no_cache(self, seqs: list[Sequence]) -> StepBatch:
-        """Every sequence's whole text, recomputed from scratch; logits for each last position."""
+        """Every sequence's whole text, recomputed from scratch; logits for each last position (after its prompt
+        log-probability rows, engine/prompt_logprobs.py, at its first step)."""
         ids: list[int] = []
         positions: list[int] = []
         starts = [0]
+        rows: list[int] = []
         for seq in seqs:
             n = len(seq.token_ids)
             ids.extend(seq.token_ids)
             positions.extend(range(n))
+            rows.extend(starts[-1] + p for p in prompt_rows(seq, 0, n))
             starts.append(starts[-1] + n)
+            rows.append(starts[-1] - 1)
         return StepBatch(
             input_ids=torch.tensor(ids, dtype=torch.int64, device=self.device),  # [T]
             positions=torch.tensor(positions, dtype=torch.int64, device=self.device),  # [T]
             query_start_loc=starts,
             context_lens=[len(s.token_ids) for s in seqs],
-            logits_indices=torch.tensor([e - 1 for e in starts[1:]], dtype=torch.int64, device=self.device),
+            logits_indices=torch.tensor(rows, dtype=torch.int64, device=self.device),  # [N]
         )
 
     def full_logits_no_cache(self, token_ids: list[int], first: int) -> torch.Tensor:

@@ -96,7 +96,7 @@ class Scheduler:
             seq = self.waiting[0]
             found = self._find_on_disk(seq)
             match = self.block_tables.allocate(seq.seq_id, seq.token_ids, seq.cache_salt,
-                                               found.prefix if found else None)
+                                               found.prefix if found else None, reuse=seq.reuses_prefix)
             if match is None:
                 break  # not enough free blocks: wait for running sequences to finish
             if found is not None and match.num_loaded_tokens:
@@ -123,7 +123,7 @@ class Scheduler:
 
     def _find_on_disk(self, seq: Sequence) -> DiskFind | None:
         """The disk tier's blocks after the memory hit, when memory missed at a full block."""
-        if self.disk is None or not self.block_tables.enable_prefix_caching:
+        if self.disk is None or not self.block_tables.enable_prefix_caching or not seq.reuses_prefix:
             return None
         match = self.block_tables.match_prefix(seq.token_ids, seq.cache_salt)
         if match.miss_reason not in (MissReason.NO_MATCH, MissReason.EVICTED, MissReason.CACHE_SALT):

@@ -61,6 +61,8 @@ class Sequence:
     token_times: list[float] = field(default_factory=list)
     step_logits: list[torch.Tensor] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per output token (params.logprobs set)
+    # one per prompt token after the first (params.prompt_logprobs set): engine/prompt_logprobs.py
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
     constraint: Constraint | None = None  # where its text is in its grammar (params.structured set)
     # FLOPs actually computed for this sequence (matmul convention, accounted per step)
     flops: int = 0
@@ -90,6 +92,11 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
+
+    @property
+    def reuses_prefix(self) -> bool:
+        """Its prompt may come from the prefix cache: it asks for no prompt log-probabilities, or has them all."""
+        return self.params.prompt_logprobs is None or len(self.prompt_logprobs) >= self.num_prompt_tokens - 1
 
     @property
     def in_prefill(self) -> bool:

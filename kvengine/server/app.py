@@ -400,13 +400,14 @@ async def _stream(group: RequestGroup, writer: ResponseWriter, include_usage: bo
     count = len(group.request_ids)
     metrics = [None] * count
     offsets = [len(e) for e in echo] if echo is not None else [0] * count
+    unechoed = set(range(count)) if echo is not None else set()  # (echoed with the first output: prompt logprobs)
     try:
-        for i in range(count):
-            if chat:
-                yield sse(writer.chunk(i, "", role=True, with_usage_field=include_usage))
-            elif echo is not None:
-                yield sse(writer.chunk(i, echo[i], with_usage_field=include_usage))
+        for i in range(count if chat else 0):
+            yield sse(writer.chunk(i, "", role=True, with_usage_field=include_usage))
         async for index, out in group.outputs():
+            if index in unechoed:
+                unechoed.discard(index)
+                yield sse(writer.echo_chunk(index, echo[index], out, include_usage))
             if out.delta_text or out.delta_logprobs:
                 yield sse(writer.chunk(index, out.delta_text, with_usage_field=include_usage,
                                        logprobs=out.delta_logprobs, text_offset=offsets[index]))

@@ -86,7 +86,8 @@ class _Sampling(_Body):
             min_tokens=self.min_tokens, presence_penalty=self.presence_penalty or 0.0,
             frequency_penalty=self.frequency_penalty or 0.0,
             repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
-            logit_bias=self._logit_bias(), logprobs=self.num_logprobs, structured=self._structured())
+            logit_bias=self._logit_bias(), logprobs=self.num_logprobs, structured=self._structured(),
+            prompt_logprobs=self.num_prompt_logprobs)
         return [replace(base, seed=self.seed + i if self.seed is not None else None) for i in range(self.n)]
 
     def _logit_bias(self) -> dict[int, float]:
@@ -127,6 +128,11 @@ class _Sampling(_Body):
         return None
 
     @property
+    def num_prompt_logprobs(self) -> int | None:
+        """Top alternatives per prompt token when the prompt's log-probabilities are asked for, else None."""
+        return None
+
+    @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
@@ -148,13 +154,15 @@ class CompletionRequest(_Sampling):
                                f"generates, got best_of={self.best_of}", param="best_of")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise RequestError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}", param="logprobs")
-        if self.echo and self.logprobs is not None:
-            raise RequestError("echo with logprobs (prompt log-probabilities) is not supported; send one or the "
-                               "other", param="echo")
 
     @property
     def num_logprobs(self) -> int | None:
         return self.logprobs
+
+    @property
+    def num_prompt_logprobs(self) -> int | None:
+        """echo with logprobs: the echoed prompt's tokens carry log-probabilities too (vLLM, OpenAI's legacy API)."""
+        return self.logprobs if self.echo else None
 
     def prompts(self) -> list[str | list[int]]:
         """The prompts, each as text or token ids (one request may carry several)."""
@@ -325,6 +333,7 @@ def usage(prompt_tokens: int, metrics: list[RequestMetrics], n: int = 1) -> dict
             "recompute_s": firsts[0].recompute_s if firsts else None,
             "miss_reason": tenant_miss_reason(firsts[0].miss_reason) if firsts else None,
             "num_preemptions": sum(m.num_preemptions for m in metrics),
+            "prompt_logprobs_flops": sum(m.prompt_logprobs_flops for m in metrics),
         },
     }
 
@@ -352,6 +361,26 @@ def completion_logprobs(items: list[TokenLogprob], token_text: Callable[[int], s
         offset += len(t)
     return {"tokens": tokens, "token_logprobs": [x.logprob for x in items],
             "top_logprobs": [{token_text(t): lp for t, lp in x.top} for x in items], "text_offset": offsets}
+
+
+def prompt_logprobs_body(out: RequestOutput, token_text: Callable[[int], str]) -> dict[str, Any] | None:
+    """Completions `logprobs` of an echoed prompt's tokens (the first has none: null), offsets from 0."""
+    if out.prompt_logprobs is None:
+        return None
+    first = token_text(out.prompt_token_ids[0])
+    rest = completion_logprobs([x for x in out.prompt_logprobs if x is not None], token_text, len(first))
+    return {"tokens": [first, *rest["tokens"]], "token_logprobs": [None, *rest["token_logprobs"]],
+            "top_logprobs": [None, *rest["top_logprobs"]], "text_offset": [0, *rest["text_offset"]]}
+
+
+def echoed_logprobs(out: RequestOutput, token_text: Callable[[int], str], echo: str) -> dict[str, Any] | None:
+    """Completions `logprobs` of an echoed choice: the prompt's tokens, then the generated ones, whose text
+    offsets start after the echoed prompt `echo`."""
+    body = prompt_logprobs_body(out, token_text)
+    if body is not None and out.logprobs:
+        for key, values in completion_logprobs(out.logprobs, token_text, len(echo)).items():
+            body[key] += values
+    return body
 
 
 class ResponseWriter:
@@ -384,8 +413,10 @@ class ResponseWriter:
         choices = []
         for i, out in enumerate(outputs):
             prefix = echo[i] if echo is not None else ""
-            choice = {"index": i, "logprobs": self._logprobs(out.logprobs, len(prefix)),
-                      "finish_reason": out.finish_reason}
+            lp = self._logprobs(out.logprobs, len(prefix))
+            if echo is not None and out.prompt_logprobs is not None:
+                lp = echoed_logprobs(out, self.token_text, prefix)
+            choice = {"index": i, "logprobs": lp, "finish_reason": out.finish_reason}
             choice.update({"message": {"role": "assistant", "content": out.text}} if chat
                           else {"text": prefix + out.text})
             choices.append(choice)
@@ -409,6 +440,13 @@ class ResponseWriter:
         body["choices"] = [choice]
         if with_usage_field:
             body["usage"] = None
+        return body
+
+    def echo_chunk(self, index: int, echo: str, first: RequestOutput, with_usage_field: bool) -> dict[str, Any]:
+        """A completions stream's echoed prompt, with its tokens' log-probabilities when they were asked for (they
+        come with the choice's `first` output)."""
+        body = self.chunk(index, echo, with_usage_field=with_usage_field)
+        body["choices"][0]["logprobs"] = prompt_logprobs_body(first, self.token_text)
         return body
 
     def usage_chunk(self, usage_body: dict[str, Any]) -> dict[str, Any]:

@@ -48,7 +48,6 @@ def test_sampling_values_outside_openai_ranges_are_400(tiny_server, body, param,
     (CHAT, {"messages": USER, "logprobs": True, "top_logprobs": 21}, "top_logprobs", "[0, 20]"),
     (COMPLETIONS, {"prompt": "hi", "best_of": 3}, "best_of", "must equal n"),
     (COMPLETIONS, {"prompt": "hi", "suffix": "end"}, "suffix", "not supported"),
-    (COMPLETIONS, {"prompt": "hi", "echo": True, "logprobs": 1}, "echo", "not supported"),
 ])
 def test_other_refused_parameters_name_their_param(tiny_server, path, body, param, contains):
     assert_error(tiny_server.request("POST", path, body), 400, param=param, contains=contains)

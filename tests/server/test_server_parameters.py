@@ -132,6 +132,33 @@ def test_echo_and_several_prompts(client, tiny_reference):
     assert chunks[0].choices[0].text == PROMPT
 
 
+def test_echo_with_logprobs_scores_the_prompt(client, tiny_reference):
+    """echo + logprobs: the prompt's tokens (first null) then the generated ones, each prompt logprob equal to the
+    log-softmax of one full no-cache pass over the prompt; whole and streamed agree."""
+    tok = tiny_reference.tokenizer
+    ids = tok.encode(PROMPT)
+    out = _offline(tiny_reference, ids, 3)
+    ref = torch.log_softmax(tiny_reference.engine.runner.full_logits_no_cache(ids + out.token_ids[:-1], 0), -1)
+    r = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=3, temperature=0, echo=True, logprobs=2,
+                                  extra_body={"ignore_eos": True})
+    lp, text = r.choices[0].logprobs, r.choices[0].text
+    assert text == PROMPT + out.text
+    full = ids + out.token_ids
+    assert lp.tokens == [tok.decode([t], skip_special_tokens=False) for t in full]
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.token_logprobs[1:] == pytest.approx([float(ref[i, full[i + 1]]) for i in range(len(full) - 1)],
+                                                  abs=1e-3)
+    assert all(1 <= len(d) <= 2 for d in lp.top_logprobs[1:])  # (keyed by text: two tokens may decode alike)
+    assert lp.text_offset[0] == 0 and lp.text_offset[len(ids)] == len(PROMPT)  # generated text starts after it
+    assert r.usage.model_extra["kvengine"]["prompt_logprobs_flops"] > 0
+    chunks = list(client.completions.create(model="tiny", prompt=PROMPT, max_tokens=3, temperature=0, echo=True,
+                                            logprobs=2, stream=True, extra_body={"ignore_eos": True}))
+    assert chunks[0].choices[0].text == PROMPT
+    streamed = [c.choices[0].logprobs for c in chunks if c.choices[0].logprobs]
+    assert sum((s.token_logprobs for s in streamed), []) == lp.token_logprobs
+    assert sum((s.text_offset for s in streamed), []) == lp.text_offset
+
+
 def test_best_of_equal_to_n_is_accepted(client):
     r = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=2, n=2, best_of=2, seed=1)
     assert len(r.choices) == 2

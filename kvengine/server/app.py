@@ -30,6 +30,7 @@ from kvengine.errors import AuthenticationError, KVEngineError, ModelNotFoundErr
 from kvengine.sampling import SamplingParams
 from kvengine.server.async_engine import AsyncEngine, Backend, RequestGroup
 from kvengine.server.metrics import CONTENT_TYPE, ServerMetrics
+from kvengine.server.openapi import openapi_document
 from kvengine.server.protocol import (
     BodyT,
     ChatCompletionRequest,
@@ -132,6 +133,7 @@ def create_backend_app(backend: Backend, model_name: str, api_keys: Sequence[str
     app = FastAPI(title="kvengine", summary="OpenAI-compatible server with a live KV-cache dashboard",
                   lifespan=lifespan)
     app.state.kv = state
+    app.openapi = lambda: openapi_document(app)  # (the request bodies FastAPI does not see: server/openapi.py)
     _install_error_handlers(app)
     for add in (_add_model_routes, _add_generation_routes, _add_token_routes, _add_observer_routes):
         add(app, state)

@@ -88,7 +88,8 @@ def start_server(tiny_folder):
 
     def start(**app_args: Any) -> Served:
         llm = LLM(str(tiny_folder), kv_cache_memory=app_args.pop("kv_cache_memory", TINY_KV_BYTES),
-                  max_num_seqs=app_args.pop("max_num_seqs", 64), kv_disk_dir=app_args.pop("kv_disk_dir", None))
+                  max_num_seqs=app_args.pop("max_num_seqs", 64), kv_disk_dir=app_args.pop("kv_disk_dir", None),
+                  max_model_len=app_args.pop("max_model_len", None))
         servers.append(Served(llm, **app_args))
         return servers[-1]
 

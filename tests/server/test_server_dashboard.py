@@ -92,3 +92,28 @@ def test_headless_chromium_shows_the_live_numbers(start_server, tmp_path):
         for conn in conns:
             conn.close()
     served.wait_for(lambda s: s["running"] == 0 and s["blocks_used"] == 0)
+
+
+@pytest.mark.skipif(not CHROMIUM.exists() or shutil.which("chromium") is None,
+                    reason="Debian's chromium is not installed (scripts/setup --test installs it)")
+def test_headless_chromium_shows_the_disk_tier(start_server, tmp_path):
+    """A server with --kv-disk-dir writes a prompt's full blocks; a second server on the same directory loads them
+    for the same prompt; its dashboard's disk card, as the browser renders it, shows the tier's counters."""
+    disk = tmp_path / "kv"
+    prompt = {"prompt": SHARED, "max_tokens": 2, "temperature": 0}
+    first = start_server(kv_disk_dir=str(disk))
+    assert first.request("POST", "/v1/completions", prompt)[0] == 200
+    first.wait_for(lambda s: s["disk"]["store_writes"] > 0 and s["disk"]["pending"] == 0)
+    served = start_server(kv_disk_dir=str(disk))
+    status, _, body = served.request("POST", "/v1/completions", prompt)
+    assert status == 200 and body["usage"]["kvengine"]["cached_tokens_disk"] > 0
+    d = served.state_json()["disk"]
+    dom = chromium(f"{served.url}/dashboard", tmp_path / "profile", "--dump-dom")
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert re.search(r'id="disk-card"(?![^>]*hidden)', dom.stdout), "the disk card is hidden"
+    assert dom_number(dom.stdout, "disk-dir") == str(disk)
+    assert dom_number(dom.stdout, "disk-files") == str(d["store_files"])
+    assert dom_number(dom.stdout, "disk-tokens") == str(d["tokens_loaded"]) != "0"
+    assert dom_number(dom.stdout, "disk-hits") == str(d["store_reads"]) != "0"
+    assert dom_number(dom.stdout, "disk-written") == str(d["store_writes"])
+    assert dom_number(dom.stdout, "disk-budget").endswith("iB")

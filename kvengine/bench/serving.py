@@ -219,3 +219,27 @@ def serving_report(report: Report, model: str, results: list[LevelResult], final
                       "levels": [{**lv, "requests_per_s": r.requests_per_s, "failed": r.failed}
                                  for lv, r in zip(levels, results, strict=True)]}
     return report
+
+
+def disk_comparison(report: Report, no_disk: list[LevelResult], disk: list[LevelResult], disk_dir: str) -> Report:
+    """Decode speed with and without the KV disk tier (`bench serve --compare-disk`): the same levels against
+    two servers, one writing every full block to `disk_dir` off the step path; the ratio should stay near 1."""
+    rows, summary = [], []
+    for a, b in zip(no_disk, disk, strict=True):
+        ratio = b.output_tokens_per_s / a.output_tokens_per_s if a.output_tokens_per_s else None
+        rows.append([str(a.clients), num(a.output_tokens_per_s, 1), num(b.output_tokens_per_s, 1),
+                     f"{ratio:.3f}" if ratio is not None else "–", ms(a.itl_p50_s), ms(b.itl_p50_s)])
+        summary.append({"concurrency": a.clients, "tokens_per_s_no_disk": a.output_tokens_per_s,
+                        "tokens_per_s_disk": b.output_tokens_per_s, "ratio": ratio,
+                        "itl_p50_s_no_disk": a.itl_p50_s, "itl_p50_s_disk": b.itl_p50_s})
+    report.tables.append(Table(
+        "Decode speed with and without the KV disk tier (same levels, two servers in turn)",
+        ["clients", "out tok/s, no disk", "out tok/s, disk", "disk / no disk", "ITL p50, no disk", "ITL p50, disk"],
+        rows))
+    report.notes.append(f"The disk server wrote full blocks to {disk_dir} from its writer thread (cache/disk_tier.py); "
+                        "the first server ran without a disk tier. Runs are noisy on a shared machine: compare the "
+                        "ratio over several runs before reading a difference into it.")
+    report.results["disk_comparison"] = {"levels": [asdict(r) for r in disk], "dir": disk_dir}
+    report.summary["disk_comparison"] = summary
+    return report
+

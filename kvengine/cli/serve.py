@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
@@ -12,6 +13,10 @@ from kvengine.cli.app import app, bench_app
 from kvengine.cli.options import FAST_WEIGHTS, EngineOptions, engine_options
 from kvengine.cli.values import parse_int_list
 from kvengine.errors import ConfigError
+
+if TYPE_CHECKING:  # (the bench modules load only when a bench runs)
+    from kvengine.bench.report import Report
+    from kvengine.bench.serving import ServeBenchConfig
 
 ApiKeyOpt = typer.Option(None, "--api-key", help="Require 'Authorization: Bearer KEY' on /v1 routes (repeatable; "
                          "each key is its own prefix-cache tenant).")
@@ -64,6 +69,9 @@ def bench_serve(
     timeout: float = typer.Option(600.0, "--timeout", help="Seconds per level at most."),
     url: str | None = typer.Option(None, "--url", help="Benchmark a running server instead of starting one."),
     out: Path | None = typer.Option(None, "--out", help="Results folder (default: results/serve-<timestamp>/)."),
+    compare_disk: bool = typer.Option(False, "--compare-disk", help="Run every level twice, without and with the "
+                                      "KV disk tier (in --kv-disk-dir, else a temporary directory), and compare "
+                                      "decode speed."),
     *, engine: EngineOptions,
 ) -> None:
     """Load benchmark: streaming chat clients against a server on 127.0.0.1; req/s, tok/s, TTFT and ITL."""
@@ -73,6 +81,8 @@ def bench_serve(
     levels = parse_int_list(concurrency, "--concurrency")
     if max_tokens < 1:
         raise ConfigError(f"--max-tokens must be at least 1, got {max_tokens}")
+    if compare_disk and url is not None:
+        raise ConfigError("--compare-disk starts its own two servers; it cannot be used with --url")
     # the server starts in a child: say what is wrong with its settings here, in one line
     config = ServeBenchConfig(model=engine.model, engine=engine.config(device="cpu") if url is None else None,
                               levels=levels, requests=requests, max_tokens=max_tokens, timeout_s=timeout, url=url)
@@ -82,9 +92,30 @@ def bench_serve(
                          {"model": engine.model or "default", "concurrency": levels,
                           "requests": requests or "max(8, 2 x clients)", "max_tokens": max_tokens,
                           "max_num_seqs": engine.max_num_seqs, "dtype": engine.dtype, "weights": engine.weights,
-                          "url": url or "child", "kv_disk_dir": engine.kv_disk_dir})
-    name, results, final = run_serving_bench(config)
-    serving_report(report, name, results, final, max_tokens).finish()
+                          "url": url or "child", "kv_disk_dir": engine.kv_disk_dir, "compare_disk": compare_disk})
+    if not compare_disk:
+        name, results, final = run_serving_bench(config)
+        serving_report(report, name, results, final, max_tokens).finish()
+        return
+    _compare_disk(report, config, engine.kv_disk_dir, max_tokens)
+
+
+def _compare_disk(report: Report, config: ServeBenchConfig, disk_dir: str | None, max_tokens: int) -> None:
+    """The levels against a server without the disk tier, then against one with it; one report of both."""
+    import dataclasses
+    import tempfile
+
+    from kvengine.bench.serving import disk_comparison, run_serving_bench, serving_report
+
+    with tempfile.TemporaryDirectory(prefix="kvengine-bench-disk-") as tmp:
+        directory = disk_dir or tmp
+        plain = dataclasses.replace(config, engine=dataclasses.replace(config.engine, kv_disk_dir=None,
+                                                                       kv_disk_budget=None))
+        name, results, final = run_serving_bench(plain)
+        with_disk = dataclasses.replace(config, engine=dataclasses.replace(config.engine, kv_disk_dir=directory))
+        _, disk_results, _ = run_serving_bench(with_disk)
+        serving_report(report, name, results, final, max_tokens)
+        disk_comparison(report, results, disk_results, directory).finish()
 
 
 def disk_note(llm) -> str:

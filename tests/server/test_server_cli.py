@@ -73,3 +73,25 @@ def test_bench_serve_refuses_bad_weights_before_starting_a_server(tiny_folder, t
         assert isinstance(result.exception, ConfigError) and message in result.exception.message
     assert not (tmp_path / "out").exists()
 
+
+
+def test_bench_serve_compares_decode_speed_with_the_disk_tier(tiny_folder, tmp_path):
+    disk = tmp_path / "kv"
+    result = CliRunner().invoke(app, ["bench", "serve", "--model", str(tiny_folder), "--concurrency", "1,2",
+                                      "--requests", "3", "--max-tokens", "4", "--kv-cache-memory", "2e6",
+                                      "--out", str(tmp_path / "out"), "--timeout", "120", "--compare-disk",
+                                      "--kv-disk-dir", str(disk)])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    rows = summary["disk_comparison"]
+    assert [r["concurrency"] for r in rows] == [1, 2]
+    assert all(r["tokens_per_s_no_disk"] > 0 and r["tokens_per_s_disk"] > 0 and r["ratio"] > 0 for r in rows)
+    assert "Decode speed with and without the KV disk tier" in result.stdout
+    assert any(disk.rglob("*"))  # the second server wrote blocks there
+
+
+def test_bench_serve_compare_disk_refuses_a_url(tmp_path):
+    result = CliRunner().invoke(app, ["bench", "serve", "--url", "http://127.0.0.1:9", "--compare-disk", "--out",
+                                      str(tmp_path / "out")])
+    assert isinstance(result.exception, ConfigError) and "--compare-disk" in result.exception.message
+    assert not (tmp_path / "out").exists()

@@ -20,8 +20,9 @@ import torch
 from kvengine.cache.disk_store import DiskStore, check_disk_budget, check_disk_dir
 from kvengine.cache.fingerprint import files_id, tensors_id
 from kvengine.cache.spec import KVCacheSpec
-from kvengine.config import FAST_WEIGHTS, EngineConfig, ModelConfig
+from kvengine.config import ModelConfig
 from kvengine.engine.assembly import build_engine
+from kvengine.engine.config import EngineConfig
 from kvengine.engine.output import RequestOutput
 from kvengine.errors import ConfigError, RequestError
 from kvengine.sampling import SamplingParams
@@ -39,15 +40,13 @@ class LLM:
         self.config = EngineConfig(**engine_args)
         _apply_threads(self.config)
         _check_device(self.config.device)
-        # weights="fast" (the CLI's default): int4 on this CPU's kernel tier where it has one
-        fast = engine_args.get("weights") == FAST_WEIGHTS and self.config.weights == "int4"
         disk = open_disk_store(self.config)  # a bad directory or budget is refused before the model loads
         self.source: ModelSource = open_model_source(model, quiet=quiet)
         dtype = TORCH_DTYPES[self.config.resolved_dtype()]
         net = load_model(self.source, dtype, self.config.device)
         model_id = source_id(self.source, disk.root) if disk is not None else None
         note = f"{self.source.weights_note}; " if self.source.weights_note else ""
-        if fast:
+        if self.config.fast_chosen:  # weights="fast" (the CLI's default) chose int4 on this CPU's kernel tier
             note += "the fastest default for this CPU (--weights fp32: the exact reference): "
         self.engine = build_engine(net, self.source.tokenizer(), self.config, disk, model_id, note)
 

@@ -10,7 +10,7 @@ import typer
 from typer.testing import CliRunner
 
 from kvengine.cli.options import FAST_WEIGHTS, EngineOptions, engine_options
-from kvengine.config import EngineConfig
+from kvengine.engine.config import EngineConfig
 from kvengine.errors import ConfigError
 
 

@@ -72,7 +72,7 @@ def run_real(config: ClusterBenchConfig) -> tuple[float, dict[str, RouterResult]
     from kvengine.accounting.memory import kv_cache_spec_for
     from kvengine.cluster import require_ray
     from kvengine.cluster.app import ClusterConfig, free_port, prepare, start, stop
-    from kvengine.config import EngineConfig
+    from kvengine.engine.config import EngineConfig
     from kvengine.weights.source import open_model_source
 
     require_ray()

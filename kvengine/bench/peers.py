@@ -35,7 +35,7 @@ from kvengine.bench.peer_systems import (
     load_transformers,
 )
 from kvengine.bench.throughput import chat_prompts, questions, reference_text
-from kvengine.config import FLOAT_WEIGHTS
+from kvengine.engine.config import FLOAT_WEIGHTS
 from kvengine.errors import ConfigError
 from kvengine.layers.linear import Linear, PackedLinear
 from kvengine.llm import LLM

@@ -20,7 +20,7 @@ from typing import Any
 
 from kvengine.bench import plots
 from kvengine.bench.report import Report, Table, ms, num, percentile
-from kvengine.config import EngineConfig
+from kvengine.engine.config import EngineConfig
 from kvengine.errors import ConfigError
 
 TOPICS = ["the ocean", "volcanoes", "honey bees", "the moon", "trains", "chess", "bread", "rivers", "owls",

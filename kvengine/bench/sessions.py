@@ -27,7 +27,7 @@ from typing import Any
 from kvengine.bench import plots
 from kvengine.bench.report import Report, Table, ms, num
 from kvengine.bench.serving import start_server
-from kvengine.config import EngineConfig
+from kvengine.engine.config import EngineConfig
 
 MODES = ("no prefix cache", "memory only", "memory + disk", "memory + empty disk")
 

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import typer
 
-from kvengine.config import EngineConfig
+from kvengine.engine.config import EngineConfig
 from kvengine.errors import ConfigError
 
 F = TypeVar("F", bound=Callable[..., Any])

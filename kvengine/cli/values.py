@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kvengine.config import WEIGHT_FORMATS, normalize_dtype
+from kvengine.engine.config import WEIGHT_FORMATS, normalize_dtype
 from kvengine.errors import ConfigError
 
 

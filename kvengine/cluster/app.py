@@ -88,7 +88,7 @@ def prepare(config: ClusterConfig) -> ClusterConfig:
 
 def _weights_bytes(config: ClusterConfig) -> int:
     from kvengine.accounting.memory import weights_bytes
-    from kvengine.config import EngineConfig
+    from kvengine.engine.config import EngineConfig
     from kvengine.weights.source import open_model_source
 
     args = config.engine_args

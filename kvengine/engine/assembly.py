@@ -17,7 +17,8 @@ from kvengine.cache.pool import KVPool, num_blocks_for_budget
 from kvengine.cache.retention import max_blocks
 from kvengine.cache.spec import KVCacheSpec
 from kvengine.cache.spec import kv_dtype as resolve_kv_dtype
-from kvengine.config import EngineConfig, ModelConfig
+from kvengine.config import ModelConfig
+from kvengine.engine.config import EngineConfig
 from kvengine.engine.engine import LLMEngine
 from kvengine.errors import ConfigError
 from kvengine.layers import native

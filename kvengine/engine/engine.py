@@ -20,7 +20,8 @@ from kvengine.cache.block_manager import BlockManager
 from kvengine.cache.block_tables import KVBlockTables
 from kvengine.cache.disk_tier import KVDiskTier
 from kvengine.cache.pool import KVPool
-from kvengine.config import EngineConfig, ModelConfig
+from kvengine.config import ModelConfig
+from kvengine.engine.config import EngineConfig
 from kvengine.engine.output import RequestMetrics, RequestOutput, TextTracker, VerifyReport
 from kvengine.engine.prompt_logprobs import prompt_rows, split_rows
 from kvengine.engine.runner import ModelRunner

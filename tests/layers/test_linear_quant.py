@@ -7,7 +7,7 @@ import pytest
 import torch
 from kvtest import assert_tracks_reference, held_out_ids, tiny_pair
 
-from kvengine.config import EngineConfig
+from kvengine.engine.config import EngineConfig
 from kvengine.errors import ConfigError
 from kvengine.layers.linear import Int4Linear, Int8Linear, Linear, quantize_int4, quantize_int8, quantize_linears
 

@@ -15,12 +15,13 @@ import asyncio
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from kvengine.bench import plots
 from kvengine.bench.report import Report, Table, ms, num, percentile
 from kvengine.cluster.trace import TraceConfig, TraceRequest, ideal_hit_rate, make_trace
+from kvengine.engine.config import EngineConfig
 
 REAL_ROUTERS = ("kvengine", "round_robin", "power_of_two", "prefix_affinity")
 
@@ -33,7 +34,7 @@ class ClusterBenchConfig:
     trace: TraceConfig = field(default_factory=TraceConfig)
     concurrency: int = 2
     kv_blocks: int | None = None  # per replica; None = about half the tenants' system prompts plus the running
-    engine_args: dict[str, Any] = field(default_factory=dict)
+    engine: EngineConfig = field(default_factory=EngineConfig)  # each replica's, before its KV budget
     timeout_s: float = 900.0
 
 
@@ -72,31 +73,30 @@ def run_real(config: ClusterBenchConfig) -> tuple[float, dict[str, RouterResult]
     from kvengine.accounting.memory import kv_cache_spec_for
     from kvengine.cluster import require_ray
     from kvengine.cluster.app import ClusterConfig, free_port, prepare, start, stop
-    from kvengine.engine.config import EngineConfig
     from kvengine.weights.source import open_model_source
 
     require_ray()
     source = open_model_source(config.model)
     model_config = source.model_config()
-    engine = EngineConfig(**{k: v for k, v in config.engine_args.items() if k in ("dtype", "weights")})
+    engine = config.engine
     block_size = engine.block_size
     spec = kv_cache_spec_for(model_config, engine.resolved_dtype(), block_size)
     blocks = config.kv_blocks or auto_kv_blocks(config, block_size)
     vocab = model_config.vocab_size
     trace = make_trace(config.trace, (256 if vocab > 1024 else 10, vocab - 1))
-    args = {**config.engine_args, "kv_cache_memory": int(blocks * spec.bytes_per_block)}
+    kv_bytes = int(blocks * spec.bytes_per_block)
     results: dict[str, RouterResult] = {}
     port = free_port("127.0.0.1")  # Serve's proxy keeps the port it started with: every deployment uses it
     try:
         for router in config.routers:
-            cluster = prepare(ClusterConfig(replicas=config.replicas, model=config.model, engine_args=dict(args),
-                                            port=port, router=router))
+            cluster = prepare(ClusterConfig(replicas=config.replicas, model=config.model, port=port, router=router,
+                                            engine=replace(engine, kv_cache_memory=kv_bytes)))
             url = start(cluster)
             results[router] = asyncio.run(_replay(url, trace, config.concurrency, config.timeout_s, router))
     finally:
         stop()
-    settings = {"kv_blocks_per_replica": blocks, "kv_bytes_per_replica": args["kv_cache_memory"],
-                "model": source.name, "threads_per_replica": cluster.engine_args.get("num_threads")}
+    settings = {"kv_blocks_per_replica": blocks, "kv_bytes_per_replica": kv_bytes,
+                "model": source.name, "threads_per_replica": cluster.engine.num_threads}
     return ideal_hit_rate(trace, config.trace.system_tokens, block_size), results, settings
 
 

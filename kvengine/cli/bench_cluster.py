@@ -86,7 +86,7 @@ def _real(engine: EngineOptions, replicas: int, routers: tuple[str, ...], trace:
 
     config = ClusterBenchConfig(model=engine.model, replicas=replicas, routers=routers, trace=trace,
                                 concurrency=concurrency, kv_blocks=kv_blocks,
-                                engine_args={"dtype": engine.dtype, "weights": engine.weights})
+                                engine=engine.config())
     report = open_report("cluster", f"kvengine bench cluster: {replicas} replicas, routers compared", out,
                          {"model": engine.model or "default", "replicas": replicas, "routers": list(routers),
                           "tenants": trace.tenants, "system_tokens": trace.system_tokens, "requests": trace.requests,

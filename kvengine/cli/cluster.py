@@ -38,9 +38,9 @@ def cluster(
     """Serve a model from N replicas on Ray Serve behind one OpenAI-compatible endpoint, routed by KV cache."""
     from kvengine.cluster import require_ray
     from kvengine.cluster.app import ClusterConfig, prepare, start, stop
-    engine_args = engine.engine_args()
-    engine.config().resolved_dtype()  # bad engine options: one line here, not in every replica
-    config = ClusterConfig(replicas=replicas, model=engine.model, engine_args=engine_args, host=host, port=port,
+    engine_config = engine.config()
+    engine_config.resolved_dtype()  # bad engine options: one line here, not in every replica
+    config = ClusterConfig(replicas=replicas, model=engine.model, engine=engine_config, host=host, port=port,
                            address=address, api_keys=list(api_key or []), served_model_name=served_model_name,
                            max_waiting=max_waiting, router=router, cpus_per_replica=cpus_per_replica)
     require_ray()
@@ -50,7 +50,7 @@ def cluster(
     try:
         url = start(config, quiet=True)
         print(f"kvengine cluster serving on {url} ({replicas} replicas, {config.cpus_per_replica:g} CPUs and "
-              f"{engine_args['num_threads']} threads each); Ctrl-C stops it", file=sys.stderr)
+              f"{engine_config.num_threads} threads each); Ctrl-C stops it", file=sys.stderr)
         while True:
             time.sleep(3600)
     finally:

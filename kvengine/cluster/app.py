@@ -13,6 +13,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any
 
+from kvengine.engine.config import EngineConfig
 from kvengine.errors import ConfigError
 
 APP_NAME = "kvengine"
@@ -34,7 +35,7 @@ WEIGHT_BITS = {"float32": 32, "bfloat16": 16, "float16": 16, "int8": 8.5, "int4"
 class ClusterConfig:
     replicas: int = 2
     model: str | None = None
-    engine_args: dict[str, Any] = field(default_factory=dict)  # LLM(model, **engine_args) in each replica
+    engine: EngineConfig = field(default_factory=EngineConfig)  # each replica's (threads, KV budget: `prepare`)
     host: str = "127.0.0.1"
     port: int = 8000
     address: str | None = None  # an existing Ray cluster; None = start a local one
@@ -61,18 +62,18 @@ def prepare(config: ClusterConfig) -> ClusterConfig:
     """Fill in per-replica threads and KV budget; refuse (ConfigError) what cannot fit. No Ray needed."""
     from kvengine.cache.pool import DEFAULT_BUDGET_CAP, available_memory
 
-    args = config.engine_args
+    engine = config.engine
     cores = os.cpu_count() or 1
     if config.cpus_per_replica is None:
         config.cpus_per_replica = max(1, cores // config.replicas) if config.address is None else 1
-    if args.get("num_threads") is None:
-        args["num_threads"] = max(1, int(config.cpus_per_replica))
+    if engine.num_threads is None:
+        engine.num_threads = max(1, int(config.cpus_per_replica))
     if config.address is not None:
         return config  # the memory is the cluster's: Ray places the replicas where they fit
     free = available_memory("cpu")
-    if args.get("kv_cache_memory") is None:
-        args["kv_cache_memory"] = int(min(free // 4 // config.replicas, DEFAULT_BUDGET_CAP))
-    budget = args["kv_cache_memory"]
+    if engine.kv_cache_memory is None:
+        engine.kv_cache_memory = int(min(free // 4 // config.replicas, DEFAULT_BUDGET_CAP))
+    budget = engine.kv_cache_memory
     kv = budget * free if budget <= 1 else budget
     weights = _weights_bytes(config)
     need = config.replicas * (weights + kv + RUNTIME_BYTES)
@@ -88,11 +89,9 @@ def prepare(config: ClusterConfig) -> ClusterConfig:
 
 def _weights_bytes(config: ClusterConfig) -> int:
     from kvengine.accounting.memory import weights_bytes
-    from kvengine.engine.config import EngineConfig
     from kvengine.weights.source import open_model_source
 
-    args = config.engine_args
-    engine = EngineConfig(weights=args.get("weights", "auto"), dtype=args.get("dtype", "auto"))
+    engine = config.engine
     fmt = engine.quantized_weights or engine.resolved_dtype()
     return weights_bytes(open_model_source(config.model, quiet=True).model_config(), WEIGHT_BITS[fmt])
 
@@ -105,7 +104,7 @@ def build(config: ClusterConfig) -> Any:
     from kvengine.cluster.frontend import Frontend
     from kvengine.cluster.replica import EngineReplica
 
-    max_num_seqs = config.engine_args.get("max_num_seqs", 64)
+    max_num_seqs = config.engine.max_num_seqs
     router = RequestRouterConfig(request_router_class=ROUTERS[config.router],
                                  request_router_kwargs=config.router_kwargs,
                                  request_routing_stats_period_s=config.stats_period_s,
@@ -117,7 +116,7 @@ def build(config: ClusterConfig) -> Any:
                                health_check_timeout_s=30.0, graceful_shutdown_timeout_s=2.0)
     frontend = serve.deployment(Frontend, name="frontend", num_replicas=1, max_ongoing_requests=100_000,
                                 ray_actor_options={"num_cpus": 0}, graceful_shutdown_timeout_s=2.0)
-    return frontend.bind(engines.bind(config.model, config.engine_args, config.max_waiting), config.model,
+    return frontend.bind(engines.bind(config.model, config.engine, config.max_waiting), config.model,
                          config.served_model_name, config.api_keys, config.max_waiting, ENGINE_DEPLOYMENT,
                          config.router in TEXT_ROUTERS)
 

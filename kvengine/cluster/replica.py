@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvengine.cluster.request import RoutedRequest, block_key
+from kvengine.engine.config import EngineConfig
 from kvengine.engine.engine import LLMEngine
 from kvengine.engine.output import RequestOutput
 from kvengine.errors import KVEngineError
@@ -29,12 +30,12 @@ class Accepted:
 
 
 class EngineReplica:
-    def __init__(self, model: str | None, engine_args: dict[str, Any], max_waiting: int) -> None:
+    def __init__(self, model: str | None, engine: EngineConfig, max_waiting: int) -> None:
         from ray import serve
 
         from kvengine.llm import LLM
 
-        self.llm = LLM(model, quiet=True, **engine_args)
+        self.llm = LLM(model, quiet=True, **dataclasses.asdict(engine))
         self.engine = AsyncEngine(self.llm.engine, max_waiting=max_waiting)
         self.engine.start()
         self.replica = serve.get_replica_context().replica_id.unique_id

@@ -63,9 +63,10 @@ def cluster(cluster_model):
     if not HAVE_RAY:
         pytest.skip(SKIP_REASON)
     from kvengine.cluster.app import ClusterConfig, prepare, start, stop
+    from kvengine.engine.config import EngineConfig
 
     config = prepare(ClusterConfig(replicas=2, model=str(cluster_model), port=0, stats_period_s=0.2,
-                                   engine_args={"kv_cache_memory": TINY_KV_BYTES, "num_threads": 1}))
+                                   engine=EngineConfig(kv_cache_memory=TINY_KV_BYTES, num_threads=1)))
     try:
         running = Cluster(start(config), replicas=2)
         running.wait_ready()

@@ -62,6 +62,12 @@ class ModelConfig:
     attention_bias: bool = False
     hidden_act: str = "silu"
     gated_mlp: bool = True  # SwiGLU/GeGLU (gate, up, down) vs a plain two-matmul MLP (GPT-2/3 presets)
+    # What else differs between families, as data the family sets (the accounting reads these, never a name):
+    linear_bias: bool = False  # a bias on every linear layer (GPT-2), not only on q/k/v (attention_bias)
+    layer_norm: bool = False  # LayerNorm (a weight and a bias) instead of RMSNorm (a weight)
+    norms_per_layer: int = 2  # before attention and before the MLP; 4 with a norm after each too (Gemma 3)
+    qk_norm: bool = False  # a norm over each head of q and of k (Gemma 3)
+    learned_positions: bool = False  # learned absolute position embeddings added to the input (GPT-2), no RoPE
     # Per layer: the sliding window W (the layer attends to its last W positions) or None (global).
     # Empty means every layer is global.
     layer_windows: tuple[int | None, ...] = ()
@@ -97,6 +103,13 @@ class ModelConfig:
         return self.num_kv_heads * self.head_dim
 
     @property
+    def layer_biases(self) -> int:
+        """Bias elements of one layer: q/k/v with attention_bias; o_proj and the MLP's too with linear_bias."""
+        qkv = self.q_size + 2 * self.kv_size
+        mlp_and_out = 2 * self.hidden_size + self.intermediate_size * (2 if self.gated_mlp else 1)  # o, down; up, gate
+        return qkv * (self.attention_bias or self.linear_bias) + mlp_and_out * self.linear_bias
+
+    @property
     def attn_scale(self) -> float:
         if self.query_pre_attn_scalar is not None:
             return self.query_pre_attn_scalar ** -0.5
@@ -126,5 +139,5 @@ def gpt2_config(name: str, layers: int, width: int, heads: int, vocab: int = 502
     return ModelConfig(architecture="gpt2", vocab_size=vocab, hidden_size=width, intermediate_size=inner or 4 * width,
                        num_layers=layers, num_heads=heads, num_kv_heads=heads, head_dim=width // heads,
                        max_position_embeddings=context, rms_norm_eps=eps, tie_word_embeddings=True,
-                       attention_bias=True, hidden_act=act, gated_mlp=False, bos_token_id=bos, eos_token_ids=eos,
-                       name=name)
+                       attention_bias=True, hidden_act=act, gated_mlp=False, linear_bias=True, layer_norm=True,
+                       learned_positions=True, bos_token_id=bos, eos_token_ids=eos, name=name)

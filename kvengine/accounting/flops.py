@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
-from kvengine.accounting.presets import GPT_STYLE_ARCHITECTURES
 from kvengine.config import ModelConfig
 from kvengine.errors import ConfigError
 
@@ -201,22 +200,15 @@ def _build(config: ModelConfig, n: int, c: int, lm: int, pairs: int, attention: 
 
 def _extra(config: ModelConfig, n: int, keys: int) -> ExtraFlops:
     d, q, kv, layers = config.hidden_size, config.q_size, config.kv_size, config.num_layers
-    gpt_style = config.architecture in GPT_STYLE_ARCHITECTURES
-    norm_ops = LAYER_NORM_OPS if gpt_style else RMS_NORM_OPS
-    norms_per_layer = 4 if config.architecture == "gemma3" else 2
-    norms = norm_ops * n * d * (norms_per_layer * layers + 1)
-    if config.architecture == "gemma3":  # q_norm and k_norm over every head
-        norms += norm_ops * layers * n * (q + kv)
-    if gpt_style:  # every linear has a bias
-        bias = q + 2 * kv + 2 * d + config.intermediate_size
-    else:
-        bias = (q + 2 * kv) * config.attention_bias
+    norm_ops = LAYER_NORM_OPS if config.layer_norm else RMS_NORM_OPS
+    norms = norm_ops * n * d * (config.norms_per_layer * layers + 1)
+    norms += norm_ops * layers * n * (q + kv) * config.qk_norm  # over every head of q and k
     return ExtraFlops(
         norms=norms,
         softmax=SOFTMAX_OPS * config.num_heads * keys,
         activation=(ACTIVATION_OPS + config.gated_mlp) * layers * n * config.intermediate_size,
-        adds=layers * n * (2 * d + bias),
-        positions=n * d if gpt_style else ROPE_OPS * layers * n * (q + kv),
+        adds=layers * n * (2 * d + config.layer_biases),
+        positions=n * d if config.learned_positions else ROPE_OPS * layers * n * (q + kv),
     )
 
 

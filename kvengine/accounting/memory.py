@@ -12,7 +12,6 @@ import re
 from dataclasses import asdict, dataclass
 
 from kvengine.accounting.flops import require_positive
-from kvengine.accounting.presets import GPT_STYLE_ARCHITECTURES
 from kvengine.cache.spec import KVCacheSpec, kv_dtype
 from kvengine.config import ModelConfig
 from kvengine.errors import ConfigError
@@ -58,18 +57,14 @@ def _kv_dtype_name(name: str) -> str:
 def parameter_count(config: ModelConfig) -> int:
     """Parameters of the model: embeddings, every layer's linears, biases and norms, the LM head if untied."""
     d, q, kv, ff = config.hidden_size, config.q_size, config.kv_size, config.intermediate_size
-    gpt_style = config.architecture in GPT_STYLE_ARCHITECTURES
     attention = d * q + 2 * d * kv + q * d
     mlp = (3 if config.gated_mlp else 2) * d * ff
-    if gpt_style:  # a bias on every linear layer; LayerNorm has a weight and a bias
-        biases, norms, final_norm = q + 2 * kv + d + ff + d, 4 * d, 2 * d
-    else:  # RMSNorm weights only; attention_bias = q/k/v biases (Qwen2)
-        biases, norms, final_norm = (q + 2 * kv) * config.attention_bias, 2 * d, d
-        if config.architecture == "gemma3":  # pre/post norms around attention and MLP, q_norm and k_norm
-            norms = 4 * d + 2 * config.head_dim
-    embeddings = config.vocab_size * d + (config.max_position_embeddings * d if gpt_style else 0)
+    per_norm = 2 if config.layer_norm else 1  # LayerNorm: a weight and a bias per element; RMSNorm: a weight
+    norms = per_norm * (config.norms_per_layer * d + 2 * config.head_dim * config.qk_norm)
+    embeddings = config.vocab_size * d + config.max_position_embeddings * d * config.learned_positions
     lm_head = 0 if config.tie_word_embeddings else config.vocab_size * d
-    return embeddings + config.num_layers * (attention + mlp + biases + norms) + final_norm + lm_head
+    layer = attention + mlp + config.layer_biases + norms
+    return embeddings + config.num_layers * layer + per_norm * d + lm_head
 
 
 def weights_bytes(config: ModelConfig, bits_per_weight: float = 16) -> int:

@@ -3,16 +3,13 @@
 The accounting counts every preset. The GPT-style ones (GPT-2, GPT-3 medium, the seed-000 model) are also
 runnable with seeded random weights (`--model preset:NAME`, weights/preset.py): they share the `gpt2`
 architecture (models/gpt2.py: learned absolute positions, LayerNorm and a bias on every linear layer, which
-`GPT_STYLE_ARCHITECTURES` tells the accounting).
+their ModelConfig fields tell the accounting).
 """
 
 from __future__ import annotations
 
 from kvengine.config import ModelConfig, gpt2_config
 from kvengine.errors import ConfigError
-
-# Learned position embeddings, LayerNorm (weight + bias), a bias on every linear layer, plain 2-matmul MLP.
-GPT_STYLE_ARCHITECTURES = frozenset({"gpt2"})
 
 
 def _llama(name: str, layers: int, width: int, mlp: int, heads: int, kv_heads: int, vocab: int,
@@ -41,7 +38,7 @@ PRESETS: dict[str, ModelConfig] = {
     "gemma3-270m": ModelConfig(
         architecture="gemma3", vocab_size=262144, hidden_size=640, intermediate_size=2048, num_layers=18,
         num_heads=4, num_kv_heads=1, head_dim=256, max_position_embeddings=32768, rope_theta=1000000.0,
-        tie_word_embeddings=True, hidden_act="gelu_pytorch_tanh",
+        tie_word_embeddings=True, hidden_act="gelu_pytorch_tanh", norms_per_layer=4, qk_norm=True,
         layer_windows=tuple(None if (i + 1) % 6 == 0 else 512 for i in range(18)),
         rope_local_theta=10000.0, query_pre_attn_scalar=256.0, name="gemma3-270m",
     ),

@@ -32,6 +32,7 @@ from kvengine.models.llama import GatedMLP, LlamaAttention, llama_gguf_fields, l
 
 GEMMA_NORM_OFFSET = 1.0  # Gemma's RMSNorm multiplies by (1 + weight)
 GLOBAL_EVERY = 6  # without a per-layer list, every sixth layer is global and the others slide
+NORMS = {"norms_per_layer": 4, "qk_norm": True}  # a norm before and after attention and the MLP; q/k norms
 
 # llama.cpp's Gemma 3 block tensors; `ffn_norm` is the norm *before* the MLP here, not after attention.
 GEMMA3_GGUF_LAYER_NAMES = {
@@ -103,6 +104,7 @@ class Gemma3ForCausalLM(DecoderLM):
         with required_fields():
             fields = llama_hf_fields(d, "gemma3", rope_global, name)
         fields.update(
+            **NORMS,
             tie_word_embeddings=bool(d.get("tie_word_embeddings", True)),
             layer_windows=_hf_windows(d, fields["num_layers"]),
             rope_local_theta=float(rope_local.get("rope_theta", d.get("rope_local_base_freq", 10000.0))),
@@ -119,6 +121,7 @@ class Gemma3ForCausalLM(DecoderLM):
         n_layers, heads = fields["num_layers"], fields["num_heads"]
         pre_attn = fields["hidden_size"] // heads if n_layers == 62 else fields["head_dim"]  # llama.cpp: 27B
         fields.update(
+            **NORMS,
             hidden_act="gelu_pytorch_tanh",
             tie_word_embeddings=True,
             layer_windows=_global_every(GLOBAL_EVERY, n_layers, window),

@@ -12,7 +12,7 @@ import torch
 import transformers
 
 from kvengine.accounting.flops import step_flops
-from kvengine.config import ModelConfig
+from kvengine.config import ModelConfig, gpt2_config
 from kvengine.models.registry import config_from_hf
 
 P = 12  # prompt length
@@ -33,9 +33,7 @@ def tiny_gpt2() -> tuple[transformers.GPT2LMHeadModel, ModelConfig]:
     hf_config._attn_implementation = "eager"
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(hf_config).eval()
-    config = ModelConfig(architecture="gpt2", vocab_size=128, hidden_size=64, intermediate_size=256,
-                         num_layers=2, num_heads=4, num_kv_heads=4, head_dim=16, max_position_embeddings=64,
-                         gated_mlp=False, tie_word_embeddings=True, attention_bias=True)
+    config = gpt2_config("model", layers=2, width=64, heads=4, vocab=128, context=64)
     return model, config
 
 

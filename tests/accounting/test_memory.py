@@ -15,7 +15,7 @@ from kvengine.accounting.memory import (
 )
 from kvengine.accounting.presets import PRESETS, get_preset, preset_names
 from kvengine.cache.spec import KVCacheSpec
-from kvengine.config import ModelConfig
+from kvengine.config import ModelConfig, gpt2_config
 from kvengine.errors import ConfigError
 from kvengine.models.registry import config_from_hf
 
@@ -95,9 +95,7 @@ def test_parameter_count_matches_transformers(cls, tied):
 def test_parameter_count_matches_transformers_gpt2_and_gemma3():
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=96, n_embd=64, n_layer=2, n_head=4,
                                                                 n_positions=128))
-    ours = ModelConfig(architecture="gpt2", vocab_size=96, hidden_size=64, intermediate_size=256,
-                       num_layers=2, num_heads=4, num_kv_heads=4, head_dim=16, max_position_embeddings=128,
-                       gated_mlp=False, tie_word_embeddings=True)
+    ours = gpt2_config("model", layers=2, width=64, heads=4, vocab=96, context=128)
     assert parameter_count(ours) == _hf_params(gpt2)
     gemma_config = transformers.Gemma3TextConfig(vocab_size=96, hidden_size=64, intermediate_size=112,
                                                  num_hidden_layers=2, num_attention_heads=4, head_dim=32,

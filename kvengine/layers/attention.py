@@ -56,9 +56,9 @@ def sdpa_gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
 def _causal_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """Causal attention of q [q_len, Hq, Dk] (the last q_len of kv_len positions) over k/v [Hkv, kv_len, *] in
     blocks of queries, each against only the keys up to its last query: two batched matmuls and a float32
-    softmax per block. In bf16 on CPU this ran about 3x faster than SDPA's causal kernel at prefill sizes
-    (head_dim 64, 1,024 tokens; 1.7x in fp32, where SDPA is kept for its numerics) and, like it, skips most of
-    the masked half."""
+    softmax per block. Like SDPA's causal kernel it skips most of the masked half; it is used in bf16 on CPU,
+    where it is the faster of the two (docs/benchmarks.md, "Kernel measurements"), while fp32 keeps SDPA for
+    its numerics."""
     q_len, n_heads, dim_k = q.shape
     n_kv, kv_len, dim = k.shape[0], k.shape[1], v.shape[-1]
     group, offset = n_heads // n_kv, kv_len - q_len

@@ -26,13 +26,14 @@ from kvengine.engine.config import EngineConfig
 from kvengine.engine.output import RequestOutput
 from kvengine.errors import ConfigError, RequestError
 from kvengine.sampling import SamplingParams
+from kvengine.tools.plan import history_tool_calls, plan_tools
 from kvengine.weights.loader import load_model
 from kvengine.weights.preset import PRESET_SEED
 from kvengine.weights.source import ModelSource, open_model_source
 from kvengine.weights.tokenizer import Tokenizer
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-Messages = list[dict[str, str]]
+Messages = list[dict[str, Any]]
 
 
 class LLM:
@@ -114,21 +115,40 @@ class LLM:
             self.engine.abort(rid)
 
     def chat(self, messages: Messages | Sequence[Messages],
-             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-             **kwargs: Any) -> list[RequestOutput]:
-        """Chat template applied to one conversation or a list of them, then generate()."""
-        return self.generate(None, sampling_params, prompt_token_ids=self.encode_chats(messages), **kwargs)
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
+             tools: list[dict[str, Any]] | None = None, tool_choice: str | dict[str, Any] | None = None,
+             parallel_tool_calls: bool = True, **kwargs: Any) -> list[RequestOutput]:
+        """Chat template applied to one conversation or a list of them, then generate(). With `tools` (OpenAI's
+        shape) and `tool_choice` (as the server takes them), each output's `tool_calls` holds the calls its text
+        makes, and its finish_reason is "tool_calls" when it made any."""
+        tokenizer = self._chat_tokenizer()
+        plan = plan_tools(tools, tool_choice, parallel_tool_calls, tokenizer.chat_template, tokenizer.supports_tools)
+        ids = self.encode_chats(messages, plan.template_tools() if plan else None)
+        if plan is not None:
+            plist = sampling_params if isinstance(sampling_params, Sequence) else [sampling_params] * len(ids)
+            sampling_params = [plan.constrain(p or SamplingParams()) for p in plist]
+        outs = self.generate(None, sampling_params, prompt_token_ids=ids, **kwargs)
+        if plan is not None and plan.calls_possible:
+            for out in outs:
+                out.tool_calls = plan.reply(out.text).calls or None
+                out.finish_reason = "tool_calls" if out.tool_calls else out.finish_reason
+        return outs
 
-    def encode_chats(self, messages: Messages | Sequence[Messages]) -> list[list[int]]:
-        if self.tokenizer is None:
-            raise RequestError("chat needs a tokenizer")
+    def encode_chats(self, messages: Messages | Sequence[Messages],
+                     tools: list[dict[str, Any]] | None = None) -> list[list[int]]:
+        tokenizer = self._chat_tokenizer()
         if not messages:
             raise RequestError("messages must not be empty", param="messages")
         conversations = [messages] if isinstance(messages[0], dict) else list(messages)
         for conv in conversations:
             if not conv:
                 raise RequestError("messages must not be empty", param="messages")
-        return [self.tokenizer.encode_chat(conv) for conv in conversations]
+        return [tokenizer.encode_chat([_template_message(m) for m in conv], tools=tools) for conv in conversations]
+
+    def _chat_tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise RequestError("chat needs a tokenizer")
+        return self.tokenizer
 
     def _submit(self, prompts: str | Sequence[str] | None, params: Any, token_ids: Sequence[Sequence[int]] | None,
                 use_cache: bool, verify: bool, cache_salt: str | None) -> list[str]:
@@ -156,6 +176,12 @@ class LLM:
                 self.engine.abort(rid)
             raise
         return ids
+
+
+def _template_message(message: dict[str, Any]) -> dict[str, Any]:
+    """A message as the chat template takes it: earlier tool calls with their arguments as objects."""
+    calls = message.get("tool_calls")
+    return {**message, "tool_calls": history_tool_calls(calls)} if calls else message
 
 
 def open_disk_store(config: EngineConfig) -> DiskStore | None:

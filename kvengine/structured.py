@@ -26,9 +26,26 @@ from kvengine.errors import RequestError
 class StructuredOutput:
     kind: Literal["json_object", "json_schema"]
     schema: dict[str, Any] | None = field(default=None, hash=False, compare=False)
+    param: str = field(default="response_format", compare=False)  # the request field a bad schema is blamed on
 
     def grammar_schema(self) -> dict[str, Any]:
         return {"type": "object"} if self.kind == "json_object" else (self.schema or {})
+
+
+def check_json_schema(schema: dict[str, Any], what: str, param: str) -> Any:
+    """llguidance's grammar of `schema` (no tokenizer needed); a schema it cannot compile is a RequestError
+    naming `param`. Without llguidance nothing is checked (None)."""
+    if not available():
+        return None
+    from llguidance import LLMatcher
+    try:
+        grammar = LLMatcher.grammar_from_json_schema(json.dumps(schema), overrides={"whitespace_flexible": False})
+    except ValueError as e:
+        raise RequestError(f"{what}: the JSON schema is invalid: {e}", param=param) from None
+    error = LLMatcher.validate_grammar(grammar, None)
+    if error and not error.startswith("WARNING"):
+        raise RequestError(f"{what}: the JSON schema is invalid: {error}", param=param)
+    return grammar
 
 
 def available() -> bool:
@@ -70,17 +87,13 @@ class GrammarCompiler:
         self.vocab_size = vocab_size
 
     def constraint(self, spec: StructuredOutput) -> Constraint:
-        """A fresh constraint; a schema llguidance cannot compile is a RequestError naming response_format."""
+        """A fresh constraint; a schema llguidance cannot compile is a RequestError naming spec.param."""
         from llguidance import LLMatcher
-        try:
-            grammar = LLMatcher.grammar_from_json_schema(json.dumps(spec.grammar_schema()),
-                                                         overrides={"whitespace_flexible": False})
-        except ValueError as e:
-            raise RequestError(f"response_format: the JSON schema is invalid: {e}", param="response_format") from None
+        grammar = check_json_schema(spec.grammar_schema(), spec.param, spec.param)
         error = LLMatcher.validate_grammar(grammar, self._tokenizer)
         if error and not error.startswith("WARNING"):
-            raise RequestError(f"response_format: the JSON schema cannot be used: {error}", param="response_format")
+            raise RequestError(f"{spec.param}: the JSON schema cannot be used: {error}", param=spec.param)
         matcher = LLMatcher(self._tokenizer, grammar, log_level=0)
         if matcher.is_error():
-            raise RequestError(f"response_format: {matcher.get_error()}", param="response_format")
+            raise RequestError(f"{spec.param}: {matcher.get_error()}", param=spec.param)
         return Constraint(matcher, self.vocab_size)

@@ -72,10 +72,10 @@ def tiny_gemma_pair(seed: int = 0, **overrides):
     return ours.eval(), hf
 
 
-def make_tiny_hf_folder(folder, vocab_size: int = 320, **overrides):
+def make_tiny_hf_folder(folder, vocab_size: int = 320, chat_template: str | None = None, **overrides):
     """A complete Hugging Face model folder (config.json, model.safetensors, tokenizer.json,
-    tokenizer_config.json with a chat template) for a tiny random Llama; byte-level BPE trained offline on
-    CPython's pydoc topics. Returns the folder."""
+    tokenizer_config.json with a chat template: a plain one unless `chat_template` is given) for a tiny random
+    Llama; byte-level BPE trained offline on CPython's pydoc topics. Returns the folder."""
     from pathlib import Path
     from pydoc_data.topics import topics
 
@@ -91,8 +91,8 @@ def make_tiny_hf_folder(folder, vocab_size: int = 320, **overrides):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(list(topics.values())[:40], trainer)
     tok.save(str(folder / "tokenizer.json"))
-    template = ("{% for m in messages %}{{ '<|user|>' if m['role'] == 'user' else '<|bot|>' }}{{ m['content'] }}"
-                "</s>{% endfor %}{% if add_generation_prompt %}<|bot|>{% endif %}")
+    template = chat_template or ("{% for m in messages %}{{ '<|user|>' if m['role'] == 'user' else '<|bot|>' }}"
+                                 "{{ m['content'] }}</s>{% endfor %}{% if add_generation_prompt %}<|bot|>{% endif %}")
     (folder / "tokenizer_config.json").write_text(
         __import__("json").dumps({"bos_token": "<s>", "eos_token": "</s>", "chat_template": template}))
     base = dict(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=112, num_hidden_layers=2,

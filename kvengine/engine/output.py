@@ -10,6 +10,7 @@ from typing import Any
 from kvengine.engine.detokenizer import IncrementalDetokenizer
 from kvengine.engine.sequence import FinishReason, Sequence
 from kvengine.sampling import TokenLogprob
+from kvengine.tools.call import ToolCall
 from kvengine.weights.tokenizer import Tokenizer
 
 
@@ -86,6 +87,7 @@ class RequestOutput:
     delta_logprobs: list[TokenLogprob] | None = None  # one per token of delta_token_ids
     # one per prompt token, the first None (nothing predicts it), when SamplingParams.prompt_logprobs is set
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    tool_calls: list[ToolCall] | None = None  # the calls its text makes (LLM.chat with tools)
 
 
 class TextTracker:

@@ -47,6 +47,8 @@ from kvengine.server.protocol import (
 )
 from kvengine.server.text import TextCodec
 from kvengine.server.thread import ServerThread  # noqa: F401 - (its home used to be here)
+from kvengine.server.tool_stream import ToolStream
+from kvengine.tools.plan import ToolPlan
 
 DASHBOARD_DIR = Path(__file__).parent / "dashboard"
 RETRY_AFTER_S = 1
@@ -202,8 +204,9 @@ def _add_generation_routes(app: FastAPI, state: ServerState) -> None:
         salt = state.authorize(request)
         body = await _parse(request, ChatCompletionRequest)
         state.check_model(body.model)
-        ids = await state.text.encode_chat(body.template_messages())
-        return await _generate(state, request, "chat", body, [ids], body.requested_max_tokens, salt)
+        plan = state.text.tool_plan(body)
+        ids = await state.text.encode_chat(body.template_messages(), tools=plan.template_tools() if plan else None)
+        return await _generate(state, request, "chat", body, [ids], body.requested_max_tokens, salt, tools=plan)
 
 
 def _add_token_routes(app: FastAPI, state: ServerState) -> None:
@@ -217,7 +220,10 @@ def _add_token_routes(app: FastAPI, state: ServerState) -> None:
             raise RequestError("send either prompt or messages", param="prompt")
         if body.messages is not None:
             messages = [m.as_template_dict() for m in body.messages]
-            ids = await state.text.encode_chat(messages, body.add_generation_prompt)
+            shown = ChatCompletionRequest(messages=body.messages, tools=body.tools, tool_choice="none")
+            plan = state.text.tool_plan(shown)
+            ids = await state.text.encode_chat(messages, body.add_generation_prompt,
+                                               plan.template_tools() if plan else None)
         else:
             ids = await state.text.encode(body.prompt, body.add_special_tokens)
         return {"count": len(ids), "max_model_len": state.engine.max_model_len, "tokens": ids}
@@ -283,13 +289,16 @@ async def _read_body(request: Request) -> bytes:
 
 async def _generate(state: ServerState, request: Request, kind: Literal["chat", "completion"],
                     body: ChatCompletionRequest | CompletionRequest, prompts: list[list[int]], max_tokens: int | None,
-                    cache_salt: str | None, echo: list[str] | None = None) -> Response:
-    """n engine requests per prompt: choice index = prompt index * n + choice."""
+                    cache_salt: str | None, echo: list[str] | None = None, tools: ToolPlan | None = None) -> Response:
+    """n engine requests per prompt: choice index = prompt index * n + choice. `tools`: how chat choices may
+    call tools (a forced call constrains their sampling)."""
     limit, n = state.engine.max_model_len, body.n
     params = [body.sampling_params(max_tokens if max_tokens is not None else max(1, limit - len(ids)))
               for ids in prompts]  # (chat without a limit: up to the end of the context)
+    if tools is not None:
+        params = [[tools.constrain(p) for p in ps] for ps in params]
     salt = "|".join(s for s in (cache_salt, body.cache_salt) if s) or None
-    writer = ResponseWriter(kind, state.model_name, state.fingerprint, state.text.token_text())
+    writer = ResponseWriter(kind, state.model_name, state.fingerprint, state.text.token_text(), tools)
     rids = [f"{writer.id}-{i}" for i in range(n * len(prompts))]
     group = await _add(state, rids, prompts, params, salt)
     headers = {REPLICA_HEADER: group.replica} if group.replica else None
@@ -403,6 +412,7 @@ async def _stream(group: RequestGroup, writer: ResponseWriter, include_usage: bo
     metrics = [None] * count
     offsets = [len(e) for e in echo] if echo is not None else [0] * count
     unechoed = set(range(count)) if echo is not None else set()  # (echoed with the first output: prompt logprobs)
+    calls = [ToolStream(writer.tools) for _ in range(count)] if writer.tools is not None else None
     try:
         for i in range(count if chat else 0):
             yield sse(writer.chunk(i, "", role=True, with_usage_field=include_usage))
@@ -410,13 +420,19 @@ async def _stream(group: RequestGroup, writer: ResponseWriter, include_usage: bo
             if index in unechoed:
                 unechoed.discard(index)
                 yield sse(writer.echo_chunk(index, echo[index], out, include_usage))
-            if out.delta_text or out.delta_logprobs:
-                yield sse(writer.chunk(index, out.delta_text, with_usage_field=include_usage,
+            text = out.delta_text if calls is None else calls[index].feed(out.delta_text)
+            if text or out.delta_logprobs:
+                yield sse(writer.chunk(index, text, with_usage_field=include_usage,
                                        logprobs=out.delta_logprobs, text_offset=offsets[index]))
-                offsets[index] += len(out.delta_text)
+                offsets[index] += len(text)
             if out.finished:
                 metrics[index] = out.metrics
-                yield sse(writer.chunk(index, None, out.finish_reason, with_usage_field=include_usage))
+                reason = out.finish_reason
+                if calls is not None:
+                    rest, deltas, reason = calls[index].finish(reason)
+                    if rest or deltas:
+                        yield sse(writer.chunk(index, rest or None, with_usage_field=include_usage, tool_calls=deltas))
+                yield sse(writer.chunk(index, None, reason, with_usage_field=include_usage))
         if include_usage:
             yield sse(writer.usage_chunk(usage(group.prompt_tokens, metrics, n)))
     except KVEngineError as e:

@@ -23,6 +23,8 @@ from kvengine.engine.output import RequestMetrics, RequestOutput
 from kvengine.errors import KVEngineError, RequestError
 from kvengine.sampling import MAX_LOGPROBS, SamplingParams, TokenLogprob, check_range
 from kvengine.structured import StructuredOutput
+from kvengine.tools.call import ToolReply
+from kvengine.tools.plan import ToolPlan, history_tool_calls, plan_tools
 
 MAX_N = 16  # choices per request
 MAX_STOP = 16  # stop strings per request
@@ -117,10 +119,6 @@ class _Sampling(_Body):
 
     def _check_unsupported(self) -> None:
         """Parameters this server does not implement are refused, never silently ignored."""
-        if self.tools:
-            raise RequestError("tools are not supported by this server", param="tools")
-        if self.tool_choice not in (None, "none"):
-            raise RequestError("tool_choice is not supported by this server (no tools)", param="tool_choice")
 
     @property
     def num_logprobs(self) -> int | None:
@@ -147,6 +145,9 @@ class CompletionRequest(_Sampling):
 
     def _check_unsupported(self) -> None:
         super()._check_unsupported()
+        for name, value in (("tools", self.tools), ("tool_choice", self.tool_choice not in (None, "none"))):
+            if value:
+                raise RequestError(f"{name} is for /v1/chat/completions, not completions", param=name)
         if self.suffix:
             raise RequestError("suffix (fill-in-the-middle) is not supported by this server", param="suffix")
         if self.best_of is not None and self.best_of != self.n:
@@ -186,12 +187,19 @@ class TextPart(_Body):
 class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool message answers this call
 
-    def as_template_dict(self) -> dict[str, str]:
+    def as_template_dict(self) -> dict[str, Any]:
         content = self.content
         if isinstance(content, list):
             content = "".join(part.text for part in content)
-        return {"role": "system" if self.role == "developer" else self.role, "content": content or ""}
+        out: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": content or ""}
+        if self.tool_calls:
+            out["tool_calls"] = history_tool_calls(self.tool_calls)
+        out.update({k: v for k, v in (("name", self.name), ("tool_call_id", self.tool_call_id)) if v is not None})
+        return out
 
 
 class ChatCompletionRequest(_Sampling):
@@ -199,6 +207,12 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = None  # OpenAI's newer name; wins over max_tokens
     logprobs: bool = False
     top_logprobs: int | None = None
+    parallel_tool_calls: bool | None = None
+
+    def tool_plan(self, template: str | None, template_has_tools: bool) -> ToolPlan | None:
+        """How this request may call its tools (None without tools); bad tools or tool_choice are a 400."""
+        return plan_tools(self.tools, self.tool_choice, self.parallel_tool_calls is not False, template,
+                          template_has_tools)
 
     def _check_unsupported(self) -> None:
         super()._check_unsupported()
@@ -213,7 +227,7 @@ class ChatCompletionRequest(_Sampling):
     def num_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
 
-    def template_messages(self) -> list[dict[str, str]]:
+    def template_messages(self) -> list[dict[str, Any]]:
         if not self.messages:
             raise RequestError("messages must not be empty", param="messages")
         return [m.as_template_dict() for m in self.messages]
@@ -229,6 +243,7 @@ class TokenizeRequest(_Body):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
+    tools: list[dict[str, Any]] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
 
@@ -383,12 +398,21 @@ def echoed_logprobs(out: RequestOutput, token_text: Callable[[int], str], echo: 
     return body
 
 
+def assistant_message(reply: ToolReply) -> dict[str, Any]:
+    """OpenAI's assistant message: content (None when it only calls tools) and tool_calls when it made any."""
+    message: dict[str, Any] = {"role": "assistant", "content": reply.content}
+    if reply.calls:
+        message["tool_calls"] = [c.to_openai() for c in reply.calls]
+    return message
+
+
 class ResponseWriter:
     """Builds one request's response bodies (whole or chunked) in OpenAI's shape for chat or completions."""
 
     def __init__(self, kind: Literal["chat", "completion"], model: str, fingerprint: str | None = None,
-                 token_text: Callable[[int], str] = str) -> None:
+                 token_text: Callable[[int], str] = str, tools: ToolPlan | None = None) -> None:
         self.kind = kind
+        self.tools = tools if tools is not None and tools.calls_possible else None  # reads calls out of the text
         self.id = new_id(kind)
         self.model = model
         self.fingerprint = fingerprint
@@ -417,8 +441,13 @@ class ResponseWriter:
             if echo is not None and out.prompt_logprobs is not None:
                 lp = echoed_logprobs(out, self.token_text, prefix)
             choice = {"index": i, "logprobs": lp, "finish_reason": out.finish_reason}
-            choice.update({"message": {"role": "assistant", "content": out.text}} if chat
-                          else {"text": prefix + out.text})
+            if chat:
+                reply = self.tools.reply(out.text) if self.tools is not None else ToolReply(out.text)
+                choice["message"] = assistant_message(reply)
+                if reply.calls:
+                    choice["finish_reason"] = "tool_calls"
+            else:
+                choice["text"] = prefix + out.text
             choices.append(choice)
         body["choices"] = choices
         body["usage"] = usage_body
@@ -426,7 +455,7 @@ class ResponseWriter:
 
     def chunk(self, index: int, text: str | None, finish_reason: str | None = None, role: bool = False,
               with_usage_field: bool = False, logprobs: list[TokenLogprob] | None = None,
-              text_offset: int = 0) -> dict[str, Any]:
+              text_offset: int = 0, tool_calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         chat = self.kind == "chat"
         body = self._head("chat.completion.chunk" if chat else "text_completion")
         lp = self._logprobs(logprobs, text_offset)
@@ -434,6 +463,8 @@ class ResponseWriter:
             delta: dict[str, Any] = {"role": "assistant"} if role else {}
             if text is not None:
                 delta["content"] = text
+            if tool_calls:
+                delta["tool_calls"] = tool_calls
             choice = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish_reason}
         else:
             choice = {"index": index, "text": text or "", "logprobs": lp, "finish_reason": finish_reason}

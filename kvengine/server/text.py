@@ -10,9 +10,13 @@ tokenized: a maximum-size body costs a length check, not seconds of BPE.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable
+from typing import Any
 
 from kvengine.errors import RequestError
+from kvengine.server.protocol import ChatCompletionRequest
+from kvengine.tools.plan import ToolPlan
 from kvengine.weights.tokenizer import Tokenizer
 
 
@@ -49,14 +53,23 @@ class TextCodec:
             return tokenizer.encode(text, add_special_tokens)
         return await asyncio.to_thread(encode)
 
-    async def encode_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
-        """The chat template applied and encoded."""
+    async def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                          tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """The chat template applied (with the tools a request offers) and encoded."""
         tokenizer = self._need("send token ids to /v1/completions")
 
         def encode() -> list[int]:
             self.check_size(sum(len(m["content"]) for m in messages), "messages")
-            return tokenizer.encode_chat(messages, add_generation_prompt)
+            if tools:
+                self.check_size(len(json.dumps(tools)), "tools")
+            return tokenizer.encode_chat(messages, add_generation_prompt, tools)
         return await asyncio.to_thread(encode)
+
+    def tool_plan(self, body: ChatCompletionRequest) -> ToolPlan | None:
+        """How the request may call its tools, given what this model's chat template can show."""
+        tokenizer = self.tokenizer
+        return body.tool_plan(tokenizer.chat_template if tokenizer else None,
+                              tokenizer is not None and tokenizer.supports_tools)
 
     async def decode(self, ids: list[int]) -> str:
         tokenizer = self._need("it cannot detokenize")

@@ -16,6 +16,7 @@ from typing import Any
 
 import jinja2
 import jinja2.ext
+import jinja2.meta
 import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -65,6 +66,15 @@ def compile_chat_template(template: str) -> jinja2.Template:
     except jinja2.exceptions.TemplateSyntaxError as e:
         raise ModelLoadError(f"the model's chat template does not parse (line {e.lineno}): {e.message}"
                              ) from None
+
+
+@lru_cache(maxsize=32)
+def template_variables(template: str) -> frozenset[str]:
+    """The names a template reads from its caller (messages, tools, add_generation_prompt, ...)."""
+    try:
+        return frozenset(jinja2.meta.find_undeclared_variables(_environment().parse(template)))
+    except jinja2.exceptions.TemplateSyntaxError:
+        return frozenset()
 
 
 def render_chat_template(template: str, messages: Sequence[Mapping[str, Any]], *,

@@ -18,7 +18,7 @@ from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tok
 from tokenizers import Tokenizer as Backend
 
 from kvengine.errors import ModelLoadError, RequestError
-from kvengine.weights.chat_template import render_chat_template
+from kvengine.weights.chat_template import render_chat_template, template_variables
 
 if TYPE_CHECKING:
     from kvengine.weights.gguf import GGUFFile
@@ -169,7 +169,7 @@ class Tokenizer:
 
     # ---- chat ----------------------------------------------------------------------------------------
 
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True,
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
                             **kwargs: Any) -> str:
         """The prompt text the model's chat template makes of `messages`."""
         if self.chat_template is None:
@@ -181,9 +181,17 @@ class Tokenizer:
         return render_chat_template(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
                                     **kwargs)
 
-    def encode_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
-        """The rendered chat encoded, with one BOS when the model wants one (templates often write it)."""
-        ids = self.encode(self.apply_chat_template(messages, add_generation_prompt), add_special_tokens=False)
+    @property
+    def supports_tools(self) -> bool:
+        """Whether the chat template reads a `tools` variable (the tools a request offers)."""
+        return self.chat_template is not None and "tools" in template_variables(self.chat_template)
+
+    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                    tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """The rendered chat encoded, with one BOS when the model wants one (templates often write it). `tools`
+        (OpenAI's shape) reach the template as its `tools` variable."""
+        extra = {"tools": tools} if tools is not None else {}
+        ids = self.encode(self.apply_chat_template(messages, add_generation_prompt, **extra), add_special_tokens=False)
         if self.add_bos and ids[:1] != [self.bos_token_id]:
             ids.insert(0, self.bos_token_id)
         return ids

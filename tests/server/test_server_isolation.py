@@ -35,8 +35,6 @@ PROMPTS = ["The quick brown fox", "Return the value of", "if the object has no s
     ({"top_k": -2}, "top_k", "top_k"),
     ({"n": 17}, "n", "between 1 and 16"),
     ({"response_format": {"type": "xml"}}, "response_format", "must be text, json_object or json_schema"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "not supported"),
-    ({"tool_choice": "required"}, "tool_choice", "not supported"),
 ])
 def test_sampling_values_outside_openai_ranges_are_400(tiny_server, body, param, contains):
     for path, base in ((COMPLETIONS, {"prompt": "hi"}), (CHAT, {"messages": USER})):

@@ -36,6 +36,8 @@ def _validator_property(model, base):
             body.sampling_params(16)
             if isinstance(body, CompletionRequest):
                 body.prompts()
+            else:
+                body.tool_plan("{{ tools }}<tool_call>", True)
         except RequestError as e:
             assert e.message and "\n" not in e.message
     return check

@@ -96,7 +96,7 @@ class LLMEngine:
             raise RequestError(f"request id '{request_id}' is already in use", param="request_id")
         seq = Sequence(seq_id, ids, params, use_cache=use_cache, cache_salt=cache_salt, record_logits=verify)
         if params.structured is not None:
-            seq.constraint = self._grammar_compiler().constraint(params.structured)
+            seq.constraint = self._grammar_compiler(params.structured.param).constraint(params.structured)
         tracker = TextTracker(self.tokenizer, seq) if self.tokenizer is not None else None
         req = _Request(request_id, prompt, seq, tracker, verify)
         self.requests[request_id] = req
@@ -108,11 +108,11 @@ class LLMEngine:
             self._no_cache.append(seq)
         return request_id
 
-    def _grammar_compiler(self) -> GrammarCompiler:
+    def _grammar_compiler(self, param: str) -> GrammarCompiler:
         if self._grammars is None:
             if self.tokenizer is None or not available():
                 raise RequestError("structured output needs the model's tokenizer and the llguidance package "
-                                   "(pip install llguidance)", param="response_format")
+                                   "(pip install llguidance)", param=param)
             self._grammars = GrammarCompiler(self.tokenizer.to_json(), list(self.eos_token_ids),
                                              self.model_config.vocab_size)
         return self._grammars

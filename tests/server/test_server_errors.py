@@ -66,6 +66,8 @@ def test_wrong_field_types_are_400_with_the_field(tiny_server, path, body, param
     (COMPLETIONS, {"prompt": "hi", "n": 0}, "n", "n must be between"),
     (COMPLETIONS, {"prompt": "hi", "logprobs": 21}, "logprobs", "logprobs must be in [0, 20]"),
     (COMPLETIONS, {"prompt": "hi", "seed": 2**64}, "seed", "64 bits"),
+    (CHAT, {"messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools",
+     "this model's chat template does not support tools (it never reads `tools`)"),  # (the tiny model's template)
 ])
 def test_bad_values_are_400(tiny_server, path, body, param, contains):
     assert_error(tiny_server.request("POST", path, body), 400, param=param, contains=contains)

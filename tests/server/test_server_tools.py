@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import TINY_KV_BYTES
 from kvtest import make_tiny_hf_folder
 from test_server_errors import CHAT, COMPLETIONS, USER, assert_error
 
@@ -40,6 +39,7 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "description":
          {"type": "function", "function": {"name": "get_time", "parameters": CLOCK}}]
 SCHEMAS = {"get_weather": WEATHER, "get_time": CLOCK}
 NAMED = {"type": "function", "function": {"name": "get_weather"}}
+KV_BYTES = 4 << 20  # (as the server fixtures; `conftest` is not importable by name when several test folders run)
 
 
 @pytest.fixture(scope="module")
@@ -183,14 +183,14 @@ def test_auto_stream_sends_text_until_a_call_starts():
 
 
 def test_llm_chat_with_tools(tiny_folder):
-    llm = LLM(str(tiny_folder), kv_cache_memory=TINY_KV_BYTES)
+    llm = LLM(str(tiny_folder), kv_cache_memory=KV_BYTES)
     from kvengine.sampling import SamplingParams
     outs = llm.chat(USER, SamplingParams(max_tokens=200, temperature=1.0, seed=1), tools=TOOLS,
                     tool_choice="required")
     assert outs[0].finish_reason == "tool_calls" and outs[0].tool_calls
     for call in outs[0].tool_calls:
         jsonschema.validate(json.loads(call.arguments), SCHEMAS[call.name])
-    plain = LLM(str(make_tiny_hf_folder(tiny_folder.parent / "plain")), kv_cache_memory=TINY_KV_BYTES)
+    plain = LLM(str(make_tiny_hf_folder(tiny_folder.parent / "plain")), kv_cache_memory=KV_BYTES)
     with pytest.raises(RequestError, match="does not support tools") as e:
         plain.chat(USER, tools=TOOLS)
     assert e.value.param == "tools"

@@ -8,9 +8,11 @@ Tiers, fastest first (TIERS; adding one is a source file and a line here):
            `decode_layer` runs a whole Llama-family layer per op.
   avx2     AVX2 + FMA + F16C (fp32_mm.cpp with avx2_tiles.cpp, fp32_layer.cpp): fp32 activations, the same int8
            codes and weight tiles multiplied with VPMADDUBSW / VPMADDWD; `q4_gemm`, `q8_gemm`, `decode_layer`.
+  avxvnni  the avx2 sources compiled with -mavxvnni: AVX-VNNI's 256-bit VPDPBUSD in place of each VPMADDUBSW /
+           VPMADDWD chain (CPUs with AVX-VNNI but no AVX-512 BF16); the same integer sums, so the same results.
   portable plain C++ any compiler builds and vectorizes (portable_tiles.cpp instead of avx2_tiles.cpp).
 A tier's ops live in the namespace torch.ops.kvengine_<tier> (`ops(name)`), so one process can load several: the
-run uses `chosen()`, the tests run every tier in `cpu_tiers()`. KVENGINE_ISA=avx512|avx2|portable forces a
+run uses `chosen()`, the tests run every tier in `cpu_tiers()`. KVENGINE_ISA=avx512|avxvnni|avx2|portable forces a
 tier the CPU can run (others are a ConfigError naming the ones it can); KVENGINE_NATIVE=0 turns them all off.
 A tier is compiled with the machine's g++ the first time it is used (scripts/setup does it ahead; ~30-60 s,
 then cached by torch under ~/.cache/torch_extensions), saying so on stderr; a failed build says why in one line
@@ -52,6 +54,8 @@ TIERS = (
     Tier("avx512", ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni", "f16c", "fma"),
          ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-mf16c", "-mfma"),
          ("packed_mm.cpp", "vnni_mm.cpp", "decode_layer.cpp"), torch.bfloat16, row_kernels=True),
+    Tier("avxvnni", ("avx2", "fma", "f16c", "avx_vnni"), ("-mavx2", "-mfma", "-mf16c", "-mavxvnni"),
+         ("fp32_mm.cpp", "avx2_tiles.cpp", "fp32_layer.cpp"), torch.float32),
     Tier("avx2", ("avx2", "fma", "f16c"), ("-mavx2", "-mfma", "-mf16c"),
          ("fp32_mm.cpp", "avx2_tiles.cpp", "fp32_layer.cpp"), torch.float32),
     Tier("portable", (), (), ("fp32_mm.cpp", "portable_tiles.cpp", "fp32_layer.cpp"), torch.float32),

@@ -72,8 +72,8 @@ def test_the_fastest_tier_runs_by_default(monkeypatch):
 def test_unknown_or_unrunnable_tier_is_one_clear_error(monkeypatch):
     runs = ", ".join(t.name for t in native.cpu_tiers())
     monkeypatch.setenv("KVENGINE_ISA", "sse9")
-    with pytest.raises(ConfigError, match=f"^KVENGINE_ISA=sse9 is not a kernel tier \\(avx512, avx2, portable\\); "
-                                          f"this CPU runs {runs}$"):
+    with pytest.raises(ConfigError, match="^KVENGINE_ISA=sse9 is not a kernel tier \\(avx512, avxvnni, avx2, "
+                                          f"portable\\); this CPU runs {runs}$"):
         native.requested()
     missing = [t for t in native.TIERS if t not in native.cpu_tiers()]
     if missing:  # an AVX2 host asked for avx512
@@ -185,6 +185,23 @@ def test_gemm_equals_matmul_of_its_quantized_activations(kernel_tier, cls, rows)
     assert ((got.double() - exact).norm() / exact.norm()).item() <= QUANT_RMS_TOL
     # each row's result is the same whatever rows it is multiplied with (batch invariance)
     assert all(torch.equal(got[i:i + 1], layer(x[i:i + 1])) for i in range(rows))
+
+
+@pytest.mark.parametrize("rows", [1, 5, 70])
+def test_avxvnni_equals_avx2_bit_for_bit(rows):
+    """VPDPBUSD sums the same integers as VPMADDUBSW + VPMADDWD, and the fp32 steps after are the same: the
+    avxvnni tier's gemm results equal the avx2 tier's exactly."""
+    runs = [t.name for t in native.cpu_tiers()]
+    if "avxvnni" not in runs:
+        pytest.skip(f"this CPU has no AVX-VNNI (it runs {', '.join(runs)})")
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 576, generator=gen)
+    for cls in (Int4Linear, Int8Linear):
+        layer = cls(torch.randn(96, 576, generator=gen) * 0.05, None, torch.float32)
+        w, s = layer.wtiles, layer.stiles
+        op = "q4_gemm" if cls is Int4Linear else "q8_gemm"
+        assert native.loaded(native.tier("avxvnni")) and native.loaded(native.tier("avx2"))
+        assert torch.equal(getattr(native.ops("avxvnni"), op)(x, w, s), getattr(native.ops("avx2"), op)(x, w, s))
 
 
 def test_native_int4_keeps_q4_1_scales_exactly(kernel_tier):

@@ -11,6 +11,10 @@
 //         operand and q with x's sign as the signed one (|x| * sign(x) q = x q; a pair is at most 2 * 127 * 127,
 //         no saturation), widened per 4 inputs.
 // The integer sums equal vnni_mm.cpp's exactly; the fp32 steps after them are the same operations in the same order.
+//
+// The avxvnni tier compiles this same file with -mavxvnni (__AVXVNNI__): AVX-VNNI's 256-bit VPDPBUSD (Alder Lake
+// and later, Zen 4 and later) does a lane's 4-byte dot product and its int32 sum in one instruction, in place of
+// each VPMADDUBSW / VPADDW / VPMADDWD chain. The sums are the same integers, so the two tiers agree bit for bit.
 
 #include <immintrin.h>
 
@@ -43,9 +47,15 @@ void q4_tile(const int8_t* xq, const float* da, const float* sx, const uint8_t* 
       const __m256 d = _mm256_loadu_ps(dmt + g * 32 + 8 * h), m = _mm256_loadu_ps(dmt + g * 32 + 16 + 8 * h);
       for (int i = 0; i < R; ++i) {
         const int8_t* xg = xq + i * K + g * kGroup;
+#ifdef __AVXVNNI__
+        __m256i s = _mm256_setzero_si256();
+        for (int c = 0; c < 8; ++c) s = _mm256_dpbusd_avx_epi32(s, wv[c], codes4(xg + 4 * c));
+        const __m256 dot = _mm256_cvtepi32_ps(s);
+#else
         __m256i s = _mm256_maddubs_epi16(wv[0], codes4(xg));
         for (int c = 1; c < 8; ++c) s = _mm256_add_epi16(s, _mm256_maddubs_epi16(wv[c], codes4(xg + 4 * c)));
         const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(s, ones));
+#endif
         acc[i] = _mm256_fmadd_ps(dot, _mm256_mul_ps(d, _mm256_set1_ps(da[i * G + g])), acc[i]);
         acc[i] = _mm256_fmadd_ps(m, _mm256_set1_ps(sx[i * G + g]), acc[i]);
       }
@@ -72,8 +82,12 @@ void q8_tile(const int8_t* xq, const float* da, const uint8_t* w, const float* s
         __m256i s = _mm256_setzero_si256();
         for (int c = 0; c < 8; ++c) {
           const __m256i x4 = codes4(xg + 4 * c);
+#ifdef __AVXVNNI__
+          s = _mm256_dpbusd_avx_epi32(s, _mm256_sign_epi8(x4, x4), _mm256_sign_epi8(wv[c], x4));
+#else
           const __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(x4, x4), _mm256_sign_epi8(wv[c], x4));
           s = _mm256_add_epi32(s, _mm256_madd_epi16(p, ones));
+#endif
         }
         acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(da[i * G + g]), acc[i]);
       }

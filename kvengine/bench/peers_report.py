@@ -243,7 +243,7 @@ def peers_report(bench: PeersBench, report: Report, model_name: str) -> Report:
         plots.bars(report.plot_path("goals.png", "kvengine / llama.cpp for each goal, beside its target"),
                    [g.key for g in goals], {"kvengine / llama.cpp": [g.ratio for g in goals],
                                             "target": [g.target for g in goals]},
-                   "ratio", f"{model_name}: issue 7 goals", report.machine.describe(), "{:,.2f}")
+                   "ratio", f"{model_name}: against the goals", report.machine.describe(), "{:,.2f}")
     same = {k: a[0] == a[1] for k, a in agreement.items()}
     report.results = {"runs": rows_json, "skipped": bench.skipped, "peer_notes": bench.peer_notes,
                       "lengths": bench.lengths, "dtypes": plan.dtypes,

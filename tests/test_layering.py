@@ -23,6 +23,7 @@ LEVELS: list[set[str]] = [
     {"models"},
     {"layers"},
     {"accounting"},
+    {"tools"},
     {"cache", "config", "batch", "sampling", "structured", "errors"},
 ]
 RANK = {area: len(LEVELS) - i for i, areas in enumerate(LEVELS) for area in areas}

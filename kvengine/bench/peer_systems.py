@@ -131,7 +131,6 @@ class LlamaCppPeer:
                                      stdout=subprocess.PIPE, stderr=self.stderr, text=True)
         loaded = self._call(op="load", path=str(gguf), threads=threads, n_ctx=n_ctx, extra_bufts=extra_bufts)
         self.version, self.system_info = loaded["version"], loaded["system_info"].strip()
-        self.extra_bufts = extra_bufts
         self.weights = gguf.name.rsplit(".", 2)[-2] if gguf.name.count(".") >= 2 else "GGUF"
 
     def _call(self, **request: Any) -> dict[str, Any]:

@@ -254,6 +254,7 @@ def _run_llama_cpp(bench: PeersBench, source: Path, progress: Progress | None) -
     plan = bench.plan
     n_ctx = max(bench.prompt_tokens + max(plan.lengths), len(bench.prefill_ids) + 1) + 8
     for extra_bufts in (True, False):
+        buffers = f"{'with' if extra_bufts else 'without'} its extra weight buffers"
         llama, note = load_llama_cpp(source, plan.threads or torch.get_num_threads(), n_ctx, extra_bufts,
                                      plan.llama_python)
         if llama is None:
@@ -263,12 +264,12 @@ def _run_llama_cpp(bench: PeersBench, source: Path, progress: Progress | None) -
             _measure(bench, llama, progress)
             bench.read_bytes[(LLAMA_CPP, llama.weights)] = gguf_read_bytes(source)
             bench.peer_notes.append(f"{LLAMA_CPP} {llama.version} ran in its own process (no PyTorch in it), "
-                                    f"{'with' if extra_bufts else 'without'} its extra weight buffers; its build: "
+                                    f"{buffers}; its build: "
                                     f"{llama.system_info}")
             return
         except PeerCrashed as e:
             bench.drop(LLAMA_CPP)
-            bench.peer_notes.append(f"{e} (with{'' if extra_bufts else 'out'} its extra weight buffers)")
+            bench.peer_notes.append(f"{e} ({buffers})")
         finally:
             llama.close()
     bench.skipped.append(f"{LLAMA_CPP}: skipped (its process crashed with and without its extra weight buffers)")

@@ -129,7 +129,11 @@ class LlamaCppPeer:
         self.stderr = tempfile.TemporaryFile(mode="w+")
         self.proc = subprocess.Popen([python or sys.executable, str(WORKER)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=self.stderr, text=True)
-        loaded = self._call(op="load", path=str(gguf), threads=threads, n_ctx=n_ctx, extra_bufts=extra_bufts)
+        try:
+            loaded = self._call(op="load", path=str(gguf), threads=threads, n_ctx=n_ctx, extra_bufts=extra_bufts)
+        except BaseException:  # a load that failed or crashed leaves no worker process or temp file behind
+            self.close()
+            raise
         self.version, self.system_info = loaded["version"], loaded["system_info"].strip()
         self.weights = gguf.name.rsplit(".", 2)[-2] if gguf.name.count(".") >= 2 else "GGUF"
 

@@ -18,7 +18,9 @@ FAKE_WORKER = textwrap.dedent('''
     extra = True
     for line in sys.stdin:
         req = json.loads(line)
-        if req["op"] == "load":
+        if req["op"] == "load" and req["path"].endswith("broken.gguf"):
+            reply = {"error": "llama_model_load: invalid magic"}
+        elif req["op"] == "load":
             extra = req["extra_bufts"]
             reply = {"version": "0.0-fake", "system_info": "CPU : FAKE = 1 |"}
         elif extra and len(req["ids"]) > 1:  # crashes on a real prompt while its extra buffers are on
@@ -53,6 +55,22 @@ def test_a_crash_in_the_peer_process_is_one_line(fake_worker):
     finally:
         peer.close()
     assert peer.proc.poll() is not None
+
+
+def test_a_load_error_leaves_no_worker_process(fake_worker, monkeypatch):
+    made: list[LlamaCppPeer] = []
+    real_call = LlamaCppPeer._call
+
+    def remember(self, **request):
+        made.append(self)
+        return real_call(self, **request)
+
+    monkeypatch.setattr(LlamaCppPeer, "_call", remember)
+    broken = fake_worker.with_name("broken.gguf")
+    broken.write_bytes(b"GGUF")
+    with pytest.raises(RuntimeError, match=r"^llama_model_load: invalid magic$"):
+        LlamaCppPeer(broken, threads=1, n_ctx=64)
+    assert made[0].proc.poll() is not None and made[0].stderr.closed
 
 
 def test_bench_drops_the_crashed_runs_and_reruns_without_extra_buffers(fake_worker, monkeypatch):

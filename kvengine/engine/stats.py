@@ -46,6 +46,11 @@ class EngineStats:
     def prefix_hit_rate(self) -> float:
         return self.prefix_hit_tokens / self.prefix_query_tokens if self.prefix_query_tokens else 0.0
 
+    @property
+    def kv_usage(self) -> float:
+        """Blocks held by a request / blocks in the pool."""
+        return self.blocks_used / max(1, self.blocks_total)
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["prefix_hit_rate"] = self.prefix_hit_rate

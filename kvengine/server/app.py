@@ -123,6 +123,7 @@ def create_backend_app(backend: Backend, model_name: str, api_keys: Sequence[str
     """The same app over any Backend: one engine thread here, or kvengine replicas elsewhere (kvengine/cluster)."""
     keys = [api_keys] if isinstance(api_keys, str) else list(api_keys or [])
     state = ServerState(backend, model_name, keys, metrics or ServerMetrics(), open_observability)
+    state.metrics.name_model(model_name)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

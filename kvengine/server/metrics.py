@@ -23,6 +23,7 @@ class _EngineCollector(Collector):
 
     def __init__(self) -> None:
         self.stats: EngineStats | None = None
+        self.model_name = ""  # the vllm:-named families' model_name label (ServerMetrics.name_model)
 
     def collect(self) -> Iterator[Metric]:
         s = self.stats
@@ -34,7 +35,7 @@ class _EngineCollector(Collector):
             "kvengine_kv_blocks_cached": ("free KV blocks still holding a reusable prefix", s.blocks_cached_free),
             "kvengine_kv_blocks_shared": ("KV blocks held by more than one request", s.blocks_shared),
             "kvengine_kv_blocks_free": ("free KV blocks with nothing reusable", s.blocks_free),
-            "kvengine_kv_cache_usage_ratio": ("used / total KV blocks", s.blocks_used / max(1, s.blocks_total)),
+            "kvengine_kv_cache_usage_ratio": ("used / total KV blocks", s.kv_usage),
             "kvengine_kv_bytes_per_token": ("KV cache bytes per token (all layers)", s.bytes_per_token),
             "kvengine_prefix_cache_hit_rate": ("prompt tokens served from the prefix cache / prompt tokens "
                                                "admitted, since start", s.prefix_hit_rate),
@@ -58,6 +59,39 @@ class _EngineCollector(Collector):
             yield CounterMetricFamily(name, doc, value=value)
         if s.disk is not None:
             yield from _disk_metrics(s.disk)
+        yield from _vllm_names(s, self.model_name)
+
+
+def _vllm_names(s: EngineStats, model_name: str) -> Iterator[Metric]:
+    """The engine figures again under the `vllm:` names that routers and dashboards built for vLLM scrape (vLLM
+    production-stack's router reads the running / waiting requests, KV usage and prefix-cache hits; v1 renamed
+    gpu_cache_usage_perc to kv_cache_usage_perc and dropped the gpu_ prefix of the prefix-cache counters, so both
+    spellings are served). Labelled with model_name, as vLLM labels them."""
+    gauges = {
+        "vllm:num_requests_running": ("requests in the running batch", s.running),
+        "vllm:num_requests_waiting": ("requests waiting for a slot or for KV blocks", s.waiting),
+        "vllm:kv_cache_usage_perc": ("used / total KV blocks (1 = 100%)", s.kv_usage),
+        "vllm:gpu_cache_usage_perc": ("used / total KV blocks (1 = 100%); vLLM v0's name", s.kv_usage),
+        "vllm:gpu_prefix_cache_hit_rate": ("prompt tokens served from the prefix cache / prompt tokens admitted",
+                                           s.prefix_hit_rate),
+    }
+    for name, (doc, value) in gauges.items():
+        gauge = GaugeMetricFamily(name, doc, labels=["model_name"])
+        gauge.add_metric([model_name], value)
+        yield gauge
+    counters = {
+        "vllm:prefix_cache_queries": ("prompt tokens admitted", s.prefix_query_tokens),
+        "vllm:prefix_cache_hits": ("prompt tokens served from the prefix cache", s.prefix_hit_tokens),
+        "vllm:gpu_prefix_cache_queries": ("prompt tokens admitted; vLLM v0's name", s.prefix_query_tokens),
+        "vllm:gpu_prefix_cache_hits": ("prompt tokens served from the prefix cache; vLLM v0's name",
+                                       s.prefix_hit_tokens),
+        "vllm:num_preemptions": ("sequences preempted for lack of KV blocks", s.preemptions),
+        "vllm:generation_tokens": ("tokens generated", s.tokens_generated),
+    }
+    for name, (doc, value) in counters.items():
+        counter = CounterMetricFamily(name, doc, labels=["model_name"])
+        counter.add_metric([model_name], value)
+        yield counter
 
 
 DISK_COUNTERS = {
@@ -124,6 +158,10 @@ class ServerMetrics:
         self.finished.labels(finish_reason=finish_reason or "unknown").inc()
         self.prompt_tokens.inc(prompt_tokens)
         self.e2e.observe(seconds)
+
+    def name_model(self, model_name: str) -> None:
+        """The model_name label of the vllm:-named families."""
+        self._engine.model_name = model_name
 
     def render(self, stats: EngineStats) -> bytes:
         """The Prometheus text exposition, with engine gauges taken from `stats`."""

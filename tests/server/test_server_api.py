@@ -141,6 +141,33 @@ def test_cache_salt_separates_tenants(client):
     assert cached("tenant-b") == (0, "no_match")  # another salt's blocks are invisible
 
 
+def test_metrics_under_vllm_names(client, tiny_server):
+    """Routers built for vLLM (its production-stack router parses /metrics with prometheus_client and reads these
+    samples) see the same figures under vLLM's names, labelled with the served model."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for _ in range(2):  # the second reuses the first's full blocks: a prefix-cache hit
+        client.completions.create(model="tiny", prompt=LONG, max_tokens=3, temperature=0)
+    _, _, text = tiny_server.request("GET", "/metrics")
+    samples = {s.name: s for f in text_string_to_metric_families(text) for s in f.samples}
+    own = {name: samples[name].value for name in samples if name.startswith("kvengine_")}
+    vllm = {name: s for name, s in samples.items() if name.startswith("vllm:")}
+    assert all(s.labels == {"model_name": "tiny"} for s in vllm.values())
+    pairs = {"vllm:num_requests_running": "kvengine_requests_running",
+             "vllm:num_requests_waiting": "kvengine_requests_waiting",
+             "vllm:gpu_cache_usage_perc": "kvengine_kv_cache_usage_ratio",
+             "vllm:kv_cache_usage_perc": "kvengine_kv_cache_usage_ratio",
+             "vllm:gpu_prefix_cache_hit_rate": "kvengine_prefix_cache_hit_rate",
+             "vllm:gpu_prefix_cache_hits_total": "kvengine_prefix_cache_hit_tokens_total",
+             "vllm:gpu_prefix_cache_queries_total": "kvengine_prefix_cache_query_tokens_total",
+             "vllm:prefix_cache_hits_total": "kvengine_prefix_cache_hit_tokens_total",
+             "vllm:prefix_cache_queries_total": "kvengine_prefix_cache_query_tokens_total",
+             "vllm:num_preemptions_total": "kvengine_preemptions_total",
+             "vllm:generation_tokens_total": "kvengine_generation_tokens_total"}
+    assert {name: vllm[name].value for name in pairs} == {name: own[o] for name, o in pairs.items()}
+    assert vllm["vllm:gpu_prefix_cache_hits_total"].value > 0 and vllm["vllm:generation_tokens_total"].value >= 6
+
+
 def test_health_and_metrics(client, tiny_server):
     client.completions.create(model="tiny", prompt=PROMPT, max_tokens=3, temperature=0)
     status, _, body = tiny_server.request("GET", "/health")

@@ -4,11 +4,13 @@
 // Without VPDPBUSD, a 4-byte dot product per int32 lane is VPMADDUBSW (unsigned bytes times signed bytes, adjacent
 // pairs summed into int16) then VPMADDWD by ones (adjacent int16 pairs into int32). A 256-bit register holds half
 // of a 64-byte tile row block: 8 output rows x 4 inputs, so each half (rows 8h..8h+7) is its own pass over the
-// groups and keeps one accumulator per row of x in a register.
+// groups: a group's weights are loaded (and, for int4, unpacked) into 8 registers once, then serve every one of
+// the pass's R <= kRows (16) rows of x, whose sums wait in a small L1 array (kRows = 4 kept them in registers and
+// redid the unpacking every 4 rows: ~20% slower at 32 and more rows).
 //   int4: weights 0..15 are the unsigned operand; a group's 8 products per lane stay below 8 * 2 * 15 * 127 =
 //         30480, so they are summed in int16 and widened once per group.
-//   int8: the stored bytes q + 128 turn back into signed q (xor 0x80); VPMADDUBSW then takes |x| as the unsigned
-//         operand and q with x's sign as the signed one (|x| * sign(x) q = x q; a pair is at most 2 * 127 * 127,
+//   int8: the stored bytes q + 128 turn back into signed q (xor 0x80); VPMADDUBSW then takes |x| (made once per
+//         step by q8_gemm, not per tile) as the unsigned operand and q with x's sign as the signed one (|x| * sign(x) q = x q; a pair is at most 2 * 127 * 127,
 //         no saturation), widened per 4 inputs.
 // The integer sums equal vnni_mm.cpp's exactly; the fp32 steps after them are the same operations in the same order.
 //
@@ -34,9 +36,9 @@ void q4_tile(const int8_t* xq, const float* da, const float* sx, const uint8_t* 
   const uint8_t* wt = w + t * G * 256;
   const float* dmt = dm + t * G * 32;
   const __m256i nibble = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  alignas(32) float acc[kRows][8];  // one half's sums for each row, in L1: a group unpacked once serves all R rows
   for (int h = 0; h < 2; ++h) {
-    __m256 acc[kRows];
-    for (int i = 0; i < kRows; ++i) acc[i] = _mm256_setzero_ps();
+    for (int i = 0; i < R; ++i) _mm256_store_ps(acc[i], _mm256_setzero_ps());
     for (int64_t g = 0; g < G; ++g) {
       __m256i wv[8];
       for (int j = 0; j < 4; ++j) {
@@ -56,44 +58,45 @@ void q4_tile(const int8_t* xq, const float* da, const float* sx, const uint8_t* 
         for (int c = 1; c < 8; ++c) s = _mm256_add_epi16(s, _mm256_maddubs_epi16(wv[c], codes4(xg + 4 * c)));
         const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(s, ones));
 #endif
-        acc[i] = _mm256_fmadd_ps(dot, _mm256_mul_ps(d, _mm256_set1_ps(da[i * G + g])), acc[i]);
-        acc[i] = _mm256_fmadd_ps(m, _mm256_set1_ps(sx[i * G + g]), acc[i]);
+        const __m256 a = _mm256_fmadd_ps(dot, _mm256_mul_ps(d, _mm256_set1_ps(da[i * G + g])), _mm256_load_ps(acc[i]));
+        _mm256_store_ps(acc[i], _mm256_fmadd_ps(m, _mm256_set1_ps(sx[i * G + g]), a));
       }
     }
-    for (int i = 0; i < R; ++i) _mm256_storeu_ps(y + i * N + 16 * t + 8 * h, acc[i]);
+    for (int i = 0; i < R; ++i) _mm256_storeu_ps(y + i * N + 16 * t + 8 * h, _mm256_load_ps(acc[i]));
   }
 }
 
-void q8_tile(const int8_t* xq, const float* da, const uint8_t* w, const float* scale, float* y, int R, int64_t K,
-             int64_t N, int64_t t) {
+void q8_tile(const int8_t* xq, const int8_t* xa, const float* da, const uint8_t* w, const float* scale, float* y,
+             int R, int64_t K, int64_t N, int64_t t) {
   const int64_t G = K / kGroup;
   const uint8_t* wt = w + t * K * 16;
   const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80)), ones = _mm256_set1_epi16(1);
+  alignas(32) float acc[kRows][8];  // as in q4_tile
   for (int h = 0; h < 2; ++h) {
-    __m256 acc[kRows];
-    for (int i = 0; i < kRows; ++i) acc[i] = _mm256_setzero_ps();
+    for (int i = 0; i < R; ++i) _mm256_store_ps(acc[i], _mm256_setzero_ps());
     for (int64_t g = 0; g < G; ++g) {
       __m256i wv[8];
       for (int c = 0; c < 8; ++c)
         wv[c] = _mm256_xor_si256(
             _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wt + (g * 8 + c) * 64 + 32 * h)), flip);
       for (int i = 0; i < R; ++i) {
-        const int8_t* xg = xq + i * K + g * kGroup;
+        const int8_t *xg = xq + i * K + g * kGroup, *ag = xa + i * K + g * kGroup;
         __m256i s = _mm256_setzero_si256();
         for (int c = 0; c < 8; ++c) {
-          const __m256i x4 = codes4(xg + 4 * c);
+          const __m256i x4 = codes4(xg + 4 * c), a4 = codes4(ag + 4 * c);
 #ifdef __AVXVNNI__
-          s = _mm256_dpbusd_avx_epi32(s, _mm256_sign_epi8(x4, x4), _mm256_sign_epi8(wv[c], x4));
+          s = _mm256_dpbusd_avx_epi32(s, a4, _mm256_sign_epi8(wv[c], x4));
 #else
-          const __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(x4, x4), _mm256_sign_epi8(wv[c], x4));
+          const __m256i p = _mm256_maddubs_epi16(a4, _mm256_sign_epi8(wv[c], x4));
           s = _mm256_add_epi32(s, _mm256_madd_epi16(p, ones));
 #endif
         }
-        acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(da[i * G + g]), acc[i]);
+        _mm256_store_ps(acc[i],
+                        _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(da[i * G + g]), _mm256_load_ps(acc[i])));
       }
     }
     const __m256 sc = _mm256_loadu_ps(scale + 16 * t + 8 * h);
-    for (int i = 0; i < R; ++i) _mm256_storeu_ps(y + i * N + 16 * t + 8 * h, _mm256_mul_ps(acc[i], sc));
+    for (int i = 0; i < R; ++i) _mm256_storeu_ps(y + i * N + 16 * t + 8 * h, _mm256_mul_ps(_mm256_load_ps(acc[i]), sc));
   }
 }
 

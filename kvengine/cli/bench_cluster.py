@@ -27,12 +27,12 @@ def cluster(
                                 help="Comma-separated routers to compare (real mode)."),
     simulate: bool = typer.Option(False, "--simulate", help="Simulated replicas (no models): block events and "
                                   "queues only."),
-    tenants: int = typer.Option(8, "--tenants", help="System prompts (real mode; simulation: 2 per replica)."),
+    tenants: int = typer.Option(16, "--tenants", help="System prompts (real mode; simulation: 2 per replica)."),
     system_tokens: int = typer.Option(384, "--system-tokens", help="Tokens of each system prompt."),
-    requests: int = typer.Option(96, "--requests", help="Requests in the trace (simulation: 30 per replica)."),
+    requests: int = typer.Option(128, "--requests", help="Requests in the trace (simulation: 30 per replica)."),
     max_tokens: int = typer.Option(8, "--max-tokens", "-n", help="Output tokens per request (EOS ignored)."),
     concurrency: int = typer.Option(2, "--concurrency", "-c", help="Clients sending at once (real mode)."),
-    zipf: float = typer.Option(0.6, "--zipf", help="Zipf exponent of the tenants' popularity."),
+    zipf: float = typer.Option(0.3, "--zipf", help="Zipf exponent of the tenants' popularity."),
     kv_blocks: int | None = typer.Option(None, "--kv-blocks", help="KV blocks per replica (default: about half "
                                          "the system prompts plus the running requests)."),
     seed: int = typer.Option(0, "--seed", help="Trace seed."),

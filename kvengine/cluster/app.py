@@ -122,19 +122,22 @@ def build(config: ClusterConfig) -> Any:
 
 
 def start(config: ClusterConfig, quiet: bool = True) -> str:
-    """Start Ray (local, loopback only, unless config.address), Serve's HTTP proxy on host:port and the
-    application; returns its base url once every replica is up."""
+    """Start Ray (local and on loopback only, loopback.py, unless config.address), Serve's HTTP proxy on
+    host:port and the application; returns its base url once every replica is up."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
     from ray import serve
+
+    from kvengine.cluster.loopback import LOOPBACK, local_node_on_loopback
 
     port = config.port or free_port(config.host)
     if not ray.is_initialized():
         if config.address is None:
             cores = os.cpu_count() or 1
-            ray.init(num_cpus=max(cores, int(config.replicas * (config.cpus_per_replica or 1)) + 1),
-                     include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=not quiet,
-                     configure_logging=not quiet)
+            with local_node_on_loopback():
+                ray.init(num_cpus=max(cores, int(config.replicas * (config.cpus_per_replica or 1)) + 1),
+                         include_dashboard=False, _node_ip_address=LOOPBACK, log_to_driver=not quiet,
+                         configure_logging=not quiet)
         else:
             ray.init(address=config.address, log_to_driver=not quiet)
     serve.start(http_options={"host": config.host, "port": port}, logging_config={"log_level": "WARNING"})

@@ -18,6 +18,7 @@ from fastapi import FastAPI
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from kvengine.cluster.loopback import replica_grpc_on_loopback
 from kvengine.cluster.replica import Accepted
 from kvengine.cluster.request import RoutedRequest, prompt_block_keys
 from kvengine.engine.stats import EngineStats
@@ -169,6 +170,7 @@ class Frontend:
 
     async def __init__(self, engines: DeploymentHandle, model: str | None, served_model_name: str | None,
                        api_keys: list[str], max_waiting: int, deployment: str, send_text: bool) -> None:
+        replica_grpc_on_loopback()
         info = await engines.describe.remote()
         info["max_waiting"] = max_waiting
         self.metrics = ServerMetrics()

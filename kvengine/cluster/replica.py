@@ -33,8 +33,10 @@ class EngineReplica:
     def __init__(self, model: str | None, engine: EngineConfig, max_waiting: int) -> None:
         from ray import serve
 
+        from kvengine.cluster.loopback import replica_grpc_on_loopback
         from kvengine.llm import LLM
 
+        replica_grpc_on_loopback()
         self.llm = LLM(model, quiet=True, **dataclasses.asdict(engine))
         self.engine = AsyncEngine(self.llm.engine, max_waiting=max_waiting)
         self.engine.start()

@@ -15,12 +15,12 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True, slots=True)
 class TraceConfig:
-    tenants: int = 8
+    tenants: int = 16
     system_tokens: int = 384
     user_tokens: tuple[int, int] = (16, 48)  # inclusive range
     max_tokens: int = 8
-    requests: int = 96
-    zipf_s: float = 0.6
+    requests: int = 128
+    zipf_s: float = 0.3
     seed: int = 0
 
 

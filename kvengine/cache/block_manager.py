@@ -31,8 +31,12 @@ from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
 from kvengine.errors import ConfigError
+
+if TYPE_CHECKING:
+    from kvengine.cache.kv_events import KVEventLog
 
 HOLE = -1  # a block-table entry whose block was dropped (it left every query's window)
 ROOT_HASH = bytes(16)  # the parent hash of a sequence's first block
@@ -101,6 +105,7 @@ class _Block:
     unsalted: bytes | None = None  # chain hash of the same tokens without salt (for MissReason.CACHE_SALT)
     salt: str | None = None
     tokens: tuple[int, ...] = ()  # compared on a hit, a guard against hash collisions
+    parent: bytes = b""  # chain hash of the block before it (ROOT_HASH for a first block), while registered
 
 
 @dataclass(slots=True)
@@ -160,6 +165,7 @@ class BlockManager:
         self._hits = 0
         self._queries = 0
         self._evictions = 0
+        self.events: KVEventLog | None = None  # vLLM-format KV events, when a KVEventLog is attached
 
     # ---- counts -------------------------------------------------------------------------------------
 
@@ -254,9 +260,11 @@ class BlockManager:
             self._acquire(b)
         state = _SeqState(salt, list(match.block_ids))
         state.table.extend(self._take_free() for _ in range(fresh))
+        parent = (self._blocks[match.block_ids[-1]].hash or ROOT_HASH) if match.block_ids else ROOT_HASH
         for i, key in enumerate(keys, start=len(match.block_ids)):
-            self._register(state.table[i], key.chain_hash, key.unsalted, key.salt, key.tokens)
+            self._register(state.table[i], key.chain_hash, key.unsalted, key.salt, key.tokens, parent)
             match.block_ids.append(state.table[i])
+            parent = key.chain_hash
         if keys:
             match.num_loaded_tokens = len(keys) * self.block_size
             match.num_cached_tokens += match.num_loaded_tokens
@@ -311,7 +319,7 @@ class BlockManager:
             h = chain_hash(state.parent, state.salt, chunk)
             u = h if state.salt is None else chain_hash(state.parent_unsalted, None, chunk)
             if h not in self._hash_to_block:
-                self._register(state.table[i], h, u, state.salt, chunk)
+                self._register(state.table[i], h, u, state.salt, chunk, state.parent)
                 registered.append((state.table[i], BlockKey(h, u, state.salt, chunk)))
             state.num_hashed, state.parent, state.parent_unsalted = i + 1, h, u
         return registered
@@ -371,6 +379,10 @@ class BlockManager:
         """Chain hashes of every block a prompt can reuse now (held or cached-free); what a router may know."""
         return list(self._hash_to_block)
 
+    def registered_chain(self) -> list[tuple[bytes, bytes, tuple[int, ...]]]:
+        """(hash, parent hash, token ids) of every registered block, in the order they were registered."""
+        return [(h, self._blocks[b].parent, self._blocks[b].tokens) for h, b in self._hash_to_block.items()]
+
     def has_seq(self, seq_id: int) -> bool:
         return seq_id in self._seqs
 
@@ -418,23 +430,28 @@ class BlockManager:
         self._blocks[b].ref_count = 1
         return b
 
-    def _register(self, b: int, h: bytes, unsalted: bytes, salt: str | None, tokens: tuple[int, ...]) -> None:
+    def _register(self, b: int, h: bytes, unsalted: bytes, salt: str | None, tokens: tuple[int, ...],
+                  parent: bytes) -> None:
         block = self._blocks[b]
         assert block.hash is None, f"block {b} is already registered"
-        block.hash, block.unsalted, block.salt, block.tokens = h, unsalted, salt, tokens
+        block.hash, block.unsalted, block.salt, block.tokens, block.parent = h, unsalted, salt, tokens, parent
         self._hash_to_block[h] = b
         self._salts.setdefault(unsalted, set()).add(salt)
         self._evicted.pop(h, None)
+        if self.events is not None:
+            self.events.stored(h, parent, tokens)
 
     def _unregister(self, b: int) -> None:
         block = self._blocks[b]
         assert block.hash is not None and block.unsalted is not None
+        if self.events is not None:
+            self.events.removed(block.hash)
         del self._hash_to_block[block.hash]
         salts = self._salts[block.unsalted]
         salts.discard(block.salt)
         if not salts:
             del self._salts[block.unsalted]
-        block.hash, block.unsalted, block.salt, block.tokens = None, None, None, ()
+        block.hash, block.unsalted, block.salt, block.tokens, block.parent = None, None, None, (), b""
 
     # ---- consistency --------------------------------------------------------------------------------
 

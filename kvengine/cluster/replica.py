@@ -4,7 +4,8 @@
 request, or the KVEngineError that refused it (yielded, not raised, so the frontend gets the exact error back
 rather than Ray's wrapper); then (choice index, RequestOutput) pairs. Closing the stream (the client left, or
 the frontend cancelled it) aborts the engine requests. `record_routing_stats` is what Ray Serve hands the
-router every period: the block keys this replica can reuse now and its engine stats.
+router every period: the block keys this replica can reuse now and its engine stats. `kv_events` drains the
+replica's KV events in vLLM's msgpack format (cache/kv_events.py), for a router built on them.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+from kvengine.cache.block_manager import ROOT_HASH
+from kvengine.cache.kv_events import KVEventLog, encode_batch
 from kvengine.cluster.request import RoutedRequest, block_key
 from kvengine.engine.config import EngineConfig
 from kvengine.engine.engine import LLMEngine
@@ -38,6 +41,7 @@ class EngineReplica:
 
         replica_grpc_on_loopback()
         self.llm = LLM(model, quiet=True, **dataclasses.asdict(engine))
+        self.events = attach_event_log(self.llm.engine)  # before the engine thread runs
         self.engine = AsyncEngine(self.llm.engine, max_waiting=max_waiting)
         self.engine.start()
         self.replica = serve.get_replica_context().replica_id.unique_id
@@ -74,6 +78,10 @@ class EngineReplica:
             return {"replica": self.replica, "pid": os.getpid(), "keys": keys, "stats": _stats(engine)}
         return await self.engine.call(take)
 
+    async def kv_events(self, array_like: bool = False) -> bytes:
+        """This replica's KV events since the last call, as vLLM's msgpack KVEventBatch (cache/kv_events.py)."""
+        return await self.engine.call(lambda engine: encode_batch(self.events.take(), array_like=array_like))
+
     def check_health(self) -> None:
         """Ray Serve replaces a replica whose engine thread died."""
         if not self.engine.alive:
@@ -83,6 +91,14 @@ class EngineReplica:
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown(timeout=5)
+
+
+def attach_event_log(engine: LLMEngine) -> KVEventLog:
+    """A KVEventLog on `engine`'s block manager (call it where nothing else touches the manager)."""
+    manager = engine.block_tables.manager
+    log = KVEventLog(manager.block_size, ROOT_HASH)
+    log.attach(manager)
+    return log
 
 
 def _stats(engine: LLMEngine) -> dict[str, Any]:

@@ -39,3 +39,15 @@ def test_errors_and_auth_are_the_servers(cluster):
                           timeout=30)
     assert too_long.status_code == 400 and too_long.json()["error"]["type"] == "invalid_request_error"
     assert httpx.get(cluster.url + "/metrics", timeout=30).status_code == 200
+
+
+def test_a_replica_hands_its_kv_events_in_vllms_schema(cluster):
+    import msgpack
+    from ray import serve
+
+    handle = serve.get_deployment_handle("engine", app_name="kvengine")
+    batch = msgpack.unpackb(handle.kv_events.remote().result(timeout_s=60))
+    assert set(batch) == {"ts", "events"}
+    assert {e["type"] for e in batch["events"]} <= {"AllBlocksCleared", "BlockStored", "BlockRemoved"}
+    older = msgpack.unpackb(handle.kv_events.remote(array_like=True).result(timeout_s=60))
+    assert isinstance(older, list) and isinstance(older[1], list)

@@ -65,15 +65,23 @@ void swiglu(const float* gate_up, int64_t M, int64_t I, float* out) {
   });
 }
 
+// q . k over D values in 8 interleaved partial sums, which the tier's flags turn into one vector register (a single
+// running sum is a serial chain the compiler may not reorder)
+float dot_row(const float* q, const float* k, int64_t D) {
+  float part[8] = {};
+  int64_t c = 0;
+  for (; c + 8 <= D; c += 8)
+    for (int j = 0; j < 8; ++j) part[j] += q[c + j] * k[c + j];
+  for (; c < D; ++c) part[c % 8] += q[c] * k[c];
+  return ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]));
+}
+
 // One query head against the keys at `slots`: softmax(q.k * scale) . v. k, v point at the head's [slots, D] rows.
 void attend_head(const float* q, const float* k, const float* v, const int64_t* slots, int64_t L, int64_t D,
                  float scale, float* p, float* out) {
   float top = -INFINITY;
   for (int64_t j = 0; j < L; ++j) {
-    const float* row = k + slots[j] * D;
-    float dot = 0.f;
-    for (int64_t c = 0; c < D; ++c) dot += q[c] * row[c];
-    p[j] = dot * scale;
+    p[j] = dot_row(q, k + slots[j] * D, D) * scale;
     top = std::max(top, p[j]);
   }
   float total = 0.f;

@@ -13,17 +13,19 @@ namespace KV_OPS {
 namespace {
 
 // x's rows quantized by groups of 32, as vnni_mm.cpp does: codes [M, K] int8, scales da [M, G] and sums
-// sx [M, G] = da * sum(codes); codes = round(x * (127 / max|x|)), ties to even.
+// sx [M, G] = da * sum(codes); codes = round(x * (127 / max|x|)), ties to even. With `magnitudes`, also |codes|
+// [M, K] (q8_tile's unsigned operand; else an empty tensor).
 struct QuantizedRows {
-  at::Tensor codes, scale, sum;
+  at::Tensor codes, scale, sum, magnitude;
 };
 
-QuantizedRows quantize_rows(const at::Tensor& x) {
+QuantizedRows quantize_rows(const at::Tensor& x, bool magnitudes) {
   const int64_t M = x.size(0), K = x.size(1), G = K / kGroup;
-  QuantizedRows r{at::empty({M, K}, x.options().dtype(at::kChar)), at::empty({M, G}, x.options()),
-                  at::empty({M, G}, x.options())};
+  const at::TensorOptions bytes = x.options().dtype(at::kChar);
+  QuantizedRows r{at::empty({M, K}, bytes), at::empty({M, G}, x.options()), at::empty({M, G}, x.options()),
+                  at::empty({magnitudes ? M : 0, K}, bytes)};
   const float* xp = x.data_ptr<float>();
-  int8_t* qp = r.codes.data_ptr<int8_t>();
+  int8_t *qp = r.codes.data_ptr<int8_t>(), *ap = magnitudes ? r.magnitude.data_ptr<int8_t>() : nullptr;
   float *dp = r.scale.data_ptr<float>(), *sp = r.sum.data_ptr<float>();
   at::parallel_for(0, M * G, 256, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
@@ -38,6 +40,8 @@ QuantizedRows quantize_rows(const at::Tensor& x) {
         qp[b * kGroup + k] = static_cast<int8_t>(codes[k]);
         total += codes[k];
       }
+      if (ap)
+        for (int k = 0; k < kGroup; ++k) ap[b * kGroup + k] = static_cast<int8_t>(std::abs(codes[k]));
       dp[b] = amax / 127.f;
       sp[b] = dp[b] * static_cast<float>(total);
     }
@@ -56,7 +60,7 @@ at::Tensor q4_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& d
   check_x(x, "q4_gemm");
   const int64_t M = x.size(0), K = x.size(1), G = K / kGroup;
   const int64_t tiles = kvengine::operands::q4_tiles(w, dm, K), N = 16 * tiles;
-  QuantizedRows xr = quantize_rows(x.contiguous());
+  QuantizedRows xr = quantize_rows(x.contiguous(), false);
   at::Tensor y = at::empty({M, N}, x.options());  // [M, N]
   const int8_t* qp = xr.codes.data_ptr<int8_t>();
   const float *dp = xr.scale.data_ptr<float>(), *sp = xr.sum.data_ptr<float>(), *dmp = dm.data_ptr<float>();
@@ -72,10 +76,9 @@ at::Tensor q8_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
   check_x(x, "q8_gemm");
   const int64_t M = x.size(0), K = x.size(1), G = K / kGroup;
   const int64_t tiles = kvengine::operands::q8_tiles(w, scale, K), N = 16 * tiles;
-  QuantizedRows xr = quantize_rows(x.contiguous());
+  QuantizedRows xr = quantize_rows(x.contiguous(), true);
   at::Tensor y = at::empty({M, N}, x.options());  // [M, N]
-  const at::Tensor magnitude = xr.codes.abs();  // [M, K] int8: codes are -127..127, so |code| fits
-  const int8_t *qp = xr.codes.data_ptr<int8_t>(), *ap = magnitude.data_ptr<int8_t>();
+  const int8_t *qp = xr.codes.data_ptr<int8_t>(), *ap = xr.magnitude.data_ptr<int8_t>();
   const float *dp = xr.scale.data_ptr<float>(), *sp = scale.data_ptr<float>();
   const uint8_t* wp = w.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();

@@ -33,6 +33,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--weights", default="int4", help="weight format of the engine steps (int4, int8, fp32)")
     p.add_argument("--rows", default="1,32,1024", help="row counts M of the matmul timings")
     p.add_argument("--batch", type=int, default=32, help="concurrent requests of the many-row step")
+    p.add_argument("--prefill", type=int, default=0, help="also profile the prefill of one prompt of this many tokens")
     p.add_argument("--steps", type=int, default=8, help="decode steps profiled per batch size")
     p.add_argument("--repeats", type=int, default=7, help="timed repeats per matmul (median reported)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: PyTorch's)")
@@ -110,6 +111,27 @@ def linear_share(gemm: list[dict[str, Any]], weights: str, batch: int, layers: i
     return sum(ms) * layers if ms else None
 
 
+def profile_prefill(llm: LLM, tokens: int) -> dict[str, Any]:
+    """The steps that prefill one `tokens`-token prompt (max_tokens 1), profiled: ms by op over the whole prefill."""
+    params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+    prompt = [[1 + (13 * j) % 1000 for j in range(tokens)]]
+    llm._submit(None, params, prompt, True, False, None)  # warm run: first-touch of the activations
+    while llm.engine.has_unfinished():
+        llm.engine.step()
+    llm._submit(None, params, prompt, True, False, None)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        while llm.engine.has_unfinished():
+            llm.engine.step()
+        wall = time.perf_counter() - t0
+    by_op: dict[str, float] = defaultdict(float)
+    for e in prof.key_averages():
+        by_op[e.key] += e.self_cpu_time_total / 1e3
+    top = dict(sorted(by_op.items(), key=lambda kv: -kv[1])[:12])
+    return {"batch": tokens, "prefill": True, "step_ms": wall * 1e3, "tok_s": tokens / wall, "self_ms_by_op": top,
+            "linears_ms_est": None}
+
+
 def print_gemm(rows: list[dict[str, Any]]) -> None:
     print(f"{'linear':8} {'K':>5} {'N':>5} {'M':>5} {'weights':7} {'median ms':>9} {'best ms':>9} {'GMAC/s':>8}")
     for r in rows:
@@ -119,7 +141,8 @@ def print_gemm(rows: list[dict[str, Any]]) -> None:
 
 
 def print_profile(p: dict[str, Any]) -> None:
-    print(f"\nbatch {p['batch']}: {p['step_ms']:.2f} ms per decode step ({p['tok_s']:.1f} tok/s); self ms per step:")
+    what = "prefill of one prompt" if p.get("prefill") else "decode step"
+    print(f"\n{p['batch']} rows: {p['step_ms']:.2f} ms per {what} ({p['tok_s']:.1f} tok/s); self ms:")
     if p["linears_ms_est"] is not None:
         print(f"  (the layers' linears alone, from the matmul timings at M={p['batch']}: {p['linears_ms_est']:.2f} ms)")
     for op, ms in p["self_ms_by_op"].items():
@@ -138,6 +161,8 @@ def main() -> None:
     gemm = gemm_rows(linear_shapes(llm), [int(m) for m in args.rows.split(",")], args.repeats)
     print_gemm(gemm)
     profiles = [] if args.skip_engine else [profile_steps(llm, b, args.steps) for b in (1, args.batch)]
+    if args.prefill and not args.skip_engine:
+        profiles.append(profile_prefill(llm, args.prefill))
     for p in profiles:
         p["linears_ms_est"] = linear_share(gemm, args.weights, p["batch"], llm.model_config.num_layers)
         print_profile(p)

@@ -1,12 +1,14 @@
 """LLM: the public Python API, in the style of vLLM.
 
-    llm = LLM()                                     # the default model (SmolLM2-135M-Instruct)
+    llm = LLM()                                     # the default model (SmolLM2-135M-Instruct), weights="fast"
     outs = llm.generate(["Hello"], SamplingParams(max_tokens=32, temperature=0))
     outs = llm.chat([{"role": "user", "content": "Please tell me about Paris."}])
     for chunk in llm.stream("Once upon a time"): print(chunk.delta_text, end="")
 
-`use_cache=False` runs the seeds' baseline (every step recomputes the whole text); `verify=True`
-recomputes each request without any cache afterwards and reports the largest logit difference.
+`LLM()` runs the fastest path that keeps quality on this CPU, as the CLI does (weights="fast": int4 weights on
+kvengine's kernel tier, engine/config.py); `LLM(weights="fp32")` is the exact reference. `use_cache=False` runs the
+seeds' baseline (every step recomputes the whole text; in the same format, so its tokens are the cached run's);
+`verify=True` recomputes each request without any cache afterwards and reports the largest logit difference.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from kvengine.cache.fingerprint import files_id, tensors_id
 from kvengine.cache.spec import KVCacheSpec
 from kvengine.config import ModelConfig
 from kvengine.engine.assembly import build_engine
-from kvengine.engine.config import EngineConfig
+from kvengine.engine.config import FAST_WEIGHTS, EngineConfig
 from kvengine.engine.output import RequestOutput
 from kvengine.errors import ConfigError, RequestError
 from kvengine.sampling import SamplingParams
@@ -37,8 +39,11 @@ Messages = list[dict[str, Any]]
 
 
 class LLM:
-    def __init__(self, model: str | Path | None = None, *, quiet: bool = False, **engine_args: Any) -> None:
-        self.config = EngineConfig(**engine_args)
+    def __init__(self, model: str | Path | None = None, *, quiet: bool = False, weights: str = FAST_WEIGHTS,
+                 **engine_args: Any) -> None:
+        """Load `model` (a name, GGUF file or HF folder; None = the default model) and build its engine;
+        `engine_args` are EngineConfig's fields. `weights` defaults to "fast", the CLI's default."""
+        self.config = EngineConfig(weights=weights, **engine_args)
         _apply_threads(self.config)
         _check_device(self.config.device)
         disk = open_disk_store(self.config)  # a bad directory or budget is refused before the model loads
@@ -53,7 +58,8 @@ class LLM:
 
     @classmethod
     def from_model(cls, model: torch.nn.Module, tokenizer: Tokenizer | None = None, **engine_args: Any) -> LLM:
-        """Wrap an already-built model (tests use tiny random models this way)."""
+        """Wrap an already-built model (tests use tiny random models this way); its weights stay in the dtype they
+        were built in unless `weights` says otherwise (EngineConfig's default, "auto")."""
         self = cls.__new__(cls)
         self.config = EngineConfig(**engine_args)
         self.source = None

@@ -278,7 +278,7 @@ def _notes(bench: PeersBench, goals: list[Goal]) -> list[str]:
         "kvengine variants (--weights): auto = the float weights of each --dtypes dtype; fp32/bf16/fp16 compute in "
         "their own dtype; int8/int4 compute in bfloat16 (fp32 activations take a slow kernel path) unless --dtypes "
         "is given, then one variant per dtype. --compile compiles each variant's decode steps, batch-1 and "
-        "concurrent, except where they run one kvengine op per layer (the weights line ends 'decode steps: one "
+        "concurrent, except where they run one kvengine op per layer (the weights line ends 'steps: one "
         "kvengine op per layer'; then nothing is compiled and compile time is '-'); compile time = its first "
         "compiled call: tracing, then compiling; Inductor caches the compiled code on disk, so a later run pays "
         "about half, the tracing.",

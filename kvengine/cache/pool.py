@@ -169,6 +169,15 @@ class ChannelKeyLayerKV(QuantLayerKV):
         return self._load_keys(slots), v  # [Hkv, N, D] each
 
 
+def step_scratch(num_tokens: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device | str) -> LayerKV:
+    """K/V slots for one step's own tokens, outside the pool: a no-cache step that runs through an op writing and
+    reading K/V slots (the fused layer op) uses them one layer at a time and drops them with the step, so the
+    no-cache baseline still computes every token's keys and values at every step and keeps none."""
+    kv = torch.empty(2, num_kv_heads, num_tokens, head_dim, dtype=dtype, device=device)  # [2, Hkv, T, D]
+    return LayerKV(kv[0], kv[1], num_tokens)
+
+
 def sequence_index(block_table: list[int], length: int, block_size: int,
                    device: torch.device | str, as_slots: bool = False) -> int | torch.Tensor:
     """How to find a sequence's first `length` positions in the pool: its start slot when its blocks are

@@ -10,7 +10,7 @@ import typer
 from kvengine.bench.report import open_report
 from kvengine.cli.app import bench_app
 from kvengine.cli.bench import OutOpt
-from kvengine.cli.options import EngineOptions, engine_options
+from kvengine.cli.options import FAST_WEIGHTS, EngineOptions, engine_options
 from kvengine.cli.values import at_least_one, parse_int_list
 from kvengine.errors import ConfigError
 
@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 
 @bench_app.command("cluster")
-@engine_options("model", "dtype", "weights")
+@engine_options("model", "dtype", "weights", weights=FAST_WEIGHTS)
 def cluster(
     replicas: str = typer.Option("2", "--replicas", "-r", help="Replicas (real), or comma-separated counts with "
                                  "--simulate (e.g. 64,128)."),

@@ -8,7 +8,7 @@ import time
 import typer
 
 from kvengine.cli.app import app
-from kvengine.cli.options import EngineOptions, engine_options
+from kvengine.cli.options import FAST_WEIGHTS, EngineOptions, engine_options
 from kvengine.cli.serve import ApiKeyOpt, MaxWaitingOpt, ServedNameOpt, warn_if_open
 
 RouterOpt = typer.Option("kvengine", "--router", help="Request router: kvengine (KV-block aware), round_robin, "
@@ -20,7 +20,7 @@ CLUSTER_OPTIONS = ("model", "max_num_seqs", "max_model_len", "dtype", "weights",
 
 
 @app.command()
-@engine_options(*CLUSTER_OPTIONS)
+@engine_options(*CLUSTER_OPTIONS, weights=FAST_WEIGHTS)
 def cluster(
     replicas: int = typer.Option(2, "--replicas", "-r", help="Engine replicas (each one kvengine engine)."),
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on (loopback unless told otherwise)."),

@@ -23,7 +23,7 @@ PROBE_KV_MEMORY = 16 << 20  # the loaded LLM's own pool is unused: every measure
 
 
 @eval_app.command("kv")
-@engine_options("model", "dtype", "device", "num_threads")
+@engine_options("model", "dtype", "device", "num_threads", "weights")
 def kv(
     text: str | None = typer.Option(None, "--text", help="Held text file for perplexity (default: CPython's "
                                     "pydoc topics)."),

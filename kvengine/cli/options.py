@@ -106,7 +106,10 @@ FLAGS: dict[str, Flag] = {
     "max_num_seqs": Flag(int, 64, ("--max-num-seqs",), "Requests in the running batch at most."),
     "max_model_len": Flag(int | None, None, ("--max-model-len",), "Context limit (default: the model's)."),
 }
-# generate, chat and serve: by default the fastest path that keeps quality on this CPU
+# the commands that generate or serve (generate, chat, serve, bench serve, cluster, bench cluster), like LLM():
+# by default the fastest path that keeps quality on this CPU. The benchmarks without a --weights flag (bench cache,
+# seed, throughput, prefix, long, sessions) and eval keep EngineOptions' "auto": the float weights their published
+# figures and the seeds' baselines were measured with.
 FAST_WEIGHTS = Flag(str, "fast", ("--weights",), "Weight storage: fast (default: int4 weights on kvengine's kernels "
                     "for this CPU, in their activation dtype, when --dtype is left to auto; within 2% perplexity of "
                     "fp32), auto (the dtype's float weights), fp32 (the exact reference), bf16, fp16, int8, int4.")

@@ -61,7 +61,7 @@ def serve(
 
 @bench_app.command("serve")
 @engine_options("model", "max_num_seqs", "max_model_len", "dtype", "weights", "num_threads", "kv_cache_memory",
-                "kv_disk_dir")
+                "kv_disk_dir", weights=FAST_WEIGHTS)
 def bench_serve(
     concurrency: str = typer.Option("1,8,32,64", "--concurrency", "-c", help="Comma-separated client counts."),
     requests: int | None = typer.Option(None, "--requests", help="Requests per level (default: max(8, 2 x clients))."),

@@ -43,7 +43,7 @@ def build_engine(model: CausalLM, tokenizer: Tokenizer | None, config: EngineCon
     why_not = model.enable_fused_layers(pool) if config.fused_layers and (
         config.quantized_weights or dtype == torch.bfloat16) else None  # None: nothing to say
     if why_not is not None:
-        weights += "; decode steps: " + (f"layer by layer ({why_not})" if why_not else "one kvengine op per layer")
+        weights += "; steps: " + (f"layer by layer ({why_not})" if why_not else "one kvengine op per layer")
     tier = None
     if disk is not None and config.enable_prefix_caching and pool.spec.prefix_cacheable:
         fingerprint = kv_fingerprint(model_id or "unknown", mc, pool.spec, weights, str(dtype).removeprefix("torch."))

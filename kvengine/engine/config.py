@@ -49,9 +49,9 @@ class EngineConfig:
     num_threads: int | None = None
     seed: int = 0
     compile: bool = False  # torch.compile decode steps (see engine/compiled.py)
-    # run whole decoder layers as one kvengine op each (the fused layer op: decode steps and prefill steps of short
-    # prompts, int8/int4 or bf16 weights, Llama family), where it applies (models/llama.py enable_fused_layers,
-    # engine/runner.py FUSED_ROW_KEYS)
+    # run whole decoder layers as one kvengine op each (the fused layer op: every step, cached or not, so cached and
+    # uncached tokens are the same; int8/int4 or bf16 weights, Llama family), where it applies (models/llama.py
+    # enable_fused_layers)
     fused_layers: bool = True
     # int8/int4 weights on PyTorch's packed kernels (fp32 activations, or a CPU without kvengine's): steps with
     # more rows than this (prefill, large batches) multiply by a dense copy in the compute dtype, where those

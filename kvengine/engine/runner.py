@@ -23,20 +23,6 @@ from kvengine.errors import ConfigError
 from kvengine.layers.backends import FUSED_LAYERS, PAGED, PAGED_DECODE, AttentionBackend
 from kvengine.models.protocol import CausalLM
 
-# The one-op path attends with a plain loop per (token, head); a prefill step whose tokens together read more
-# keys than this (a long prompt) runs layer by layer, where PyTorch's attention kernels are faster. 32 chat
-# prompts of ~36 tokens read ~21k.
-FUSED_ROW_KEYS = 1 << 16
-
-
-def row_keys(batch: StepBatch) -> int:
-    """Keys the step's tokens read together (causal): token t of a chunk starting at `start` reads start + t + 1."""
-    total = 0
-    for i, end in enumerate(batch.context_lens):
-        n = batch.query_len(i)
-        total += n * (end - n) + n * (n + 1) // 2
-    return total
-
 
 class ModelRunner:
     def __init__(self, model: CausalLM, pool: KVPool | None, block_tables: KVBlockTables | None,
@@ -57,8 +43,8 @@ class ModelRunner:
 
     @property
     def fused_layers(self) -> bool:
-        """The model runs steps as one op per layer (models/llama.py enable_fused_layers): every decode step,
-        and prefill steps whose tokens read few keys (`FUSED_ROW_KEYS`); they skip compilation."""
+        """The model runs every step as one op per layer (models/llama.py enable_fused_layers): decode, prefill of
+        any length and no-cache steps alike, so cached and uncached tokens are the same; they skip compilation."""
         return self.model.fused_layers_enabled
 
     @torch.inference_mode()
@@ -149,16 +135,16 @@ class ModelRunner:
 
     def _plan(self, batch: StepBatch) -> None:
         """Each KV group's attention path for the step and that backend's metadata (layers/backends)."""
-        whole_layers = self.fused_layers and (batch.is_decode or row_keys(batch) <= FUSED_ROW_KEYS)
         for view in batch.kv:
-            view.backend = self._backend_for(batch, view, whole_layers)
+            view.backend = self._backend_for(batch, view, self.fused_layers)
             view.metadata = view.backend.plan(batch, view)
 
     @staticmethod
     def _backend_for(batch: StepBatch, view: KVView, whole_layers: bool) -> AttentionBackend:
-        """The one place a step's attention path is chosen: the fused layer op where the model runs the step's
-        layers whole (`whole_layers`: decode steps, and prefill steps that read few keys, `FUSED_ROW_KEYS`), batched
-        decode for several one-token sequences without sinks, else per sequence."""
+        """The one place a step's attention path is chosen: the fused layer op where the model runs its layers whole
+        (`whole_layers`: every step, so no token's numbers depend on the step that computed it), batched decode for
+        several one-token sequences without sinks, else per sequence. (A no-cache step has no view: the model runs
+        it through the op too, models/llama.py `_forward_fused`.)"""
         if whole_layers:
             return FUSED_LAYERS
         if batch.is_decode and batch.num_seqs > 1 and not any(view.num_sinks):

@@ -14,11 +14,11 @@ import torch
 import torch.nn.functional as F
 
 from kvengine.batch import StepBatch
-from kvengine.cache.pool import KVPool
+from kvengine.cache.pool import KVPool, step_scratch
 from kvengine.config import ModelConfig, RopeScaling
 from kvengine.errors import ModelLoadError
 from kvengine.layers import native
-from kvengine.layers.backends import FusedLayersMetadata, attend
+from kvengine.layers.backends import FusedLayersMetadata, attend, no_cache_rows
 from kvengine.layers.linear import Linear, PackedLinear
 from kvengine.layers.norm import RMSNorm
 from kvengine.layers.rotary import RotaryEmbedding, rotate
@@ -137,9 +137,11 @@ class LlamaForCausalLM(DecoderLM):
         self.fused_tier = ""  # the kernel tier (layers/native.py) whose decode_layer runs them
 
     def enable_fused_layers(self, pool: KVPool) -> str:
-        """Run decode steps (one sequence or several) and prefill steps of short prompts as one
-        `kvengine::decode_layer` op per layer (the PyTorch ops' dispatch otherwise costs more than their
-        arithmetic; compilation removes it too, but traces again in every process). Returns "" when enabled, else
+        """Run every step as one `kvengine::decode_layer` op per layer: decode steps (one sequence or several),
+        prefill of any length, and no-cache steps (the PyTorch ops' dispatch otherwise costs more than their
+        arithmetic in decode steps; compilation removes it too, but traces again in every process). One path for
+        every step is what makes cached and uncached tokens the same: the op computes each row on its own, so a
+        token's keys, values and logits do not depend on the step that computed it. Returns "" when enabled, else
         why not, for the run summary."""
         tier = native.tier_for(self.norm.weight.dtype)
         weights = [layer.fused_weights() for layer in self.layers]
@@ -158,18 +160,29 @@ class LlamaForCausalLM(DecoderLM):
         return self.fused_layer_weights is not None
 
     def runs_fused_layers(self, batch: StepBatch, kv: KVPool | None) -> bool:
-        """Whether forward(batch, kv) takes the one-op-per-layer path: the runner planned the step for the fused
-        layer op (engine/runner.py `_backend_for`: decode steps, and prefill steps that read few keys). The pool was
-        checked once, by enable_fused_layers."""
-        return kv is not None and batch.kv is not None and batch.kv[0].backend.runs_whole_layers
+        """Whether forward(batch, kv) takes the one-op-per-layer path: every step once enable_fused_layers took the
+        layers, a no-cache step (kv None) too; a cached step as the runner planned it (engine/runner.py
+        `_backend_for`). The pool was checked once, by enable_fused_layers."""
+        if not self.fused_layers_enabled:
+            return False
+        return kv is None or (batch.kv is not None and batch.kv[0].backend.runs_whole_layers)
 
-    def _forward_fused(self, batch: StepBatch, kv: KVPool) -> torch.Tensor:
+    def _forward_fused(self, batch: StepBatch, kv: KVPool | None) -> torch.Tensor:
+        """The step through the op. With the pool, each layer writes and reads its slots as the runner planned;
+        without (kv None: the no-cache baseline), every layer writes all the step's K/V into one scratch that is
+        dropped with the step, and each token reads its own sequence's up to itself (`no_cache_rows`)."""
         assert self.fused_layer_weights is not None
-        c, meta = self.config, batch.kv[0].metadata
-        assert isinstance(meta, FusedLayersMetadata)
+        c = self.config
         x = self.embed_tokens(batch.input_ids)  # [T, hidden]
+        if kv is None:
+            meta = no_cache_rows(batch)
+            scratch = step_scratch(batch.num_tokens, c.num_kv_heads, c.head_dim, x.dtype, x.device)  # [Hkv, T, D]
+            layer_kvs = [scratch] * len(self.layers)
+        else:
+            meta, layer_kvs = batch.kv[0].metadata, kv.layers
+        assert isinstance(meta, FusedLayersMetadata)
         cos, sin = self.rotary.table(batch.positions, batch.max_context_len)  # [T, 1, D] each
-        for weights, layer_kv in zip(self.fused_layer_weights, kv.layers, strict=True):
+        for weights, layer_kv in zip(self.fused_layer_weights, layer_kvs, strict=True):
             x = native.ops(self.fused_tier).decode_layer(x, weights, cos, sin, layer_kv.k, layer_kv.v, meta.row_slots,
                                                 meta.row_lens, c.num_heads, c.num_kv_heads, c.rms_norm_eps,
                                                 c.attn_scale)  # [T, hidden]
@@ -182,7 +195,6 @@ class LlamaForCausalLM(DecoderLM):
 
     def forward(self, batch: StepBatch, kv: KVPool | None) -> torch.Tensor:
         if self.runs_fused_layers(batch, kv):
-            assert kv is not None
             return self._forward_fused(batch, kv)
         return super().forward(batch, kv)
 

@@ -43,7 +43,7 @@ def gemma(gemma_gguf):
     try:
         hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
                                                                   dtype=torch.float32)
-        yield LLM(str(path), kv_cache_memory=64 << 20, max_num_seqs=4), hf.eval()
+        yield LLM(str(path), weights="fp32", kv_cache_memory=64 << 20, max_num_seqs=4), hf.eval()
     finally:
         torch.set_num_threads(threads)
 

@@ -20,7 +20,7 @@ PROMPT = list(range(5, 45))  # 40 tokens: three chunks of 16 with max_num_batche
 @pytest.fixture(scope="module")
 def llm(tmp_path_factory):
     folder = make_tiny_hf_folder(tmp_path_factory.mktemp("plp") / "tiny", max_position_embeddings=512)
-    return LLM(str(folder), kv_cache_memory=4 << 20, max_num_batched_tokens=16)
+    return LLM(str(folder), weights="fp32", kv_cache_memory=4 << 20, max_num_batched_tokens=16)
 
 
 def _reference(llm, ids):

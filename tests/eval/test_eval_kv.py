@@ -125,7 +125,7 @@ def test_eval_kv_user_errors(tiny_folder, args, message):
 
 
 def test_text_tokens_needs_enough_text(tiny_folder):
-    llm = LLM(str(tiny_folder))
+    llm = LLM(str(tiny_folder), weights="fp32")
     assert len(text_tokens(llm.tokenizer, held_text()[1], 50)) == 50
     with pytest.raises(ConfigError, match="fewer than the 500 asked for"):
         text_tokens(llm.tokenizer, "short text", 500)

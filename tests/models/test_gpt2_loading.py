@@ -56,7 +56,7 @@ def test_hf_folder_loads_and_matches(gpt2_folder, reference):
     source = open_model_source(str(gpt2_folder))
     assert source.model_config().architecture == "gpt2"
     assert (logits_of(load_model(source, torch.float32), IDS) - reference).abs().max() <= TOL
-    llm = LLM(str(gpt2_folder), kv_cache_memory=1 << 20)
+    llm = LLM(str(gpt2_folder), weights="fp32", kv_cache_memory=1 << 20)
     out = llm.generate(["The"], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True), verify=True)[0]
     assert len(out.token_ids) == 5 and out.verify.passed
 
@@ -156,7 +156,7 @@ def test_memory_reads_gpt2_config_and_gguf_metadata(tmp_path, hf_model, gpt2_fol
 def test_random_weight_preset_runs_and_says_so(monkeypatch, capsys):
     """`--model preset:gpt2`: the 124M architecture, seeded random weights (two loads are identical), an offline
     byte-level tokenizer of exactly the model's vocabulary, and a run summary that says the weights are random."""
-    llm = LLM("preset:gpt2", kv_cache_memory=1 << 24)
+    llm = LLM("preset:gpt2", weights="fp32", kv_cache_memory=1 << 24)
     assert llm.model_config.num_layers == 12 and llm.tokenizer.vocab_size == 50257
     assert llm.tokenizer.eos_token_ids == (50256,)
     assert "RANDOM weights" in llm.engine.weights_desc

@@ -29,7 +29,7 @@ def test_quantized_gpt2_tracks_fp32_and_says_why_layer_by_layer(weights, dtype, 
     llm = LLM.from_model(model.to(getattr(torch, dtype)), None, weights=weights, dtype=dtype,
                          kv_cache_memory=1 << 20)
     assert isinstance(llm.engine.model.h[1].mlp.c_fc, kind) and llm.engine.model.h[1].mlp.c_fc.bias is not None
-    assert f"decode steps: layer by layer ({FUSED_LAYERS_REASON})" in llm.engine.weights_desc
+    assert f"steps: layer by layer ({FUSED_LAYERS_REASON})" in llm.engine.weights_desc
     out = llm.generate(prompt_token_ids=[PROMPT], sampling_params=params, verify=True)[0]
     assert out.verify.passed and out.verify.first_divergence is None
     assert (logits(llm) - logits(ref)).abs().max() < 0.05

@@ -26,7 +26,7 @@ def tiny_folder(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_reference(tiny_folder) -> LLM:
     """A second engine on the same weights, for offline reference outputs (never served)."""
-    return LLM(str(tiny_folder), kv_cache_memory=TINY_KV_BYTES)
+    return LLM(str(tiny_folder), weights="fp32", kv_cache_memory=TINY_KV_BYTES)
 
 
 class Served:
@@ -87,7 +87,7 @@ def start_server(tiny_folder):
     servers: list[Served] = []
 
     def start(**app_args: Any) -> Served:
-        llm = LLM(str(tiny_folder), kv_cache_memory=app_args.pop("kv_cache_memory", TINY_KV_BYTES),
+        llm = LLM(str(tiny_folder), weights="fp32", kv_cache_memory=app_args.pop("kv_cache_memory", TINY_KV_BYTES),
                   max_num_seqs=app_args.pop("max_num_seqs", 64), kv_disk_dir=app_args.pop("kv_disk_dir", None),
                   max_model_len=app_args.pop("max_model_len", None))
         servers.append(Served(llm, **app_args))

@@ -25,7 +25,7 @@ def tiny_folder(tmp_path_factory):
 
 
 def test_served_completion_equals_offline_generation(client, tiny_folder):
-    offline = LLM(str(tiny_folder), kv_cache_memory=4 << 20)
+    offline = LLM(str(tiny_folder), weights="fp32", kv_cache_memory=4 << 20)
     assert type(offline.engine.model).__name__.startswith("GPT2")
     want = offline.generate([PROMPT], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0]
     model = client.models.list().data[0].id

@@ -183,14 +183,14 @@ def test_auto_stream_sends_text_until_a_call_starts():
 
 
 def test_llm_chat_with_tools(tiny_folder):
-    llm = LLM(str(tiny_folder), kv_cache_memory=KV_BYTES)
+    llm = LLM(str(tiny_folder), weights="fp32", kv_cache_memory=KV_BYTES)
     from kvengine.sampling import SamplingParams
     outs = llm.chat(USER, SamplingParams(max_tokens=200, temperature=1.0, seed=1), tools=TOOLS,
                     tool_choice="required")
     assert outs[0].finish_reason == "tool_calls" and outs[0].tool_calls
     for call in outs[0].tool_calls:
         jsonschema.validate(json.loads(call.arguments), SCHEMAS[call.name])
-    plain = LLM(str(make_tiny_hf_folder(tiny_folder.parent / "plain")), kv_cache_memory=KV_BYTES)
+    plain = LLM(str(make_tiny_hf_folder(tiny_folder.parent / "plain")), weights="fp32", kv_cache_memory=KV_BYTES)
     with pytest.raises(RequestError, match="does not support tools") as e:
         plain.chat(USER, tools=TOOLS)
     assert e.value.param == "tools"

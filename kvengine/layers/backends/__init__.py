@@ -15,13 +15,13 @@ import torch
 from kvengine.batch import KVView, StepBatch
 from kvengine.cache.pool import LayerKV
 from kvengine.layers.backends.base import AttentionBackend
-from kvengine.layers.backends.fused_layers import FUSED_LAYERS, FusedLayersMetadata
+from kvengine.layers.backends.fused_layers import FUSED_LAYERS, FusedLayersMetadata, no_cache_rows
 from kvengine.layers.backends.no_cache import NO_CACHE
 from kvengine.layers.backends.paged import PAGED, PagedMetadata
 from kvengine.layers.backends.paged_decode import PAGED_DECODE, PagedDecodeMetadata
 
 __all__ = ["FUSED_LAYERS", "NO_CACHE", "PAGED", "PAGED_DECODE", "AttentionBackend", "FusedLayersMetadata",
-           "PagedDecodeMetadata", "PagedMetadata", "attend"]
+           "PagedDecodeMetadata", "PagedMetadata", "attend", "no_cache_rows"]
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_kv: LayerKV | None, view: KVView | None,

@@ -1,6 +1,8 @@
 """The fused layer op: the model runs each whole decoder layer as one kvengine op (layers/csrc/decode_layer.cpp;
-models/llama.py `enable_fused_layers`), for decode steps and prefill steps that read few keys. Inside the op,
-token r attends over the first `row_lens[r]` slots of `row_slots[r]`, its own last (causal)."""
+models/llama.py `enable_fused_layers`). A model that runs it runs every step that way: decode, prefill of any
+length, and the no-cache recomputation (`no_cache_rows`), so a token's numbers never depend on which step computed
+it, and cached and uncached runs give the same tokens. Inside the op, token r attends over the first `row_lens[r]`
+slots of `row_slots[r]`, its own last (causal)."""
 
 from __future__ import annotations
 
@@ -40,6 +42,22 @@ class FusedLayersBackend:
         max_len = meta.row_slots.shape[1]
         mask = torch.arange(max_len, device=q.device)[None, :] < meta.row_lens[:, None]  # [T, max_len]
         return attend_rows(q, layer_kv, meta.row_slots, mask, scale)
+
+
+def no_cache_rows(batch: StepBatch) -> FusedLayersMetadata:
+    """A no-cache step (kv None: every sequence's whole text) through the op: step token r is written at slot r of
+    a scratch K/V (cache/pool.py `step_scratch`), and token t of sequence i reads its sequence's slots up to itself,
+    as the cached plan has it read the pool's."""
+    max_len = batch.max_context_len
+    rows, lens = [], []
+    for i in range(batch.num_seqs):
+        start, n = batch.query_start_loc[i], batch.query_len(i)
+        own = torch.arange(start, start + n)  # [n]
+        padded = torch.cat([own, own[:1].expand(max_len - n)])  # [max_len]: padding repeats a real slot
+        rows.append(padded.expand(n, max_len))  # [n, max_len]
+        lens.append(torch.arange(1, n + 1))  # [n]
+    device = batch.input_ids.device
+    return FusedLayersMetadata(torch.cat(rows).to(device), torch.cat(lens).to(device))  # [T, max_len], [T]
 
 
 FUSED_LAYERS = FusedLayersBackend()

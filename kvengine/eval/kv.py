@@ -198,7 +198,7 @@ def evaluate_kv_dtypes(model: torch.nn.Module, tokenizer: Any, token_ids: Sequen
         same = [identical_prefix(a, b) for a, b in zip(toks, ref_tokens, strict=True)]
         margins = [None if n == generate else
                    reference_margin(model, [*prompt, *ref[:n]], reference, block_size, device)
-                   for n, prompt, ref in zip(same, prompts, ref_tokens, strict=True)]
+                   for n, prompt, ref in zip(same, prompts, ref_tokens, strict=True)] if generate else []
         s = scores[name]
         ppl = Perplexity(name, n_pred, s.nll).value
         per_token = kv_cache_spec_for(model.config, name, block_size).bytes_per_token

@@ -113,6 +113,18 @@ def test_eval_kv_command_prints_table_then_json(tiny_folder):
     assert only_json.exit_code == 0 and len(only_json.stdout.strip().splitlines()) == 1
 
 
+def test_eval_kv_perplexity_only_and_weights(tiny_folder):
+    """--generate 0 scores perplexity alone; --weights picks the weights the model is evaluated with."""
+    args = ["eval", "kv", "--model", str(tiny_folder), "--tokens", "64", "--generate", "0", "--dtypes", "float32",
+            "--chunk", "32", "--seq-len", "64", "--json"]
+    runs = {w: CliRunner().invoke(app, [*args, "--weights", w]) for w in ("fp32", "int8")}
+    for result in runs.values():
+        assert result.exit_code == 0, result.output
+    ppl = {w: json.loads(r.stdout.strip().splitlines()[-1])["results"][0] for w, r in runs.items()}
+    assert all(r["greedy_identical"] == [] for r in ppl.values())
+    assert ppl["fp32"]["ppl"] != ppl["int8"]["ppl"]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--tokens", "0"], "--tokens must be at least 1"),
     (["--dtypes", "int3"], "unknown KV cache dtype 'int3'"),

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
+import pytest
 import torch
 
 from kvengine.cache.block_manager import BlockManager
@@ -182,3 +185,21 @@ def poisoned_run(real_run, poison: list[int], fault: str):
             logits[row] = float("nan")
         return logits
     return run
+
+
+@contextmanager
+def step_outputs(keep: Callable) -> Iterator[list[torch.Tensor]]:
+    """While open, a copy of the logits of every ModelRunner.run step whose batch `keep(batch)` accepts, in
+    order, in the yielded list (which the caller may clear between runs)."""
+    steps: list[torch.Tensor] = []
+    real_run = ModelRunner.run
+
+    def run(self, batch):
+        out = real_run(self, batch)
+        if keep(batch):
+            steps.append(out.clone())
+        return out
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ModelRunner, "run", run)
+        yield steps

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kvtest import tiny_pair
+from kvtest import step_outputs, tiny_pair
 
 from kvengine.accounting.flops import request_flops
-from kvengine.engine.runner import ModelRunner
 from kvengine.layers import native
 from kvengine.llm import LLM
 from kvengine.sampling import SamplingParams
@@ -104,17 +103,7 @@ def test_no_cache_step_matches_cached_rows_bit_for_bit():
     """The no-cache pass (verify's reference) equals the cached run's logits at every position of the text, its
     rows computed in one step of many rows against the cached run's one-token steps."""
     llm = _fast_engine()
-    steps: list[torch.Tensor] = []
-    real_run = ModelRunner.run
-
-    def run(self, batch):
-        out = real_run(self, batch)
-        if batch.uses_cache:
-            steps.append(out.clone())
-        return out
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(ModelRunner, "run", run)
+    with step_outputs(lambda batch: batch.uses_cache) as steps:
         out = llm.generate(prompt_token_ids=[PROMPTS[0]], sampling_params=_greedy())[0]
     text = PROMPTS[0] + out.token_ids[:-1]
     ref = llm.engine.runner.full_logits_no_cache(text, len(PROMPTS[0]) - 1)  # [NEW_TOKENS, vocab]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kvtest import assert_tracks_reference, held_out_ids, tiny_pair
+from kvtest import assert_tracks_reference, held_out_ids, step_outputs, tiny_pair
 
 from kvengine.engine.runner import ModelRunner
 from kvengine.engine.scheduler import ScheduledSeq
@@ -219,19 +219,9 @@ def test_a_request_decodes_the_same_alone_or_batched():
     """Batch invariance: every decode step's logits for a request are bit-identical whether it runs alone or
     with three other requests (prefill in one step with them, then decode steps of four rows)."""
     target, others = SHARED + [2, 8, 1], [[2, 7, 1, 8, 2], [9] * 9, [6, 5, 4, 3, 2, 1, 2]]
-    steps: list[torch.Tensor] = []
-    real_run = ModelRunner.run
-
-    def run(self, batch):
-        out = real_run(self, batch)
-        if batch.is_decode:
-            steps.append(out.clone())
-        return out
-
     llm = _engine(True, max_num_seqs=4, enable_prefix_caching=False)
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(ModelRunner, "run", run)
+    with step_outputs(lambda batch: batch.is_decode) as steps:
         alone = llm.generate(prompt_token_ids=[target], sampling_params=params)[0].token_ids
         alone_steps, steps[:] = list(steps), []
         together = llm.generate(prompt_token_ids=[others[0], target, *others[1:]], sampling_params=params)

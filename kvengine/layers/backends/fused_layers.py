@@ -12,7 +12,7 @@ import torch
 
 from kvengine.batch import KVView, StepBatch
 from kvengine.cache.pool import LayerKV
-from kvengine.layers.backends.paged_decode import attend_rows, sequence_slots
+from kvengine.layers.backends.paged_decode import attend_rows, pad_slots, sequence_slots
 
 
 @dataclass(slots=True)
@@ -27,13 +27,8 @@ class FusedLayersBackend:
 
     def plan(self, batch: StepBatch, view: KVView) -> FusedLayersMetadata:
         """Token t of sequence i (position start + t) reads the first start + t + 1 slots of i's list."""
-        device = view.slot_mapping.device
         padded, _ = sequence_slots(batch, view)  # [B, max_len]
-        counts = [batch.query_len(i) for i in range(batch.num_seqs)]
-        row_slots = padded.repeat_interleave(torch.tensor(counts, device=device), dim=0)  # [T, max_len]
-        row_lens = torch.cat([torch.arange(end - n + 1, end + 1, device=device)
-                              for n, end in zip(counts, batch.context_lens, strict=True)])  # [T]
-        return FusedLayersMetadata(row_slots, row_lens)
+        return _token_rows(batch, padded)
 
     def attend(self, q: torch.Tensor, layer_kv: LayerKV, view: KVView, batch: StepBatch, scale: float,
                q_sink: torch.Tensor | None) -> torch.Tensor:
@@ -48,16 +43,21 @@ def no_cache_rows(batch: StepBatch) -> FusedLayersMetadata:
     """A no-cache step (kv None: every sequence's whole text) through the op: step token r is written at slot r of
     a scratch K/V (cache/pool.py `step_scratch`), and token t of sequence i reads its sequence's slots up to itself,
     as the cached plan has it read the pool's."""
-    max_len = batch.max_context_len
-    rows, lens = [], []
-    for i in range(batch.num_seqs):
-        start, n = batch.query_start_loc[i], batch.query_len(i)
-        own = torch.arange(start, start + n)  # [n]
-        padded = torch.cat([own, own[:1].expand(max_len - n)])  # [max_len]: padding repeats a real slot
-        rows.append(padded.expand(n, max_len))  # [n, max_len]
-        lens.append(torch.arange(1, n + 1))  # [n]
     device = batch.input_ids.device
-    return FusedLayersMetadata(torch.cat(rows).to(device), torch.cat(lens).to(device))  # [T, max_len], [T]
+    own = [torch.arange(batch.query_start_loc[i], batch.query_start_loc[i + 1], device=device)
+           for i in range(batch.num_seqs)]  # each sequence's step tokens: its whole text
+    return _token_rows(batch, pad_slots(own))
+
+
+def _token_rows(batch: StepBatch, padded: torch.Tensor) -> FusedLayersMetadata:
+    """Each sequence's padded slot list ([B, max_len]) repeated for each of its step tokens; token t of a chunk
+    of n ending at context length `end` reads end - n + t + 1 of them (causal)."""
+    device = padded.device
+    counts = [batch.query_len(i) for i in range(batch.num_seqs)]
+    row_slots = padded.repeat_interleave(torch.tensor(counts, device=device), dim=0)  # [T, max_len]
+    row_lens = torch.cat([torch.arange(end - n + 1, end + 1, device=device)
+                          for n, end in zip(counts, batch.context_lens, strict=True)])  # [T]
+    return FusedLayersMetadata(row_slots, row_lens)
 
 
 FUSED_LAYERS = FusedLayersBackend()

@@ -42,9 +42,13 @@ def sequence_slots(batch: StepBatch, view: KVView) -> tuple[torch.Tensor, torch.
     rows = []
     for index, end in zip(view.kv_index, batch.context_lens, strict=True):
         rows.append(torch.arange(index, index + end, device=device) if isinstance(index, int) else index[:end])
+    return pad_slots(rows), torch.tensor([len(r) for r in rows], device=device)  # [B, max_len], [B]
+
+
+def pad_slots(rows: list[torch.Tensor]) -> torch.Tensor:
+    """Slot lists of different lengths -> [B, max_len], each padded by repeating its first slot (a real key)."""
     max_len = max(len(r) for r in rows)
-    padded = torch.stack([torch.cat([r, r[:1].expand(max_len - len(r))]) for r in rows])  # [B, max_len]
-    return padded, torch.tensor([len(r) for r in rows], device=device)  # [B]
+    return torch.stack([torch.cat([r, r[:1].expand(max_len - len(r))]) for r in rows])  # [B, max_len]
 
 
 def attend_rows(q: torch.Tensor, layer_kv: LayerKV, slots: torch.Tensor, mask: torch.Tensor,

@@ -263,9 +263,9 @@ def test_decode_layer_rejects_wrong_inputs():
     c, layer = model.config, pool.layers[0]
     cos = sin = torch.ones(1, c.head_dim, dtype=act_dtype())
     x = torch.zeros(1, c.hidden_size, dtype=act_dtype())
-    slots, lens = torch.tensor([[0, 1]]), torch.tensor([2])
-    args = (model.fused_layer_weights[0], cos, sin, layer.k, layer.v, slots, lens, c.num_heads, c.num_kv_heads, 1e-5,
-            0.1)
+    slots, seq, lens = torch.tensor([[0, 1]]), torch.tensor([0]), torch.tensor([2])
+    args = (model.fused_layer_weights[0], cos, sin, layer.k, layer.v, slots, seq, lens, c.num_heads, c.num_kv_heads,
+            1e-5, 0.1)
 
     op = native.ops(native.chosen().name).decode_layer
     act, other = act_name(), torch.float32 if act_dtype() == torch.bfloat16 else torch.bfloat16
@@ -275,12 +275,17 @@ def test_decode_layer_rejects_wrong_inputs():
 
     with pytest.raises(RuntimeError, match=f"x must be \\[M, H\\] {act}"):
         op(x.to(other), *args)
-    with pytest.raises(RuntimeError, match="slots must be \\[M, L\\] int64 and lens \\[M\\] int64"):
+    bad_shape = "slots must be \\[S, L\\] int64, seq and lens \\[M\\] int64"
+    with pytest.raises(RuntimeError, match=bad_shape):
         call(5, slots.int())
-    with pytest.raises(RuntimeError, match="slots must be \\[M, L\\] int64 and lens \\[M\\] int64"):
+    with pytest.raises(RuntimeError, match=bad_shape):
         call(5, slots[0])
+    with pytest.raises(RuntimeError, match=bad_shape):
+        call(6, torch.tensor([0, 0]))
+    with pytest.raises(RuntimeError, match="seq must lie in 0..S-1"):
+        call(6, torch.tensor([1]))
     with pytest.raises(RuntimeError, match="lens must lie in 1..L"):
-        call(6, torch.tensor([3]))
+        call(7, torch.tensor([3]))
     with pytest.raises(RuntimeError, match="10 weight tensors expected"):
         call(0, model.fused_layer_weights[0][:9])
     with pytest.raises(RuntimeError, match="slots must lie in the cache"):

@@ -2,7 +2,8 @@
 models/llama.py `enable_fused_layers`). A model that runs it runs every step that way: decode, prefill of any
 length, and the no-cache recomputation (`no_cache_rows`), so a token's numbers never depend on which step computed
 it, and cached and uncached runs give the same tokens. Inside the op, token r attends over the first `row_lens[r]`
-slots of `row_slots[r]`, its own last (causal)."""
+slots of its sequence's list `slots[row_seq[r]]`, its own last (causal): one list per sequence, so a long prompt's
+operands stay linear in its length."""
 
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ from kvengine.layers.backends.paged_decode import attend_rows, pad_slots, sequen
 
 @dataclass(slots=True)
 class FusedLayersMetadata:
-    row_slots: torch.Tensor  # [T, max_len] int64: token r's sequence's slots (padding repeats a real slot)
-    row_lens: torch.Tensor  # [T] int64: how many of them token r reads
+    slots: torch.Tensor  # [B, max_len] int64: each sequence's slots (padding repeats a real slot)
+    row_seq: torch.Tensor  # [T] int64: the sequence of token r (a sequence's tokens are consecutive)
+    row_lens: torch.Tensor  # [T] int64: how many of its sequence's slots token r reads
 
 
 class FusedLayersBackend:
@@ -34,9 +36,9 @@ class FusedLayersBackend:
                q_sink: torch.Tensor | None) -> torch.Tensor:
         """The op's attention in PyTorch (the model runs the op instead): each token over its row's keys."""
         meta: FusedLayersMetadata = view.metadata
-        max_len = meta.row_slots.shape[1]
+        max_len = meta.slots.shape[1]
         mask = torch.arange(max_len, device=q.device)[None, :] < meta.row_lens[:, None]  # [T, max_len]
-        return attend_rows(q, layer_kv, meta.row_slots, mask, scale)
+        return attend_rows(q, layer_kv, meta.slots[meta.row_seq], mask, scale)
 
 
 def no_cache_rows(batch: StepBatch) -> FusedLayersMetadata:
@@ -50,14 +52,14 @@ def no_cache_rows(batch: StepBatch) -> FusedLayersMetadata:
 
 
 def _token_rows(batch: StepBatch, padded: torch.Tensor) -> FusedLayersMetadata:
-    """Each sequence's padded slot list ([B, max_len]) repeated for each of its step tokens; token t of a chunk
-    of n ending at context length `end` reads end - n + t + 1 of them (causal)."""
+    """Each sequence's padded slot list ([B, max_len]) for its step tokens; token t of a chunk of n ending at
+    context length `end` reads end - n + t + 1 of them (causal)."""
     device = padded.device
-    counts = [batch.query_len(i) for i in range(batch.num_seqs)]
-    row_slots = padded.repeat_interleave(torch.tensor(counts, device=device), dim=0)  # [T, max_len]
+    counts = torch.tensor([batch.query_len(i) for i in range(batch.num_seqs)], device=device)  # [B]
+    row_seq = torch.repeat_interleave(torch.arange(batch.num_seqs, device=device), counts)  # [T]
     row_lens = torch.cat([torch.arange(end - n + 1, end + 1, device=device)
-                          for n, end in zip(counts, batch.context_lens, strict=True)])  # [T]
-    return FusedLayersMetadata(row_slots, row_lens)
+                          for n, end in zip(counts.tolist(), batch.context_lens, strict=True)])  # [T]
+    return FusedLayersMetadata(padded, row_seq, row_lens)
 
 
 FUSED_LAYERS = FusedLayersBackend()

@@ -1,5 +1,5 @@
 // Llama-family decoder layer for M new tokens as one op: a decode step (one token for each of M sequences) or
-// a prefill step of short prompts (several tokens per sequence, each reading its sequence's keys up to itself).
+// a prefill step (several tokens per sequence, each reading its sequence's keys up to itself).
 // kvengine/models/llama.py calls it when every linear layer runs kvengine's tile kernels or has bf16 weights.
 //
 // A decode step of a small model is ~15 tensor ops per layer, and from Python each costs a few microseconds
@@ -11,13 +11,16 @@
 // sequence's logits do not depend on what it is batched with.
 //
 //   kvengine::decode_layer(x [M, H] bf16, weights, cos [M, D], sin [M, D], k_cache, v_cache,
-//                          slots [M, L] int64, lens [M] int64, num_heads, num_kv_heads, eps, scale) -> [M, H] bf16
+//                          slots [S, L] int64, seq [M] int64, lens [M] int64, num_heads, num_kv_heads, eps,
+//                          scale) -> [M, H] bf16
 //     weights: input norm [H], qkv (w, s), o (w, s), post-attention norm [H], gate_up (w, s), down (w, s), a
 //     linear layer's (w, s) being q4_gemm's (uint8 [N/16, K/32, 4, 64], fp32 dm) or q8_gemm's (uint8
 //     [N/16, K/4, 64], fp32 scale) operands, or a bf16 weight [N, K] and an unused tensor (unquantized models).
-//     k_cache / v_cache: the layer's [Hkv, slots, D] bf16 views of the pool. Token i reads lens[i] keys at
-//     slots[i, 0 .. lens[i] - 1] (the rest of the row is padding), its own key and value last: every token's are
-//     written first, so tokens of one sequence in one step see each other causally.
+//     k_cache / v_cache: the layer's [Hkv, slots, D] bf16 views of the pool. slots: each of the step's S
+//     sequences' slot list (padded to L); token i belongs to sequence seq[i] (a sequence's tokens are consecutive
+//     rows) and reads lens[i] keys at slots[seq[i], 0 .. lens[i] - 1], its own key and value last: every token's
+//     are written first, so tokens of one sequence in one step see each other causally. One list per sequence,
+//     not per token, keeps a long prompt's operands linear in its length.
 //
 // Numerics follow the PyTorch path (models/llama.py) in bf16: every value that is a bf16 tensor there is
 // rounded to bf16 here at the same point; inside an operation (a norm, a rotation, a softmax) the arithmetic is
@@ -34,7 +37,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <memory>
 #include <vector>
 
 namespace {
@@ -160,14 +165,22 @@ void attend_head(const bf16* q, const bf16* k, const bf16* v, const int64_t* slo
   for (int64_t c = 0; c < chunks; ++c) store16(out + 16 * c, _mm512_mul_ps(acc[c], inv_total));
 }
 
+// attend_head for each of the tile's rows and query heads, p the scratch
+void attend_tile(const kvengine::layer::AttendTile<bf16>& t, float* p) {
+  for (int64_t r = t.r0; r < t.r1; ++r)
+    for (int64_t g = 0; g < t.group; ++g)
+      attend_head(t.q + r * t.q_stride + g * t.D, t.k, t.v, t.slots, t.lens[r], t.D, t.scale, p,
+                  t.out + r * t.out_stride + g * t.D);
+}
+
 #include "layer_flow.h"
 
 at::Tensor decode_layer(const at::Tensor& x, at::TensorList w, const at::Tensor& cos, const at::Tensor& sin,
                         const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& slots,
-                        const at::Tensor& lens, int64_t num_heads, int64_t num_kv_heads, double eps, double scale) {
-  check_layer_operands(x, w, cos, sin, k_cache, v_cache, slots, lens, num_heads, num_kv_heads, at::kBFloat16,
+                        const at::Tensor& seq, const at::Tensor& lens, int64_t num_heads, int64_t num_kv_heads, double eps, double scale) {
+  check_layer_operands(x, w, cos, sin, k_cache, v_cache, slots, seq, lens, num_heads, num_kv_heads, at::kBFloat16,
                        "bfloat16", 16);
-  return layer_flow<bf16>(x, w, cos, sin, k_cache, v_cache, slots, lens, num_heads, num_kv_heads, eps, scale);
+  return layer_flow<bf16>(x, w, cos, sin, k_cache, v_cache, slots, seq, lens, num_heads, num_kv_heads, eps, scale);
 }
 
 }  // namespace

@@ -1,18 +1,25 @@
 // Llama-family decoder layer for M new tokens as one op, on fp32 activations: the avx2 and portable tiers'
 // counterpart of decode_layer.cpp (same operands and semantics, read its header), for CPUs without bf16
 // arithmetic. The matrix products are fp32_mm.h's (int8 activations in groups of 32, as the layer-by-layer path
-// runs them); the rest are plain loops over fp32 that each tier's flags vectorize. Every row is computed on its
-// own: a sequence's result does not depend on what it is batched with.
+// runs them); attention is fp32_attention.h's; the rest are plain loops over fp32 that each tier's flags vectorize
+// (e^x with AVX2 is fp32_attention.h's exp8). Every row is computed on its own: a sequence's result does not depend
+// on what it is batched with.
 //
-//   KV_OPS::decode_layer(x [M, H] fp32, weights, cos [M, D], sin [M, D], k_cache, v_cache, slots [M, L] int64,
-//                        lens [M] int64, num_heads, num_kv_heads, eps, scale) -> [M, H] fp32
+//   KV_OPS::decode_layer(x [M, H] fp32, weights, cos [M, D], sin [M, D], k_cache, v_cache, slots [S, L] int64,
+//                        seq [M] int64, lens [M] int64, num_heads, num_kv_heads, eps, scale) -> [M, H] fp32
 //     weights: input norm [H], qkv (w, s), o (w, s), post-attention norm [H], gate_up (w, s), down (w, s), each
 //     linear layer's (w, s) q4_gemm's or q8_gemm's operands; norms, cos, sin and the caches fp32.
 
 #include <ATen/Parallel.h>
 
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <memory>
 #include <vector>
 
 #include "fp32_mm.h"
@@ -26,19 +33,30 @@ at::Tensor linear(const at::Tensor& x, at::TensorList w, int i) {
   return w[i].dim() == 4 ? q4_gemm(x, w[i], w[i + 1]) : q8_gemm(x, w[i], w[i + 1]);
 }
 
+// a . b over D values in 8 interleaved partial sums, which the tier's flags turn into one vector register (a single
+// running sum is a serial chain the compiler may not reorder)
+float dot_row(const float* a, const float* b, int64_t D) {
+  float part[8] = {};
+  int64_t c = 0;
+  for (; c + 8 <= D; c += 8)
+    for (int j = 0; j < 8; ++j) part[j] += a[c + j] * b[c + j];
+  for (; c < D; ++c) part[c % 8] += a[c] * b[c];
+  return ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]));
+}
+
 // x / rms(x) * w over each row (F.rms_norm)
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
   const int64_t n = x.size(1);
   at::Tensor y = at::empty_like(x);  // [M, H]
   const float* wp = w.data_ptr<float>();
-  for (int64_t row = 0; row < x.size(0); ++row) {
-    const float* xp = x.data_ptr<float>() + row * n;
-    float* yp = y.data_ptr<float>() + row * n;
-    float squares = 0.f;
-    for (int64_t i = 0; i < n; ++i) squares += xp[i] * xp[i];
-    const float r = 1.f / std::sqrt(squares / static_cast<float>(n) + static_cast<float>(eps));
-    for (int64_t i = 0; i < n; ++i) yp[i] = xp[i] * r * wp[i];
-  }
+  at::parallel_for(0, x.size(0), 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t row = r0; row < r1; ++row) {
+      const float* xp = x.data_ptr<float>() + row * n;
+      float* yp = y.data_ptr<float>() + row * n;
+      const float r = 1.f / std::sqrt(dot_row(xp, xp, n) / static_cast<float>(n) + static_cast<float>(eps));
+      for (int64_t i = 0; i < n; ++i) yp[i] = xp[i] * r * wp[i];
+    }
+  });
   return y;
 }
 
@@ -55,46 +73,25 @@ void rotate_heads(float* x, int64_t heads, int64_t D, const float* cos, const fl
   }
 }
 
+#include "fp32_attention.h"
+
 // silu(gate) * up, row by row: gate_up [M, 2I] -> out [M, I]
 void swiglu(const float* gate_up, int64_t M, int64_t I, float* out) {
   at::parallel_for(0, M, 4, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const float* gu = gate_up + r * 2 * I;
-      for (int64_t i = 0; i < I; ++i) out[r * I + i] = gu[i] / (1.f + std::exp(-gu[i])) * gu[I + i];
+      int64_t i = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+      for (; i + 8 <= I; i += 8) {
+        const __m256 g = _mm256_loadu_ps(gu + i);
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), g));
+        _mm256_storeu_ps(out + r * I + i, _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.f), e)),
+                                                        _mm256_loadu_ps(gu + I + i)));
+      }
+#endif
+      for (; i < I; ++i) out[r * I + i] = gu[i] / (1.f + std::exp(-gu[i])) * gu[I + i];
     }
   });
-}
-
-// q . k over D values in 8 interleaved partial sums, which the tier's flags turn into one vector register (a single
-// running sum is a serial chain the compiler may not reorder)
-float dot_row(const float* q, const float* k, int64_t D) {
-  float part[8] = {};
-  int64_t c = 0;
-  for (; c + 8 <= D; c += 8)
-    for (int j = 0; j < 8; ++j) part[j] += q[c + j] * k[c + j];
-  for (; c < D; ++c) part[c % 8] += q[c] * k[c];
-  return ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]));
-}
-
-// One query head against the keys at `slots`: softmax(q.k * scale) . v. k, v point at the head's [slots, D] rows.
-void attend_head(const float* q, const float* k, const float* v, const int64_t* slots, int64_t L, int64_t D,
-                 float scale, float* p, float* out) {
-  float top = -INFINITY;
-  for (int64_t j = 0; j < L; ++j) {
-    p[j] = dot_row(q, k + slots[j] * D, D) * scale;
-    top = std::max(top, p[j]);
-  }
-  float total = 0.f;
-  for (int64_t j = 0; j < L; ++j) {
-    p[j] = std::exp(p[j] - top);
-    total += p[j];
-  }
-  float acc[kMaxHeadDim] = {};
-  for (int64_t j = 0; j < L; ++j) {
-    const float* row = v + slots[j] * D;
-    for (int64_t c = 0; c < D; ++c) acc[c] += p[j] * row[c];
-  }
-  for (int64_t c = 0; c < D; ++c) out[c] = acc[c] / total;
 }
 
 void add_into(at::Tensor& x, const at::Tensor& y) {
@@ -107,12 +104,12 @@ void add_into(at::Tensor& x, const at::Tensor& y) {
 
 at::Tensor decode_layer(const at::Tensor& x, at::TensorList w, const at::Tensor& cos, const at::Tensor& sin,
                         const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& slots,
-                        const at::Tensor& lens, int64_t num_heads, int64_t num_kv_heads, double eps, double scale) {
-  check_layer_operands(x, w, cos, sin, k_cache, v_cache, slots, lens, num_heads, num_kv_heads, at::kFloat,
+                        const at::Tensor& seq, const at::Tensor& lens, int64_t num_heads, int64_t num_kv_heads, double eps, double scale) {
+  check_layer_operands(x, w, cos, sin, k_cache, v_cache, slots, seq, lens, num_heads, num_kv_heads, at::kFloat,
                        "float32", 2);
   for (int i : {1, 3, 6, 8})
     TORCH_CHECK(w[i].dim() == 4 || w[i].dim() == 3, "decode_layer: linear weights must be q4_gemm's or q8_gemm's tiles");
-  return layer_flow<float>(x, w, cos, sin, k_cache, v_cache, slots, lens, num_heads, num_kv_heads, eps, scale);
+  return layer_flow<float>(x, w, cos, sin, k_cache, v_cache, slots, seq, lens, num_heads, num_kv_heads, eps, scale);
 }
 
 }  // namespace

@@ -2,19 +2,20 @@
 // checks and the order of the steps. decode_layer.cpp (bf16 activations) and fp32_layer.cpp (fp32) include it
 // inside their namespace after defining, for their element type T, the steps it calls by name:
 //   linear(x, w, i), rms_norm(x, norm, eps), add_into(out, y)      tensors of T
-//   rotate_heads(T* x, heads, D, cos, sin), swiglu(gate_up, M, I, out), attend_head(q, k, v, slots, L, D, scale,
-//   p, out)                                                         rows of T
+//   rotate_heads(T* x, heads, D, cos, sin), swiglu(gate_up, M, I, out)   rows of T
+//   attend_tile(tile, scratch)        one kv head's attention for a tile of rows (tier.h's AttendTile), with
+//                                     kTileRows * group * L (L rounded up to 16) floats of scratch
 //   kMaxHeadDim
 // Read decode_layer.cpp's header for the operands and their meaning.
-// It holds no #include of its own (it is read inside a namespace): the includer brings ATen, <algorithm> and
-// <vector>.
+// It holds no #include of its own (it is read inside a namespace): the includer brings ATen, <algorithm>,
+// <atomic>, <memory> and <vector>.
 #pragma once
 
 // Every operand of decode_layer whose activations, norms, cos/sin and caches are `dtype` (named `name` in the
 // errors), with head_dim a multiple of `head_dim_step`.
 inline void check_layer_operands(const at::Tensor& x, at::TensorList w, const at::Tensor& cos, const at::Tensor& sin,
                                  const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& slots,
-                                 const at::Tensor& lens, int64_t Hq, int64_t Hkv, at::ScalarType dtype,
+                                 const at::Tensor& seq, const at::Tensor& lens, int64_t Hq, int64_t Hkv, at::ScalarType dtype,
                                  const char* name, int64_t head_dim_step) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == dtype && x.is_contiguous(), "decode_layer: x must be [M, H] ", name);
   TORCH_CHECK(w.size() == 10, "decode_layer: 10 weight tensors expected");
@@ -28,29 +29,57 @@ inline void check_layer_operands(const at::Tensor& x, at::TensorList w, const at
   for (const at::Tensor* c : {&k_cache, &v_cache})
     TORCH_CHECK(c->scalar_type() == dtype && c->stride(2) == 1 && c->stride(1) == D,
                 "decode_layer: caches must be [Hkv, slots, D] ", name, " with rows of D");
-  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.dim() == 2 && slots.size(0) == M &&
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.dim() == 2 &&
+                  seq.scalar_type() == at::kLong && seq.is_contiguous() && seq.numel() == M &&
                   lens.scalar_type() == at::kLong && lens.is_contiguous() && lens.numel() == M,
-              "decode_layer: slots must be [M, L] int64 and lens [M] int64");
-  const int64_t Lmax = slots.size(1);
-  const int64_t *sp = slots.data_ptr<int64_t>(), *lp = lens.data_ptr<int64_t>();
-  const int64_t num_slots = std::min(k_cache.size(1), v_cache.size(1));
+              "decode_layer: slots must be [S, L] int64, seq and lens [M] int64");
+  const int64_t S = slots.size(0), Lmax = slots.size(1);
+  const int64_t *sp = slots.data_ptr<int64_t>(), *qp = seq.data_ptr<int64_t>(), *lp = lens.data_ptr<int64_t>();
+  std::vector<int64_t> reads(S, 0);  // how many of each sequence's slots its rows read
   for (int64_t i = 0; i < M; ++i) {
+    TORCH_CHECK(qp[i] >= 0 && qp[i] < S, "decode_layer: seq must lie in 0..S-1");
     TORCH_CHECK(lp[i] >= 1 && lp[i] <= Lmax, "decode_layer: lens must lie in 1..L");
-    TORCH_CHECK(std::all_of(sp + i * Lmax, sp + i * Lmax + lp[i], [&](int64_t s) { return s >= 0 && s < num_slots; }),
-                "decode_layer: slots must lie in the cache");
+    reads[qp[i]] = std::max(reads[qp[i]], lp[i]);
   }
+  const int64_t num_slots = std::min(k_cache.size(1), v_cache.size(1));
+  for (int64_t s = 0; s < S; ++s)
+    TORCH_CHECK(std::all_of(sp + s * Lmax, sp + s * Lmax + reads[s], [&](int64_t v) { return v >= 0 && v < num_slots; }),
+                "decode_layer: slots must lie in the cache");
   TORCH_CHECK(cos.numel() == M * D && sin.numel() == M * D && cos.scalar_type() == dtype &&
                   sin.scalar_type() == dtype && cos.is_contiguous() && sin.is_contiguous(),
               "decode_layer: cos/sin must be [M, D] ", name);
+}
+
+// Rows [r0, r1) of one sequence (they read one slot list, each up to its own length): the unit of attention work,
+// taken with one kv head at a time.
+struct RowTile {
+  int64_t r0, r1;
+};
+
+// Each run of consecutive rows with the same seq cut into tiles of at most kTileRows rows, the costliest (the most
+// keys read) first, so that threads taking the next tile as they finish end together.
+inline std::vector<RowTile> row_tiles(const int64_t* seq, const int64_t* lens, int64_t M) {
+  std::vector<RowTile> tiles;
+  for (int64_t i = 0; i < M;) {
+    int64_t j = i + 1;
+    while (j < M && seq[j] == seq[i] && j - i < kvengine::layer::kTileRows) ++j;
+    tiles.push_back({i, j});
+    i = j;
+  }
+  std::stable_sort(tiles.begin(), tiles.end(), [&](const RowTile& a, const RowTile& b) {
+    return lens[a.r1 - 1] * (a.r1 - a.r0) > lens[b.r1 - 1] * (b.r1 - b.r0);
+  });
+  return tiles;
 }
 
 // The layer on checked operands: x [M, H] -> [M, H], the new tokens' K/V written into the caches on the way.
 template <typename T>
 at::Tensor layer_flow(const at::Tensor& x, at::TensorList w, const at::Tensor& cos, const at::Tensor& sin,
                       const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& slots,
-                      const at::Tensor& lens, int64_t Hq, int64_t Hkv, double eps, double scale) {
+                      const at::Tensor& seq, const at::Tensor& lens, int64_t Hq, int64_t Hkv, double eps,
+                      double scale) {
   const int64_t M = x.size(0), D = k_cache.size(2), Lmax = slots.size(1);
-  const int64_t *sp = slots.data_ptr<int64_t>(), *lp = lens.data_ptr<int64_t>();
+  const int64_t *sp = slots.data_ptr<int64_t>(), *qp = seq.data_ptr<int64_t>(), *lp = lens.data_ptr<int64_t>();
 
   // attention block
   at::Tensor qkv = linear(rms_norm(x, w[0], eps), w, 1);  // [M, (Hq + 2 Hkv) D]
@@ -59,25 +88,33 @@ at::Tensor layer_flow(const at::Tensor& x, at::TensorList w, const at::Tensor& c
   T* kc = k_cache.data_ptr<T>();
   T* vc = v_cache.data_ptr<T>();
   const int64_t head_stride = k_cache.stride(0);
-  for (int64_t i = 0; i < M; ++i) {
-    T* row = qkv.data_ptr<T>() + i * width;
-    rotate_heads(row, Hq + Hkv, D, cos.data_ptr<T>() + i * D, sin.data_ptr<T>() + i * D);
-    const int64_t new_slot = sp[i * Lmax + lp[i] - 1];
-    for (int64_t h = 0; h < Hkv; ++h) {
-      std::copy_n(row + (Hq + h) * D, D, kc + h * head_stride + new_slot * D);
-      std::copy_n(row + (Hq + Hkv + h) * D, D, vc + h * head_stride + new_slot * D);
+  at::parallel_for(0, M, 16, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      T* row = qkv.data_ptr<T>() + i * width;
+      rotate_heads(row, Hq + Hkv, D, cos.data_ptr<T>() + i * D, sin.data_ptr<T>() + i * D);
+      const int64_t new_slot = sp[qp[i] * Lmax + lp[i] - 1];
+      for (int64_t h = 0; h < Hkv; ++h) {
+        std::copy_n(row + (Hq + h) * D, D, kc + h * head_stride + new_slot * D);
+        std::copy_n(row + (Hq + Hkv + h) * D, D, vc + h * head_stride + new_slot * D);
+      }
     }
-  }
+  });
   at::Tensor attn = at::empty({M, Hq * D}, x.options());  // [M, Hq D]
-  T* ap = attn.data_ptr<T>();
-  const T* qp = qkv.data_ptr<T>();
   const int64_t group = Hq / Hkv;
-  at::parallel_for(0, M * Hq, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> p(Lmax);  // one head's scores, then weights
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t i = t / Hq, h = t % Hq, kv = h / group;
-      attend_head(qp + i * width + h * D, kc + kv * head_stride, vc + kv * head_stride, sp + i * Lmax, lp[i], D,
-                  static_cast<float>(scale), p.data(), ap + i * Hq * D + h * D);
+  const std::vector<RowTile> tiles = row_tiles(qp, lp, M);
+  const int64_t items = static_cast<int64_t>(tiles.size()) * Hkv;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    // the tile's scores, then weights: [kTileRows * group, L rounded up to 16]
+    std::unique_ptr<float[]> scratch(new float[kvengine::layer::kTileRows * group * ((Lmax + 15) / 16 * 16)]);
+    for (int64_t n = next++; n < items; n = next++) {
+      const RowTile& t = tiles[n / Hkv];
+      const int64_t kv = n % Hkv;
+      const kvengine::layer::AttendTile<T> tile{qkv.data_ptr<T>() + kv * group * D, width, t.r0, t.r1, group,
+                                                kc + kv * head_stride, vc + kv * head_stride, sp + qp[t.r0] * Lmax,
+                                                lp, D, static_cast<float>(scale),
+                                                attn.data_ptr<T>() + kv * group * D, Hq * D};
+      attend_tile(tile, scratch.get());
     }
   });
   at::Tensor out = x.clone();  // [M, H]: the residual stream

@@ -26,8 +26,28 @@ constexpr const char* kQ4Gemm = "q4_gemm(Tensor x, Tensor w, Tensor dm) -> Tenso
 constexpr const char* kQ8Gemm = "q8_gemm(Tensor x, Tensor w, Tensor scale) -> Tensor";
 constexpr const char* kDecodeLayer =
     "decode_layer(Tensor x, Tensor[] weights, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, "
-    "Tensor slots, Tensor lens, int num_heads, int num_kv_heads, float eps, float scale) -> Tensor";
+    "Tensor slots, Tensor seq, Tensor lens, int num_heads, int num_kv_heads, float eps, float scale) -> Tensor";
 }  // namespace kvengine::schema
+
+// What decode_layer's attention hands a tier's attend_tile (layer_flow.h): one kv head's attention for a tile of
+// at most kTileRows rows of one sequence. Query head g of row r (g < group) is q[r * q_stride + g * D ..]; it reads
+// the first lens[r] of the sequence's `slots` in the head's caches k, v ([slots, D] rows); its result goes to
+// out[r * out_stride + g * D ..].
+namespace kvengine::layer {
+constexpr int64_t kTileRows = 16;
+
+template <typename T>
+struct AttendTile {
+  const T* q;
+  int64_t q_stride, r0, r1, group;
+  const T *k, *v;
+  const int64_t *slots, *lens;
+  int64_t D;
+  float scale;
+  T* out;
+  int64_t out_stride;
+};
+}  // namespace kvengine::layer
 
 // The weight operands every tier's q4_gemm / q8_gemm take (the 16-row tile layouts of native.py), for x of K
 // columns; each returns the number of 16-row tiles.

@@ -133,45 +133,7 @@ void swiglu(const bf16* gate_up, int64_t M, int64_t I, bf16* out) {
   });
 }
 
-// One query head against the keys at `slots`: softmax(q.k * scale) . v, fp32 throughout. k, v point at the
-// head's [slots, D] rows (row stride D).
-void attend_head(const bf16* q, const bf16* k, const bf16* v, const int64_t* slots, int64_t L, int64_t D,
-                 float scale, float* p, bf16* out) {
-  const int64_t chunks = D / 16;
-  __m512 qv[kMaxHeadDim / 16];
-  for (int64_t c = 0; c < chunks; ++c) qv[c] = _mm512_mul_ps(load16(q + 16 * c), _mm512_set1_ps(scale));
-  float top = -INFINITY;
-  for (int64_t j = 0; j < L; ++j) {
-    const bf16* row = k + slots[j] * D;
-    __m512 acc = _mm512_mul_ps(qv[0], load16(row));
-    for (int64_t c = 1; c < chunks; ++c) acc = _mm512_fmadd_ps(qv[c], load16(row + 16 * c), acc);
-    p[j] = _mm512_reduce_add_ps(acc);
-    top = std::max(top, p[j]);
-  }
-  __m512 sum = _mm512_setzero_ps();
-  for (int64_t j = 0; j < L; j += 16) {
-    const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(first(L - j), p + j), _mm512_set1_ps(top)));
-    _mm512_mask_storeu_ps(p + j, first(L - j), e);
-    sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(first(L - j), e));
-  }
-  const __m512 inv_total = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sum));
-  __m512 acc[kMaxHeadDim / 16];
-  for (int64_t c = 0; c < chunks; ++c) acc[c] = _mm512_setzero_ps();
-  for (int64_t j = 0; j < L; ++j) {
-    const bf16* row = v + slots[j] * D;
-    const __m512 w = _mm512_set1_ps(p[j]);
-    for (int64_t c = 0; c < chunks; ++c) acc[c] = _mm512_fmadd_ps(w, load16(row + 16 * c), acc[c]);
-  }
-  for (int64_t c = 0; c < chunks; ++c) store16(out + 16 * c, _mm512_mul_ps(acc[c], inv_total));
-}
-
-// attend_head for each of the tile's rows and query heads, p the scratch
-void attend_tile(const kvengine::layer::AttendTile<bf16>& t, float* p) {
-  for (int64_t r = t.r0; r < t.r1; ++r)
-    for (int64_t g = 0; g < t.group; ++g)
-      attend_head(t.q + r * t.q_stride + g * t.D, t.k, t.v, t.slots, t.lens[r], t.D, t.scale, p,
-                  t.out + r * t.out_stride + g * t.D);
-}
+#include "bf16_attention.h"
 
 #include "layer_flow.h"
 

@@ -19,7 +19,7 @@
 
 #if defined(__AVX2__) && defined(__FMA__)
 
-constexpr int64_t kKeyBlock = 64;  // keys per block of the scores pass
+using kvengine::layer::kKeyBlock;
 
 // e^x for 8 lanes: x = k ln2 + r with |r| <= ln2 / 2 (ln2 in two parts), e^r by its Taylor series to r^6 (relative
 // error ~1e-7), times 2^k built in the exponent bits; x is clamped to [-87, 88] so 2^k stays a normal float

@@ -4,7 +4,8 @@
 //   linear(x, w, i), rms_norm(x, norm, eps), add_into(out, y)      tensors of T
 //   rotate_heads(T* x, heads, D, cos, sin), swiglu(gate_up, M, I, out)   rows of T
 //   attend_tile(tile, scratch)        one kv head's attention for a tile of rows (tier.h's AttendTile), with
-//                                     kTileRows * group * L (L rounded up to 16) floats of scratch
+//                                     kTileRows * group * (L rounded up to 16 + D + 1) + kKeyBlock * D floats of
+//                                     scratch
 //   kMaxHeadDim
 // Read decode_layer.cpp's header for the operands and their meaning.
 // It holds no #include of its own (it is read inside a namespace): the includer brings ATen, <algorithm>,
@@ -105,8 +106,9 @@ at::Tensor layer_flow(const at::Tensor& x, at::TensorList w, const at::Tensor& c
   const int64_t items = static_cast<int64_t>(tiles.size()) * Hkv;
   std::atomic<int64_t> next{0};
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
-    // the tile's scores, then weights: [kTileRows * group, L rounded up to 16]
-    std::unique_ptr<float[]> scratch(new float[kvengine::layer::kTileRows * group * ((Lmax + 15) / 16 * 16)]);
+    // room for a tile's scores and sums: [kTileRows * group, L rounded up to 16 + D + 1], and a key block
+    using kvengine::layer::kKeyBlock, kvengine::layer::kTileRows;
+    std::unique_ptr<float[]> scratch(new float[kTileRows * group * ((Lmax + 15) / 16 * 16 + D + 1) + kKeyBlock * D]);
     for (int64_t n = next++; n < items; n = next++) {
       const RowTile& t = tiles[n / Hkv];
       const int64_t kv = n % Hkv;

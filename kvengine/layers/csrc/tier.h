@@ -35,6 +35,7 @@ constexpr const char* kDecodeLayer =
 // out[r * out_stride + g * D ..].
 namespace kvengine::layer {
 constexpr int64_t kTileRows = 16;
+constexpr int64_t kKeyBlock = 64;  // keys an attend_tile pass takes at a time (kept in L1 for the tile's queries)
 
 template <typename T>
 struct AttendTile {

@@ -44,6 +44,7 @@ class Tier:
     sources: tuple[str, ...]  # files of csrc/
     act_dtype: torch.dtype  # the activations its ops take and return
     row_kernels: bool = False  # q4_mm / q8_mm / bf16_mm for shapes the tiles do not fit
+    head_dim_step: int = 2  # decode_layer takes head_dim a multiple of this (its operand check, layer_flow.h)
 
     @property
     def namespace(self) -> str:
@@ -53,7 +54,7 @@ class Tier:
 TIERS = (
     Tier("avx512", ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni", "f16c", "fma"),
          ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-mf16c", "-mfma"),
-         ("packed_mm.cpp", "vnni_mm.cpp", "decode_layer.cpp"), torch.bfloat16, row_kernels=True),
+         ("packed_mm.cpp", "vnni_mm.cpp", "decode_layer.cpp"), torch.bfloat16, row_kernels=True, head_dim_step=16),
     Tier("avxvnni", ("avx2", "fma", "f16c", "avx_vnni"), ("-mavx2", "-mfma", "-mf16c", "-mavxvnni"),
          ("fp32_mm.cpp", "avx2_tiles.cpp", "fp32_layer.cpp"), torch.float32),
     Tier("avx2", ("avx2", "fma", "f16c"), ("-mavx2", "-mfma", "-mf16c"),

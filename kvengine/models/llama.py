@@ -152,6 +152,8 @@ class LlamaForCausalLM(DecoderLM):
             return f"it needs {act} activations, and kvengine's tile kernels{bf16} in every linear layer"
         if pool.plain_dtype() != tier.act_dtype:
             return f"it needs a {str(tier.act_dtype).removeprefix('torch.')} KV cache that keeps every token"
+        if self.config.head_dim % tier.head_dim_step:
+            return f"it needs a head_dim that is a multiple of {tier.head_dim_step}"
         self.fused_layer_weights, self.fused_tier = weights, tier.name
         return ""
 

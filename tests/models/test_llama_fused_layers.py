@@ -109,6 +109,23 @@ def test_fused_layers_equals_layer_by_layer(monkeypatch):
     assert bm.num_free_blocks == bm.manager.num_blocks  # nothing held once the requests are done
 
 
+def test_head_dim_not_a_multiple_of_8():
+    """head_dim 12: the fp32 tiers' op attends each query on its own (its 8-lane tiles need multiples of 8) and
+    gives layer by layer's tokens; the bf16 op takes multiples of 16 only, so that model runs layer by layer and
+    the run summary says why."""
+    shape = dict(hidden_size=192, intermediate_size=128, num_attention_heads=16, num_key_value_heads=8)
+    engines = [LLM.from_model(tiny_pair("llama", **shape)[0].to(act_dtype()), None, block_size=4, fused_layers=fused,
+                              kv_cache_memory=1 << 20, weights="int4") for fused in (True, False)]
+    if act_dtype() == torch.bfloat16:
+        assert fused_line(engines[0]) == "layer by layer (it needs a head_dim that is a multiple of 16)"
+        return
+    assert fused_line(engines[0]) == "one kvengine op per layer"
+    (got, got_logits, _), (want, want_logits, _) = (_decode(llm) for llm in engines)
+    assert got == want and [len(t) for t in got] == [NEW_TOKENS] * 2
+    worst = max(((g - w).abs().max() / w.abs().max()).item() for g, w in zip(got_logits, want_logits, strict=True))
+    assert worst <= LOGIT_TOL, worst
+
+
 def test_fused_layers_says_when_it_runs_and_why_not():
     assert fused_line(_engine(True)) == "one kvengine op per layer"
     assert fused_line(_engine(False)) is None  # turned off: not mentioned

@@ -66,6 +66,8 @@ void q4_tile(const int8_t* xq, const float* da, const float* sx, const uint8_t* 
   }
 }
 
+const bool kTilesReadMagnitudes = true;
+
 void q8_tile(const int8_t* xq, const int8_t* xa, const float* da, const uint8_t* w, const float* scale, float* y,
              int R, int64_t K, int64_t N, int64_t t) {
   const int64_t G = K / kGroup;

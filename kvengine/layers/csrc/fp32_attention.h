@@ -13,9 +13,39 @@
 // which is what keeps cached and uncached tokens identical. Keys past a query's length are computed in the last
 // group of 8 (reading a real key) and dropped.
 //
-// Without AVX2 (the portable tier) each query runs attend_head: the same three passes as plain loops the
-// compiler vectorizes.
+// Without AVX2 (the portable tier), or for a head_dim that is not a multiple of 8, each query runs attend_head: the
+// same three passes as plain loops the compiler vectorizes.
 #pragma once
+
+// One query head against the keys at `slots`: softmax(q.k * scale) . v. k, v point at the head's [slots, D] rows.
+void attend_head(const float* q, const float* k, const float* v, const int64_t* slots, int64_t L, int64_t D,
+                 float scale, float* p, float* out) {
+  float top = -INFINITY;
+  for (int64_t j = 0; j < L; ++j) {
+    p[j] = dot_row(q, k + slots[j] * D, D) * scale;
+    top = std::max(top, p[j]);
+  }
+  float total = 0.f;
+  for (int64_t j = 0; j < L; ++j) {
+    p[j] = std::exp(p[j] - top);
+    total += p[j];
+  }
+  float acc[kMaxHeadDim] = {};
+  for (int64_t j = 0; j < L; ++j) {
+    const float* row = v + slots[j] * D;
+    for (int64_t c = 0; c < D; ++c) acc[c] += p[j] * row[c];
+  }
+  for (int64_t c = 0; c < D; ++c) out[c] = acc[c] / total;
+}
+
+
+// each of the tile's queries on its own (attend_head), p the scratch
+void attend_each(const kvengine::layer::AttendTile<float>& t, float* p) {
+  for (int64_t r = t.r0; r < t.r1; ++r)
+    for (int64_t g = 0; g < t.group; ++g)
+      attend_head(t.q + r * t.q_stride + g * t.D, t.k, t.v, t.slots, t.lens[r], t.D, t.scale, p,
+                  t.out + r * t.out_stride + g * t.D);
+}
 
 #if defined(__AVX2__) && defined(__FMA__)
 
@@ -115,6 +145,7 @@ inline void weighted_values(const kvengine::layer::AttendTile<float>& t, const f
 }
 
 void attend_tile(const kvengine::layer::AttendTile<float>& t, float* scratch) {
+  if (t.D % 8 != 0) return attend_each(t, scratch);  // the op allows any even head_dim
   const int64_t top_len = *std::max_element(t.lens + t.r0, t.lens + t.r1);
   const int64_t stride = (top_len + 15) / 16 * 16;
   tile_scores(t, scratch, stride);
@@ -140,33 +171,6 @@ void attend_tile(const kvengine::layer::AttendTile<float>& t, float* scratch) {
 
 #else  // the portable tier
 
-// One query head against the keys at `slots`: softmax(q.k * scale) . v. k, v point at the head's [slots, D] rows.
-void attend_head(const float* q, const float* k, const float* v, const int64_t* slots, int64_t L, int64_t D,
-                 float scale, float* p, float* out) {
-  float top = -INFINITY;
-  for (int64_t j = 0; j < L; ++j) {
-    p[j] = dot_row(q, k + slots[j] * D, D) * scale;
-    top = std::max(top, p[j]);
-  }
-  float total = 0.f;
-  for (int64_t j = 0; j < L; ++j) {
-    p[j] = std::exp(p[j] - top);
-    total += p[j];
-  }
-  float acc[kMaxHeadDim] = {};
-  for (int64_t j = 0; j < L; ++j) {
-    const float* row = v + slots[j] * D;
-    for (int64_t c = 0; c < D; ++c) acc[c] += p[j] * row[c];
-  }
-  for (int64_t c = 0; c < D; ++c) out[c] = acc[c] / total;
-}
-
-
-void attend_tile(const kvengine::layer::AttendTile<float>& t, float* p) {
-  for (int64_t r = t.r0; r < t.r1; ++r)
-    for (int64_t g = 0; g < t.group; ++g)
-      attend_head(t.q + r * t.q_stride + g * t.D, t.k, t.v, t.slots, t.lens[r], t.D, t.scale, p,
-                  t.out + r * t.out_stride + g * t.D);
-}
+void attend_tile(const kvengine::layer::AttendTile<float>& t, float* p) { attend_each(t, p); }
 
 #endif

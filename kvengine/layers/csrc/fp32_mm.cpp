@@ -76,14 +76,14 @@ at::Tensor q8_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
   check_x(x, "q8_gemm");
   const int64_t M = x.size(0), K = x.size(1), G = K / kGroup;
   const int64_t tiles = kvengine::operands::q8_tiles(w, scale, K), N = 16 * tiles;
-  QuantizedRows xr = quantize_rows(x.contiguous(), true);
+  QuantizedRows xr = quantize_rows(x.contiguous(), kTilesReadMagnitudes);
   at::Tensor y = at::empty({M, N}, x.options());  // [M, N]
   const int8_t *qp = xr.codes.data_ptr<int8_t>(), *ap = xr.magnitude.data_ptr<int8_t>();
   const float *dp = xr.scale.data_ptr<float>(), *sp = scale.data_ptr<float>();
   const uint8_t* wp = w.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();
   kvengine::tiles::for_tiles<kRows>(M, tiles, [&](int64_t t, int64_t i0, int64_t r) {
-    q8_tile(qp + i0 * K, ap + i0 * K, dp + i0 * G, wp, sp, yp + i0 * N, static_cast<int>(r), K, N, t);
+    q8_tile(qp + i0 * K, kTilesReadMagnitudes ? ap + i0 * K : nullptr, dp + i0 * G, wp, sp, yp + i0 * N, static_cast<int>(r), K, N, t);
   });
   return y;
 }

@@ -23,7 +23,9 @@ constexpr int kRows = 16;  // rows of x per pass over a weight tile (the tile ke
 void q4_tile(const int8_t* xq, const float* da, const float* sx, const uint8_t* w, const float* dm, float* y, int R,
              int64_t K, int64_t N, int64_t t);
 // The same from the int8 tile t (bytes q + 128): y[i, n] = scale[n] * sum_g da[i, g] * sum_k q * xq[i, k];
-// xa = |xq| (the unsigned operand of the avx2 tier's byte products, made once per step rather than once per tile).
+// xa = |xq| (the unsigned operand of the avx2 tier's byte products, made once per step rather than once per tile),
+// made only where the tier's q8_tile reads it (kTilesReadMagnitudes, set by its *_tiles.cpp).
+extern const bool kTilesReadMagnitudes;
 void q8_tile(const int8_t* xq, const int8_t* xa, const float* da, const uint8_t* w, const float* scale, float* y,
              int R, int64_t K, int64_t N, int64_t t);
 

@@ -139,7 +139,8 @@ void swiglu(const bf16* gate_up, int64_t M, int64_t I, bf16* out) {
 
 at::Tensor decode_layer(const at::Tensor& x, at::TensorList w, const at::Tensor& cos, const at::Tensor& sin,
                         const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& slots,
-                        const at::Tensor& seq, const at::Tensor& lens, int64_t num_heads, int64_t num_kv_heads, double eps, double scale) {
+                        const at::Tensor& seq, const at::Tensor& lens, int64_t num_heads, int64_t num_kv_heads,
+                        double eps, double scale) {
   check_layer_operands(x, w, cos, sin, k_cache, v_cache, slots, seq, lens, num_heads, num_kv_heads, at::kBFloat16,
                        "bfloat16", 16);
   return layer_flow<bf16>(x, w, cos, sin, k_cache, v_cache, slots, seq, lens, num_heads, num_kv_heads, eps, scale);

@@ -76,7 +76,8 @@ inline float sum8(__m256 v) {
 // the first n of 8 lanes kept (all for n >= 8), the rest `fill`
 inline __m256 keep_first(__m256 v, int64_t n, float fill) {
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  const __m256 keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::min<int64_t>(n, 8))), lane));
+  const __m256i count = _mm256_set1_epi32(static_cast<int>(std::min<int64_t>(n, 8)));
+  const __m256 keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(count, lane));
   return _mm256_blendv_ps(_mm256_set1_ps(fill), v, keep);
 }
 

@@ -104,7 +104,8 @@ void add_into(at::Tensor& x, const at::Tensor& y) {
 
 at::Tensor decode_layer(const at::Tensor& x, at::TensorList w, const at::Tensor& cos, const at::Tensor& sin,
                         const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& slots,
-                        const at::Tensor& seq, const at::Tensor& lens, int64_t num_heads, int64_t num_kv_heads, double eps, double scale) {
+                        const at::Tensor& seq, const at::Tensor& lens, int64_t num_heads, int64_t num_kv_heads,
+                        double eps, double scale) {
   check_layer_operands(x, w, cos, sin, k_cache, v_cache, slots, seq, lens, num_heads, num_kv_heads, at::kFloat,
                        "float32", 2);
   for (int i : {1, 3, 6, 8})

@@ -83,7 +83,8 @@ at::Tensor q8_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
   const uint8_t* wp = w.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();
   kvengine::tiles::for_tiles<kRows>(M, tiles, [&](int64_t t, int64_t i0, int64_t r) {
-    q8_tile(qp + i0 * K, kTilesReadMagnitudes ? ap + i0 * K : nullptr, dp + i0 * G, wp, sp, yp + i0 * N, static_cast<int>(r), K, N, t);
+    q8_tile(qp + i0 * K, kTilesReadMagnitudes ? ap + i0 * K : nullptr, dp + i0 * G, wp, sp, yp + i0 * N,
+            static_cast<int>(r), K, N, t);
   });
   return y;
 }

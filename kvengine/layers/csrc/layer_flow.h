@@ -16,8 +16,8 @@
 // errors), with head_dim a multiple of `head_dim_step`.
 inline void check_layer_operands(const at::Tensor& x, at::TensorList w, const at::Tensor& cos, const at::Tensor& sin,
                                  const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& slots,
-                                 const at::Tensor& seq, const at::Tensor& lens, int64_t Hq, int64_t Hkv, at::ScalarType dtype,
-                                 const char* name, int64_t head_dim_step) {
+                                 const at::Tensor& seq, const at::Tensor& lens, int64_t Hq, int64_t Hkv,
+                                 at::ScalarType dtype, const char* name, int64_t head_dim_step) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == dtype && x.is_contiguous(), "decode_layer: x must be [M, H] ", name);
   TORCH_CHECK(w.size() == 10, "decode_layer: 10 weight tensors expected");
   const int64_t M = x.size(0), H = x.size(1), D = k_cache.size(2);
@@ -44,7 +44,8 @@ inline void check_layer_operands(const at::Tensor& x, at::TensorList w, const at
   }
   const int64_t num_slots = std::min(k_cache.size(1), v_cache.size(1));
   for (int64_t s = 0; s < S; ++s)
-    TORCH_CHECK(std::all_of(sp + s * Lmax, sp + s * Lmax + reads[s], [&](int64_t v) { return v >= 0 && v < num_slots; }),
+    TORCH_CHECK(std::all_of(sp + s * Lmax, sp + s * Lmax + reads[s],
+                            [&](int64_t v) { return v >= 0 && v < num_slots; }),
                 "decode_layer: slots must lie in the cache");
   TORCH_CHECK(cos.numel() == M * D && sin.numel() == M * D && cos.scalar_type() == dtype &&
                   sin.scalar_type() == dtype && cos.is_contiguous() && sin.is_contiguous(),

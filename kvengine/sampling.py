@@ -24,6 +24,7 @@ from kvengine.structured import StructuredOutput
 MAX_LOGPROBS = 20  # top alternatives per token (OpenAI's limit)
 GREEDY_BELOW = 1e-5  # a temperature below this is greedy (vLLM's epsilon): dividing by it would overflow
 TRUNCATED_LOGPROB = -9999.0  # what OpenAI reports for a token the sampler could not pick
+ARGMAX_CHUNKS = (256, 128, 64, 32)  # row_argmax's chunk widths, widest first: the first that divides the vocabulary
 
 
 def _finite(name: str, value: float) -> None:
@@ -188,6 +189,30 @@ def token_logprob(logp: torch.Tensor, token: int, k: int) -> TokenLogprob:
     return TokenLogprob(token, clean(float(logp[token])), top)
 
 
+def finite_rows(logits: torch.Tensor) -> list[bool]:
+    """Per row of logits [N, vocab]: are all its values finite? A row's sum is finite when they are (NaN and +-inf
+    carry into it), so only a row whose sum is not (a non-finite value, or finite ones whose sum overflows) is
+    checked value by value: one reduction over the logits instead of isfinite's several passes."""
+    ok = logits.sum(dim=-1).isfinite().tolist()  # [N]
+    for i in [i for i, f in enumerate(ok) if not f]:
+        ok[i] = bool(torch.isfinite(logits[i]).all())
+    return ok
+
+
+def row_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """logits [N, vocab] -> [N] int64: each row's first index of its maximum, as `argmax` gives it for a finite row.
+    PyTorch's CPU argmax walks a row one value at a time while its max reduction is vectorized, so the row's first
+    chunk of C columns that holds the row's max is found among vocab / C chunk maxima, then the index inside it."""
+    n, vocab = logits.shape
+    c = next((c for c in ARGMAX_CHUNKS if vocab % c == 0), None)
+    if c is None or n == 0:
+        return logits.argmax(dim=-1)
+    chunks = logits.reshape(n, vocab // c, c)  # [N, vocab / C, C]
+    best = chunks.amax(dim=-1).argmax(dim=-1)  # [N]: the first chunk that holds the row's max
+    inside = chunks[torch.arange(n, device=logits.device), best].argmax(dim=-1)  # [N]
+    return best * c + inside
+
+
 class Sampler:
     """Chooses one token per logits row, each row under its own request's parameters."""
 
@@ -196,8 +221,8 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, rows: list[SampleRow]) -> list[Sample | Exception]:
         """logits [N, vocab] -> N samples; a row that fails gives its exception and leaves the others alone."""
-        finite = torch.isfinite(logits).all(dim=-1).tolist()  # [N]
-        argmax = logits.argmax(dim=-1).tolist()  # [N]
+        finite = finite_rows(logits)  # [N]
+        argmax = row_argmax(logits).tolist()  # [N]
         out: list[Sample | Exception] = []
         for i, r in enumerate(rows):
             try:

@@ -12,7 +12,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvengine.errors import RequestError
-from kvengine.sampling import Sample, Sampler, SampleRow, SamplingParams, processed_logits, sampling_probs
+from kvengine.sampling import (
+    Sample,
+    Sampler,
+    SampleRow,
+    SamplingParams,
+    finite_rows,
+    processed_logits,
+    row_argmax,
+    sampling_probs,
+)
 
 VOCAB = 12
 
@@ -62,6 +71,25 @@ def test_logprobs_equal_log_softmax_greedy_and_sampled():
     assert [v for _, v in greedy.logprob.top] == pytest.approx(torch.topk(ref, 3).values.tolist(), abs=1e-6)
     ref = torch.log_softmax(logits[1] / 0.5, -1)
     assert sampled.logprob.logprob == pytest.approx(float(ref[sampled.token_id]), abs=1e-5)
+
+
+@pytest.mark.parametrize("vocab", [12, 32, 96, 49152, 1000])
+def test_row_argmax_is_argmax_first_index_on_ties(vocab):
+    g = torch.Generator().manual_seed(vocab)
+    logits = torch.randint(-3, 4, (9, vocab), generator=g).float()  # [9, vocab]: many ties for the max
+    logits[0] = -2.0  # a row that is all one value
+    logits[1, -1] = 50.0  # the max in the last column
+    assert row_argmax(logits).tolist() == logits.argmax(dim=-1).tolist()
+    assert row_argmax(logits[:0]).shape == (0,)
+
+
+def test_finite_rows_flags_exactly_the_rows_with_a_non_finite_value():
+    logits = torch.zeros(6, 64)  # [6, vocab]
+    logits[1, 3], logits[2, 5], logits[3, 7] = math.nan, math.inf, -math.inf
+    logits[4, :2] = 3e38  # finite values whose sum overflows
+    logits[5, 0], logits[5, 1] = math.inf, -math.inf  # (their sum is NaN)
+    assert finite_rows(logits) == torch.isfinite(logits).all(dim=-1).tolist() == [True, False, False, False, True,
+                                                                                  False]
 
 
 def _sampler_property():

@@ -47,7 +47,7 @@ class LayerKV:
     def read(self, index: int | torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of one sequence's first `length` tokens: each [kv_heads, length, head_dim].
 
-        `index` is what `sequence_index` returned: a start slot (the sequence's blocks are consecutive,
+        `index` is what `sequence_indexes` gave it: a start slot (the sequence's blocks are consecutive,
         the usual case for one request: a zero-copy view) or the slot of every position ([length] int64).
         """
         if isinstance(index, int):
@@ -178,19 +178,33 @@ def step_scratch(num_tokens: int, num_kv_heads: int, head_dim: int, dtype: torch
     return LayerKV(kv[0], kv[1], num_tokens)
 
 
-def sequence_index(block_table: list[int], length: int, block_size: int,
-                   device: torch.device | str, as_slots: bool = False) -> int | torch.Tensor:
-    """How to find a sequence's first `length` positions in the pool: its start slot when its blocks are
-    consecutive (unless `as_slots`), else the flat slot of every position ([length] int64). Computed once per
-    step."""
-    n = -(-length // block_size)
-    first = block_table[0]
-    if not as_slots and block_table[n - 1] == first + n - 1 and all(block_table[i] == first + i
-                                                                     for i in range(1, n - 1)):
-        return first * block_size
-    blocks = torch.tensor(block_table[:n], dtype=torch.int64, device=device)  # [n]
-    offsets = torch.arange(block_size, dtype=torch.int64, device=device)  # [block_size]
-    return (blocks[:, None] * block_size + offsets[None, :]).reshape(-1)[:length]
+def sequence_indexes(block_tables: list[list[int]], lengths: list[int], block_size: int,
+                     device: torch.device | str, as_slots: bool = False) -> list[int | torch.Tensor]:
+    """How to find each sequence's first `lengths[i]` positions in the pool: its start slot when its blocks are
+    consecutive (unless `as_slots`), else the flat slot of every position ([length] int64, a row of one tensor
+    built for all such sequences at once). Computed once per step."""
+    out: list[int | torch.Tensor | None] = []
+    for table, length in zip(block_tables, lengths, strict=True):
+        n, first = -(-length // block_size), table[0]
+        consecutive = table[n - 1] == first + n - 1 and all(table[i] == first + i for i in range(1, n - 1))
+        out.append(first * block_size if consecutive and not as_slots else None)
+    scattered = [i for i, index in enumerate(out) if index is None]
+    if scattered:
+        counts = [-(-lengths[i] // block_size) for i in scattered]
+        width = max(counts)
+        blocks = torch.tensor([block_tables[i][:n] + [block_tables[i][0]] * (width - n)
+                               for i, n in zip(scattered, counts, strict=True)],
+                              dtype=torch.int64, device=device)  # [S, width]
+        offsets = torch.arange(block_size, dtype=torch.int64, device=device)  # [block_size]
+        slots = (blocks[:, :, None] * block_size + offsets).reshape(len(scattered), -1)  # [S, width * block_size]
+        for row, i in enumerate(scattered):
+            out[i] = slots[row, :lengths[i]]
+    return out  # type: ignore[return-value]  (every None was filled)
+
+
+def slot_list(block_table: list[int], start: int, end: int, block_size: int) -> list[int]:
+    """The pool slots of positions start .. end - 1 of a sequence, as Python ints (`slots_of` for tensors)."""
+    return [block_table[p // block_size] * block_size + p % block_size for p in range(start, end)]
 
 
 def slots_of(block_table: list[int], positions: torch.Tensor, block_size: int,

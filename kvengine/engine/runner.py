@@ -12,7 +12,7 @@ import torch
 from kvengine.batch import KVView, StepBatch
 from kvengine.cache.block_manager import BlockManager
 from kvengine.cache.block_tables import KVBlockTables
-from kvengine.cache.pool import KVPool, sequence_index, slots_of
+from kvengine.cache.pool import KVPool, sequence_indexes, slot_list, slots_of
 from kvengine.cache.retention import Retention
 from kvengine.cache.spec import KVCacheSpec
 from kvengine.engine.compiled import CompiledDecode
@@ -102,36 +102,43 @@ class ModelRunner:
 
     def _view(self, group: int, retention: Retention, scheduled: list[ScheduledSeq]) -> KVView:
         """Group `group`'s slots for the step: where new K/V go and which keys each sequence reads."""
+        if retention.is_full:
+            return self._full_view(group, retention, scheduled)
         bs = self.block_tables.block_size
         slots: list[torch.Tensor] = []
         tables: list[list[int]] = []
         kv_index: list[int | torch.Tensor] = []
         kv_positions: list[torch.Tensor | None] = []
         num_sinks: list[int] = []
-        # compiled decode reads keys by slot list even where blocks are consecutive: Dynamo guards the index's
-        # type, so a start slot and a slot list would be two graphs, and the second compile would stall the first
-        # request whose blocks are scattered (after a prefix-cache hit: the usual case from the second request on).
-        as_slots = self.compiled is not None and all(s.num_new_tokens == 1 for s in scheduled)
         for s in scheduled:
             start, end = s.start, s.start + s.num_new_tokens
             table = self.block_tables.block_table(s.seq.seq_id, group)
-            if retention.is_full:
-                index = sequence_index(table, end, bs, self.device, as_slots)
-                slots.append(torch.arange(index + start, index + end) if isinstance(index, int)
-                             else index[start:end])
-                kv_positions.append(None)
-                num_sinks.append(0)
-            else:
-                sink_range, recent = retention.key_positions(start, end)
-                keys = torch.cat([torch.arange(sink_range.stop), torch.arange(recent.start, recent.stop)])  # [L]
-                index = slots_of(table, keys, bs, self.device)  # [L]
-                slots.append(index[-(end - start):])
-                kv_positions.append(keys.to(self.device))
-                num_sinks.append(len(sink_range))
+            sink_range, recent = retention.key_positions(start, end)
+            keys = torch.cat([torch.arange(sink_range.stop), torch.arange(recent.start, recent.stop)])  # [L]
+            index = slots_of(table, keys, bs, self.device)  # [L]
+            slots.append(index[-(end - start):])
+            kv_positions.append(keys.to(self.device))
+            num_sinks.append(len(sink_range))
             tables.append(table)
             kv_index.append(index)
         return KVView(retention.window, retention.sinks, torch.cat(slots).to(self.device), tables, kv_index,
                       kv_positions, num_sinks)
+
+    def _full_view(self, group: int, retention: Retention, scheduled: list[ScheduledSeq]) -> KVView:
+        """`_view` for a group that keeps every token: each sequence reads its keys 0 .. end - 1."""
+        bs = self.block_tables.block_size
+        tables = [self.block_tables.block_table(s.seq.seq_id, group) for s in scheduled]
+        ends = [s.start + s.num_new_tokens for s in scheduled]
+        # compiled decode reads keys by slot list even where blocks are consecutive: Dynamo guards the index's
+        # type, so a start slot and a slot list would be two graphs, and the second compile would stall the first
+        # request whose blocks are scattered (after a prefix-cache hit: the usual case from the second request on).
+        as_slots = self.compiled is not None and all(s.num_new_tokens == 1 for s in scheduled)
+        kv_index = sequence_indexes(tables, ends, bs, self.device, as_slots)
+        slots = [slot for s, table, end in zip(scheduled, tables, ends, strict=True)
+                 for slot in slot_list(table, s.start, end, bs)]
+        slot_mapping = torch.tensor(slots, dtype=torch.int64, device=self.device)  # [T]
+        n = len(scheduled)
+        return KVView(retention.window, retention.sinks, slot_mapping, tables, kv_index, [None] * n, [0] * n)
 
     def _plan(self, batch: StepBatch) -> None:
         """Each KV group's attention path for the step and that backend's metadata (layers/backends)."""

@@ -170,6 +170,13 @@ def step_flops(config: ModelConfig, new_tokens: int, context_len: int, lm_head_t
     return _build(config, n, c, lm, _pairs(config, n, c, attention), attention)
 
 
+@lru_cache(maxsize=4096)
+def step_total(config: ModelConfig, new_tokens: int, context_len: int, lm_head_tokens: int) -> int:
+    """`step_flops(...).total`, remembered: the engine counts every sequence's every step, and a decode step at one
+    context length costs the same for every sequence of a batch."""
+    return step_flops(config, new_tokens, context_len, lm_head_tokens).total
+
+
 def span_flops(config: ModelConfig, start: int, stop: int) -> int:
     """Matmul FLOPs of computing positions start .. stop - 1 in one step after `start` cached ones, no LM head:
     what a prefix reused from a cache would cost to recompute (0 for an empty span)."""

@@ -14,7 +14,7 @@ from typing import TypeVar
 
 import torch
 
-from kvengine.accounting.flops import request_flops, span_flops, step_flops
+from kvengine.accounting.flops import request_flops, span_flops, step_flops, step_total
 from kvengine.batch import StepBatch
 from kvengine.cache.block_manager import BlockManager
 from kvengine.cache.block_tables import KVBlockTables
@@ -197,8 +197,8 @@ class LLMEngine:
             seq = s.seq
             seq.first_scheduled_time = seq.first_scheduled_time or now
             extra = len(prompt_rows(seq, s.start, s.num_new_tokens))  # (prompt log-probability rows)
-            f = step_flops(self.cached_flops_config, s.num_new_tokens, s.start + s.num_new_tokens,
-                           lm_head_tokens=int(s.needs_logits) + extra).total
+            f = step_total(self.cached_flops_config, s.num_new_tokens, s.start + s.num_new_tokens,
+                           int(s.needs_logits) + extra)
             seq.flops += f
             flops += f
         ok, logits, failed = self._forward_isolated(scheduled, self.runner.build_cached)
@@ -223,7 +223,7 @@ class LLMEngine:
         for seq in seqs:
             seq.first_scheduled_time = seq.first_scheduled_time or now
             n = len(seq.token_ids)
-            seq.flops += step_flops(self.model_config, n, n, lm_head_tokens=1 + len(prompt_rows(seq, 0, n))).total
+            seq.flops += step_total(self.model_config, n, n, 1 + len(prompt_rows(seq, 0, n)))
         ok, logits, failed = self._forward_isolated(seqs, self.runner.build_no_cache)
         logits = split_rows([(seq, prompt_rows(seq, 0, len(seq.token_ids)), True) for seq in ok], logits)
         return [self._fail(seq, e) for seq, e in failed] + self._append_tokens(ok, logits)

@@ -37,10 +37,12 @@ def test_int8_round_trip_error_is_half_a_step():
 @pytest.mark.parametrize("cls", [Int8Linear, Int4Linear])
 def test_dense_copy_serves_large_steps_with_the_same_weight(cls):
     """Steps of more rows than `dense_above` multiply by the dequantized weight (a dense matmul); fewer rows
-    run the packed kernel. Both multiply by the same weight, so the rows agree to float rounding."""
+    run the packed kernel. Both multiply by the same weight, so the rows agree to float rounding. (The copy is
+    for PyTorch's packed kernels: float activations, act_int8=False, keep the layer on them on every CPU; an
+    fp32 tier's tiles would take it on an AVX2 host.)"""
     torch.manual_seed(2)
     w, x = torch.randn(64, 96), torch.randn(6, 96)
-    layer = cls(w, None, torch.float32, dense_above=2)
+    layer = cls(w, None, torch.float32, dense_above=2, act_int8=False)
     assert torch.equal(layer.dense, layer.dequantized())
     big = layer(x)  # 6 rows > 2: the dense copy
     small = torch.cat([layer(x[i:i + 1]) for i in range(6)])  # one row at a time: the packed kernel

@@ -145,7 +145,7 @@ class Int4Linear(PackedLinear):
     """Asymmetric int4 weight in groups along K: W[n, g*G + i] = q * scale[n, g] + lo[n, g], q in 0..15.
 
     Layouts: kvengine's tiles (`wtiles` [N/16, K/32, 4, 64] uint8, native.tile_int4; `stiles` [N/16, K/32, 2, 16]
-    fp32 scale and lo) where they fit and `act_int8`; else kvengine's row kernel (`qweight` [N, K/2] uint8,
+    fp16 scale and lo) where they fit and `act_int8`; else kvengine's row kernel (`qweight` [N, K/2] uint8,
     native.pack_int4; `dm` [N, 2, K/G] float16); else PyTorch's (its packed `qweight`, `scale_zero` [K/G, N, 2]
     in the activation dtype, for its form (q - 8) * scale + zero, zero = lo + 8 * scale). kvengine's layouts hold
     scale and lo at float16 precision, GGUF Q4_1's d and m exactly."""

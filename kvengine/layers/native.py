@@ -216,16 +216,16 @@ def tile_int4(q: torch.Tensor) -> torch.Tensor:
 
 
 def tile_int4_scales(dm: torch.Tensor) -> torch.Tensor:
-    """dm [N, 2, K/32] (scale, lo per group) -> [N/16, K/32, 2, 16] float32, q4_gemm's order: for each tile and
+    """dm [N, 2, K/32] (scale, lo per group) -> [N/16, K/32, 2, 16] float16, q4_gemm's order: for each tile and
     group, the 16 rows' scales, then their los."""
     n, _, g = dm.shape
-    return dm.float().reshape(n // 16, 16, 2, g).permute(0, 3, 2, 1).contiguous()
+    return dm.half().reshape(n // 16, 16, 2, g).permute(0, 3, 2, 1).contiguous()
 
 
 def untile_int4_scales(tiles: torch.Tensor) -> torch.Tensor:
-    """Inverse of `tile_int4_scales`: [N/16, K/32, 2, 16] -> [N, 2, K/32]."""
+    """Inverse of `tile_int4_scales`: [N/16, K/32, 2, 16] -> [N, 2, K/32] float32."""
     t, g = tiles.shape[:2]
-    return tiles.permute(0, 3, 2, 1).reshape(16 * t, 2, g)
+    return tiles.permute(0, 3, 2, 1).reshape(16 * t, 2, g).float()
 
 
 def untile_int4(w: torch.Tensor) -> torch.Tensor:

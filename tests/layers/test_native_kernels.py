@@ -241,8 +241,8 @@ def test_gemm_rejects_bad_inputs(kernel_tier):
         ops.q8_gemm(x.to(other), torch.zeros(1, 16, 64, dtype=torch.uint8), torch.zeros(16))
     with pytest.raises(RuntimeError, match="q4_gemm: w must be \\[N/16, K/32, 4, 64\\] uint8"):
         ops.q4_gemm(x, torch.zeros(1, 3, 4, 64, dtype=torch.uint8), torch.zeros(96))
-    with pytest.raises(RuntimeError, match="q4_gemm: dm must be \\[N/16, K/32, 2, 16\\] float32"):
-        ops.q4_gemm(x, torch.zeros(1, 2, 4, 64, dtype=torch.uint8), torch.zeros(64).half())
+    with pytest.raises(RuntimeError, match="q4_gemm: dm must be \\[N/16, K/32, 2, 16\\] float16"):
+        ops.q4_gemm(x, torch.zeros(1, 2, 4, 64, dtype=torch.uint8), torch.zeros(64))
     with pytest.raises(RuntimeError, match="q8_gemm: scale must be \\[N\\] float32"):
         ops.q8_gemm(x, torch.zeros(1, 16, 64, dtype=torch.uint8), torch.zeros(15))
 

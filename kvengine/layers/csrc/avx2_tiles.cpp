@@ -25,16 +25,19 @@
 namespace KV_OPS {
 namespace {
 
+// 8 fp16 scales as fp32 lanes (F16C)
+inline __m256 half8(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+
 // 4 bytes of x's codes broadcast to every int32 lane
 inline __m256i codes4(const int8_t* p) { return _mm256_set1_epi32(*reinterpret_cast<const int32_t*>(p)); }
 
 }  // namespace
 
-void q4_tile(const int8_t* xq, const float* da, const float* sx, const uint8_t* w, const float* dm, float* y, int R,
+void q4_tile(const int8_t* xq, const float* da, const float* sx, const uint8_t* w, const at::Half* dm, float* y, int R,
              int64_t K, int64_t N, int64_t t) {
   const int64_t G = K / kGroup;
   const uint8_t* wt = w + t * G * 256;
-  const float* dmt = dm + t * G * 32;
+  const at::Half* dmt = dm + t * G * 32;
   const __m256i nibble = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
   alignas(32) float acc[kRows][8];  // one half's sums for each row, in L1: a group unpacked once serves all R rows
   for (int h = 0; h < 2; ++h) {
@@ -46,7 +49,7 @@ void q4_tile(const int8_t* xq, const float* da, const float* sx, const uint8_t* 
         wv[2 * j] = _mm256_and_si256(p, nibble);
         wv[2 * j + 1] = _mm256_and_si256(_mm256_srli_epi16(p, 4), nibble);
       }
-      const __m256 d = _mm256_loadu_ps(dmt + g * 32 + 8 * h), m = _mm256_loadu_ps(dmt + g * 32 + 16 + 8 * h);
+      const __m256 d = half8(dmt + g * 32 + 8 * h), m = half8(dmt + g * 32 + 16 + 8 * h);
       for (int i = 0; i < R; ++i) {
         const int8_t* xg = xq + i * K + g * kGroup;
 #ifdef __AVXVNNI__

@@ -14,7 +14,7 @@
 //                          slots [S, L] int64, seq [M] int64, lens [M] int64, num_heads, num_kv_heads, eps,
 //                          scale) -> [M, H] bf16
 //     weights: input norm [H], qkv (w, s), o (w, s), post-attention norm [H], gate_up (w, s), down (w, s), a
-//     linear layer's (w, s) being q4_gemm's (uint8 [N/16, K/32, 4, 64], fp32 dm) or q8_gemm's (uint8
+//     linear layer's (w, s) being q4_gemm's (uint8 [N/16, K/32, 4, 64], fp16 dm) or q8_gemm's (uint8
 //     [N/16, K/4, 64], fp32 scale) operands, or a bf16 weight [N, K] and an unused tensor (unquantized models).
 //     k_cache / v_cache: the layer's [Hkv, slots, D] bf16 views of the pool. slots: each of the step's S
 //     sequences' slot list (padded to L); token i belongs to sequence seq[i] (a sequence's tokens are consecutive

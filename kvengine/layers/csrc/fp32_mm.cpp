@@ -63,7 +63,8 @@ at::Tensor q4_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& d
   QuantizedRows xr = quantize_rows(x.contiguous(), false);
   at::Tensor y = at::empty({M, N}, x.options());  // [M, N]
   const int8_t* qp = xr.codes.data_ptr<int8_t>();
-  const float *dp = xr.scale.data_ptr<float>(), *sp = xr.sum.data_ptr<float>(), *dmp = dm.data_ptr<float>();
+  const float *dp = xr.scale.data_ptr<float>(), *sp = xr.sum.data_ptr<float>();
+  const at::Half* dmp = dm.data_ptr<at::Half>();
   const uint8_t* wp = w.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();
   kvengine::tiles::for_tiles<kRows>(M, tiles, [&](int64_t t, int64_t i0, int64_t r) {

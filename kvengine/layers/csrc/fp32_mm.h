@@ -20,7 +20,7 @@ constexpr int kRows = 16;  // rows of x per pass over a weight tile (the tile ke
 
 // Rows 0..R-1 of y (row stride N), outputs 16t..16t+15, from the int4 tile t: for each group g,
 // y[i, n] += d[n, g] * da[i, g] * sum_k q * xq[i, k] + m[n, g] * sx[i, g] (xq row stride K; da, sx row stride K/32).
-void q4_tile(const int8_t* xq, const float* da, const float* sx, const uint8_t* w, const float* dm, float* y, int R,
+void q4_tile(const int8_t* xq, const float* da, const float* sx, const uint8_t* w, const at::Half* dm, float* y, int R,
              int64_t K, int64_t N, int64_t t);
 // The same from the int8 tile t (bytes q + 128): y[i, n] = scale[n] * sum_g da[i, g] * sum_k q * xq[i, k];
 // xa = |xq| (the unsigned operand of the avx2 tier's byte products, made once per step rather than once per tile),
@@ -29,7 +29,7 @@ extern const bool kTilesReadMagnitudes;
 void q8_tile(const int8_t* xq, const int8_t* xa, const float* da, const uint8_t* w, const float* scale, float* y,
              int R, int64_t K, int64_t N, int64_t t);
 
-// x [M, K] fp32, w [N/16, K/32, 4, 64] uint8 (native.tile_int4), dm [N/16, K/32, 2, 16] fp32 -> [M, N] fp32
+// x [M, K] fp32, w [N/16, K/32, 4, 64] uint8 (native.tile_int4), dm [N/16, K/32, 2, 16] fp16 -> [M, N] fp32
 at::Tensor q4_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& dm);
 // x [M, K] fp32, w [N/16, K/4, 64] uint8 (native.tile_int8), scale [N] fp32 -> [M, N] fp32
 at::Tensor q8_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale);

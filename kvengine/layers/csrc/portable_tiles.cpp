@@ -5,11 +5,11 @@
 
 namespace KV_OPS {
 
-void q4_tile(const int8_t* xq, const float* da, const float* sx, const uint8_t* w, const float* dm, float* y, int R,
+void q4_tile(const int8_t* xq, const float* da, const float* sx, const uint8_t* w, const at::Half* dm, float* y, int R,
              int64_t K, int64_t N, int64_t t) {
   const int64_t G = K / kGroup;
   const uint8_t* wt = w + t * G * 256;
-  const float* dmt = dm + t * G * 32;
+  const at::Half* dmt = dm + t * G * 32;
   float acc[kRows][16] = {};
   for (int64_t g = 0; g < G; ++g) {
     int8_t q[16][kGroup];  // the tile's codes for this group: row l, input k
@@ -26,8 +26,8 @@ void q4_tile(const int8_t* xq, const float* da, const float* sx, const uint8_t* 
       for (int l = 0; l < 16; ++l) {
         int32_t dot = 0;
         for (int k = 0; k < kGroup; ++k) dot += q[l][k] * xg[k];
-        acc[i][l] += static_cast<float>(dot) * (dmt[g * 32 + l] * a);
-        acc[i][l] += dmt[g * 32 + 16 + l] * s;
+        acc[i][l] += static_cast<float>(dot) * (static_cast<float>(dmt[g * 32 + l]) * a);
+        acc[i][l] += static_cast<float>(dmt[g * 32 + 16 + l]) * s;
       }
     }
   }

@@ -57,8 +57,8 @@ inline int64_t q4_tiles(const at::Tensor& w, const at::Tensor& dm, int64_t K) {
   const int64_t G = K / 32;
   TORCH_CHECK(w.dim() == 4 && w.scalar_type() == at::kByte && w.is_contiguous() && w.size(1) == G && w.size(2) == 4 &&
                   w.size(3) == 64, "q4_gemm: w must be [N/16, K/32, 4, 64] uint8");
-  TORCH_CHECK(dm.scalar_type() == at::kFloat && dm.is_contiguous() && dm.numel() == w.size(0) * G * 32,
-              "q4_gemm: dm must be [N/16, K/32, 2, 16] float32");
+  TORCH_CHECK(dm.scalar_type() == at::kHalf && dm.is_contiguous() && dm.numel() == w.size(0) * G * 32,
+              "q4_gemm: dm must be [N/16, K/32, 2, 16] float16");
   return w.size(0);
 }
 

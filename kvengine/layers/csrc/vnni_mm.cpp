@@ -12,7 +12,7 @@
 // by side, 4 consecutive inputs of a row per int32 lane, so one VPDPBUSD against 4 bytes of x broadcast to
 // every lane advances 16 outputs by 4 inputs.
 //
-//   kvengine::q4_gemm(x [M, K] bf16, w [N/16, K/32, 4, 64] uint8, dm [N/16, K/32, 2, 16] fp32) -> [M, N] bf16
+//   kvengine::q4_gemm(x [M, K] bf16, w [N/16, K/32, 4, 64] uint8, dm [N/16, K/32, 2, 16] fp16) -> [M, N] bf16
 //     W[n, 32g + k] = d[n, g] * q + m[n, g], q in 0..15 (Q4_1). Byte b of w[t, g, j] holds, for output row
 //     16t + b/4 and input 32g + 4(2j) + b%4, q in its low nibble, and the q of input 32g + 4(2j+1) + b%4 in its
 //     high nibble; dm[t, g] is d then m of rows 16t..16t+15 (native.tile_int4 writes both).
@@ -74,14 +74,14 @@ inline __m512i codes4(const int8_t* p) { return _mm512_set1_epi32(*reinterpret_c
 
 // Rows i0..i0+R of y, outputs 16t..16t+15, from one int4 weight tile.
 template <int R>
-inline void q4_tile(const int8_t* xq, const float* da, const float* sx, const uint8_t* w, const float* dm, bf16* y,
+inline void q4_tile(const int8_t* xq, const float* da, const float* sx, const uint8_t* w, const at::Half* dm, bf16* y,
                     int64_t K, int64_t N, int64_t t) {
   const int64_t G = K / kGroup;
   const __m512i nibble = _mm512_set1_epi8(0x0F);
   __m512 acc[R];
   for (int i = 0; i < R; ++i) acc[i] = _mm512_setzero_ps();
   const uint8_t* wt = w + t * G * 256;
-  const float* dmt = dm + t * G * 32;
+  const at::Half* dmt = dm + t * G * 32;
   for (int64_t g = 0; g < G; ++g) {
     __m512i wv[8];
     for (int j = 0; j < 4; ++j) {
@@ -89,7 +89,8 @@ inline void q4_tile(const int8_t* xq, const float* da, const float* sx, const ui
       wv[2 * j] = _mm512_and_si512(p, nibble);
       wv[2 * j + 1] = _mm512_and_si512(_mm512_srli_epi16(p, 4), nibble);
     }
-    const __m512 d = _mm512_loadu_ps(dmt + g * 32), m = _mm512_loadu_ps(dmt + g * 32 + 16);
+    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dmt + g * 32)));
+    const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dmt + g * 32 + 16)));
     for (int i = 0; i < R; ++i) {
       const int8_t* xg = xq + i * K + g * kGroup;
       __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv[0], codes4(xg));
@@ -149,7 +150,8 @@ at::Tensor q4_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& d
   QuantizedRows xr = quantize_rows(xc);
   at::Tensor y = at::empty({M, N}, x.options());  // [M, N]
   const int8_t* qp = xr.codes.data_ptr<int8_t>();
-  const float *dp = xr.scale.data_ptr<float>(), *sp = xr.sum.data_ptr<float>(), *dmp = dm.data_ptr<float>();
+  const float *dp = xr.scale.data_ptr<float>(), *sp = xr.sum.data_ptr<float>();
+  const at::Half* dmp = dm.data_ptr<at::Half>();
   const uint8_t* wp = w.data_ptr<uint8_t>();
   bf16* yp = y.data_ptr<bf16>();
   kvengine::tiles::for_tiles<kRows>(M, tiles, [&](int64_t t, int64_t i0, int64_t r) {

@@ -184,10 +184,10 @@ class LlamaForCausalLM(DecoderLM):
             meta, layer_kvs = batch.kv[0].metadata, kv.layers
         assert isinstance(meta, FusedLayersMetadata)
         cos, sin = self.rotary.table(batch.positions, batch.max_context_len)  # [T, 1, D] each
+        decode_layer, scale = native.ops(self.fused_tier).decode_layer, c.attn_scale  # looked up once per step
         for weights, layer_kv in zip(self.fused_layer_weights, layer_kvs, strict=True):
-            x = native.ops(self.fused_tier).decode_layer(x, weights, cos, sin, layer_kv.k, layer_kv.v, meta.slots,
-                                                         meta.row_seq, meta.row_lens, c.num_heads, c.num_kv_heads,
-                                                         c.rms_norm_eps, c.attn_scale)  # [T, hidden]
+            x = decode_layer(x, weights, cos, sin, layer_kv.k, layer_kv.v, meta.slots, meta.row_seq, meta.row_lens,
+                             c.num_heads, c.num_kv_heads, c.rms_norm_eps, scale)  # [T, hidden]
         x = self.norm(x[batch.logits_indices])  # [N, hidden]
         head = self.lm_head
         if (type(head) is Linear and head.weight.dtype == torch.bfloat16 and len(x) <= BF16_MM_ROWS

@@ -55,10 +55,11 @@ def _token_rows(batch: StepBatch, padded: torch.Tensor) -> FusedLayersMetadata:
     """Each sequence's padded slot list ([B, max_len]) for its step tokens; token t of a chunk of n ending at
     context length `end` reads end - n + t + 1 of them (causal)."""
     device = padded.device
-    counts = torch.tensor([batch.query_len(i) for i in range(batch.num_seqs)], device=device)  # [B]
-    row_seq = torch.repeat_interleave(torch.arange(batch.num_seqs, device=device), counts)  # [T]
+    counts = [batch.query_len(i) for i in range(batch.num_seqs)]
+    row_seq = torch.repeat_interleave(torch.arange(batch.num_seqs, device=device),
+                                      torch.tensor(counts, device=device))  # [T]
     row_lens = torch.cat([torch.arange(end - n + 1, end + 1, device=device)
-                          for n, end in zip(counts.tolist(), batch.context_lens, strict=True)])  # [T]
+                          for n, end in zip(counts, batch.context_lens, strict=True)])  # [T]
     return FusedLayersMetadata(padded, row_seq, row_lens)
 
 

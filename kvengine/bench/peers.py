@@ -35,7 +35,7 @@ from kvengine.bench.peer_systems import (
     load_transformers,
 )
 from kvengine.bench.throughput import chat_prompts, questions, reference_text
-from kvengine.engine.config import FLOAT_WEIGHTS
+from kvengine.engine.config import FLOAT_WEIGHTS, EngineConfig
 from kvengine.errors import ConfigError
 from kvengine.layers.linear import Linear, PackedLinear
 from kvengine.llm import LLM
@@ -43,8 +43,6 @@ from kvengine.weights.gguf import GGUFFile
 from kvengine.weights.tokenizer import Tokenizer
 
 SETTINGS = (("KV cache", True), ("no cache", False))
-QUANTIZED_DTYPE = "bfloat16"  # int8/int4 weights' compute dtype unless --dtypes names one: fp32 activations
-# take the packed kernels' slow path
 FLOAT_FORMAT = {dtype: fmt for fmt, dtype in FLOAT_WEIGHTS.items()}  # "float32" -> "fp32"
 COMPILE_WARMUP = 3  # warm-up tokens a compiled variant needs at least: its first decode step compiles
 BATCH_WARMUP = 2  # new tokens of the untimed concurrent batch before the timed one
@@ -68,9 +66,18 @@ class Variant:
         return {"label": self.label, "weights": self.weights, "dtype": self.dtype, "compile": self.compile}
 
 
-def kvengine_variants(weights: Sequence[str], dtypes: Sequence[str] | None, compile: bool = False) -> list[Variant]:
+def quantized_dtype(device: str = "cpu") -> str:
+    """int8/int4 weights' compute dtype where --dtypes names none: the engine's own (EngineConfig.resolved_dtype:
+    on a CPU, the activations of kvengine's kernel tier, bfloat16 with AVX-512 BF16, else float32; never a bf16
+    matmul the CPU emulates)."""
+    return EngineConfig(weights="int4", device=device).resolved_dtype()
+
+
+def kvengine_variants(weights: Sequence[str], dtypes: Sequence[str] | None, compile: bool = False,
+                      device: str = "cpu") -> list[Variant]:
     """The variant rule: `auto` = the float weights of each of `dtypes` (default float32); fp32, bf16 and fp16
-    compute in their own dtype; int8 and int4 compute in each of `dtypes` when given, else in bfloat16."""
+    compute in their own dtype; int8 and int4 compute in each of `dtypes` when given, else in the engine's own
+    dtype for them on `device` (quantized_dtype)."""
     out: list[Variant] = []
     for w in weights:
         if w == "auto":
@@ -78,7 +85,7 @@ def kvengine_variants(weights: Sequence[str], dtypes: Sequence[str] | None, comp
         elif w in FLOAT_WEIGHTS:
             pairs = [(w, FLOAT_WEIGHTS[w])]
         else:
-            pairs = [(w, d) for d in dtypes or [QUANTIZED_DTYPE]]
+            pairs = [(w, d) for d in dtypes or [quantized_dtype(device)]]
         out += [v for v in (Variant(a, b, compile) for a, b in pairs) if v not in out]
     return out
 

@@ -276,12 +276,12 @@ def _notes(bench: PeersBench, goals: list[Goal]) -> list[str]:
         f"{plan.goal_length} new tokens ({why}), with the KV cache. The concurrent goal divides kvengine's "
         "aggregate tok/s by llama.cpp's batch-1 decode tok/s (target 5x); prefill divides prompt tokens / TTFT.",
         "kvengine variants (--weights): auto = the float weights of each --dtypes dtype; fp32/bf16/fp16 compute in "
-        "their own dtype; int8/int4 compute in bfloat16 (fp32 activations take a slow kernel path) unless --dtypes "
-        "is given, then one variant per dtype. --compile compiles each variant's decode steps, batch-1 and "
-        "concurrent, except where they run one kvengine op per layer (the weights line ends 'steps: one "
-        "kvengine op per layer'; then nothing is compiled and compile time is '-'); compile time = its first "
-        "compiled call: tracing, then compiling; Inductor caches the compiled code on disk, so a later run pays "
-        "about half, the tracing.",
+        "their own dtype; int8/int4 compute in the dtype the engine picks for this CPU's kernel tier (bfloat16 "
+        "with AVX-512 BF16, else float32) unless --dtypes is given, then one variant per dtype. --compile "
+        "compiles each variant's decode steps, batch-1 and concurrent, except where they run one kvengine op "
+        "per layer (the weights line ends 'steps: one kvengine op per layer'; then nothing is compiled and "
+        "compile time is '-'); compile time = its first compiled call: tracing, then compiling; Inductor "
+        "caches the compiled code on disk, so a later run pays about half, the tracing.",
         *(f"{label}: {desc}" for label, desc in bench.weights_desc.items()),
         f"Token agreement: each variant's first {AGREE_TOKENS} greedy tokens (KV cache, {plan.goal_length} new) "
         "against the fp32 variant's; (k of n) = leading tokens equal. The issue also accepts changed text when "

@@ -129,7 +129,8 @@ def peers(
     lengths: str = typer.Option("20,200,1000", "--lengths", "-n", help="Comma-separated new-token counts."),
     weights: str = typer.Option("auto", "--weights", help="Comma-separated kvengine variants, one row each: auto "
                                 "(the float weights of each --dtypes), fp32, bf16, fp16, int8, int4. int8/int4 "
-                                "compute in bfloat16 unless --dtypes is given (then once per dtype)."),
+                                "compute in the dtype the engine picks for this CPU's kernel tier (bfloat16 with "
+                                "AVX-512 BF16, else float32) unless --dtypes is given (then once per dtype)."),
     dtypes: str | None = typer.Option(None, "--dtypes", help="Comma-separated compute dtypes for transformers and "
                                       "kvengine's auto/int8/int4 variants, e.g. float32,bfloat16 (default float32; "
                                       "llama.cpp keeps the GGUF's weights)."),
@@ -160,7 +161,7 @@ def peers(
     from kvengine.bench.peers_report import peers_report
     from kvengine.weights.source import open_model_source
 
-    ns, variants, dts, chosen = _peers_choices(lengths, weights, dtypes, compile_decode, only)
+    ns, variants, dts, chosen = _peers_choices(lengths, weights, dtypes, compile_decode, only, engine.device)
     require_positive(repeats, "--repeats")
     require_positive(concurrent_tokens, "--concurrent-tokens")
     plan = PeersPlan(ns, variants, dts, chosen, no_cache_max_tokens or None, repeats, warmup,
@@ -194,12 +195,12 @@ def _peers_params(plan: Any, name: str, weights: str, compile_decode: bool) -> d
 
 
 def _peers_choices(lengths: str, weights: str, dtypes: str | None, compile_decode: bool,
-                   only: str) -> tuple[list[int], list[Any], list[str], tuple[str, ...]]:
+                   only: str, device: str) -> tuple[list[int], list[Any], list[str], tuple[str, ...]]:
     """`bench peers`' lengths, kvengine variants, transformers' dtypes and the peers to run."""
     from kvengine.bench.peers import LLAMA_CPP, TRANSFORMERS, kvengine_variants
 
     ns, dts = parse_int_list(lengths, "--lengths"), parse_dtype_list(dtypes) if dtypes is not None else None
-    variants = kvengine_variants(parse_weights_list(weights), dts, compile_decode)
+    variants = kvengine_variants(parse_weights_list(weights), dts, compile_decode, device)
     chosen = tuple(p.strip() for p in only.split(",") if p.strip())
     unknown = set(chosen) - {TRANSFORMERS, LLAMA_CPP}
     if unknown:

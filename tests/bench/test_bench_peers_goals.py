@@ -9,21 +9,27 @@ import sys
 import pytest
 import torch
 
-from kvengine.bench.peers import PeersPlan, Variant, common_prefix, kvengine_variants
+from kvengine.bench.peers import PeersPlan, Variant, common_prefix, kvengine_variants, quantized_dtype
 from kvengine.bench.peers_report import GOAL_TARGETS, compute_goals
 from kvengine.errors import ConfigError
+from kvengine.layers import native
 
 
 def test_variant_rule():
     v = kvengine_variants
     assert v(["auto"], None) == [Variant("fp32", "float32")]
     assert v(["auto"], ["float32", "bfloat16"]) == [Variant("fp32", "float32"), Variant("bf16", "bfloat16")]
-    # int8/int4 compute in bfloat16 unless --dtypes names dtypes; float formats keep their own dtype
-    assert v(["fp32", "int4"], None) == [Variant("fp32", "float32"), Variant("int4", "bfloat16")]
+    # int8/int4 compute in the engine's own dtype for this CPU's tier unless --dtypes names dtypes (bfloat16 only
+    # with AVX-512 BF16: never a bf16 matmul the CPU emulates); float formats keep their own dtype
+    tier = native.chosen()
+    own = str(tier.act_dtype).removeprefix("torch.") if tier is not None else "float32"
+    assert quantized_dtype() == own
+    assert v(["fp32", "int4"], None) == [Variant("fp32", "float32"), Variant("int4", own)]
+    assert v(["int4"], None, device="cuda") == [Variant("int4", "bfloat16")]
     assert v(["int8", "bf16"], ["float32"]) == [Variant("int8", "float32"), Variant("bf16", "bfloat16")]
     assert v(["auto", "fp32", "fp32"], None) == [Variant("fp32", "float32")]  # no duplicates
     labels = [x.label for x in v(["fp32", "bf16", "int4"], None, compile=True)]
-    assert labels == ["float32+compile", "bfloat16+compile", "int4+bfloat16+compile"]
+    assert labels == ["float32+compile", "bfloat16+compile", f"int4+{own}+compile"]
     assert Variant("int8", "float32").label == "int8+float32"
 
 
@@ -90,18 +96,19 @@ def test_bench_peers_goals_tables_and_keys(bench_folder, run_bench, check_common
                                    "--peers", "transformers", "--concurrency", "3", "--concurrent-tokens", "4",
                                    "--prefill-tokens", "40", "--no-cache-max-tokens", "1", "--warmup", "1")
     check_common(data, last, out, "peers")
+    own = quantized_dtype()  # int8 with no --dtypes computes in the engine's own dtype for this CPU
     res = data["results"]
-    assert data["params"]["variants"] == ["float32", "int8+bfloat16"] and data["params"]["dtypes"] == ["float32"]
+    assert data["params"]["variants"] == ["float32", f"int8+{own}"] and data["params"]["dtypes"] == ["float32"]
     assert [(v["weights"], v["dtype"], v["compile"], v["compile_s"]) for v in res["variants"]] == [
-        ("fp32", "float32", False, None), ("int8", "bfloat16", False, None)]
-    assert "int8" in res["variants"][1]["weights_desc"] and "activations bfloat16" in res["variants"][1]["weights_desc"]
+        ("fp32", "float32", False, None), ("int8", own, False, None)]
+    assert "int8" in res["variants"][1]["weights_desc"] and f"activations {own}" in res["variants"][1]["weights_desc"]
     # concurrent: both kvengine variants and transformers' batched reference, 3 requests x 4 tokens each
     assert [(r["system"], r["weights"], r["requests"], r["tokens"]) for r in res["concurrent"]] == [
-        ("kvengine", "float32", 3, 12), ("kvengine", "int8+bfloat16", 3, 12), ("transformers", "float32", 3, 12)]
+        ("kvengine", "float32", 3, 12), ("kvengine", f"int8+{own}", 3, 12), ("transformers", "float32", 3, 12)]
     # prefill: exactly 40 ids, the same for every system
     assert len(res["prefill_prompt_ids"]) == 40
     assert [(r["system"], r["weights"], r["tokens"]) for r in res["prefill"]] == [
-        ("kvengine", "float32", 40), ("kvengine", "int8+bfloat16", 40), ("transformers", "float32", 40)]
+        ("kvengine", "float32", 40), ("kvengine", f"int8+{own}", 40), ("transformers", "float32", 40)]
     for r in res["concurrent"] + res["prefill"]:
         assert r["tokens_per_s"] == pytest.approx(r["tokens"] / r["seconds"])
     # goals: judged at the longest length (no 200 here); no llama.cpp, so no ratio and no verdict
@@ -119,11 +126,11 @@ def test_bench_peers_goals_tables_and_keys(bench_folder, run_bench, check_common
     # token agreement against the fp32 variant, from the runs' own token ids
     tokens = {r["weights"]: r["token_ids"] for r in res["runs"]
               if r["system"] == "kvengine" and r["setting"] == "KV cache" and r["new_tokens"] == 5}
-    k = common_prefix(tokens["float32"], tokens["int8+bfloat16"])
-    assert res["token_agreement"]["int8+bfloat16"] == {"equal_leading_tokens": k, "compared": 5}
-    assert last["same_first_tokens_as_fp32"] == {"float32": True, "int8+bfloat16": k == 5}
+    k = common_prefix(tokens["float32"], tokens[f"int8+{own}"])
+    assert res["token_agreement"][f"int8+{own}"] == {"equal_leading_tokens": k, "compared": 5}
+    assert last["same_first_tokens_as_fp32"] == {"float32": True, f"int8+{own}": k == 5}
     report = (out / "report.md").read_text()
-    for title in ("Issue 7 goals", "kvengine variants", "kvengine int8+bfloat16: decode speed",
+    for title in ("Issue 7 goals", "kvengine variants", f"kvengine int8+{own}: decode speed",
                   "3 concurrent greedy requests, 4 new tokens each", "prefill of a 40-token prompt"):
         assert title in report
     assert "goals.png" not in data["files"]  # no llama.cpp: no ratio to plot

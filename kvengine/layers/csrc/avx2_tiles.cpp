@@ -31,6 +31,92 @@ inline __m256 half8(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(
 // 4 bytes of x's codes broadcast to every int32 lane
 inline __m256i codes4(const int8_t* p) { return _mm256_set1_epi32(*reinterpret_cast<const int32_t*>(p)); }
 
+// Half h (rows 8h..8h+7) of an int4 tile's group g: its 4 loads unpacked into 8 registers, wv[c] pairing with x's
+// inputs 4c..4c+3 (low nibbles of load j are inputs 8j..8j+3, high nibbles 8j+4..8j+7).
+inline void q4_half(const uint8_t* wg, int h, __m256i* wv) {
+  const __m256i nibble = _mm256_set1_epi8(0x0F);
+  for (int j = 0; j < 4; ++j) {
+    const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + j * 64 + 32 * h));
+    wv[2 * j] = _mm256_and_si256(p, nibble);
+    wv[2 * j + 1] = _mm256_and_si256(_mm256_srli_epi16(p, 4), nibble);
+  }
+}
+
+// sum over the group's 32 inputs of q * x for the half's 8 rows, as fp32 lanes
+inline __m256 q4_dot(const __m256i* wv, const int8_t* xg) {
+#ifdef __AVXVNNI__
+  __m256i s = _mm256_setzero_si256();
+  for (int c = 0; c < 8; ++c) s = _mm256_dpbusd_avx_epi32(s, wv[c], codes4(xg + 4 * c));
+  return _mm256_cvtepi32_ps(s);
+#else
+  __m256i s = _mm256_maddubs_epi16(wv[0], codes4(xg));
+  for (int c = 1; c < 8; ++c) s = _mm256_add_epi16(s, _mm256_maddubs_epi16(wv[c], codes4(xg + 4 * c)));
+  return _mm256_cvtepi32_ps(_mm256_madd_epi16(s, _mm256_set1_epi16(1)));
+#endif
+}
+
+// one group's step of a row's sums over a half: acc + dot * (d * da) + m * sx
+inline __m256 q4_step(__m256 acc, __m256 dot, const at::Half* d, const at::Half* m, float da, float sx) {
+  return _mm256_fmadd_ps(half8(m), _mm256_set1_ps(sx), _mm256_fmadd_ps(dot, _mm256_mul_ps(half8(d), _mm256_set1_ps(da)), acc));
+}
+
+// Half h of an int8 tile's group g: 8 loads of stored bytes q + 128, back to signed q
+inline void q8_half(const uint8_t* wg, int h, __m256i* wv) {
+  for (int c = 0; c < 8; ++c)
+    wv[c] = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + c * 64 + 32 * h)),
+                             _mm256_set1_epi8(static_cast<char>(0x80)));
+}
+
+// sum over the group's 32 inputs of q * x (xg the codes, ag their magnitudes) for the half's 8 rows, as int32 lanes
+inline __m256i q8_dot(const __m256i* wv, const int8_t* xg, const int8_t* ag) {
+  __m256i s = _mm256_setzero_si256();
+  for (int c = 0; c < 8; ++c) {
+    const __m256i x4 = codes4(xg + 4 * c), a4 = codes4(ag + 4 * c);
+#ifdef __AVXVNNI__
+    s = _mm256_dpbusd_avx_epi32(s, a4, _mm256_sign_epi8(wv[c], x4));
+#else
+    s = _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_maddubs_epi16(a4, _mm256_sign_epi8(wv[c], x4)),
+                                              _mm256_set1_epi16(1)));
+#endif
+  }
+  return s;
+}
+
+// The tiles for one row of x (a decode step of one sequence): both halves in one pass over the groups, their sums
+// in registers (the many-row kernels below keep each row's sums in L1 and take the halves one after the other).
+// The arithmetic per output is the many-row kernels', in the same order, so a row's result does not depend on how
+// many rows it is multiplied with.
+void q4_tile_row(const int8_t* xq, const float* da, const float* sx, const uint8_t* wt, const at::Half* dmt,
+                 float* y, int64_t G) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    __m256i w0[8], w1[8];
+    q4_half(wt + g * 256, 0, w0);
+    q4_half(wt + g * 256, 1, w1);
+    const int8_t* xg = xq + g * kGroup;
+    const at::Half* dg = dmt + g * 32;
+    a0 = q4_step(a0, q4_dot(w0, xg), dg, dg + 16, da[g], sx[g]);
+    a1 = q4_step(a1, q4_dot(w1, xg), dg + 8, dg + 24, da[g], sx[g]);
+  }
+  _mm256_storeu_ps(y, a0);
+  _mm256_storeu_ps(y + 8, a1);
+}
+
+void q8_tile_row(const int8_t* xq, const int8_t* xa, const float* da, const uint8_t* wt, const float* scale, float* y,
+                 int64_t G) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    __m256i w0[8], w1[8];
+    q8_half(wt + g * 512, 0, w0);
+    q8_half(wt + g * 512, 1, w1);
+    const __m256 ad = _mm256_set1_ps(da[g]);
+    a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q8_dot(w0, xq + g * kGroup, xa + g * kGroup)), ad, a0);
+    a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q8_dot(w1, xq + g * kGroup, xa + g * kGroup)), ad, a1);
+  }
+  _mm256_storeu_ps(y, _mm256_mul_ps(a0, _mm256_loadu_ps(scale)));
+  _mm256_storeu_ps(y + 8, _mm256_mul_ps(a1, _mm256_loadu_ps(scale + 8)));
+}
+
 }  // namespace
 
 void q4_tile(const int8_t* xq, const float* da, const float* sx, const uint8_t* w, const at::Half* dm, float* y, int R,
@@ -38,32 +124,17 @@ void q4_tile(const int8_t* xq, const float* da, const float* sx, const uint8_t* 
   const int64_t G = K / kGroup;
   const uint8_t* wt = w + t * G * 256;
   const at::Half* dmt = dm + t * G * 32;
-  const __m256i nibble = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  if (R == 1) return q4_tile_row(xq, da, sx, wt, dmt, y + 16 * t, G);
   alignas(32) float acc[kRows][8];  // one half's sums for each row, in L1: a group unpacked once serves all R rows
   for (int h = 0; h < 2; ++h) {
     for (int i = 0; i < R; ++i) _mm256_store_ps(acc[i], _mm256_setzero_ps());
     for (int64_t g = 0; g < G; ++g) {
       __m256i wv[8];
-      for (int j = 0; j < 4; ++j) {
-        const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wt + g * 256 + j * 64 + 32 * h));
-        wv[2 * j] = _mm256_and_si256(p, nibble);
-        wv[2 * j + 1] = _mm256_and_si256(_mm256_srli_epi16(p, 4), nibble);
-      }
-      const __m256 d = half8(dmt + g * 32 + 8 * h), m = half8(dmt + g * 32 + 16 + 8 * h);
-      for (int i = 0; i < R; ++i) {
-        const int8_t* xg = xq + i * K + g * kGroup;
-#ifdef __AVXVNNI__
-        __m256i s = _mm256_setzero_si256();
-        for (int c = 0; c < 8; ++c) s = _mm256_dpbusd_avx_epi32(s, wv[c], codes4(xg + 4 * c));
-        const __m256 dot = _mm256_cvtepi32_ps(s);
-#else
-        __m256i s = _mm256_maddubs_epi16(wv[0], codes4(xg));
-        for (int c = 1; c < 8; ++c) s = _mm256_add_epi16(s, _mm256_maddubs_epi16(wv[c], codes4(xg + 4 * c)));
-        const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(s, ones));
-#endif
-        const __m256 a = _mm256_fmadd_ps(dot, _mm256_mul_ps(d, _mm256_set1_ps(da[i * G + g])), _mm256_load_ps(acc[i]));
-        _mm256_store_ps(acc[i], _mm256_fmadd_ps(m, _mm256_set1_ps(sx[i * G + g]), a));
-      }
+      q4_half(wt + g * 256, h, wv);
+      const at::Half* dg = dmt + g * 32 + 8 * h;
+      for (int i = 0; i < R; ++i)
+        _mm256_store_ps(acc[i], q4_step(_mm256_load_ps(acc[i]), q4_dot(wv, xq + i * K + g * kGroup), dg, dg + 16,
+                                        da[i * G + g], sx[i * G + g]));
     }
     for (int i = 0; i < R; ++i) _mm256_storeu_ps(y + i * N + 16 * t + 8 * h, _mm256_load_ps(acc[i]));
   }
@@ -75,27 +146,15 @@ void q8_tile(const int8_t* xq, const int8_t* xa, const float* da, const uint8_t*
              int R, int64_t K, int64_t N, int64_t t) {
   const int64_t G = K / kGroup;
   const uint8_t* wt = w + t * K * 16;
-  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80)), ones = _mm256_set1_epi16(1);
+  if (R == 1) return q8_tile_row(xq, xa, da, wt, scale + 16 * t, y + 16 * t, G);
   alignas(32) float acc[kRows][8];  // as in q4_tile
   for (int h = 0; h < 2; ++h) {
     for (int i = 0; i < R; ++i) _mm256_store_ps(acc[i], _mm256_setzero_ps());
     for (int64_t g = 0; g < G; ++g) {
       __m256i wv[8];
-      for (int c = 0; c < 8; ++c)
-        wv[c] = _mm256_xor_si256(
-            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wt + (g * 8 + c) * 64 + 32 * h)), flip);
+      q8_half(wt + g * 512, h, wv);
       for (int i = 0; i < R; ++i) {
-        const int8_t *xg = xq + i * K + g * kGroup, *ag = xa + i * K + g * kGroup;
-        __m256i s = _mm256_setzero_si256();
-        for (int c = 0; c < 8; ++c) {
-          const __m256i x4 = codes4(xg + 4 * c), a4 = codes4(ag + 4 * c);
-#ifdef __AVXVNNI__
-          s = _mm256_dpbusd_avx_epi32(s, a4, _mm256_sign_epi8(wv[c], x4));
-#else
-          const __m256i p = _mm256_maddubs_epi16(a4, _mm256_sign_epi8(wv[c], x4));
-          s = _mm256_add_epi32(s, _mm256_madd_epi16(p, ones));
-#endif
-        }
+        const __m256i s = q8_dot(wv, xq + i * K + g * kGroup, xa + i * K + g * kGroup);
         _mm256_store_ps(acc[i],
                         _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(da[i * G + g]), _mm256_load_ps(acc[i])));
       }

@@ -28,6 +28,16 @@ namespace {
 // 8 fp16 scales as fp32 lanes (F16C)
 inline __m256 half8(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
 
+// The one-row kernels ask for the weights this far ahead of the group they read: a decode step of one sequence
+// streams every weight once, and the hardware prefetcher alone left ~2/3 of the machine's read bandwidth unused
+// (measured on an AMD EPYC Zen 3 with 2 threads: 1024 B ahead 1.2x, 2048 B 1.3-1.6x, 4096 and 8192 B no better).
+constexpr int64_t kPrefetchBytes = 2048;
+
+// the `lines` cache lines `ahead` bytes past p
+inline void prefetch_lines(const void* p, int64_t ahead, int lines) {
+  for (int l = 0; l < lines; ++l) _mm_prefetch(static_cast<const char*>(p) + ahead + 64 * l, _MM_HINT_T0);
+}
+
 // 4 bytes of x's codes broadcast to every int32 lane
 inline __m256i codes4(const int8_t* p) { return _mm256_set1_epi32(*reinterpret_cast<const int32_t*>(p)); }
 
@@ -91,6 +101,8 @@ void q4_tile_row(const int8_t* xq, const float* da, const float* sx, const uint8
   __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
     __m256i w0[8], w1[8];
+    prefetch_lines(wt + g * 256, kPrefetchBytes, 4);       // a later group's 256 bytes of codes
+    prefetch_lines(dmt + g * 32, kPrefetchBytes / 4, 1);   // and its 64 bytes of scales
     q4_half(wt + g * 256, 0, w0);
     q4_half(wt + g * 256, 1, w1);
     const int8_t* xg = xq + g * kGroup;
@@ -107,6 +119,7 @@ void q8_tile_row(const int8_t* xq, const int8_t* xa, const float* da, const uint
   __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
     __m256i w0[8], w1[8];
+    prefetch_lines(wt + g * 512, kPrefetchBytes, 8);
     q8_half(wt + g * 512, 0, w0);
     q8_half(wt + g * 512, 1, w1);
     const __m256 ad = _mm256_set1_ps(da[g]);

@@ -8,25 +8,33 @@
 
 #include <algorithm>
 #include <cmath>
+#include <vector>
 
 namespace KV_OPS {
 namespace {
 
 // x's rows quantized by groups of 32, as vnni_mm.cpp does: codes [M, K] int8, scales da [M, G] and sums
 // sx [M, G] = da * sum(codes); codes = round(x * (127 / max|x|)), ties to even. With `magnitudes`, also |codes|
-// [M, K] (q8_tile's unsigned operand; else an empty tensor).
+// [M, K] (q8_tile's unsigned operand; else null). The arrays are the calling thread's scratch, reused by its next
+// matmul: a decode step makes four per layer, and an allocation each cost ~5% of a one-sequence step.
 struct QuantizedRows {
-  at::Tensor codes, scale, sum, magnitude;
+  int8_t *codes, *magnitude;
+  float *scale, *sum;
 };
 
 QuantizedRows quantize_rows(const at::Tensor& x, bool magnitudes) {
   const int64_t M = x.size(0), K = x.size(1), G = K / kGroup;
-  const at::TensorOptions bytes = x.options().dtype(at::kChar);
-  QuantizedRows r{at::empty({M, K}, bytes), at::empty({M, G}, x.options()), at::empty({M, G}, x.options()),
-                  at::empty({magnitudes ? M : 0, K}, bytes)};
+  thread_local std::vector<int8_t> code_rows, magnitude_rows;
+  thread_local std::vector<float> scale_rows, sum_rows;
+  code_rows.resize(M * K);
+  magnitude_rows.resize(magnitudes ? M * K : 0);
+  scale_rows.resize(M * G);
+  sum_rows.resize(M * G);
+  const QuantizedRows r{code_rows.data(), magnitudes ? magnitude_rows.data() : nullptr, scale_rows.data(),
+                        sum_rows.data()};
   const float* xp = x.data_ptr<float>();
-  int8_t *qp = r.codes.data_ptr<int8_t>(), *ap = magnitudes ? r.magnitude.data_ptr<int8_t>() : nullptr;
-  float *dp = r.scale.data_ptr<float>(), *sp = r.sum.data_ptr<float>();
+  int8_t *qp = r.codes, *ap = r.magnitude;
+  float *dp = r.scale, *sp = r.sum;
   at::parallel_for(0, M * G, 256, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const float* v = xp + b * kGroup;
@@ -60,10 +68,10 @@ at::Tensor q4_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& d
   check_x(x, "q4_gemm");
   const int64_t M = x.size(0), K = x.size(1), G = K / kGroup;
   const int64_t tiles = kvengine::operands::q4_tiles(w, dm, K), N = 16 * tiles;
-  QuantizedRows xr = quantize_rows(x.contiguous(), false);
+  const QuantizedRows xr = quantize_rows(x.contiguous(), false);
   at::Tensor y = at::empty({M, N}, x.options());  // [M, N]
-  const int8_t* qp = xr.codes.data_ptr<int8_t>();
-  const float *dp = xr.scale.data_ptr<float>(), *sp = xr.sum.data_ptr<float>();
+  const int8_t* qp = xr.codes;
+  const float *dp = xr.scale, *sp = xr.sum;
   const at::Half* dmp = dm.data_ptr<at::Half>();
   const uint8_t* wp = w.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();
@@ -77,14 +85,14 @@ at::Tensor q8_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
   check_x(x, "q8_gemm");
   const int64_t M = x.size(0), K = x.size(1), G = K / kGroup;
   const int64_t tiles = kvengine::operands::q8_tiles(w, scale, K), N = 16 * tiles;
-  QuantizedRows xr = quantize_rows(x.contiguous(), kTilesReadMagnitudes);
+  const QuantizedRows xr = quantize_rows(x.contiguous(), kTilesReadMagnitudes);
   at::Tensor y = at::empty({M, N}, x.options());  // [M, N]
-  const int8_t *qp = xr.codes.data_ptr<int8_t>(), *ap = xr.magnitude.data_ptr<int8_t>();
-  const float *dp = xr.scale.data_ptr<float>(), *sp = scale.data_ptr<float>();
+  const int8_t *qp = xr.codes, *ap = xr.magnitude;
+  const float *dp = xr.scale, *sp = scale.data_ptr<float>();
   const uint8_t* wp = w.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();
   kvengine::tiles::for_tiles<kRows>(M, tiles, [&](int64_t t, int64_t i0, int64_t r) {
-    q8_tile(qp + i0 * K, kTilesReadMagnitudes ? ap + i0 * K : nullptr, dp + i0 * G, wp, sp, yp + i0 * N,
+    q8_tile(qp + i0 * K, ap ? ap + i0 * K : nullptr, dp + i0 * G, wp, sp, yp + i0 * N,
             static_cast<int>(r), K, N, t);
   });
   return y;

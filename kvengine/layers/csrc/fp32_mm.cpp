@@ -6,6 +6,10 @@
 
 #include <ATen/Parallel.h>
 
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -21,6 +25,40 @@ struct QuantizedRows {
   int8_t *codes, *magnitude;
   float *scale, *sum;
 };
+
+#if defined(__AVX2__)
+// One group of quantize_rows in 8-lane steps (the same numbers: max|x| exact, x * (127 / max|x|) rounded to nearest
+// even by the same fp32 product); plain C++ left its max and rounding loops scalar. Returns false for a group of
+// zeros (left to the scalar loop).
+inline bool quantize_group_avx2(const float* v, int8_t* q, int8_t* a, float* d, float* s) {
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  __m256 x[4], top = _mm256_setzero_ps();
+  for (int k = 0; k < 4; ++k) {
+    x[k] = _mm256_loadu_ps(v + 8 * k);
+    top = _mm256_max_ps(_mm256_andnot_ps(sign, x[k]), top);  // a NaN lane keeps top, as std::max does
+  }
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(top), _mm256_extractf128_ps(top, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  const float amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+  if (!(amax > 0.f)) return false;
+  const __m256 inv = _mm256_set1_ps(127.f / amax);
+  __m256i c[4];
+  for (int k = 0; k < 4; ++k)
+    c[k] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(x[k], inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  // int32 -> int8 in order: packs interleave 128-bit lanes, the permute puts them back
+  const __m256i w = _mm256_packs_epi32(c[0], c[1]), z = _mm256_packs_epi32(c[2], c[3]);
+  const __m256i b = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(w, z), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), b);
+  if (a) _mm256_storeu_si256(reinterpret_cast<__m256i*>(a), _mm256_abs_epi8(b));
+  __m256i t = _mm256_add_epi32(_mm256_add_epi32(c[0], c[1]), _mm256_add_epi32(c[2], c[3]));
+  __m128i u = _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
+  u = _mm_add_epi32(u, _mm_shuffle_epi32(u, 0x4E));
+  u = _mm_add_epi32(u, _mm_shuffle_epi32(u, 0xB1));
+  *d = amax / 127.f;
+  *s = *d * static_cast<float>(_mm_cvtsi128_si32(u));
+  return true;
+}
+#endif
 
 QuantizedRows quantize_rows(const at::Tensor& x, bool magnitudes) {
   const int64_t M = x.size(0), K = x.size(1), G = K / kGroup;
@@ -38,6 +76,9 @@ QuantizedRows quantize_rows(const at::Tensor& x, bool magnitudes) {
   at::parallel_for(0, M * G, 256, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const float* v = xp + b * kGroup;
+#if defined(__AVX2__)
+      if (quantize_group_avx2(v, qp + b * kGroup, ap ? ap + b * kGroup : nullptr, dp + b, sp + b)) continue;
+#endif
       float amax = 0.f;
       for (int k = 0; k < kGroup; ++k) amax = std::max(amax, std::fabs(v[k]));
       const float inv = amax > 0.f ? 127.f / amax : 0.f;

@@ -14,6 +14,12 @@
 //         no saturation), widened per 4 inputs.
 // The integer sums equal vnni_mm.cpp's exactly; the fp32 steps after them are the same operations in the same order.
 //
+// One row of x (a decode step of one sequence) takes its own kernels: both halves in one pass over the groups, the
+// row's sums in registers and each broadcast of x serving both halves, the weights asked for 2 KB ahead: at one row
+// the many-row loop's stores of each group's sums to L1 and its two passes cost more than its products (1.2-1.6x on
+// the model's shapes, AMD EPYC Zen 3). They do the same arithmetic per output in the same order, so a row's result
+// does not depend on how many rows it is multiplied with.
+//
 // The avxvnni tier compiles this same file with -mavxvnni (__AVXVNNI__): AVX-VNNI's 256-bit VPDPBUSD (Alder Lake
 // and later, Zen 4 and later) does a lane's 4-byte dot product and its int32 sum in one instruction, in place of
 // each VPMADDUBSW / VPADDW / VPMADDWD chain. The sums are the same integers, so the two tiers agree bit for bit.
@@ -92,10 +98,7 @@ inline __m256i q8_dot(const __m256i* wv, const int8_t* xg, const int8_t* ag) {
   return s;
 }
 
-// The tiles for one row of x (a decode step of one sequence): both halves in one pass over the groups, their sums
-// in registers (the many-row kernels below keep each row's sums in L1 and take the halves one after the other).
-// The arithmetic per output is the many-row kernels', in the same order, so a row's result does not depend on how
-// many rows it is multiplied with.
+// The one-row kernels (see the header)
 void q4_tile_row(const int8_t* xq, const float* da, const float* sx, const uint8_t* wt, const at::Half* dmt,
                  float* y, int64_t G) {
   __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();

@@ -11,7 +11,7 @@ from typing import Any
 
 from kvengine.bench import plots
 from kvengine.bench.peer_systems import KVENGINE, LLAMA_CPP, SYSTEMS, TRANSFORMERS
-from kvengine.bench.peers import PeerRun, PeersBench, PeersPlan, RateRun, common_prefix, common_words
+from kvengine.bench.peers import PeerRun, PeersBench, PeersPlan, RateRun, common_prefix, common_words, quantized_dtype
 from kvengine.bench.report import Report, Table, ms, num
 
 GOAL_TARGETS = {"decode": 1.0, "concurrent": 5.0, "prefill": 2.0}  # kvengine / llama.cpp at least this
@@ -276,8 +276,8 @@ def _notes(bench: PeersBench, goals: list[Goal]) -> list[str]:
         f"{plan.goal_length} new tokens ({why}), with the KV cache. The concurrent goal divides kvengine's "
         "aggregate tok/s by llama.cpp's batch-1 decode tok/s (target 5x); prefill divides prompt tokens / TTFT.",
         "kvengine variants (--weights): auto = the float weights of each --dtypes dtype; fp32/bf16/fp16 compute in "
-        "their own dtype; int8/int4 compute in the dtype the engine picks for this CPU's kernel tier (bfloat16 "
-        "with AVX-512 BF16, else float32) unless --dtypes is given, then one variant per dtype. --compile "
+        "their own dtype; int8/int4 compute in the dtype the engine picks for this CPU's kernel tier "
+        f"({quantized_dtype(plan.device)} here) unless --dtypes is given, then one variant per dtype. --compile "
         "compiles each variant's decode steps, batch-1 and concurrent, except where they run one kvengine op "
         "per layer (the weights line ends 'steps: one kvengine op per layer'; then nothing is compiled and "
         "compile time is '-'); compile time = its first compiled call: tracing, then compiling; Inductor "

@@ -5,13 +5,13 @@
 // pairs summed into int16) then VPMADDWD by ones (adjacent int16 pairs into int32). A 256-bit register holds half
 // of a 64-byte tile row block: 8 output rows x 4 inputs, so each half (rows 8h..8h+7) is its own pass over the
 // groups: a group's weights are loaded (and, for int4, unpacked) into 8 registers once, then serve every one of
-// the pass's R <= kRows (16) rows of x, whose sums wait in a small L1 array (kRows = 4 kept them in registers and
+// the pass's R <= kRows (32) rows of x, whose sums wait in a small L1 array (kRows = 4 kept them in registers and
 // redid the unpacking every 4 rows: ~20% slower at 32 and more rows).
 //   int4: weights 0..15 are the unsigned operand; a group's 8 products per lane stay below 8 * 2 * 15 * 127 =
 //         30480, so they are summed in int16 and widened once per group.
 //   int8: the stored bytes q + 128 turn back into signed q (xor 0x80); VPMADDUBSW then takes |x| (made once per
-//         step by q8_gemm, not per tile) as the unsigned operand and q with x's sign as the signed one (|x| * sign(x) q = x q; a pair is at most 2 * 127 * 127,
-//         no saturation), widened per 4 inputs.
+//         step by q8_gemm, not per tile) as the unsigned operand and q with x's sign as the signed one
+//         (|x| * sign(x) q = x q; a pair is at most 2 * 127 * 127, no saturation), widened per 4 inputs.
 // The integer sums equal vnni_mm.cpp's exactly; the fp32 steps after them are the same operations in the same order.
 //
 // One row of x (a decode step of one sequence) takes its own kernels: both halves in one pass over the groups, the
@@ -73,7 +73,8 @@ inline __m256 q4_dot(const __m256i* wv, const int8_t* xg) {
 
 // one group's step of a row's sums over a half: acc + dot * (d * da) + m * sx
 inline __m256 q4_step(__m256 acc, __m256 dot, const at::Half* d, const at::Half* m, float da, float sx) {
-  return _mm256_fmadd_ps(half8(m), _mm256_set1_ps(sx), _mm256_fmadd_ps(dot, _mm256_mul_ps(half8(d), _mm256_set1_ps(da)), acc));
+  const __m256 a = _mm256_fmadd_ps(dot, _mm256_mul_ps(half8(d), _mm256_set1_ps(da)), acc);
+  return _mm256_fmadd_ps(half8(m), _mm256_set1_ps(sx), a);
 }
 
 // Half h of an int8 tile's group g: 8 loads of stored bytes q + 128, back to signed q

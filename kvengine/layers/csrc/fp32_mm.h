@@ -16,7 +16,8 @@
 namespace KV_OPS {
 
 constexpr int64_t kGroup = 32;
-constexpr int kRows = 16;  // rows of x per pass over a weight tile (the tile kernels take 1..kRows)
+// rows of x per pass over a weight tile (the tile kernels take 1..kRows); 32 ran 1-5% faster than 16 on Zen 3
+constexpr int kRows = 32;
 
 // Rows 0..R-1 of y (row stride N), outputs 16t..16t+15, from the int4 tile t: for each group g,
 // y[i, n] += d[n, g] * da[i, g] * sum_k q * xq[i, k] + m[n, g] * sx[i, g] (xq row stride K; da, sx row stride K/32).

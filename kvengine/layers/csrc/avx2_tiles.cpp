@@ -99,6 +99,11 @@ inline __m256i q8_dot(const __m256i* wv, const int8_t* xg, const int8_t* ag) {
   return s;
 }
 
+// one group's step of a row's sums over a half: acc + s * da (the tile's scale multiplies the total at the end)
+inline __m256 q8_step(__m256 acc, __m256i s, float da) {
+  return _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(da), acc);
+}
+
 // The one-row kernels (see the header)
 void q4_tile_row(const int8_t* xq, const float* da, const float* sx, const uint8_t* wt, const at::Half* dmt,
                  float* y, int64_t G) {
@@ -126,9 +131,8 @@ void q8_tile_row(const int8_t* xq, const int8_t* xa, const float* da, const uint
     prefetch_lines(wt + g * 512, kPrefetchBytes, 8);
     q8_half(wt + g * 512, 0, w0);
     q8_half(wt + g * 512, 1, w1);
-    const __m256 ad = _mm256_set1_ps(da[g]);
-    a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q8_dot(w0, xq + g * kGroup, xa + g * kGroup)), ad, a0);
-    a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q8_dot(w1, xq + g * kGroup, xa + g * kGroup)), ad, a1);
+    a0 = q8_step(a0, q8_dot(w0, xq + g * kGroup, xa + g * kGroup), da[g]);
+    a1 = q8_step(a1, q8_dot(w1, xq + g * kGroup, xa + g * kGroup), da[g]);
   }
   _mm256_storeu_ps(y, _mm256_mul_ps(a0, _mm256_loadu_ps(scale)));
   _mm256_storeu_ps(y + 8, _mm256_mul_ps(a1, _mm256_loadu_ps(scale + 8)));
@@ -172,8 +176,7 @@ void q8_tile(const int8_t* xq, const int8_t* xa, const float* da, const uint8_t*
       q8_half(wt + g * 512, h, wv);
       for (int i = 0; i < R; ++i) {
         const __m256i s = q8_dot(wv, xq + i * K + g * kGroup, xa + i * K + g * kGroup);
-        _mm256_store_ps(acc[i],
-                        _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(da[i * G + g]), _mm256_load_ps(acc[i])));
+        _mm256_store_ps(acc[i], q8_step(_mm256_load_ps(acc[i]), s, da[i * G + g]));
       }
     }
     const __m256 sc = _mm256_loadu_ps(scale + 16 * t + 8 * h);

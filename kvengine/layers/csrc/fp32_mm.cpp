@@ -26,37 +26,53 @@ struct QuantizedRows {
   float *scale, *sum;
 };
 
+// One group of 32 values: max|v|, and the codes round(v * inv) (ties to even) with their magnitudes (a: null when
+// not wanted) and their sum. With AVX2 in 8-lane steps (the same numbers: max exact, the same fp32 product, the
+// same rounding; plain C++ left the max and rounding loops scalar), else plain loops.
 #if defined(__AVX2__)
-// One group of quantize_rows in 8-lane steps (the same numbers: max|x| exact, x * (127 / max|x|) rounded to nearest
-// even by the same fp32 product); plain C++ left its max and rounding loops scalar. Returns false for a group of
-// zeros (left to the scalar loop).
-inline bool quantize_group_avx2(const float* v, int8_t* q, int8_t* a, float* d, float* s) {
+inline float group_amax(const float* v) {
   const __m256 sign = _mm256_set1_ps(-0.f);
-  __m256 x[4], top = _mm256_setzero_ps();
-  for (int k = 0; k < 4; ++k) {
-    x[k] = _mm256_loadu_ps(v + 8 * k);
-    top = _mm256_max_ps(_mm256_andnot_ps(sign, x[k]), top);  // a NaN lane keeps top, as std::max does
-  }
+  __m256 top = _mm256_setzero_ps();
+  for (int k = 0; k < kGroup; k += 8)
+    top = _mm256_max_ps(_mm256_andnot_ps(sign, _mm256_loadu_ps(v + k)), top);  // a NaN lane keeps top, as std::max
   __m128 m = _mm_max_ps(_mm256_castps256_ps128(top), _mm256_extractf128_ps(top, 1));
   m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-  const float amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
-  if (!(amax > 0.f)) return false;
-  const __m256 inv = _mm256_set1_ps(127.f / amax);
+  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+
+inline int32_t group_codes(const float* v, float inv, int8_t* q, int8_t* a) {
   __m256i c[4];
   for (int k = 0; k < 4; ++k)
-    c[k] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(x[k], inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    c[k] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(v + 8 * k), _mm256_set1_ps(inv)),
+                                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   // int32 -> int8 in order: packs interleave 128-bit lanes, the permute puts them back
   const __m256i w = _mm256_packs_epi32(c[0], c[1]), z = _mm256_packs_epi32(c[2], c[3]);
   const __m256i b = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(w, z), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), b);
   if (a) _mm256_storeu_si256(reinterpret_cast<__m256i*>(a), _mm256_abs_epi8(b));
-  __m256i t = _mm256_add_epi32(_mm256_add_epi32(c[0], c[1]), _mm256_add_epi32(c[2], c[3]));
+  const __m256i t = _mm256_add_epi32(_mm256_add_epi32(c[0], c[1]), _mm256_add_epi32(c[2], c[3]));
   __m128i u = _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
   u = _mm_add_epi32(u, _mm_shuffle_epi32(u, 0x4E));
-  u = _mm_add_epi32(u, _mm_shuffle_epi32(u, 0xB1));
-  *d = amax / 127.f;
-  *s = *d * static_cast<float>(_mm_cvtsi128_si32(u));
-  return true;
+  return _mm_cvtsi128_si32(_mm_add_epi32(u, _mm_shuffle_epi32(u, 0xB1)));
+}
+#else
+inline float group_amax(const float* v) {
+  float amax = 0.f;
+  for (int k = 0; k < kGroup; ++k) amax = std::max(amax, std::fabs(v[k]));
+  return amax;
+}
+
+inline int32_t group_codes(const float* v, float inv, int8_t* q, int8_t* a) {
+  int32_t codes[kGroup];
+  for (int k = 0; k < kGroup; ++k) codes[k] = static_cast<int32_t>(std::nearbyint(v[k] * inv));
+  int32_t total = 0;
+  for (int k = 0; k < kGroup; ++k) {
+    q[k] = static_cast<int8_t>(codes[k]);
+    total += codes[k];
+  }
+  if (a)
+    for (int k = 0; k < kGroup; ++k) a[k] = static_cast<int8_t>(std::abs(codes[k]));
+  return total;
 }
 #endif
 
@@ -76,21 +92,9 @@ QuantizedRows quantize_rows(const at::Tensor& x, bool magnitudes) {
   at::parallel_for(0, M * G, 256, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const float* v = xp + b * kGroup;
-#if defined(__AVX2__)
-      if (quantize_group_avx2(v, qp + b * kGroup, ap ? ap + b * kGroup : nullptr, dp + b, sp + b)) continue;
-#endif
-      float amax = 0.f;
-      for (int k = 0; k < kGroup; ++k) amax = std::max(amax, std::fabs(v[k]));
+      const float amax = group_amax(v);
       const float inv = amax > 0.f ? 127.f / amax : 0.f;
-      int32_t codes[kGroup];
-      for (int k = 0; k < kGroup; ++k) codes[k] = static_cast<int32_t>(std::nearbyint(v[k] * inv));
-      int32_t total = 0;
-      for (int k = 0; k < kGroup; ++k) {
-        qp[b * kGroup + k] = static_cast<int8_t>(codes[k]);
-        total += codes[k];
-      }
-      if (ap)
-        for (int k = 0; k < kGroup; ++k) ap[b * kGroup + k] = static_cast<int8_t>(std::abs(codes[k]));
+      const int32_t total = group_codes(v, inv, qp + b * kGroup, ap ? ap + b * kGroup : nullptr);
       dp[b] = amax / 127.f;
       sp[b] = dp[b] * static_cast<float>(total);
     }

@@ -17,9 +17,9 @@
 namespace KV_OPS {
 namespace {
 
-// x's rows quantized by groups of 32, as vnni_mm.cpp does: codes [M, K] int8, scales da [M, G] and sums
-// sx [M, G] = da * sum(codes); codes = round(x * (127 / max|x|)), ties to even. With `magnitudes`, also |codes|
-// [M, K] (q8_tile's unsigned operand; else null). The arrays are the calling thread's scratch, reused by its next
+// x's rows quantized by groups of 32, as vnni_mm.cpp does: codes int8 (M * K), scales da and sums
+// sx = da * sum(codes) (M * G each) in block_slot's order; codes = round(x * (127 / max|x|)), ties to even. With
+// `magnitudes`, also |codes| (q8_tile's unsigned operand; else null). The arrays are the calling thread's scratch, reused by its next
 // matmul: a decode step makes four per layer, and an allocation each cost ~5% of a one-sequence step.
 struct QuantizedRows {
   int8_t *codes, *magnitude;
@@ -94,9 +94,10 @@ QuantizedRows quantize_rows(const at::Tensor& x, bool magnitudes) {
       const float* v = xp + b * kGroup;
       const float amax = group_amax(v);
       const float inv = amax > 0.f ? 127.f / amax : 0.f;
-      const int32_t total = group_codes(v, inv, qp + b * kGroup, ap ? ap + b * kGroup : nullptr);
-      dp[b] = amax / 127.f;
-      sp[b] = dp[b] * static_cast<float>(total);
+      const int64_t o = block_slot(b / G, b % G, M, G);
+      const int32_t total = group_codes(v, inv, qp + o * kGroup, ap ? ap + o * kGroup : nullptr);
+      dp[o] = amax / 127.f;
+      sp[o] = dp[o] * static_cast<float>(total);
     }
   });
   return r;

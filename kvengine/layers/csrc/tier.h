@@ -80,6 +80,7 @@ constexpr int64_t kChunk = 64;
 
 template <int kRows, typename F>
 void for_tiles(int64_t M, int64_t tiles, const F& f) {
+  static_assert(kChunk % kRows == 0, "a block of rows starts at a multiple of kRows (fp32_mm.h's block_slot)");
   const int64_t chunks = (M + kChunk - 1) / kChunk;
   at::parallel_for(0, chunks * tiles, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {

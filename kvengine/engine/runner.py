@@ -44,8 +44,10 @@ class ModelRunner:
     @property
     def fused_layers(self) -> bool:
         """The model runs every step as one op per layer (models/llama.py enable_fused_layers): decode, prefill of
-        any length and no-cache steps alike, so cached and uncached tokens are the same; they skip compilation."""
-        return self.model.fused_layers_enabled
+        any length and no-cache steps alike, so cached and uncached tokens are the same; they skip compilation.
+        Not with a pool the op cannot read (a scoring runner's quantized or bf16 KV cache): those steps run layer
+        by layer."""
+        return self.model.fused_layers_enabled if self.pool is None else self.model.fused_layers_read(self.pool)
 
     @torch.inference_mode()
     def run(self, batch: StepBatch) -> torch.Tensor:

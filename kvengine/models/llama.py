@@ -150,16 +150,26 @@ class LlamaForCausalLM(DecoderLM):
             act = "bf16" if chosen is None or chosen.act_dtype == torch.bfloat16 else "fp32"
             bf16 = " or bf16 weights" if act == "bf16" else ""
             return f"it needs {act} activations, and kvengine's tile kernels{bf16} in every linear layer"
-        if pool.plain_dtype() != tier.act_dtype:
+        if not self._op_reads(pool, tier):
             return f"it needs a {str(tier.act_dtype).removeprefix('torch.')} KV cache that keeps every token"
         if self.config.head_dim % tier.head_dim_step:
             return f"it needs a head_dim that is a multiple of {tier.head_dim_step}"
         self.fused_layer_weights, self.fused_tier = weights, tier.name
         return ""
 
+    @staticmethod
+    def _op_reads(pool: KVPool, tier: native.Tier) -> bool:
+        return pool.plain_dtype() == tier.act_dtype
+
     @property
     def fused_layers_enabled(self) -> bool:
         return self.fused_layer_weights is not None
+
+    def fused_layers_read(self, pool: KVPool) -> bool:
+        """Whether the enabled op can read `pool`: the engine's pool was checked by enable_fused_layers, but a
+        runner of its own (eval's scoring runner, a quantized or bf16 KV cache) may hold another; that one's steps
+        run layer by layer."""
+        return self.fused_layers_enabled and self._op_reads(pool, native.tier(self.fused_tier))
 
     def runs_fused_layers(self, batch: StepBatch, kv: KVPool | None) -> bool:
         """Whether forward(batch, kv) takes the one-op-per-layer path: every step once enable_fused_layers took the

@@ -70,3 +70,7 @@ class CausalLM(Protocol):
     def fused_layers_enabled(self) -> bool:
         """Whether enable_fused_layers enabled that path (the runner then plans the steps it takes)."""
         return False
+
+    def fused_layers_read(self, pool: KVPool) -> bool:
+        """Whether that path is enabled and its op reads `pool` (a runner's pool may not be the engine's)."""
+        return False

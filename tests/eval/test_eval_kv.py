@@ -14,6 +14,7 @@ from kvengine.accounting.memory import kv_cache_spec_for
 from kvengine.cli.app import app
 from kvengine.errors import ConfigError
 from kvengine.eval.kv import evaluate_kv_dtypes, held_text, identical_prefix, max_concurrent, text_tokens
+from kvengine.layers import native
 from kvengine.llm import LLM
 from kvengine.sampling import SamplingParams
 
@@ -141,3 +142,21 @@ def test_text_tokens_needs_enough_text(tiny_folder):
     assert len(text_tokens(llm.tokenizer, held_text()[1], 50)) == 50
     with pytest.raises(ConfigError, match="fewer than the 500 asked for"):
         text_tokens(llm.tokenizer, "short text", 500)
+
+
+def test_eval_kv_fast_weights_with_other_kv_dtypes(tmp_path):
+    """--weights fast runs the engine's steps as one kernel op per layer over a float KV cache of the activation
+    dtype; the scoring runners of the other KV dtypes hold pools the op cannot read, so their steps run layer by
+    layer (this crashed with the op's operand error before)."""
+    if native.chosen() is None:
+        pytest.skip(f"no kernel tier loads here: {native.reason()}")
+    folder = make_tiny_hf_folder(tmp_path, hidden_size=128, intermediate_size=128, num_attention_heads=2,
+                                 num_key_value_heads=1, max_position_embeddings=256)  # shapes the op's tiles take
+    assert "one kvengine op per layer" in LLM(str(folder), weights="fast").engine.weights_desc
+    args = ["eval", "kv", "--model", str(folder), "--tokens", "64", "--generate", "4", "--dtypes",
+            "bfloat16,int8", "--chunk", "32", "--seq-len", "64", "--weights", "fast", "--json"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout.strip().splitlines()[-1])["results"]
+    assert [r["kv_dtype"] for r in rows] == ["float32", "bfloat16", "int8"]
+    assert all(abs(r["ppl_change_pct"]) < 5 for r in rows)

@@ -114,18 +114,10 @@ inline __m256 q8_step(__m256 acc, __m256i s, float da) {
   return _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(da), acc);
 }
 
-// as q4_rows, for an int8 tile (xa: the rows' magnitudes)
-template <int P>
-inline void q8_rows(const __m256i* wv, const int8_t* xg, const int8_t* ag, const float* da, float (*acc)[8]) {
-  __m256i dot[P];
-  for (int j = 0; j < P; ++j) dot[j] = q8_dot(wv, xg + j * kGroup, ag + j * kGroup);
-  for (int j = 0; j < P; ++j) _mm256_store_ps(acc[j], q8_step(_mm256_load_ps(acc[j]), dot[j], da[j]));
-}
-
-// Rows a many-row kernel's group step takes at once (the rest one at a time): int4 4 (1.2-1.35x faster than one
-// at a time at 32 and more rows on Zen 3); int8's longer chains (a sign, a product and a widening per 4 inputs) ran
-// best in twos (0.9-1.2x of one at a time)
-constexpr int kQ4RowStep = 4, kQ8RowStep = 2;
+// Rows the int4 many-row kernel's group step takes at once (the rest one at a time): 4 ran 1.2-1.35x faster than
+// one at a time at 32 and more rows on Zen 3. The int8 kernel's longer chains (a sign, a product and a widening
+// per 4 inputs) ran no faster in twos (0.8-1.2x, within noise), so it takes one row at a time.
+constexpr int kQ4RowStep = 4;
 
 // The one-row kernels (see the header)
 void q4_tile_row(const int8_t* xq, const float* da, const float* sx, const uint8_t* wt, const at::Half* dmt,
@@ -139,8 +131,9 @@ void q4_tile_row(const int8_t* xq, const float* da, const float* sx, const uint8
     q4_half(wt + g * 256, 1, w1);
     const int8_t* xg = xq + g * kGroup;
     const at::Half* dg = dmt + g * 32;
-    a0 = q4_step(a0, q4_dot(w0, xg), half8(dg), half8(dg + 16), da[g], sx[g]);
-    a1 = q4_step(a1, q4_dot(w1, xg), half8(dg + 8), half8(dg + 24), da[g], sx[g]);
+    const __m256 p0 = q4_dot(w0, xg), p1 = q4_dot(w1, xg);  // (the scales converted after: fewer live registers)
+    a0 = q4_step(a0, p0, half8(dg), half8(dg + 16), da[g], sx[g]);
+    a1 = q4_step(a1, p1, half8(dg + 8), half8(dg + 24), da[g], sx[g]);
   }
   _mm256_storeu_ps(y, a0);
   _mm256_storeu_ps(y + 8, a1);
@@ -206,11 +199,9 @@ void q8_tile(const int8_t* xq, const int8_t* xa, const float* da, const uint8_t*
       q8_half(wt + g * 512, h, wv);
       const int8_t *xg = xq + g * R * kGroup, *ag = xa + g * R * kGroup;
       const float* dag = da + g * R;
-      int i = 0;
 #pragma GCC unroll 1
-      for (; i + kQ8RowStep <= R; i += kQ8RowStep)
-        q8_rows<kQ8RowStep>(wv, xg + i * kGroup, ag + i * kGroup, dag + i, acc + i);
-      for (; i < R; ++i) q8_rows<1>(wv, xg + i * kGroup, ag + i * kGroup, dag + i, acc + i);
+      for (int i = 0; i < R; ++i)
+        _mm256_store_ps(acc[i], q8_step(_mm256_load_ps(acc[i]), q8_dot(wv, xg + i * kGroup, ag + i * kGroup), dag[i]));
     }
     const __m256 sc = _mm256_loadu_ps(scale + 16 * t + 8 * h);
     for (int i = 0; i < R; ++i) _mm256_storeu_ps(y + i * N + 16 * t + 8 * h, _mm256_mul_ps(_mm256_load_ps(acc[i]), sc));

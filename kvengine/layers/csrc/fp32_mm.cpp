@@ -18,9 +18,10 @@ namespace KV_OPS {
 namespace {
 
 // x's rows quantized by groups of 32, as vnni_mm.cpp does: codes int8 (M * K), scales da and sums
-// sx = da * sum(codes) (M * G each) in block_slot's order; codes = round(x * (127 / max|x|)), ties to even. With
-// `magnitudes`, also |codes| (q8_tile's unsigned operand; else null). The arrays are the calling thread's scratch, reused by its next
-// matmul: a decode step makes four per layer, and an allocation each cost ~5% of a one-sequence step.
+// sx = da * sum(codes) (M * G each), in block_slot's order; codes = round(x * (127 / max|x|)), ties to even. With
+// `magnitudes`, also |codes| (q8_tile's unsigned operand; else null). The arrays are the calling thread's
+// scratch, reused by its next matmul: a decode step makes four per layer, and an allocation each cost ~5% of a
+// one-sequence step.
 struct QuantizedRows {
   int8_t *codes, *magnitude;
   float *scale, *sum;

@@ -23,8 +23,8 @@ constexpr int kRows = 64;
 
 // Where quantize_rows puts row i's group g of x [M, K] (G = K / 32 groups a row): the rows are taken in for_tiles'
 // blocks of kRows, and a block of R rows is stored group-major, [G, R, 32] codes and [G, R] scales and sums, so the
-// tile kernels read one group of all R rows as one run of R * 32 bytes. Row-major, K = 8,192 put the 32 rows of a
-// group 8 KB apart, all in the same L1 sets (1.1-1.2x slower on Zen 3). The slot of a code is 32 bytes, of a scale one.
+// tile kernels read one group of all R rows as one run of R * 32 bytes (row-major, K = 8,192 put a group's rows
+// 8 KB apart, all in the same L1 sets: 1.1-1.2x slower on Zen 3). Codes start at slot * 32, scale and sum at slot.
 inline int64_t block_slot(int64_t i, int64_t g, int64_t M, int64_t G) {
   const int64_t i0 = i / kRows * kRows, R = std::min<int64_t>(kRows, M - i0);
   return i0 * G + g * R + (i - i0);

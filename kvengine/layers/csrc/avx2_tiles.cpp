@@ -172,8 +172,9 @@ void q4_tile(const int8_t* xq, const float* da, const float* sx, const uint8_t* 
       q4_half(wt + g * 256, h, wv);
       const at::Half* dg = dmt + g * 32 + 8 * h;
       const __m256 d = half8(dg), m = half8(dg + 16);
-      const int8_t* xg = xq + g * R * kGroup;  // the block's rows, group-major (fp32_mm.h's block_slot)
-      const float *dag = da + g * R, *sxg = sx + g * R;
+      const int64_t s = in_block(0, g, R);  // the group's R rows follow one another (fp32_mm.h's block_slot)
+      const int8_t* xg = xq + s * kGroup;
+      const float *dag = da + s, *sxg = sx + s;
       int i = 0;
 #pragma GCC unroll 1
       for (; i + kQ4RowStep <= R; i += kQ4RowStep)
@@ -198,8 +199,9 @@ void q8_tile(const int8_t* xq, const int8_t* xa, const float* da, const uint8_t*
     for (int64_t g = 0; g < G; ++g) {
       __m256i wv[8];
       q8_half(wt + g * 512, h, wv);
-      const int8_t *xg = xq + g * R * kGroup, *ag = xa + g * R * kGroup;
-      const float* dag = da + g * R;
+      const int64_t s = in_block(0, g, R);
+      const int8_t *xg = xq + s * kGroup, *ag = xa + s * kGroup;
+      const float* dag = da + s;
 #pragma GCC unroll 1
       for (int i = 0; i < R; ++i)
         _mm256_store_ps(acc[i], q8_step(_mm256_load_ps(acc[i]), q8_dot(wv, xg + i * kGroup, ag + i * kGroup), dag[i]));

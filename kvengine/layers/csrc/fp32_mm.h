@@ -25,14 +25,17 @@ constexpr int kRows = 64;
 // blocks of kRows, and a block of R rows is stored group-major, [G, R, 32] codes and [G, R] scales and sums, so the
 // tile kernels read one group of all R rows as one run of R * 32 bytes (row-major, K = 8,192 put a group's rows
 // 8 KB apart, all in the same L1 sets: 1.1-1.2x slower on Zen 3). Codes start at slot * 32, scale and sum at slot.
+// in_block is the slot within a block (row i of its R rows): what the tile kernels, given a block, read.
+inline int64_t in_block(int64_t i, int64_t g, int64_t R) { return g * R + i; }
+
 inline int64_t block_slot(int64_t i, int64_t g, int64_t M, int64_t G) {
   const int64_t i0 = i / kRows * kRows, R = std::min<int64_t>(kRows, M - i0);
-  return i0 * G + g * R + (i - i0);
+  return i0 * G + in_block(i - i0, g, R);
 }
 
 // Rows 0..R-1 of y (row stride N), outputs 16t..16t+15, from the int4 tile t: for each group g,
 // y[i, n] += d[n, g] * da[i, g] * sum_k q * xq[i, k] + m[n, g] * sx[i, g], with x's block of R rows as block_slot
-// lays it out (xq: group g of row i at (g * R + i) * 32; da, sx: at g * R + i).
+// lays it out (row i's group g at in_block(i, g, R): codes at that * 32, da and sx at that).
 void q4_tile(const int8_t* xq, const float* da, const float* sx, const uint8_t* w, const at::Half* dm, float* y, int R,
              int64_t K, int64_t N, int64_t t);
 // The same from the int8 tile t (bytes q + 128): y[i, n] = scale[n] * sum_g da[i, g] * sum_k q * xq[i, k];

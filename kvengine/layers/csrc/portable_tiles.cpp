@@ -21,8 +21,9 @@ void q4_tile(const int8_t* xq, const float* da, const float* sx, const uint8_t* 
           q[l][8 * j + 4 + b] = static_cast<int8_t>(byte >> 4);
         }
     for (int i = 0; i < R; ++i) {
-      const int8_t* xg = xq + (g * R + i) * kGroup;  // fp32_mm.h's block_slot
-      const float a = da[g * R + i], s = sx[g * R + i];
+      const int64_t o = in_block(i, g, R);  // fp32_mm.h's block_slot
+      const int8_t* xg = xq + o * kGroup;
+      const float a = da[o], s = sx[o];
       for (int l = 0; l < 16; ++l) {
         int32_t dot = 0;
         for (int k = 0; k < kGroup; ++k) dot += q[l][k] * xg[k];
@@ -48,11 +49,12 @@ void q8_tile(const int8_t* xq, const int8_t* /*xa: not made for this tier*/, con
       for (int l = 0; l < 16; ++l)
         for (int b = 0; b < 4; ++b) q[l][4 * c + b] = static_cast<int16_t>(wt[(g * 8 + c) * 64 + 4 * l + b] - 128);
     for (int i = 0; i < R; ++i) {
-      const int8_t* xg = xq + (g * R + i) * kGroup;
+      const int64_t o = in_block(i, g, R);
+      const int8_t* xg = xq + o * kGroup;
       for (int l = 0; l < 16; ++l) {
         int32_t dot = 0;
         for (int k = 0; k < kGroup; ++k) dot += q[l][k] * xg[k];
-        acc[i][l] += static_cast<float>(dot) * da[g * R + i];
+        acc[i][l] += static_cast<float>(dot) * da[o];
       }
     }
   }

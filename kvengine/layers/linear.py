@@ -13,6 +13,8 @@ weight in the layouts of the kernels it runs, and the tier it runs them on.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -142,26 +144,34 @@ class Int8Linear(PackedLinear):
 
 
 class Int4Linear(PackedLinear):
-    """Asymmetric int4 weight in groups along K: W[n, g*G + i] = q * scale[n, g] + lo[n, g], q in 0..15.
+    """Int4 weight in groups along K: W[n, g*G + i] = q * scale[n, g] + lo[n, g], q in 0..15 (`int4_codes`:
+    symmetric, lo = -8 scale, where the weight lies on GGUF Q4_0's grid; else asymmetric).
 
     Layouts: kvengine's tiles (`wtiles` [N/16, K/32, 4, 64] uint8, native.tile_int4; `stiles` [N/16, K/32, 2, 16]
-    fp16 scale and lo) where they fit and `act_int8`; else kvengine's row kernel (`qweight` [N, K/2] uint8,
-    native.pack_int4; `dm` [N, 2, K/G] float16); else PyTorch's (its packed `qweight`, `scale_zero` [K/G, N, 2]
-    in the activation dtype, for its form (q - 8) * scale + zero, zero = lo + 8 * scale). kvengine's layouts hold
-    scale and lo at float16 precision, GGUF Q4_1's d and m exactly."""
+    fp16 scale and lo, or for symmetric weights on the tiers that take them [N/16, K/32, 16], the scales alone:
+    18 bytes per 32 weights instead of 20) where they fit and `act_int8`; else kvengine's row kernel (`qweight`
+    [N, K/2] uint8, native.pack_int4; `dm` [N, 2, K/G] float16); else PyTorch's (its packed `qweight`,
+    `scale_zero` [K/G, N, 2] in the activation dtype, for its form (q - 8) * scale + zero, zero = lo + 8 * scale).
+    kvengine's layouts hold scale and lo at float16 precision: GGUF Q4_1's d and m, and Q4_0's d, exactly."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, act_dtype: torch.dtype,
-                 group_size: int = INT4_GROUP, dense_above: int | None = None, act_int8: bool = True) -> None:
+                 group_size: int = INT4_GROUP, dense_above: int | None = None, act_int8: bool = True,
+                 codes: Int4Codes | None = None) -> None:
+        """`codes`: int4_codes(weight, group_size) where the caller has them already."""
         super().__init__()
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         self.group_size = group_size
-        q, scale, lo = quantize_int4(weight, group_size)
+        c = codes or int4_codes(weight, group_size)
+        assert c is not None
+        q, scale, lo = c.q, c.scale, c.lo
+        self.symmetric = c.symmetric
         self.tier, tiled = kernel_tier(self, act_dtype, act_int8, group_size == 32 and self.in_features % 64 == 0
                                        and self.in_features <= 16384)
         dm = torch.stack([scale, lo], dim=1).half()  # [N, 2, K/G]
         tiles = None
         if tiled:
-            tiles = (native.tile_int4(q), native.tile_int4_scales(dm))
+            scales_only = c.symmetric and native.tier(self.tier).symmetric_int4
+            tiles = (native.tile_int4(q), native.tile_int4_scales(scale if scales_only else dm))
             self.register_buffer("qweight", None)  # the tiles are the only copy of the codes
             self.register_buffer("dm", None)
         elif self.native:
@@ -255,6 +265,45 @@ def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch
     return q, scale[..., 0], lo[..., 0]
 
 
+def quantize_int4_symmetric(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """w [N, K] float -> (q [N, K] int32 in 0..15, scale [N, K/G] float32) with w = (q - 8) * scale exactly and
+    every scale a float16 value; None where w is off that grid.
+
+    That is GGUF Q4_0's grid: a block's scale d is its value of largest magnitude over -8, stored as float16, so
+    that value dequantizes to -8 d (q = 0) and a Q4_0 source comes back with its own codes and scales. Weights from
+    any other source take quantize_int4's asymmetric groups (a block's minimum and maximum both on the grid).
+    """
+    n, k = w.shape
+    g = w.float().reshape(n, k // group_size, group_size)  # [N, K/G, G]
+    scale = g.gather(-1, g.abs().argmax(dim=-1, keepdim=True)) / -8.0  # [N, K/G, 1]
+    if not torch.equal(scale.half().float(), scale):
+        return None
+    q = torch.round(g / torch.where(scale == 0, 1.0, scale)) + 8.0  # [N, K/G, G]
+    if q.min() < 0 or q.max() > 15 or not torch.equal((q - 8.0) * scale, g):
+        return None
+    return q.to(torch.int32).reshape(n, k), scale[..., 0]
+
+
+@dataclass(frozen=True, slots=True)
+class Int4Codes:
+    """A weight [N, K] in int4 groups of G: w ~= q * scale + lo (q [N, K] int32 in 0..15; scale, lo [N, K/G]
+    float32). `symmetric`: w lies exactly on Q4_0's grid and lo = -8 scale."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    lo: torch.Tensor
+    symmetric: bool
+
+
+def int4_codes(w: torch.Tensor, group_size: int, symmetric_only: bool = False) -> Int4Codes | None:
+    """The symmetric codes where w lies on Q4_0's grid (quantize_int4_symmetric), else the asymmetric ones (None
+    with `symmetric_only`)."""
+    grid = quantize_int4_symmetric(w, group_size)
+    if grid is not None:
+        return Int4Codes(grid[0], grid[1], -8.0 * grid[1], True)
+    return None if symmetric_only else Int4Codes(*quantize_int4(w, group_size), False)
+
+
 def int4_compatible(module: Linear, group_size: int = INT4_GROUP) -> bool:
     return module.out_features % 16 == 0 and module.in_features % group_size == 0
 
@@ -263,8 +312,10 @@ def quantize_linears(model: torch.nn.Module, fmt: str, act_dtype: torch.dtype,
                      dense_above: int | None = None) -> dict[str, str]:
     """Replace every float Linear in `model` by its `fmt` ("int8" or "int4") form, in place.
 
-    int4 layers whose shape the kernel cannot take (out % 16, in % group) and the LM head use int8.
-    Returns {module name: format chosen} so the run summary can say what ran.
+    int4 layers whose shape the kernel cannot take (out % 16, in % group) use int8, and so does the LM head unless
+    its weight lies on Q4_0's grid (a Q4_0 source's head: int4 holds it exactly; requantized to int4, SmolLM2's
+    8-bit head raised perplexity 4.5%). Returns {module name: format chosen} so the run summary can say what ran
+    ("int4 Q4_0-grid" for the symmetric int4 layers).
     """
     if fmt not in ("int8", "int4"):
         raise ConfigError(f"unknown quantized weights format '{fmt}' (int8 or int4)")
@@ -272,10 +323,14 @@ def quantize_linears(model: torch.nn.Module, fmt: str, act_dtype: torch.dtype,
     for name, module in list(model.named_modules()):
         if not isinstance(module, Linear):
             continue
-        use = "int4" if fmt == "int4" and int4_compatible(module) and not name.endswith("lm_head") else "int8"
         weight, bias = module.weight.detach(), module.bias.detach() if module.bias is not None else None
-        new = (Int4Linear(weight, bias, act_dtype, dense_above=dense_above) if use == "int4"
-               else Int8Linear(weight, bias, act_dtype, dense_above))
+        codes = (int4_codes(weight, INT4_GROUP, symmetric_only=name.endswith("lm_head"))
+                 if fmt == "int4" and int4_compatible(module) else None)
+        if codes is not None:
+            new: PackedLinear = Int4Linear(weight, bias, act_dtype, dense_above=dense_above, codes=codes)
+            use = "int4 Q4_0-grid" if codes.symmetric else "int4"
+        else:
+            new, use = Int8Linear(weight, bias, act_dtype, dense_above), "int8"
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
         chosen[name] = use

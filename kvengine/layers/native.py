@@ -45,6 +45,7 @@ class Tier:
     act_dtype: torch.dtype  # the activations its ops take and return
     row_kernels: bool = False  # q4_mm / q8_mm / bf16_mm for shapes the tiles do not fit
     head_dim_step: int = 2  # decode_layer takes head_dim a multiple of this (its operand check, layer_flow.h)
+    symmetric_int4: bool = False  # q4_gemm also takes scales alone for weights on Q4_0's grid (tile_int4_scales)
 
     @property
     def namespace(self) -> str:
@@ -56,10 +57,11 @@ TIERS = (
          ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-mf16c", "-mfma"),
          ("packed_mm.cpp", "vnni_mm.cpp", "decode_layer.cpp"), torch.bfloat16, row_kernels=True, head_dim_step=16),
     Tier("avxvnni", ("avx2", "fma", "f16c", "avx_vnni"), ("-mavx2", "-mfma", "-mf16c", "-mavxvnni"),
-         ("fp32_mm.cpp", "avx2_tiles.cpp", "fp32_layer.cpp"), torch.float32),
+         ("fp32_mm.cpp", "avx2_tiles.cpp", "fp32_layer.cpp"), torch.float32, symmetric_int4=True),
     Tier("avx2", ("avx2", "fma", "f16c"), ("-mavx2", "-mfma", "-mf16c"),
-         ("fp32_mm.cpp", "avx2_tiles.cpp", "fp32_layer.cpp"), torch.float32),
-    Tier("portable", (), (), ("fp32_mm.cpp", "portable_tiles.cpp", "fp32_layer.cpp"), torch.float32),
+         ("fp32_mm.cpp", "avx2_tiles.cpp", "fp32_layer.cpp"), torch.float32, symmetric_int4=True),
+    Tier("portable", (), (), ("fp32_mm.cpp", "portable_tiles.cpp", "fp32_layer.cpp"), torch.float32,
+         symmetric_int4=True),
 )
 _status: dict[str, str] = {}
 
@@ -217,14 +219,22 @@ def tile_int4(q: torch.Tensor) -> torch.Tensor:
 
 def tile_int4_scales(dm: torch.Tensor) -> torch.Tensor:
     """dm [N, 2, K/32] (scale, lo per group) -> [N/16, K/32, 2, 16] float16, q4_gemm's order: for each tile and
-    group, the 16 rows' scales, then their los."""
+    group, the 16 rows' scales, then their los. Symmetric weights (lo = -8 scale, Q4_0's grid), on the tiers that
+    take them (Tier.symmetric_int4): the scales alone, [N, K/32] -> [N/16, K/32, 16]."""
+    if dm.dim() == 2:
+        n, g = dm.shape
+        return dm.half().reshape(n // 16, 16, g).permute(0, 2, 1).contiguous()
     n, _, g = dm.shape
     return dm.half().reshape(n // 16, 16, 2, g).permute(0, 3, 2, 1).contiguous()
 
 
 def untile_int4_scales(tiles: torch.Tensor) -> torch.Tensor:
-    """Inverse of `tile_int4_scales`: [N/16, K/32, 2, 16] -> [N, 2, K/32] float32."""
+    """Inverse of `tile_int4_scales`: [N/16, K/32, 2, 16] -> [N, 2, K/32] float32 (from [N/16, K/32, 16], with
+    lo = -8 scale)."""
     t, g = tiles.shape[:2]
+    if tiles.dim() == 3:
+        d = tiles.permute(0, 2, 1).reshape(16 * t, g).float()  # [N, K/32]
+        return torch.stack([d, -8.0 * d], dim=1)
     return tiles.permute(0, 3, 2, 1).reshape(16 * t, 2, g).float()
 
 

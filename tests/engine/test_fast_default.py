@@ -8,10 +8,14 @@ from __future__ import annotations
 import io
 
 import pytest
+import torch
 
 from kvengine.cli.report import run_summary
+from kvengine.layers.linear import Int4Linear, PackedLinear
 from kvengine.llm import LLM
 from kvengine.sampling import SamplingParams
+from kvengine.weights.gguf import GGUFFile
+from kvengine.weights.random_gguf import write_random_gguf
 
 pytestmark = [pytest.mark.real_model, pytest.mark.usefixtures("kernel_tier")]
 
@@ -43,3 +47,28 @@ def test_fp32_stays_the_float_reference(default_llm):
     assert default_llm.config.weights == "fp32" and not default_llm.config.fast_chosen
     assert "weights float32" in default_llm.engine.weights_desc
     assert not default_llm.engine.model.fused_layers_enabled
+
+
+def test_a_q4_0_source_keeps_its_own_codes(tmp_path, default_gguf, kernel_tier):
+    """A Q4_0 GGUF (random tiny Llama) on an fp32 tier: every linear layer, the LM head too, is int4 on Q4_0's grid
+    with the file's own codes and scales (dequantized weights equal the file's), stored as scales alone on the
+    tiers that take them, run one op per layer; on every tier cached and uncached tokens are identical, logits bit
+    for bit. (The avx512 tier loads the weights in bf16 before quantizing them, which leaves the grid: its layers
+    stay asymmetric and its head int8.)"""
+    path = write_random_gguf(tmp_path / "tiny.Q4_0.gguf", "llama-tiny", "Q4_0", 0, default_gguf)
+    llm = LLM(str(path), kv_cache_memory=16 << 20, max_num_seqs=1)
+    model = llm.engine.model
+    assert model.fused_layers_enabled
+    if kernel_tier.act_dtype == torch.float32:
+        layers = {n: m for n, m in model.named_modules() if isinstance(m, PackedLinear)}
+        assert "lm_head" in layers and all(isinstance(m, Int4Linear) and m.symmetric for m in layers.values())
+        assert all(m.stiles.dim() == (3 if kernel_tier.symmetric_int4 else 4) for m in layers.values())
+        source = GGUFFile(path)
+        embd = next(t for t in source.tensors() if t.name == "token_embd.weight").dequantize().float()
+        assert torch.equal(layers["lm_head"].dequantized(), embd)
+        assert "int4 Q4_0-grid" in llm.engine.weights_desc
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    cached = llm.generate(prompt_token_ids=[[1, 2, 3, 4, 5]], sampling_params=params, verify=True)[0]
+    uncached = llm.generate(prompt_token_ids=[[1, 2, 3, 4, 5]], sampling_params=params, use_cache=False)[0]
+    assert len(cached.token_ids) == 8 and cached.token_ids == uncached.token_ids
+    assert cached.verify.first_divergence is None and cached.verify.max_abs_logit_diff == 0.0

@@ -57,6 +57,27 @@ def test_gguf_q4_1_repacks_exactly(default_llm):
     assert torch.equal(Int4Linear(w, None, torch.float32).dequantized(), w)
 
 
+def test_lm_head_is_int4_only_on_q4_0_grid():
+    """quantize_linears keeps the LM head int8 unless its weight lies on Q4_0's grid (a Q4_0 source's head,
+    which int4 holds exactly); layers on that grid are reported as such."""
+    model, _ = tiny_pair("llama", hidden_size=128, intermediate_size=256, num_attention_heads=4,
+                         num_key_value_heads=2)
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if isinstance(m, Linear) and name in ("lm_head", "layers.0.mlp.down_proj"):
+                n, k = m.weight.shape
+                q = torch.randint(0, 16, (n, k), generator=gen)
+                q[:, ::32] = 0
+                d = (torch.rand(n, k // 32, generator=gen) * 0.01 + 1e-3).half().float()
+                m.weight.copy_(((q - 8).view(n, k // 32, 32) * d[..., None]).view(n, k))
+    head = model.lm_head.weight.detach().clone()
+    chosen = quantize_linears(model, "int4", torch.float32)
+    assert chosen["lm_head"] == chosen["layers.0.mlp.down_proj"] == "int4 Q4_0-grid"
+    assert chosen["layers.0.mlp.gate_up_proj"] == "int4"
+    assert torch.equal(model.lm_head.dequantized(), head)
+
+
 # Max |logit - fp32 logit| on the tiny random model (logits are O(1)); int4's 16 levels per group of 32
 # random weights is coarse, so its bound is wider.
 TOLERANCE = {"int8": 0.05, "int4": 0.35}

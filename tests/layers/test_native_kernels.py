@@ -17,7 +17,7 @@ import torch
 
 from kvengine.errors import ConfigError
 from kvengine.layers import native
-from kvengine.layers.linear import Int4Linear, Int8Linear, quantize_int4
+from kvengine.layers.linear import Int4Linear, Int8Linear, quantize_int4, quantize_int4_symmetric
 
 AVX512 = native.tier("avx512")
 
@@ -55,6 +55,10 @@ def test_tile_layouts():
     sc = native.tile_int4_scales(dm)
     assert sc.shape == (2, 3, 2, 16) and sc[1, 2, 1, 5].item() == dm[16 + 5, 1, 2].item()
     assert torch.equal(native.untile_int4_scales(sc), dm.float())
+    d = dm[:, 0]  # symmetric weights' scales alone: [32, 3] -> [2, 3, 16], lo = -8 scale coming back
+    sd = native.tile_int4_scales(d)
+    assert sd.shape == (2, 3, 16) and sd[1, 2, 5].item() == d[16 + 5, 2].item()
+    assert torch.equal(native.untile_int4_scales(sd), torch.stack([d.float(), -8 * d.float()], dim=1))
 
 
 def test_kernel_tiers_build_and_load(kernel_tier):
@@ -222,6 +226,40 @@ def test_native_int4_keeps_q4_1_scales_exactly(kernel_tier):
     assert torch.equal(q2, q.int())
 
 
+def q4_0_grid(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
+    """A weight [n, k] as a GGUF Q4_0 source dequantizes: per group of 32, (q - 8) * d with d float16 (either
+    sign) and q = 0 at the group's value of largest magnitude."""
+    q = torch.randint(1, 16, (n, k), generator=gen)
+    q[:, 3::32] = 0
+    d = ((torch.rand(n, k // 32, generator=gen) - 0.5) * 0.02).half().float()
+    d[0, 0] = 0.0  # an all-zero group
+    return ((q - 8).view(n, k // 32, 32) * d[..., None]).view(n, k)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 70])
+def test_q4_0_grid_weights_run_exactly_and_symmetric(kernel_tier, rows):
+    """Weights on Q4_0's grid keep their codes and scales exactly (symmetric int4); the tiers that take scales
+    alone store them so and multiply as the expanded form (scale, -8 scale) does, within fp32 rounding; batch
+    invariance holds. Weights off the grid stay asymmetric."""
+    gen = torch.Generator().manual_seed(rows)
+    w = q4_0_grid(96, 576, gen)
+    layer = Int4Linear(w, None, kernel_tier.act_dtype)
+    assert layer.symmetric and torch.equal(layer.dequantized(), w)
+    assert layer.stiles.dim() == (3 if kernel_tier.symmetric_int4 else 4)
+    x = torch.randn(rows, 576, generator=gen).to(kernel_tier.act_dtype)
+    got = layer(x)
+    ref = int8_groups(x).double() @ w.double().t()  # [rows, 96]
+    assert (got.double() - ref).abs().max() <= TIER_TOL[kernel_tier.act_dtype] * ref.abs().max()
+    assert all(torch.equal(got[i:i + 1], layer(x[i:i + 1])) for i in range(rows))
+    if kernel_tier.symmetric_int4:
+        dm = torch.stack([layer.stiles.float(), -8 * layer.stiles.float()], dim=2).half()  # [N/16, K/32, 2, 16]
+        expanded = native.ops(kernel_tier.name).q4_gemm(x, layer.wtiles, dm)
+        assert (got.double() - expanded.double()).abs().max() <= 1e-5 * ref.abs().max()
+    off = w.clone()
+    off[5, 7] += 1e-3
+    assert quantize_int4_symmetric(off, 32) is None and not Int4Linear(off, None, kernel_tier.act_dtype).symmetric
+
+
 def test_row_kernels_reject_bad_inputs(avx512):
     ops = native.ops("avx512")
     with pytest.raises(RuntimeError, match="q4_mm: x must be \\[M, K\\] bfloat16"):
@@ -243,6 +281,9 @@ def test_gemm_rejects_bad_inputs(kernel_tier):
         ops.q4_gemm(x, torch.zeros(1, 3, 4, 64, dtype=torch.uint8), torch.zeros(96))
     with pytest.raises(RuntimeError, match="q4_gemm: dm must be \\[N/16, K/32, 2, 16\\] float16"):
         ops.q4_gemm(x, torch.zeros(1, 2, 4, 64, dtype=torch.uint8), torch.zeros(64))
+    symmetric = "\\(or \\[N/16, K/32, 16\\]: the scales of symmetric weights\\)"
+    with pytest.raises(RuntimeError, match=symmetric if kernel_tier.symmetric_int4 else "float16$"):
+        ops.q4_gemm(x, torch.zeros(1, 2, 4, 64, dtype=torch.uint8), torch.zeros(48, dtype=torch.half))
     with pytest.raises(RuntimeError, match="q8_gemm: scale must be \\[N\\] float32"):
         ops.q8_gemm(x, torch.zeros(1, 16, 64, dtype=torch.uint8), torch.zeros(15))
 

@@ -72,20 +72,42 @@ inline __m256 q4_dot(const __m256i* wv, const int8_t* xg) {
 #endif
 }
 
-// one group's step of a row's sums over a half: acc + dot * (d * da) + m * sx (d, m: the half's 8 scales and mins)
-inline __m256 q4_step(__m256 acc, __m256 dot, __m256 d, __m256 m, float da, float sx) {
-  const __m256 a = _mm256_fmadd_ps(dot, _mm256_mul_ps(d, _mm256_set1_ps(da)), acc);
-  return _mm256_fmadd_ps(m, _mm256_set1_ps(sx), a);
-}
+// A group's scales for one half of a tile (its 8 rows), read once per group; step() adds one row's product `dot` with
+// the group (x's scale da, sum sx) to that row's sums. Asymmetric weights (w = q d + m): 16 scales then 16 minimums
+// per group, acc + dot * (d * da) + m * sx. Symmetric ones (GGUF Q4_0's grid, m = -8 d): the 16 scales alone, half
+// the bytes, and acc + d * (dot * da + sx) with sx = -8 da * sum(codes) (fp32_mm.h), one multiply fewer.
+template <bool Symmetric>
+struct Q4Scales;
+
+template <>
+struct Q4Scales<false> {
+  static constexpr int64_t kHalves = 32;  // fp16 values per tile and group
+  __m256 d, m;
+  Q4Scales(const at::Half* dg, int h) : d(half8(dg + 8 * h)), m(half8(dg + 16 + 8 * h)) {}
+  __m256 step(__m256 acc, __m256 dot, float da, float sx) const {
+    const __m256 a = _mm256_fmadd_ps(dot, _mm256_mul_ps(d, _mm256_set1_ps(da)), acc);
+    return _mm256_fmadd_ps(m, _mm256_set1_ps(sx), a);
+  }
+};
+
+template <>
+struct Q4Scales<true> {
+  static constexpr int64_t kHalves = 16;
+  __m256 d;
+  Q4Scales(const at::Half* dg, int h) : d(half8(dg + 8 * h)) {}
+  __m256 step(__m256 acc, __m256 dot, float da, float sx) const {
+    return _mm256_fmadd_ps(d, _mm256_fmadd_ps(dot, _mm256_set1_ps(da), _mm256_set1_ps(sx)), acc);
+  }
+};
 
 // The many-row kernels' step of one group over a half for P consecutive rows of a block (xg, da, sx at the first;
 // sums in acc[0..P-1]): the P rows' byte products first, so that P independent chains fill the multiply pipes.
-template <int P>
-inline void q4_rows(const __m256i* wv, const int8_t* xg, const float* da, const float* sx, __m256 d, __m256 m,
+template <int P, typename S>
+inline void q4_rows(const __m256i* wv, const int8_t* xg, const float* da, const float* sx, const S& sc,
                     float (*acc)[8]) {
   __m256 dot[P];
   for (int j = 0; j < P; ++j) dot[j] = q4_dot(wv, xg + j * kGroup);
-  for (int j = 0; j < P; ++j) _mm256_store_ps(acc[j], q4_step(_mm256_load_ps(acc[j]), dot[j], d, m, da[j], sx[j]));
+  for (int j = 0; j < P; ++j) _mm256_store_ps(acc[j], sc.step(_mm256_load_ps(acc[j]), dot[j], da[j], sx[j]));
 }
 
 // Half h of an int8 tile's group g: 8 loads of stored bytes q + 128, back to signed q
@@ -121,20 +143,22 @@ inline __m256 q8_step(__m256 acc, __m256i s, float da) {
 constexpr int kQ4RowStep = 4;
 
 // The one-row kernels (see the header)
+template <bool Symmetric>
 void q4_tile_row(const int8_t* xq, const float* da, const float* sx, const uint8_t* wt, const at::Half* dmt,
                  float* y, int64_t G) {
+  using S = Q4Scales<Symmetric>;
   __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
     __m256i w0[8], w1[8];
-    prefetch_lines(wt + g * 256, kPrefetchBytes, 4);       // a later group's 256 bytes of codes
-    prefetch_lines(dmt + g * 32, kPrefetchBytes / 4, 1);   // and its 64 bytes of scales
+    const at::Half* dg = dmt + g * S::kHalves;
+    prefetch_lines(wt + g * 256, kPrefetchBytes, 4);  // a later group's 256 bytes of codes
+    prefetch_lines(dg, kPrefetchBytes / 256 * 2 * S::kHalves, 1);  // and its scales, as many groups ahead
     q4_half(wt + g * 256, 0, w0);
     q4_half(wt + g * 256, 1, w1);
     const int8_t* xg = xq + g * kGroup;
-    const at::Half* dg = dmt + g * 32;
     const __m256 p0 = q4_dot(w0, xg), p1 = q4_dot(w1, xg);  // (the scales converted after: fewer live registers)
-    a0 = q4_step(a0, p0, half8(dg), half8(dg + 16), da[g], sx[g]);
-    a1 = q4_step(a1, p1, half8(dg + 8), half8(dg + 24), da[g], sx[g]);
+    a0 = S(dg, 0).step(a0, p0, da[g], sx[g]);
+    a1 = S(dg, 1).step(a1, p1, da[g], sx[g]);
   }
   _mm256_storeu_ps(y, a0);
   _mm256_storeu_ps(y + 8, a1);
@@ -155,14 +179,14 @@ void q8_tile_row(const int8_t* xq, const int8_t* xa, const float* da, const uint
   _mm256_storeu_ps(y + 8, _mm256_mul_ps(a1, _mm256_loadu_ps(scale + 8)));
 }
 
-}  // namespace
-
-void q4_tile(const int8_t* xq, const float* da, const float* sx, const uint8_t* w, const at::Half* dm, float* y, int R,
-             int64_t K, int64_t N, int64_t t) {
+template <bool Symmetric>
+void q4_tile_rows(const int8_t* xq, const float* da, const float* sx, const uint8_t* w, const at::Half* dm, float* y,
+                  int R, int64_t K, int64_t N, int64_t t) {
+  using S = Q4Scales<Symmetric>;
   const int64_t G = K / kGroup;
   const uint8_t* wt = w + t * G * 256;
-  const at::Half* dmt = dm + t * G * 32;
-  if (R == 1) return q4_tile_row(xq, da, sx, wt, dmt, y + 16 * t, G);
+  const at::Half* dmt = dm + t * G * S::kHalves;
+  if (R == 1) return q4_tile_row<Symmetric>(xq, da, sx, wt, dmt, y + 16 * t, G);
   alignas(32) float acc[kRows][8];  // one half's sums for each row, in L1: a group unpacked once serves all R rows
   for (int h = 0; h < 2; ++h) {
     for (int i = 0; i < R; ++i) _mm256_store_ps(acc[i], _mm256_setzero_ps());
@@ -170,19 +194,26 @@ void q4_tile(const int8_t* xq, const float* da, const float* sx, const uint8_t* 
     for (int64_t g = 0; g < G; ++g) {
       __m256i wv[8];
       q4_half(wt + g * 256, h, wv);
-      const at::Half* dg = dmt + g * 32 + 8 * h;
-      const __m256 d = half8(dg), m = half8(dg + 16);
+      const S sc(dmt + g * S::kHalves, h);
       const int64_t s = in_block(0, g, R);  // the group's R rows follow one another (fp32_mm.h's block_slot)
       const int8_t* xg = xq + s * kGroup;
       const float *dag = da + s, *sxg = sx + s;
       int i = 0;
 #pragma GCC unroll 1
       for (; i + kQ4RowStep <= R; i += kQ4RowStep)
-        q4_rows<kQ4RowStep>(wv, xg + i * kGroup, dag + i, sxg + i, d, m, acc + i);
-      for (; i < R; ++i) q4_rows<1>(wv, xg + i * kGroup, dag + i, sxg + i, d, m, acc + i);
+        q4_rows<kQ4RowStep>(wv, xg + i * kGroup, dag + i, sxg + i, sc, acc + i);
+      for (; i < R; ++i) q4_rows<1>(wv, xg + i * kGroup, dag + i, sxg + i, sc, acc + i);
     }
     for (int i = 0; i < R; ++i) _mm256_storeu_ps(y + i * N + 16 * t + 8 * h, _mm256_load_ps(acc[i]));
   }
+}
+
+}  // namespace
+
+void q4_tile(const int8_t* xq, const float* da, const float* sx, const uint8_t* w, const at::Half* dm, float* y, int R,
+             int64_t K, int64_t N, int64_t t, bool symmetric) {
+  if (symmetric) return q4_tile_rows<true>(xq, da, sx, w, dm, y, R, K, N, t);
+  q4_tile_rows<false>(xq, da, sx, w, dm, y, R, K, N, t);
 }
 
 const bool kTilesReadMagnitudes = true;

@@ -18,7 +18,7 @@ namespace KV_OPS {
 namespace {
 
 // x's rows quantized by groups of 32, as vnni_mm.cpp does: codes int8 (M * K), scales da and sums
-// sx = da * sum(codes) (M * G each), in block_slot's order; codes = round(x * (127 / max|x|)), ties to even. With
+// sx = da * sum(codes) * sum_factor (M * G each; the factor -8 for symmetric int4 weights), in block_slot's order; codes = round(x * (127 / max|x|)), ties to even. With
 // `magnitudes`, also |codes| (q8_tile's unsigned operand; else null). The arrays are the calling thread's
 // scratch, reused by its next matmul: a decode step makes four per layer, and an allocation each cost ~5% of a
 // one-sequence step.
@@ -77,7 +77,7 @@ inline int32_t group_codes(const float* v, float inv, int8_t* q, int8_t* a) {
 }
 #endif
 
-QuantizedRows quantize_rows(const at::Tensor& x, bool magnitudes) {
+QuantizedRows quantize_rows(const at::Tensor& x, bool magnitudes, float sum_factor = 1.f) {
   const int64_t M = x.size(0), K = x.size(1), G = K / kGroup;
   thread_local std::vector<int8_t> code_rows, magnitude_rows;
   thread_local std::vector<float> scale_rows, sum_rows;
@@ -98,7 +98,7 @@ QuantizedRows quantize_rows(const at::Tensor& x, bool magnitudes) {
       const int64_t o = block_slot(b / G, b % G, M, G);
       const int32_t total = group_codes(v, inv, qp + o * kGroup, ap ? ap + o * kGroup : nullptr);
       dp[o] = amax / 127.f;
-      sp[o] = dp[o] * static_cast<float>(total);
+      sp[o] = dp[o] * static_cast<float>(total) * sum_factor;
     }
   });
   return r;
@@ -114,8 +114,9 @@ void check_x(const at::Tensor& x, const char* op) {
 at::Tensor q4_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& dm) {
   check_x(x, "q4_gemm");
   const int64_t M = x.size(0), K = x.size(1), G = K / kGroup;
-  const int64_t tiles = kvengine::operands::q4_tiles(w, dm, K), N = 16 * tiles;
-  const QuantizedRows xr = quantize_rows(x.contiguous(), false);
+  bool symmetric = false;
+  const int64_t tiles = kvengine::operands::q4_tiles(w, dm, K, &symmetric), N = 16 * tiles;
+  const QuantizedRows xr = quantize_rows(x.contiguous(), false, symmetric ? -8.f : 1.f);  // (q4_tile's sx)
   at::Tensor y = at::empty({M, N}, x.options());  // [M, N]
   const int8_t* qp = xr.codes;
   const float *dp = xr.scale, *sp = xr.sum;
@@ -123,7 +124,7 @@ at::Tensor q4_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& d
   const uint8_t* wp = w.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();
   kvengine::tiles::for_tiles<kRows>(M, tiles, [&](int64_t t, int64_t i0, int64_t r) {
-    q4_tile(qp + i0 * K, dp + i0 * G, sp + i0 * G, wp, dmp, yp + i0 * N, static_cast<int>(r), K, N, t);
+    q4_tile(qp + i0 * K, dp + i0 * G, sp + i0 * G, wp, dmp, yp + i0 * N, static_cast<int>(r), K, N, t, symmetric);
   });
   return y;
 }

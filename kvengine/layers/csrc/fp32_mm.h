@@ -35,9 +35,11 @@ inline int64_t block_slot(int64_t i, int64_t g, int64_t M, int64_t G) {
 
 // Rows 0..R-1 of y (row stride N), outputs 16t..16t+15, from the int4 tile t: for each group g,
 // y[i, n] += d[n, g] * da[i, g] * sum_k q * xq[i, k] + m[n, g] * sx[i, g], with x's block of R rows as block_slot
-// lays it out (row i's group g at in_block(i, g, R): codes at that * 32, da and sx at that).
+// lays it out (row i's group g at in_block(i, g, R): codes at that * 32, da and sx at that). `symmetric`: dm holds
+// the scales d alone (32 bytes a tile and group, not 64) and m = -8 d (GGUF Q4_0's grid); q4_gemm then passes
+// sx = -8 da * sum(codes), and a group's step is y[i, n] += d[n, g] * (da[i, g] * sum_k q * xq[i, k] + sx[i, g]).
 void q4_tile(const int8_t* xq, const float* da, const float* sx, const uint8_t* w, const at::Half* dm, float* y, int R,
-             int64_t K, int64_t N, int64_t t);
+             int64_t K, int64_t N, int64_t t, bool symmetric);
 // The same from the int8 tile t (bytes q + 128): y[i, n] = scale[n] * sum_g da[i, g] * sum_k q * xq[i, k];
 // xa = |xq| (the unsigned operand of the avx2 tier's byte products, made once per step rather than once per tile),
 // made only where the tier's q8_tile reads it (kTilesReadMagnitudes, set by its *_tiles.cpp).
@@ -45,7 +47,8 @@ extern const bool kTilesReadMagnitudes;
 void q8_tile(const int8_t* xq, const int8_t* xa, const float* da, const uint8_t* w, const float* scale, float* y,
              int R, int64_t K, int64_t N, int64_t t);
 
-// x [M, K] fp32, w [N/16, K/32, 4, 64] uint8 (native.tile_int4), dm [N/16, K/32, 2, 16] fp16 -> [M, N] fp32
+// x [M, K] fp32, w [N/16, K/32, 4, 64] uint8 (native.tile_int4), dm [N/16, K/32, 2, 16] or, for symmetric weights,
+// [N/16, K/32, 16] fp16 (native.tile_int4_scales) -> [M, N] fp32
 at::Tensor q4_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& dm);
 // x [M, K] fp32, w [N/16, K/4, 64] uint8 (native.tile_int8), scale [N] fp32 -> [M, N] fp32
 at::Tensor q8_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale);

@@ -6,10 +6,10 @@
 namespace KV_OPS {
 
 void q4_tile(const int8_t* xq, const float* da, const float* sx, const uint8_t* w, const at::Half* dm, float* y, int R,
-             int64_t K, int64_t N, int64_t t) {
-  const int64_t G = K / kGroup;
+             int64_t K, int64_t N, int64_t t, bool symmetric) {
+  const int64_t G = K / kGroup, halves = symmetric ? 16 : 32;  // fp16 values per tile and group (fp32_mm.h)
   const uint8_t* wt = w + t * G * 256;
-  const at::Half* dmt = dm + t * G * 32;
+  const at::Half* dmt = dm + t * G * halves;
   float acc[kRows][16] = {};
   for (int64_t g = 0; g < G; ++g) {
     int8_t q[16][kGroup];  // the tile's codes for this group: row l, input k
@@ -20,6 +20,7 @@ void q4_tile(const int8_t* xq, const float* da, const float* sx, const uint8_t* 
           q[l][8 * j + b] = static_cast<int8_t>(byte & 15);
           q[l][8 * j + 4 + b] = static_cast<int8_t>(byte >> 4);
         }
+    const at::Half* dg = dmt + g * halves;
     for (int i = 0; i < R; ++i) {
       const int64_t o = in_block(i, g, R);  // fp32_mm.h's block_slot
       const int8_t* xg = xq + o * kGroup;
@@ -27,8 +28,13 @@ void q4_tile(const int8_t* xq, const float* da, const float* sx, const uint8_t* 
       for (int l = 0; l < 16; ++l) {
         int32_t dot = 0;
         for (int k = 0; k < kGroup; ++k) dot += q[l][k] * xg[k];
-        acc[i][l] += static_cast<float>(dot) * (static_cast<float>(dmt[g * 32 + l]) * a);
-        acc[i][l] += static_cast<float>(dmt[g * 32 + 16 + l]) * s;
+        const float d = static_cast<float>(dg[l]);
+        if (symmetric) {
+          acc[i][l] += d * (static_cast<float>(dot) * a + s);  // s = -8 da * sum(codes) here (fp32_mm.h)
+        } else {
+          acc[i][l] += static_cast<float>(dot) * (d * a);
+          acc[i][l] += static_cast<float>(dg[16 + l]) * s;
+        }
       }
     }
   }

@@ -53,12 +53,18 @@ struct AttendTile {
 // The weight operands every tier's q4_gemm / q8_gemm take (the 16-row tile layouts of native.py), for x of K
 // columns; each returns the number of 16-row tiles.
 namespace kvengine::operands {
-inline int64_t q4_tiles(const at::Tensor& w, const at::Tensor& dm, int64_t K) {
+// `symmetric`, where the caller's kernels take that form: set to whether dm holds scales only, [N/16, K/32, 16] for
+// weights on GGUF Q4_0's grid (w = (q - 8) d), rather than scales and minimums.
+inline int64_t q4_tiles(const at::Tensor& w, const at::Tensor& dm, int64_t K, bool* symmetric = nullptr) {
   const int64_t G = K / 32;
   TORCH_CHECK(w.dim() == 4 && w.scalar_type() == at::kByte && w.is_contiguous() && w.size(1) == G && w.size(2) == 4 &&
                   w.size(3) == 64, "q4_gemm: w must be [N/16, K/32, 4, 64] uint8");
-  TORCH_CHECK(dm.scalar_type() == at::kHalf && dm.is_contiguous() && dm.numel() == w.size(0) * G * 32,
-              "q4_gemm: dm must be [N/16, K/32, 2, 16] float16");
+  const int64_t scales = w.size(0) * G * 16;  // one per output and group
+  const bool scales_only = symmetric != nullptr && dm.numel() == scales;
+  TORCH_CHECK(dm.scalar_type() == at::kHalf && dm.is_contiguous() && (scales_only || dm.numel() == 2 * scales),
+              "q4_gemm: dm must be [N/16, K/32, 2, 16] float16",
+              symmetric ? " (or [N/16, K/32, 16]: the scales of symmetric weights)" : "");
+  if (symmetric) *symmetric = scales_only;
   return w.size(0);
 }
 

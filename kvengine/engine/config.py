@@ -91,9 +91,10 @@ class EngineConfig:
             self.fast_chosen = self.weights == "int4"
 
     def _fast_format(self) -> str:
-        """weights 'fast' -> a format: int4 weights (int8 LM head) on kvengine's kernel tier for this CPU, in the
-        tier's activation dtype (layers/native.py; perplexity within 2% of fp32 on held-out text, tests/layers),
-        where the dtype is left to auto on a CPU and a tier loads; else 'auto' (the float weights of the dtype)."""
+        """weights 'fast' -> a format: int4 weights (int8 LM head unless it lies on Q4_0's grid) on kvengine's kernel
+        tier for this CPU, in the tier's activation dtype (layers/native.py; perplexity within 2% of fp32 on held-out
+        text, tests/layers), where the dtype is left to auto on a CPU and a tier loads; else 'auto' (the float
+        weights of the dtype)."""
         fast = self.dtype == "auto" and self.device == "cpu" and native.chosen() is not None
         return "int4" if fast else "auto"
 

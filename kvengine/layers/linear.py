@@ -275,11 +275,12 @@ def quantize_int4_symmetric(w: torch.Tensor, group_size: int) -> tuple[torch.Ten
     """
     n, k = w.shape
     g = w.float().reshape(n, k // group_size, group_size)  # [N, K/G, G]
-    scale = g.gather(-1, g.abs().argmax(dim=-1, keepdim=True)) / -8.0  # [N, K/G, 1]
+    mid = native.INT4_MIDPOINT
+    scale = g.gather(-1, g.abs().argmax(dim=-1, keepdim=True)) / -mid  # [N, K/G, 1]
     if not torch.equal(scale.half().float(), scale):
         return None
-    q = torch.round(g / torch.where(scale == 0, 1.0, scale)) + 8.0  # [N, K/G, G]
-    if q.min() < 0 or q.max() > 15 or not torch.equal((q - 8.0) * scale, g):
+    q = torch.round(g / torch.where(scale == 0, 1.0, scale)) + mid  # [N, K/G, G]
+    if q.min() < 0 or q.max() > 15 or not torch.equal((q - mid) * scale, g):
         return None
     return q.to(torch.int32).reshape(n, k), scale[..., 0]
 
@@ -300,7 +301,7 @@ def int4_codes(w: torch.Tensor, group_size: int, symmetric_only: bool = False) -
     with `symmetric_only`)."""
     grid = quantize_int4_symmetric(w, group_size)
     if grid is not None:
-        return Int4Codes(grid[0], grid[1], -8.0 * grid[1], True)
+        return Int4Codes(grid[0], grid[1], native.symmetric_lo(grid[1]), True)
     return None if symmetric_only else Int4Codes(*quantize_int4(w, group_size), False)
 
 

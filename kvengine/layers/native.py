@@ -217,6 +217,14 @@ def tile_int4(q: torch.Tensor) -> torch.Tensor:
     return (z[..., 0, :] | (z[..., 1, :] << 4)).contiguous()
 
 
+INT4_MIDPOINT = 8  # the code of a zero weight in symmetric int4 (GGUF Q4_0: w = (q - 8) d, q in 0..15)
+
+
+def symmetric_lo(scale: torch.Tensor) -> torch.Tensor:
+    """The lo (w at code 0) of symmetric int4 groups with these scales: -8 scale."""
+    return -INT4_MIDPOINT * scale
+
+
 def tile_int4_scales(dm: torch.Tensor) -> torch.Tensor:
     """dm [N, 2, K/32] (scale, lo per group) -> [N/16, K/32, 2, 16] float16, q4_gemm's order: for each tile and
     group, the 16 rows' scales, then their los. Symmetric weights (lo = -8 scale, Q4_0's grid), on the tiers that
@@ -234,7 +242,7 @@ def untile_int4_scales(tiles: torch.Tensor) -> torch.Tensor:
     t, g = tiles.shape[:2]
     if tiles.dim() == 3:
         d = tiles.permute(0, 2, 1).reshape(16 * t, g).float()  # [N, K/32]
-        return torch.stack([d, -8.0 * d], dim=1)
+        return torch.stack([d, symmetric_lo(d)], dim=1)
     return tiles.permute(0, 3, 2, 1).reshape(16 * t, 2, g).float()
 
 

@@ -18,10 +18,10 @@ namespace KV_OPS {
 namespace {
 
 // x's rows quantized by groups of 32, as vnni_mm.cpp does: codes int8 (M * K), scales da and sums
-// sx = da * sum(codes) * sum_factor (M * G each; the factor -8 for symmetric int4 weights), in block_slot's order; codes = round(x * (127 / max|x|)), ties to even. With
-// `magnitudes`, also |codes| (q8_tile's unsigned operand; else null). The arrays are the calling thread's
-// scratch, reused by its next matmul: a decode step makes four per layer, and an allocation each cost ~5% of a
-// one-sequence step.
+// sx = da * sum(codes) * sum_factor (M * G each; the factor is -8 for symmetric int4 weights), in block_slot's
+// order; codes = round(x * (127 / max|x|)), ties to even. With `magnitudes`, also |codes| (q8_tile's unsigned
+// operand; else null). The arrays are the calling thread's scratch, reused by its next matmul: a decode step makes
+// four per layer, and an allocation each cost ~5% of a one-sequence step.
 struct QuantizedRows {
   int8_t *codes, *magnitude;
   float *scale, *sum;
@@ -116,7 +116,7 @@ at::Tensor q4_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& d
   const int64_t M = x.size(0), K = x.size(1), G = K / kGroup;
   bool symmetric = false;
   const int64_t tiles = kvengine::operands::q4_tiles(w, dm, K, &symmetric), N = 16 * tiles;
-  const QuantizedRows xr = quantize_rows(x.contiguous(), false, symmetric ? -8.f : 1.f);  // (q4_tile's sx)
+  const QuantizedRows xr = quantize_rows(x.contiguous(), false, symmetric ? -kQ4Midpoint : 1.f);  // q4_tile's sx
   at::Tensor y = at::empty({M, N}, x.options());  // [M, N]
   const int8_t* qp = xr.codes;
   const float *dp = xr.scale, *sp = xr.sum;

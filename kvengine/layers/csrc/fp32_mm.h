@@ -17,6 +17,7 @@
 namespace KV_OPS {
 
 constexpr int64_t kGroup = 32;
+constexpr float kQ4Midpoint = 8.f;  // the code of a zero weight in symmetric int4 (native.INT4_MIDPOINT)
 // rows of x per pass over a weight tile (the tile kernels take 1..kRows); on Zen 3 32 ran 1-5% faster than 16, and
 // 64 2-4% faster than 32 at 64 and more rows once x's blocks were group-major
 constexpr int kRows = 64;

@@ -137,6 +137,16 @@ def cached_step(runner, bm, seqs: list[Sequence], chunk: int | None = None) -> t
 HELD_OUT_TOKENS = 256
 
 
+def q4_0_grid(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
+    """A weight [n, k] as a GGUF Q4_0 source dequantizes: per group of 32, (q - 8) * d with d float16 (either
+    sign) and q = 0 at the group's value of largest magnitude; group 0 of row 0 all zeros."""
+    q = torch.randint(1, 16, (n, k), generator=gen)
+    q[:, 3::32] = 0
+    d = ((torch.rand(n, k // 32, generator=gen) - 0.5) * 0.02).half().float()
+    d[0, 0] = 0.0
+    return ((q - 8).view(n, k // 32, 32) * d[..., None]).view(n, k)
+
+
 def held_out_ids(tokenizer, n: int = HELD_OUT_TOKENS) -> list[int]:
     """The first `n` tokens of the perplexity eval's default text (CPython's pydoc topics)."""
     from kvengine.eval.kv import held_text, text_tokens

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kvtest import assert_tracks_reference, held_out_ids, tiny_pair
+from kvtest import assert_tracks_reference, held_out_ids, q4_0_grid, tiny_pair
 
 from kvengine.engine.config import EngineConfig
 from kvengine.errors import ConfigError
@@ -66,11 +66,7 @@ def test_lm_head_is_int4_only_on_q4_0_grid():
     with torch.no_grad():
         for name, m in model.named_modules():
             if isinstance(m, Linear) and name in ("lm_head", "layers.0.mlp.down_proj"):
-                n, k = m.weight.shape
-                q = torch.randint(0, 16, (n, k), generator=gen)
-                q[:, ::32] = 0
-                d = (torch.rand(n, k // 32, generator=gen) * 0.01 + 1e-3).half().float()
-                m.weight.copy_(((q - 8).view(n, k // 32, 32) * d[..., None]).view(n, k))
+                m.weight.copy_(q4_0_grid(*m.weight.shape, gen))
     head = model.lm_head.weight.detach().clone()
     chosen = quantize_linears(model, "int4", torch.float32)
     assert chosen["lm_head"] == chosen["layers.0.mlp.down_proj"] == "int4 Q4_0-grid"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kvtest import q4_0_grid
 
 from kvengine.errors import ConfigError
 from kvengine.layers import native
@@ -224,16 +225,6 @@ def test_native_int4_keeps_q4_1_scales_exactly(kernel_tier):
         assert layer.native and (layer.wtiles is not None) == act_int8 and torch.equal(layer.dequantized(), w)
     q2, scale, lo = quantize_int4(w, 32)
     assert torch.equal(q2, q.int())
-
-
-def q4_0_grid(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
-    """A weight [n, k] as a GGUF Q4_0 source dequantizes: per group of 32, (q - 8) * d with d float16 (either
-    sign) and q = 0 at the group's value of largest magnitude."""
-    q = torch.randint(1, 16, (n, k), generator=gen)
-    q[:, 3::32] = 0
-    d = ((torch.rand(n, k // 32, generator=gen) - 0.5) * 0.02).half().float()
-    d[0, 0] = 0.0  # an all-zero group
-    return ((q - 8).view(n, k // 32, 32) * d[..., None]).view(n, k)
 
 
 @pytest.mark.parametrize("rows", [1, 5, 70])

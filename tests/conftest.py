@@ -52,9 +52,9 @@ def _cpu_tier_names() -> list[str]:
 
 @pytest.fixture(params=_cpu_tier_names())
 def kernel_tier(request, monkeypatch):
-    """Each kernel tier this CPU runs (layers/native.py: an AVX-512 host with AVX-VNNI runs avx512, avxvnni, avx2
-    and portable), forced with KVENGINE_ISA for the test, built and loaded (a failed build fails the test rather
-    than falling back)."""
+    """Each kernel tier this CPU runs (layers/native.py: an AVX-512 BF16 host with AVX-VNNI runs avx512,
+    avx512vnni, avxvnni, avx2 and portable), forced with KVENGINE_ISA for the test, built and loaded (a failed build
+    fails the test rather than falling back)."""
     from kvengine.layers import native
 
     monkeypatch.setenv("KVENGINE_ISA", request.param)

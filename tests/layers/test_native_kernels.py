@@ -77,8 +77,8 @@ def test_the_fastest_tier_runs_by_default(monkeypatch):
 def test_unknown_or_unrunnable_tier_is_one_clear_error(monkeypatch):
     runs = ", ".join(t.name for t in native.cpu_tiers())
     monkeypatch.setenv("KVENGINE_ISA", "sse9")
-    with pytest.raises(ConfigError, match="^KVENGINE_ISA=sse9 is not a kernel tier \\(avx512, avxvnni, avx2, "
-                                          f"portable\\); this CPU runs {runs}$"):
+    with pytest.raises(ConfigError, match="^KVENGINE_ISA=sse9 is not a kernel tier \\(avx512, avx512vnni, avxvnni, "
+                                          f"avx2, portable\\); this CPU runs {runs}$"):
         native.requested()
     missing = [t for t in native.TIERS if t not in native.cpu_tiers()]
     if missing:  # an AVX2 host asked for avx512
@@ -192,22 +192,31 @@ def test_gemm_equals_matmul_of_its_quantized_activations(kernel_tier, cls, rows)
     assert all(torch.equal(got[i:i + 1], layer(x[i:i + 1])) for i in range(rows))
 
 
-@pytest.mark.parametrize("rows", [1, 5, 70])
-def test_avxvnni_equals_avx2_bit_for_bit(rows, monkeypatch):
-    """VPDPBUSD sums the same integers as VPMADDUBSW + VPMADDWD, and the fp32 steps after are the same: the
-    avxvnni tier's gemm results equal the avx2 tier's exactly."""
+FP32_TIERS_BESIDE_AVX2 = [t.name for t in native.TIERS if t.act_dtype == torch.float32 and t.name not in
+                          ("avx2", "portable")]
+
+
+@pytest.mark.parametrize("tier_name", FP32_TIERS_BESIDE_AVX2)
+@pytest.mark.parametrize("rows", [1, 5, 64, 70])
+def test_fp32_tiers_equal_avx2_bit_for_bit(tier_name, rows, monkeypatch):
+    """avxvnni's 256-bit and avx512vnni's 512-bit VPDPBUSD sum the same integers as avx2's VPMADDUBSW + VPMADDWD,
+    and the fp32 steps after are the same: their gemm results equal the avx2 tier's exactly (int8, int4 with
+    scales and minimums, int4 on Q4_0's grid), for one row, a block, a full block of 64 and more."""
     runs = [t.name for t in native.cpu_tiers()]
-    if "avxvnni" not in runs:
-        pytest.skip(f"this CPU has no AVX-VNNI (it runs {', '.join(runs)})")
+    if tier_name not in runs:
+        pytest.skip(f"this CPU cannot run the {tier_name} kernels (it runs {', '.join(runs)})")
     monkeypatch.setenv("KVENGINE_ISA", "avx2")  # layers tiled for the fp32 tiers (the tiles are every tier's)
     gen = torch.Generator().manual_seed(rows)
     x = torch.randn(rows, 576, generator=gen)
-    for cls in (Int4Linear, Int8Linear):
-        layer = cls(torch.randn(96, 576, generator=gen) * 0.05, None, torch.float32)
+    layers = [cls(torch.randn(96, 576, generator=gen) * 0.05, None, torch.float32) for cls in (Int4Linear, Int8Linear)]
+    layers.append(Int4Linear(q4_0_grid(96, 576, gen), None, torch.float32))
+    assert layers[-1].symmetric and not layers[0].symmetric
+    for layer in layers:
         w, s = layer.wtiles, layer.stiles
-        op = "q4_gemm" if cls is Int4Linear else "q8_gemm"
-        assert native.loaded(native.tier("avxvnni")) and native.loaded(native.tier("avx2"))
-        assert torch.equal(getattr(native.ops("avxvnni"), op)(x, w, s), getattr(native.ops("avx2"), op)(x, w, s))
+        op = "q4_gemm" if isinstance(layer, Int4Linear) else "q8_gemm"
+        assert native.loaded(native.tier(tier_name)) and native.loaded(native.tier("avx2"))
+        got, want = getattr(native.ops(tier_name), op)(x, w, s), getattr(native.ops("avx2"), op)(x, w, s)
+        assert torch.equal(got, want), (op, (got - want).abs().max().item())
 
 
 def test_native_int4_keeps_q4_1_scales_exactly(kernel_tier):

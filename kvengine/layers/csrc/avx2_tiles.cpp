@@ -235,11 +235,12 @@ void q4_tile(const int8_t* xq, const float* da, const float* sx, const uint8_t* 
   q4_tile_rows<false>(xq, da, sx, w, dm, y, R, K, N, t);
 }
 
-const bool kTilesReadMagnitudes = true;
+const Q8Reads kQ8Reads = Q8Reads::kMagnitudes;
 
-void q8_tile(const int8_t* xq, const int8_t* xa, const float* da, const uint8_t* w, const float* scale, float* y,
+void q8_tile(const int8_t* xq, const Q8Side& side, const float* da, const uint8_t* w, const float* scale, float* y,
              int R, int64_t K, int64_t N, int64_t t) {
   const int64_t G = K / kGroup;
+  const int8_t* xa = side.magnitudes;
   const uint8_t* wt = w + t * K * 16;
   if (R == 1) return q8_tile_row(xq, xa, da, wt, scale + 16 * t, y + 16 * t, G);
   alignas(32) float acc[kRows][8];  // as in q4_tile

@@ -19,11 +19,12 @@ namespace {
 
 // x's rows quantized by groups of 32, as vnni_mm.cpp does: codes int8 (M * K), scales da and sums
 // sx = da * sum(codes) * sum_factor (M * G each; the factor is -8 for symmetric int4 weights), in block_slot's
-// order; codes = round(x * (127 / max|x|)), ties to even. With `magnitudes`, also |codes| (q8_tile's unsigned
-// operand; else null). The arrays are the calling thread's scratch, reused by its next matmul: a decode step makes
-// four per layer, and an allocation each cost ~5% of a one-sequence step.
+// order; codes = round(x * (127 / max|x|)), ties to even. `side`: what the tier's q8_tile also reads (fp32_mm.h's
+// kQ8Reads), the rest null. The arrays are the calling thread's scratch, reused by its next matmul: a decode step
+// makes four per layer, and an allocation each cost ~5% of a one-sequence step.
 struct QuantizedRows {
   int8_t *codes, *magnitude;
+  int32_t* code_sum;
   float *scale, *sum;
 };
 
@@ -77,18 +78,22 @@ inline int32_t group_codes(const float* v, float inv, int8_t* q, int8_t* a) {
 }
 #endif
 
-QuantizedRows quantize_rows(const at::Tensor& x, bool magnitudes, float sum_factor = 1.f) {
+QuantizedRows quantize_rows(const at::Tensor& x, Q8Reads side = Q8Reads::kNothing, float sum_factor = 1.f) {
   const int64_t M = x.size(0), K = x.size(1), G = K / kGroup;
+  const bool magnitudes = side == Q8Reads::kMagnitudes, code_sums = side == Q8Reads::kCodeSums;
   thread_local std::vector<int8_t> code_rows, magnitude_rows;
+  thread_local std::vector<int32_t> code_sum_rows;
   thread_local std::vector<float> scale_rows, sum_rows;
   code_rows.resize(M * K);
   magnitude_rows.resize(magnitudes ? M * K : 0);
+  code_sum_rows.resize(code_sums ? M * G : 0);
   scale_rows.resize(M * G);
   sum_rows.resize(M * G);
-  const QuantizedRows r{code_rows.data(), magnitudes ? magnitude_rows.data() : nullptr, scale_rows.data(),
-                        sum_rows.data()};
+  const QuantizedRows r{code_rows.data(), magnitudes ? magnitude_rows.data() : nullptr,
+                        code_sums ? code_sum_rows.data() : nullptr, scale_rows.data(), sum_rows.data()};
   const float* xp = x.data_ptr<float>();
   int8_t *qp = r.codes, *ap = r.magnitude;
+  int32_t* cp = r.code_sum;
   float *dp = r.scale, *sp = r.sum;
   at::parallel_for(0, M * G, 256, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
@@ -99,6 +104,7 @@ QuantizedRows quantize_rows(const at::Tensor& x, bool magnitudes, float sum_fact
       const int32_t total = group_codes(v, inv, qp + o * kGroup, ap ? ap + o * kGroup : nullptr);
       dp[o] = amax / 127.f;
       sp[o] = dp[o] * static_cast<float>(total) * sum_factor;
+      if (cp) cp[o] = -128 * total;  // (the stored int8 weights are q + 128)
     }
   });
   return r;
@@ -116,7 +122,7 @@ at::Tensor q4_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& d
   const int64_t M = x.size(0), K = x.size(1), G = K / kGroup;
   bool symmetric = false;
   const int64_t tiles = kvengine::operands::q4_tiles(w, dm, K, &symmetric), N = 16 * tiles;
-  const QuantizedRows xr = quantize_rows(x.contiguous(), false, symmetric ? -kQ4Midpoint : 1.f);  // q4_tile's sx
+  const QuantizedRows xr = quantize_rows(x.contiguous(), Q8Reads::kNothing, symmetric ? -kQ4Midpoint : 1.f);
   at::Tensor y = at::empty({M, N}, x.options());  // [M, N]
   const int8_t* qp = xr.codes;
   const float *dp = xr.scale, *sp = xr.sum;
@@ -133,15 +139,16 @@ at::Tensor q8_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
   check_x(x, "q8_gemm");
   const int64_t M = x.size(0), K = x.size(1), G = K / kGroup;
   const int64_t tiles = kvengine::operands::q8_tiles(w, scale, K), N = 16 * tiles;
-  const QuantizedRows xr = quantize_rows(x.contiguous(), kTilesReadMagnitudes);
+  const QuantizedRows xr = quantize_rows(x.contiguous(), kQ8Reads);
   at::Tensor y = at::empty({M, N}, x.options());  // [M, N]
   const int8_t *qp = xr.codes, *ap = xr.magnitude;
+  const int32_t* cp = xr.code_sum;
   const float *dp = xr.scale, *sp = scale.data_ptr<float>();
   const uint8_t* wp = w.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();
   kvengine::tiles::for_tiles<kRows>(M, tiles, [&](int64_t t, int64_t i0, int64_t r) {
-    q8_tile(qp + i0 * K, ap ? ap + i0 * K : nullptr, dp + i0 * G, wp, sp, yp + i0 * N,
-            static_cast<int>(r), K, N, t);
+    const Q8Side side{ap ? ap + i0 * K : nullptr, cp ? cp + i0 * G : nullptr};
+    q8_tile(qp + i0 * K, side, dp + i0 * G, wp, sp, yp + i0 * N, static_cast<int>(r), K, N, t);
   });
   return y;
 }

@@ -41,11 +41,18 @@ inline int64_t block_slot(int64_t i, int64_t g, int64_t M, int64_t G) {
 // sx = -8 da * sum(codes), and a group's step is y[i, n] += d[n, g] * (da[i, g] * sum_k q * xq[i, k] + sx[i, g]).
 void q4_tile(const int8_t* xq, const float* da, const float* sx, const uint8_t* w, const at::Half* dm, float* y, int R,
              int64_t K, int64_t N, int64_t t, bool symmetric);
-// The same from the int8 tile t (bytes q + 128): y[i, n] = scale[n] * sum_g da[i, g] * sum_k q * xq[i, k];
-// xa = |xq| (the unsigned operand of the avx2 tier's byte products, made once per step rather than once per tile),
-// made only where the tier's q8_tile reads it (kTilesReadMagnitudes, set by its *_tiles.cpp).
-extern const bool kTilesReadMagnitudes;
-void q8_tile(const int8_t* xq, const int8_t* xa, const float* da, const uint8_t* w, const float* scale, float* y,
+// What a tier's q8_tile reads of x besides its codes and scales, made by q8_gemm once per matmul rather than once per
+// tile (kQ8Reads, set by the tier's *_tiles.cpp): avx2 the codes' magnitudes |xq| (its byte products' unsigned
+// operand; int8, laid out as the codes), avx512vnni -128 times the sum of each group's codes (the start of its
+// VPDPBUSD sums of the stored bytes q + 128; int32, laid out as the scales), portable nothing. Unread ones are null.
+enum class Q8Reads { kNothing, kMagnitudes, kCodeSums };
+extern const Q8Reads kQ8Reads;
+struct Q8Side {
+  const int8_t* magnitudes;
+  const int32_t* code_sums;
+};
+// The same from the int8 tile t (bytes q + 128): y[i, n] = scale[n] * sum_g da[i, g] * sum_k q * xq[i, k].
+void q8_tile(const int8_t* xq, const Q8Side& side, const float* da, const uint8_t* w, const float* scale, float* y,
              int R, int64_t K, int64_t N, int64_t t);
 
 // x [M, K] fp32, w [N/16, K/32, 4, 64] uint8 (native.tile_int4), dm [N/16, K/32, 2, 16] or, for symmetric weights,

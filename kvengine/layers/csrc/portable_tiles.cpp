@@ -42,9 +42,9 @@ void q4_tile(const int8_t* xq, const float* da, const float* sx, const uint8_t* 
     for (int l = 0; l < 16; ++l) y[i * N + 16 * t + l] = acc[i][l];
 }
 
-const bool kTilesReadMagnitudes = false;
+const Q8Reads kQ8Reads = Q8Reads::kNothing;
 
-void q8_tile(const int8_t* xq, const int8_t* /*xa: not made for this tier*/, const float* da, const uint8_t* w,
+void q8_tile(const int8_t* xq, const Q8Side& /*side: nothing made for this tier*/, const float* da, const uint8_t* w,
              const float* scale, float* y, int R, int64_t K, int64_t N, int64_t t) {
   const int64_t G = K / kGroup;
   const uint8_t* wt = w + t * K * 16;

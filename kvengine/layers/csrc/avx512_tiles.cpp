@@ -1,0 +1,196 @@
+// The avx512vnni tier's tile kernels (fp32_mm.h), for x86 CPUs with AVX-512 and VNNI but no bf16 arithmetic
+// (Intel Cascade Lake, Ice Lake, and the cloud VMs that show a newer Xeon as one of them): fp32 activations, as the
+// avx2 tier, with 512-bit registers.
+//
+// A 512-bit register holds a whole 64-byte tile row block (16 output rows x 4 inputs), so one VPDPBUSD against 4
+// bytes of x broadcast to every lane (from memory: the load port does the broadcast) advances all 16 outputs of a
+// tile by 4 inputs: no halves, half the instructions of the avx2 tier's VPMADDUBSW / VPMADDWD chains, a quarter of
+// their products' instructions. The loops are the avx2 tier's: the one-row kernels keep the row's sums in a
+// register and ask for the weights 2 KB ahead; the many-row kernels unpack a group once for all R <= kRows rows of
+// x, whose sums wait in L1, taking kQ4RowStep rows' products at a time.
+//   int4: weights 0..15 are VPDPBUSD's unsigned operand, x's codes its signed one.
+//   int8: the stored bytes q + 128 are the unsigned operand as they are; a group's int32 sum starts at -128 times
+//         the sum of the row's codes in it (q8_gemm makes those once per step: kQ8Reads), which takes the 128 back.
+// The integer sums are the avx2 tier's exactly and the fp32 steps after them the same operations in the same
+// order, so the two tiers agree bit for bit (tests/layers/test_native_kernels.py checks it).
+
+#include <immintrin.h>
+
+#include "fp32_mm.h"
+
+namespace KV_OPS {
+namespace {
+
+// 16 fp16 scales as fp32 lanes
+inline __m512 half16(const at::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+// as in avx2_tiles.cpp: one row's kernels ask for the weights this far ahead
+constexpr int64_t kPrefetchBytes = 2048;
+
+inline void prefetch_lines(const void* p, int64_t ahead, int lines) {
+  for (int l = 0; l < lines; ++l) _mm_prefetch(static_cast<const char*>(p) + ahead + 64 * l, _MM_HINT_T0);
+}
+
+// 4 bytes of x's codes broadcast to every int32 lane
+inline __m512i codes4(const int8_t* p) { return _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(p)); }
+
+// An int4 tile's group: its 4 loads unpacked into 8 registers, wv[c] pairing with x's inputs 4c..4c+3 (low nibbles of
+// load j are inputs 8j..8j+3, high nibbles 8j+4..8j+7)
+inline void q4_group(const uint8_t* wg, __m512i* wv) {
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  for (int j = 0; j < 4; ++j) {
+    const __m512i p = _mm512_loadu_si512(wg + j * 64);
+    wv[2 * j] = _mm512_and_si512(p, nibble);
+    wv[2 * j + 1] = _mm512_and_si512(_mm512_srli_epi16(p, 4), nibble);
+  }
+}
+
+// sum over a group's 32 inputs of w * x for the tile's 16 rows, from `start` (two chains: VPDPBUSD's latency)
+inline __m512i dot32(const __m512i* wv, const int8_t* xg, __m512i start) {
+  __m512i s0 = _mm512_dpbusd_epi32(start, wv[0], codes4(xg));
+  __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv[1], codes4(xg + 4));
+  for (int c = 2; c < 8; c += 2) {
+    s0 = _mm512_dpbusd_epi32(s0, wv[c], codes4(xg + 4 * c));
+    s1 = _mm512_dpbusd_epi32(s1, wv[c + 1], codes4(xg + 4 * c + 4));
+  }
+  return _mm512_add_epi32(s0, s1);
+}
+
+inline __m512 q4_dot(const __m512i* wv, const int8_t* xg) {
+  return _mm512_cvtepi32_ps(dot32(wv, xg, _mm512_setzero_si512()));
+}
+
+// A group's scales for the tile's 16 rows; step() as avx2_tiles.cpp's Q4Scales (the same operations in order)
+template <bool Symmetric>
+struct Q4Scales;
+
+template <>
+struct Q4Scales<false> {
+  static constexpr int64_t kHalves = 32;  // fp16 values per tile and group
+  __m512 d, m;
+  explicit Q4Scales(const at::Half* dg) : d(half16(dg)), m(half16(dg + 16)) {}
+  __m512 step(__m512 acc, __m512 dot, float da, float sx) const {
+    const __m512 a = _mm512_fmadd_ps(dot, _mm512_mul_ps(d, _mm512_set1_ps(da)), acc);
+    return _mm512_fmadd_ps(m, _mm512_set1_ps(sx), a);
+  }
+};
+
+template <>
+struct Q4Scales<true> {
+  static constexpr int64_t kHalves = 16;
+  __m512 d;
+  explicit Q4Scales(const at::Half* dg) : d(half16(dg)) {}
+  __m512 step(__m512 acc, __m512 dot, float da, float sx) const {
+    return _mm512_fmadd_ps(d, _mm512_fmadd_ps(dot, _mm512_set1_ps(da), _mm512_set1_ps(sx)), acc);
+  }
+};
+
+// the many-row step of one group for P consecutive rows of a block (sums in acc[0..P-1])
+template <int P, typename S>
+inline void q4_rows(const __m512i* wv, const int8_t* xg, const float* da, const float* sx, const S& sc,
+                    float (*acc)[16]) {
+  __m512 dot[P];
+  for (int j = 0; j < P; ++j) dot[j] = q4_dot(wv, xg + j * kGroup);
+  for (int j = 0; j < P; ++j) _mm512_store_ps(acc[j], sc.step(_mm512_load_ps(acc[j]), dot[j], da[j], sx[j]));
+}
+
+// an int8 tile's group: 8 loads of the stored bytes q + 128
+inline void q8_group(const uint8_t* wg, __m512i* wv) {
+  for (int c = 0; c < 8; ++c) wv[c] = _mm512_loadu_si512(wg + c * 64);
+}
+
+// one group's step of a row's sums: acc + (sum (q + 128) x - 128 sum x) * da
+inline __m512 q8_step(__m512 acc, const __m512i* wv, const int8_t* xg, int32_t start, float da) {
+  return _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot32(wv, xg, _mm512_set1_epi32(start))), _mm512_set1_ps(da), acc);
+}
+
+constexpr int kQ4RowStep = 4;
+
+template <bool Symmetric>
+void q4_tile_row(const int8_t* xq, const float* da, const float* sx, const uint8_t* wt, const at::Half* dmt,
+                 float* y, int64_t G) {
+  using S = Q4Scales<Symmetric>;
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    __m512i wv[8];
+    const at::Half* dg = dmt + g * S::kHalves;
+    prefetch_lines(wt + g * 256, kPrefetchBytes, 4);
+    prefetch_lines(dg, kPrefetchBytes / 256 * 2 * S::kHalves, 1);
+    q4_group(wt + g * 256, wv);
+    acc = S(dg).step(acc, q4_dot(wv, xq + g * kGroup), da[g], sx[g]);
+  }
+  _mm512_storeu_ps(y, acc);
+}
+
+template <bool Symmetric>
+void q4_tile_rows(const int8_t* xq, const float* da, const float* sx, const uint8_t* w, const at::Half* dm, float* y,
+                  int R, int64_t K, int64_t N, int64_t t) {
+  using S = Q4Scales<Symmetric>;
+  const int64_t G = K / kGroup;
+  const uint8_t* wt = w + t * G * 256;
+  const at::Half* dmt = dm + t * G * S::kHalves;
+  if (R == 1) return q4_tile_row<Symmetric>(xq, da, sx, wt, dmt, y + 16 * t, G);
+  alignas(64) float acc[kRows][16];  // each row's sums, in L1: a group unpacked once serves all R rows
+  for (int i = 0; i < R; ++i) _mm512_store_ps(acc[i], _mm512_setzero_ps());
+#pragma GCC unroll 1
+  for (int64_t g = 0; g < G; ++g) {
+    __m512i wv[8];
+    q4_group(wt + g * 256, wv);
+    const S sc(dmt + g * S::kHalves);
+    const int64_t s = in_block(0, g, R);  // the group's R rows follow one another (fp32_mm.h's block_slot)
+    const int8_t* xg = xq + s * kGroup;
+    const float *dag = da + s, *sxg = sx + s;
+    int i = 0;
+#pragma GCC unroll 1
+    for (; i + kQ4RowStep <= R; i += kQ4RowStep)
+      q4_rows<kQ4RowStep>(wv, xg + i * kGroup, dag + i, sxg + i, sc, acc + i);
+    for (; i < R; ++i) q4_rows<1>(wv, xg + i * kGroup, dag + i, sxg + i, sc, acc + i);
+  }
+  for (int i = 0; i < R; ++i) _mm512_storeu_ps(y + i * N + 16 * t, _mm512_load_ps(acc[i]));
+}
+
+}  // namespace
+
+void q4_tile(const int8_t* xq, const float* da, const float* sx, const uint8_t* w, const at::Half* dm, float* y, int R,
+             int64_t K, int64_t N, int64_t t, bool symmetric) {
+  if (symmetric) return q4_tile_rows<true>(xq, da, sx, w, dm, y, R, K, N, t);
+  q4_tile_rows<false>(xq, da, sx, w, dm, y, R, K, N, t);
+}
+
+const Q8Reads kQ8Reads = Q8Reads::kCodeSums;
+
+void q8_tile(const int8_t* xq, const Q8Side& side, const float* da, const uint8_t* w, const float* scale, float* y,
+             int R, int64_t K, int64_t N, int64_t t) {
+  const int64_t G = K / kGroup;
+  const uint8_t* wt = w + t * K * 16;
+  const int32_t* cs = side.code_sums;
+  const __m512 sc = _mm512_loadu_ps(scale + 16 * t);
+  if (R == 1) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t g = 0; g < G; ++g) {
+      __m512i wv[8];
+      prefetch_lines(wt + g * 512, kPrefetchBytes, 8);
+      q8_group(wt + g * 512, wv);
+      acc = q8_step(acc, wv, xq + g * kGroup, cs[g], da[g]);
+    }
+    _mm512_storeu_ps(y + 16 * t, _mm512_mul_ps(acc, sc));
+    return;
+  }
+  alignas(64) float acc[kRows][16];  // as in q4_tile
+  for (int i = 0; i < R; ++i) _mm512_store_ps(acc[i], _mm512_setzero_ps());
+#pragma GCC unroll 1
+  for (int64_t g = 0; g < G; ++g) {
+    __m512i wv[8];
+    q8_group(wt + g * 512, wv);
+    const int64_t s = in_block(0, g, R);
+    const int8_t* xg = xq + s * kGroup;
+#pragma GCC unroll 1
+    for (int i = 0; i < R; ++i)
+      _mm512_store_ps(acc[i], q8_step(_mm512_load_ps(acc[i]), wv, xg + i * kGroup, cs[s + i], da[s + i]));
+  }
+  for (int i = 0; i < R; ++i) _mm512_storeu_ps(y + i * N + 16 * t, _mm512_mul_ps(_mm512_load_ps(acc[i]), sc));
+}
+
+}  // namespace KV_OPS

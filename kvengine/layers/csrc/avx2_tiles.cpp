@@ -38,16 +38,6 @@ namespace {
 // 8 fp16 scales as fp32 lanes (F16C)
 inline __m256 half8(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
 
-// The one-row kernels ask for the weights this far ahead of the group they read: a decode step of one sequence
-// streams every weight once, and the hardware prefetcher alone left ~2/3 of the machine's read bandwidth unused
-// (measured on an AMD EPYC Zen 3 with 2 threads: 1024 B ahead 1.2x, 2048 B 1.3-1.6x, 4096 and 8192 B no better).
-constexpr int64_t kPrefetchBytes = 2048;
-
-// the `lines` cache lines `ahead` bytes past p
-inline void prefetch_lines(const void* p, int64_t ahead, int lines) {
-  for (int l = 0; l < lines; ++l) _mm_prefetch(static_cast<const char*>(p) + ahead + 64 * l, _MM_HINT_T0);
-}
-
 // 4 bytes of x's codes broadcast to every int32 lane
 inline __m256i codes4(const int8_t* p) { return _mm256_set1_epi32(*reinterpret_cast<const int32_t*>(p)); }
 

@@ -26,13 +26,6 @@ inline __m512 half16(const at::Half* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 
-// as in avx2_tiles.cpp: one row's kernels ask for the weights this far ahead
-constexpr int64_t kPrefetchBytes = 2048;
-
-inline void prefetch_lines(const void* p, int64_t ahead, int lines) {
-  for (int l = 0; l < lines; ++l) _mm_prefetch(static_cast<const char*>(p) + ahead + 64 * l, _MM_HINT_T0);
-}
-
 // 4 bytes of x's codes broadcast to every int32 lane
 inline __m512i codes4(const int8_t* p) { return _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(p)); }
 

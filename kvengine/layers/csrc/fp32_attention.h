@@ -7,7 +7,8 @@
 //           scores 8 keys at a time: per key, D/8 fused multiply-adds in 8 lanes, then the 8 keys' lanes folded
 //           pairwise into one register of 8 scores;
 //   softmax per query: the max, e^(s - max) 8 lanes at a time (exp8), their sum in 8 lanes then folded;
-//   values  per query: sum over its keys in order of weight x value row, 64 columns in registers at a time.
+//   values  key blocks outermost again, each block serving every query of the tile; per query, the sum over its
+//           keys in order of weight x value row, 64 columns in registers at a time (16-lane ones with AVX-512).
 // Every number a query gets depends only on its own q and keys: not on the tile's other rows, nor on how many
 // there are. So a token attends alike in a decode step, in a long prefill and in the no-cache recomputation,
 // which is what keeps cached and uncached tokens identical. Keys past a query's length are computed in the last
@@ -131,43 +132,94 @@ inline float softmax_row(float* p, int64_t L) {
   return 1.f / sum8(sum);
 }
 
-// values pass for C * 8 columns from c0: out[c] = inv_total * sum_j p[j] v_j[c]
-template <int C>
-inline void weighted_values(const kvengine::layer::AttendTile<float>& t, const float* p, int64_t L, float inv_total,
-                            int64_t c0, float* out) {
-  __m256 acc[C];
-  for (int i = 0; i < C; ++i) acc[i] = _mm256_setzero_ps();
-  for (int64_t j = 0; j < L; ++j) {
+// Registers of fp32 columns for the values pass: 8 lanes, and 16 where the tier has AVX-512 (fewer instructions for
+// the same fused multiply-adds: each lane is one column's own chain, so the width does not change a result).
+struct Lanes8 {
+  using V = __m256;
+  static constexpr int kLanes = 8;
+  static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static V fmadd(float w, V x, V acc) { return _mm256_fmadd_ps(_mm256_set1_ps(w), x, acc); }
+};
+#if defined(__AVX512F__)
+struct Lanes16 {
+  using V = __m512;
+  static constexpr int kLanes = 16;
+  static V load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+  static V fmadd(float w, V x, V acc) { return _mm512_fmadd_ps(_mm512_set1_ps(w), x, acc); }
+};
+using WideLanes = Lanes16;
+#else
+using WideLanes = Lanes8;
+#endif
+
+// out[c] += sum over keys j0..j1-1 of p[j] v_j[c], for C registers of W's columns from c0 (out at c0)
+template <typename W, int C>
+inline void add_values(const kvengine::layer::AttendTile<float>& t, const float* p, int64_t j0, int64_t j1,
+                       int64_t c0, float* out) {
+  typename W::V acc[C];
+  for (int i = 0; i < C; ++i) acc[i] = W::load(out + W::kLanes * i);
+  for (int64_t j = j0; j < j1; ++j) {
     const float* row = t.v + t.slots[j] * t.D + c0;
-    const __m256 w = _mm256_set1_ps(p[j]);
-    for (int i = 0; i < C; ++i) acc[i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(row + 8 * i), acc[i]);
+    for (int i = 0; i < C; ++i) acc[i] = W::fmadd(p[j], W::load(row + W::kLanes * i), acc[i]);
   }
-  for (int i = 0; i < C; ++i) _mm256_storeu_ps(out + c0 + 8 * i, _mm256_mul_ps(acc[i], _mm256_set1_ps(inv_total)));
+  for (int i = 0; i < C; ++i) W::store(out + W::kLanes * i, acc[i]);
+}
+
+// one query's values over keys j0..j1: 64 columns at a time, then the rest 8 at a time (D is a multiple of 8)
+inline void query_values(const kvengine::layer::AttendTile<float>& t, const float* p, int64_t j0, int64_t j1,
+                         float* out) {
+  int64_t c0 = 0;
+  for (; c0 + 64 <= t.D; c0 += 64) add_values<WideLanes, 64 / WideLanes::kLanes>(t, p, j0, j1, c0, out + c0);
+  switch ((t.D - c0) / 8) {
+    case 1: add_values<Lanes8, 1>(t, p, j0, j1, c0, out + c0); break;
+    case 2: add_values<Lanes8, 2>(t, p, j0, j1, c0, out + c0); break;
+    case 3: add_values<Lanes8, 3>(t, p, j0, j1, c0, out + c0); break;
+    case 4: add_values<Lanes8, 4>(t, p, j0, j1, c0, out + c0); break;
+    case 5: add_values<Lanes8, 5>(t, p, j0, j1, c0, out + c0); break;
+    case 6: add_values<Lanes8, 6>(t, p, j0, j1, c0, out + c0); break;
+    case 7: add_values<Lanes8, 7>(t, p, j0, j1, c0, out + c0); break;
+    default: break;
+  }
+}
+
+// values pass: out = (1 / total) * sum_j p[j] v_j for every query of the tile, key blocks outermost so that a block's
+// value rows serve every query while they are in L1 (one query at a time streamed all its keys' values from L2 for
+// each query). A query's sums wait in its out row between blocks, stored and reloaded exactly: each column gets the
+// same fused multiply-adds in the same order as in one pass over all its keys.
+inline void tile_values(const kvengine::layer::AttendTile<float>& t, const float* s, int64_t stride,
+                        const float* inv_total) {
+  const int64_t top_len = *std::max_element(t.lens + t.r0, t.lens + t.r1);
+  for (int64_t r = t.r0; r < t.r1; ++r)
+    for (int64_t g = 0; g < t.group; ++g) std::fill_n(t.out + r * t.out_stride + g * t.D, t.D, 0.f);
+  for (int64_t j0 = 0; j0 < top_len; j0 += kKeyBlock)
+    for (int64_t r = t.r0; r < t.r1; ++r) {
+      const int64_t j1 = std::min(t.lens[r], j0 + kKeyBlock);  // this row's keys in the block
+      if (j1 <= j0) continue;
+      for (int64_t g = 0; g < t.group; ++g)
+        query_values(t, s + ((r - t.r0) * t.group + g) * stride, j0, j1, t.out + r * t.out_stride + g * t.D);
+    }
+  for (int64_t r = t.r0; r < t.r1; ++r)
+    for (int64_t g = 0; g < t.group; ++g) {
+      float* out = t.out + r * t.out_stride + g * t.D;
+      const float inv = inv_total[(r - t.r0) * t.group + g];
+      for (int64_t c = 0; c < t.D; ++c) out[c] *= inv;
+    }
 }
 
 void attend_tile(const kvengine::layer::AttendTile<float>& t, float* scratch) {
   if (t.D % 8 != 0) return attend_each(t, scratch);  // the op allows any even head_dim
   const int64_t top_len = *std::max_element(t.lens + t.r0, t.lens + t.r1);
-  const int64_t stride = (top_len + 15) / 16 * 16;
+  const int64_t stride = (top_len + 15) / 16 * 16, queries = (t.r1 - t.r0) * t.group;
   tile_scores(t, scratch, stride);
+  float* inv_total = scratch + queries * stride;  // past the scores (layer_flow.h leaves D + 1 floats a query)
   for (int64_t r = t.r0; r < t.r1; ++r)
     for (int64_t g = 0; g < t.group; ++g) {
-      float* p = scratch + ((r - t.r0) * t.group + g) * stride;
-      const float inv_total = softmax_row(p, t.lens[r]);
-      float* out = t.out + r * t.out_stride + g * t.D;
-      int64_t c0 = 0;
-      for (; c0 + 64 <= t.D; c0 += 64) weighted_values<8>(t, p, t.lens[r], inv_total, c0, out);
-      switch ((t.D - c0) / 8) {  // D is a multiple of 8
-        case 1: weighted_values<1>(t, p, t.lens[r], inv_total, c0, out); break;
-        case 2: weighted_values<2>(t, p, t.lens[r], inv_total, c0, out); break;
-        case 3: weighted_values<3>(t, p, t.lens[r], inv_total, c0, out); break;
-        case 4: weighted_values<4>(t, p, t.lens[r], inv_total, c0, out); break;
-        case 5: weighted_values<5>(t, p, t.lens[r], inv_total, c0, out); break;
-        case 6: weighted_values<6>(t, p, t.lens[r], inv_total, c0, out); break;
-        case 7: weighted_values<7>(t, p, t.lens[r], inv_total, c0, out); break;
-        default: break;
-      }
+      const int64_t i = (r - t.r0) * t.group + g;
+      inv_total[i] = softmax_row(scratch + i * stride, t.lens[r]);
     }
+  tile_values(t, scratch, stride, inv_total);
 }
 
 #else  // the portable tier

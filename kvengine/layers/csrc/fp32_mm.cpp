@@ -104,7 +104,7 @@ QuantizedRows quantize_rows(const at::Tensor& x, Q8Reads side = Q8Reads::kNothin
       const int32_t total = group_codes(v, inv, qp + o * kGroup, ap ? ap + o * kGroup : nullptr);
       dp[o] = amax / 127.f;
       sp[o] = dp[o] * static_cast<float>(total) * sum_factor;
-      if (cp) cp[o] = -128 * total;  // (the stored int8 weights are q + 128)
+      if (cp) cp[o] = -kQ8Offset * total;
     }
   });
   return r;

@@ -18,6 +18,7 @@ namespace KV_OPS {
 
 constexpr int64_t kGroup = 32;
 constexpr float kQ4Midpoint = 8.f;  // the code of a zero weight in symmetric int4 (native.INT4_MIDPOINT)
+constexpr int32_t kQ8Offset = 128;  // int8 weights are stored as q + 128 (native.tile_int8)
 // rows of x per pass over a weight tile (the tile kernels take 1..kRows); on Zen 3 32 ran 1-5% faster than 16, and
 // 64 2-4% faster than 32 at 64 and more rows once x's blocks were group-major
 constexpr int kRows = 64;
@@ -54,8 +55,9 @@ void q4_tile(const int8_t* xq, const float* da, const float* sx, const uint8_t* 
              int64_t K, int64_t N, int64_t t, bool symmetric);
 // What a tier's q8_tile reads of x besides its codes and scales, made by q8_gemm once per matmul rather than once per
 // tile (kQ8Reads, set by the tier's *_tiles.cpp): avx2 the codes' magnitudes |xq| (its byte products' unsigned
-// operand; int8, laid out as the codes), avx512vnni -128 times the sum of each group's codes (the start of its
-// VPDPBUSD sums of the stored bytes q + 128; int32, laid out as the scales), portable nothing. Unread ones are null.
+// operand; int8, laid out as the codes), avx512vnni -kQ8Offset times the sum of each group's codes (the start of
+// its VPDPBUSD sums of the stored bytes q + 128; int32, laid out as the scales), portable nothing. Unread ones are
+// null.
 enum class Q8Reads { kNothing, kMagnitudes, kCodeSums };
 extern const Q8Reads kQ8Reads;
 struct Q8Side {

@@ -50,10 +50,11 @@ void q8_tile(const int8_t* xq, const Q8Side& /*side: nothing made for this tier*
   const uint8_t* wt = w + t * K * 16;
   float acc[kRows][16] = {};
   for (int64_t g = 0; g < G; ++g) {
-    int16_t q[16][kGroup];  // row l, input k: the stored byte less 128
+    int16_t q[16][kGroup];  // row l, input k: the stored byte less kQ8Offset
     for (int c = 0; c < 8; ++c)
       for (int l = 0; l < 16; ++l)
-        for (int b = 0; b < 4; ++b) q[l][4 * c + b] = static_cast<int16_t>(wt[(g * 8 + c) * 64 + 4 * l + b] - 128);
+        for (int b = 0; b < 4; ++b)
+          q[l][4 * c + b] = static_cast<int16_t>(wt[(g * 8 + c) * 64 + 4 * l + b] - kQ8Offset);
     for (int i = 0; i < R; ++i) {
       const int64_t o = in_block(i, g, R);
       const int8_t* xg = xq + o * kGroup;

@@ -31,12 +31,10 @@
 #include <immintrin.h>
 
 #include "fp32_mm.h"
+#include "q4_scales.h"
 
 namespace KV_OPS {
 namespace {
-
-// 8 fp16 scales as fp32 lanes (F16C)
-inline __m256 half8(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
 
 // 4 bytes of x's codes broadcast to every int32 lane
 inline __m256i codes4(const int8_t* p) { return _mm256_set1_epi32(*reinterpret_cast<const int32_t*>(p)); }
@@ -65,43 +63,14 @@ inline __m256 q4_dot(const __m256i* wv, const int8_t* xg) {
 #endif
 }
 
-// A group's scales for one half of a tile (its 8 rows), read once per group; step() adds one row's product `dot` with
-// the group (x's scale da, sum sx) to that row's sums. Asymmetric weights (w = q d + m): 16 scales then 16 minimums
-// per group, acc + dot * (d * da) + m * sx. Symmetric ones (GGUF Q4_0's grid, m = -8 d): the 16 scales alone, half
-// the bytes, and acc + d * (dot * da + sx) with sx = -8 da * sum(codes) (fp32_mm.h), one multiply fewer.
+// q4_dot as an object the shared group step (q4_scales.h) calls inline
+constexpr auto q4_dot_of = [](const __m256i* wv, const int8_t* xg) { return q4_dot(wv, xg); };
+
+// a group's scales for one half of a tile (its 8 rows) and the many-row group step: q4_scales.h
+using Lanes = kvengine::lanes::Lanes8;
 template <bool Symmetric>
-struct Q4Scales;
-
-template <>
-struct Q4Scales<false> {
-  static constexpr int64_t kHalves = 32;  // fp16 values per tile and group
-  __m256 d, m;
-  Q4Scales(const at::Half* dg, int h) : d(half8(dg + 8 * h)), m(half8(dg + 16 + 8 * h)) {}
-  __m256 step(__m256 acc, __m256 dot, float da, float sx) const {
-    const __m256 a = _mm256_fmadd_ps(dot, _mm256_mul_ps(d, _mm256_set1_ps(da)), acc);
-    return _mm256_fmadd_ps(m, _mm256_set1_ps(sx), a);
-  }
-};
-
-template <>
-struct Q4Scales<true> {
-  static constexpr int64_t kHalves = 16;
-  __m256 d;
-  Q4Scales(const at::Half* dg, int h) : d(half8(dg + 8 * h)) {}
-  __m256 step(__m256 acc, __m256 dot, float da, float sx) const {
-    return _mm256_fmadd_ps(d, _mm256_fmadd_ps(dot, _mm256_set1_ps(da), _mm256_set1_ps(sx)), acc);
-  }
-};
-
-// The many-row kernels' step of one group over a half for P consecutive rows of a block (xg, da, sx at the first;
-// sums in acc[0..P-1]): the P rows' byte products first, so that P independent chains fill the multiply pipes.
-template <int P, typename S>
-inline void q4_rows(const __m256i* wv, const int8_t* xg, const float* da, const float* sx, const S& sc,
-                    float (*acc)[8]) {
-  __m256 dot[P];
-  for (int j = 0; j < P; ++j) dot[j] = q4_dot(wv, xg + j * kGroup);
-  for (int j = 0; j < P; ++j) _mm256_store_ps(acc[j], sc.step(_mm256_load_ps(acc[j]), dot[j], da[j], sx[j]));
-}
+using Q4Scales = kvengine::tiles::Q4Scales<Symmetric, Lanes>;
+using kvengine::tiles::q4_rows;
 
 // Half h of an int8 tile's group g: 8 loads of stored bytes q + 128, back to signed q
 inline void q8_half(const uint8_t* wg, int h, __m256i* wv) {
@@ -210,8 +179,8 @@ void q4_tile_rows(const int8_t* xq, const float* da, const float* sx, const uint
       int i = 0;
 #pragma GCC unroll 1
       for (; i + kQ4RowStep <= R; i += kQ4RowStep)
-        q4_rows<kQ4RowStep>(wv, xg + i * kGroup, dag + i, sxg + i, sc, acc + i);
-      for (; i < R; ++i) q4_rows<1>(wv, xg + i * kGroup, dag + i, sxg + i, sc, acc + i);
+        q4_rows<kQ4RowStep, Lanes>(wv, xg + i * kGroup, kGroup, dag + i, sxg + i, sc, acc + i, q4_dot_of);
+      for (; i < R; ++i) q4_rows<1, Lanes>(wv, xg + i * kGroup, kGroup, dag + i, sxg + i, sc, acc + i, q4_dot_of);
     }
     for (int i = 0; i < R; ++i) _mm256_storeu_ps(y + i * N + 16 * t + 8 * h, _mm256_load_ps(acc[i]));
   }

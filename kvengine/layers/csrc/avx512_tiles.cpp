@@ -17,14 +17,10 @@
 #include <immintrin.h>
 
 #include "fp32_mm.h"
+#include "q4_scales.h"
 
 namespace KV_OPS {
 namespace {
-
-// 16 fp16 scales as fp32 lanes
-inline __m512 half16(const at::Half* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
 
 // 4 bytes of x's codes broadcast to every int32 lane
 inline __m512i codes4(const int8_t* p) { return _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(p)); }
@@ -55,39 +51,14 @@ inline __m512 q4_dot(const __m512i* wv, const int8_t* xg) {
   return _mm512_cvtepi32_ps(dot32(wv, xg, _mm512_setzero_si512()));
 }
 
-// A group's scales for the tile's 16 rows; step() as avx2_tiles.cpp's Q4Scales (the same operations in order)
+// q4_dot as an object the shared group step (q4_scales.h) calls inline
+constexpr auto q4_dot_of = [](const __m512i* wv, const int8_t* xg) { return q4_dot(wv, xg); };
+
+// a group's scales for the tile's 16 rows and the many-row group step: q4_scales.h
+using Lanes = kvengine::lanes::Lanes16;
 template <bool Symmetric>
-struct Q4Scales;
-
-template <>
-struct Q4Scales<false> {
-  static constexpr int64_t kHalves = 32;  // fp16 values per tile and group
-  __m512 d, m;
-  explicit Q4Scales(const at::Half* dg) : d(half16(dg)), m(half16(dg + 16)) {}
-  __m512 step(__m512 acc, __m512 dot, float da, float sx) const {
-    const __m512 a = _mm512_fmadd_ps(dot, _mm512_mul_ps(d, _mm512_set1_ps(da)), acc);
-    return _mm512_fmadd_ps(m, _mm512_set1_ps(sx), a);
-  }
-};
-
-template <>
-struct Q4Scales<true> {
-  static constexpr int64_t kHalves = 16;
-  __m512 d;
-  explicit Q4Scales(const at::Half* dg) : d(half16(dg)) {}
-  __m512 step(__m512 acc, __m512 dot, float da, float sx) const {
-    return _mm512_fmadd_ps(d, _mm512_fmadd_ps(dot, _mm512_set1_ps(da), _mm512_set1_ps(sx)), acc);
-  }
-};
-
-// the many-row step of one group for P consecutive rows of a block (sums in acc[0..P-1])
-template <int P, typename S>
-inline void q4_rows(const __m512i* wv, const int8_t* xg, const float* da, const float* sx, const S& sc,
-                    float (*acc)[16]) {
-  __m512 dot[P];
-  for (int j = 0; j < P; ++j) dot[j] = q4_dot(wv, xg + j * kGroup);
-  for (int j = 0; j < P; ++j) _mm512_store_ps(acc[j], sc.step(_mm512_load_ps(acc[j]), dot[j], da[j], sx[j]));
-}
+using Q4Scales = kvengine::tiles::Q4Scales<Symmetric, Lanes>;
+using kvengine::tiles::q4_rows;
 
 // an int8 tile's group: 8 loads of the stored bytes q + 128
 inline void q8_group(const uint8_t* wg, __m512i* wv) {
@@ -112,7 +83,7 @@ void q4_tile_row(const int8_t* xq, const float* da, const float* sx, const uint8
     prefetch_lines(wt + g * 256, kPrefetchBytes, 4);
     prefetch_lines(dg, kPrefetchBytes / 256 * 2 * S::kHalves, 1);
     q4_group(wt + g * 256, wv);
-    acc = S(dg).step(acc, q4_dot(wv, xq + g * kGroup), da[g], sx[g]);
+    acc = S(dg, 0).step(acc, q4_dot(wv, xq + g * kGroup), da[g], sx[g]);
   }
   _mm512_storeu_ps(y, acc);
 }
@@ -131,15 +102,15 @@ void q4_tile_rows(const int8_t* xq, const float* da, const float* sx, const uint
   for (int64_t g = 0; g < G; ++g) {
     __m512i wv[8];
     q4_group(wt + g * 256, wv);
-    const S sc(dmt + g * S::kHalves);
+    const S sc(dmt + g * S::kHalves, 0);
     const int64_t s = in_block(0, g, R);  // the group's R rows follow one another (fp32_mm.h's block_slot)
     const int8_t* xg = xq + s * kGroup;
     const float *dag = da + s, *sxg = sx + s;
     int i = 0;
 #pragma GCC unroll 1
     for (; i + kQ4RowStep <= R; i += kQ4RowStep)
-      q4_rows<kQ4RowStep>(wv, xg + i * kGroup, dag + i, sxg + i, sc, acc + i);
-    for (; i < R; ++i) q4_rows<1>(wv, xg + i * kGroup, dag + i, sxg + i, sc, acc + i);
+      q4_rows<kQ4RowStep, Lanes>(wv, xg + i * kGroup, kGroup, dag + i, sxg + i, sc, acc + i, q4_dot_of);
+    for (; i < R; ++i) q4_rows<1, Lanes>(wv, xg + i * kGroup, kGroup, dag + i, sxg + i, sc, acc + i, q4_dot_of);
   }
   for (int i = 0; i < R; ++i) _mm512_storeu_ps(y + i * N + 16 * t, _mm512_load_ps(acc[i]));
 }

@@ -132,27 +132,10 @@ inline float softmax_row(float* p, int64_t L) {
   return 1.f / sum8(sum);
 }
 
-// Registers of fp32 columns for the values pass: 8 lanes, and 16 where the tier has AVX-512 (fewer instructions for
-// the same fused multiply-adds: each lane is one column's own chain, so the width does not change a result).
-struct Lanes8 {
-  using V = __m256;
-  static constexpr int kLanes = 8;
-  static V load(const float* p) { return _mm256_loadu_ps(p); }
-  static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
-  static V fmadd(float w, V x, V acc) { return _mm256_fmadd_ps(_mm256_set1_ps(w), x, acc); }
-};
-#if defined(__AVX512F__)
-struct Lanes16 {
-  using V = __m512;
-  static constexpr int kLanes = 16;
-  static V load(const float* p) { return _mm512_loadu_ps(p); }
-  static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
-  static V fmadd(float w, V x, V acc) { return _mm512_fmadd_ps(_mm512_set1_ps(w), x, acc); }
-};
-using WideLanes = Lanes16;
-#else
-using WideLanes = Lanes8;
-#endif
+// the values pass's registers (lanes.h): 16-lane ones where the tier has AVX-512 (fewer instructions for the same
+// fused multiply-adds), 8-lane ones for the columns past the last 64
+using kvengine::lanes::Lanes8;
+using WideLanes = kvengine::lanes::Widest;
 
 // out[c] += sum over keys j0..j1-1 of p[j] v_j[c], for C registers of W's columns from c0 (out at c0)
 template <typename W, int C>
@@ -162,7 +145,7 @@ inline void add_values(const kvengine::layer::AttendTile<float>& t, const float*
   for (int i = 0; i < C; ++i) acc[i] = W::load(out + W::kLanes * i);
   for (int64_t j = j0; j < j1; ++j) {
     const float* row = t.v + t.slots[j] * t.D + c0;
-    for (int i = 0; i < C; ++i) acc[i] = W::fmadd(p[j], W::load(row + W::kLanes * i), acc[i]);
+    for (int i = 0; i < C; ++i) acc[i] = W::fmadd(W::set1(p[j]), W::load(row + W::kLanes * i), acc[i]);
   }
   for (int i = 0; i < C; ++i) W::store(out + W::kLanes * i, acc[i]);
 }

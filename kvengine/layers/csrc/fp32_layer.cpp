@@ -23,6 +23,9 @@
 #include <vector>
 
 #include "fp32_mm.h"
+#if defined(__AVX2__)
+#include "lanes.h"  // (fp32_attention.h, included inside the namespace below)
+#endif
 
 namespace KV_OPS {
 namespace {

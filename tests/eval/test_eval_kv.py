@@ -153,10 +153,12 @@ def test_eval_kv_fast_weights_with_other_kv_dtypes(tmp_path):
     folder = make_tiny_hf_folder(tmp_path, hidden_size=128, intermediate_size=128, num_attention_heads=2,
                                  num_key_value_heads=1, max_position_embeddings=256)  # shapes the op's tiles take
     assert "one kvengine op per layer" in LLM(str(folder), weights="fast").engine.weights_desc
+    act = str(native.chosen().act_dtype).removeprefix("torch.")  # the reference KV dtype, scored first
+    others = [d for d in ("float32", "bfloat16", "int8") if d != act]  # pools of another dtype than the op's
     args = ["eval", "kv", "--model", str(folder), "--tokens", "64", "--generate", "4", "--dtypes",
-            "bfloat16,int8", "--chunk", "32", "--seq-len", "64", "--weights", "fast", "--json"]
+            ",".join(others), "--chunk", "32", "--seq-len", "64", "--weights", "fast", "--json"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     rows = json.loads(result.stdout.strip().splitlines()[-1])["results"]
-    assert [r["kv_dtype"] for r in rows] == ["float32", "bfloat16", "int8"]
+    assert [r["kv_dtype"] for r in rows] == [act, *others]
     assert all(abs(r["ppl_change_pct"]) < 5 for r in rows)

@@ -68,8 +68,8 @@ class Variant:
 
 def quantized_dtype(device: str = "cpu") -> str:
     """int8/int4 weights' compute dtype where --dtypes names none: the engine's own (EngineConfig.resolved_dtype:
-    on a CPU, the activations of kvengine's kernel tier, bfloat16 with AVX-512 BF16, else float32; never a bf16
-    matmul the CPU emulates)."""
+    on a CPU, the activations of kvengine's kernel tier, float32, or bfloat16 on the avx512 tier forced with
+    KVENGINE_ISA=avx512; never a bf16 matmul the CPU emulates)."""
     return EngineConfig(weights="int4", device=device).resolved_dtype()
 
 

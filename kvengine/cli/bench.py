@@ -129,8 +129,9 @@ def peers(
     lengths: str = typer.Option("20,200,1000", "--lengths", "-n", help="Comma-separated new-token counts."),
     weights: str = typer.Option("auto", "--weights", help="Comma-separated kvengine variants, one row each: auto "
                                 "(the float weights of each --dtypes), fp32, bf16, fp16, int8, int4. int8/int4 "
-                                "compute in the dtype the engine picks for this CPU's kernel tier (bfloat16 with "
-                                "AVX-512 BF16, else float32) unless --dtypes is given (then once per dtype)."),
+                                "compute in the dtype the engine picks for this CPU's kernel tier (float32; "
+                                "bfloat16 on the avx512 tier, KVENGINE_ISA=avx512) unless --dtypes is given (then "
+                                "once per dtype)."),
     dtypes: str | None = typer.Option(None, "--dtypes", help="Comma-separated compute dtypes for transformers and "
                                       "kvengine's auto/int8/int4 variants, e.g. float32,bfloat16 (default float32; "
                                       "llama.cpp keeps the GGUF's weights)."),

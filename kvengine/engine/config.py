@@ -100,8 +100,8 @@ class EngineConfig:
 
     def resolved_dtype(self) -> str:
         """The compute (activation) dtype: as asked, else the float weight format's, else for int8/int4 weights
-        on a CPU the activations of kvengine's kernel tier (layers/native.py: bf16 with AVX-512 BF16, else fp32:
-        never bf16 arithmetic a CPU emulates), else float32 on CPU and bfloat16 on CUDA."""
+        on a CPU the activations of kvengine's kernel tier (layers/native.py: fp32, or bf16 on the avx512 tier forced
+        with KVENGINE_ISA=avx512: never bf16 arithmetic a CPU emulates), else float32 on CPU and bfloat16 on CUDA."""
         float_weights = FLOAT_WEIGHTS.get(self.weights)
         if self.dtype != "auto":
             if float_weights is not None and float_weights != self.dtype:

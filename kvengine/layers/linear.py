@@ -3,12 +3,12 @@
 The model builds float `Linear` modules; `quantize_linears` swaps them for `Int8Linear` / `Int4Linear`
 (a module swap, so the model code never branches on the format). Int8 keeps one scale per output row; int4
 keeps asymmetric groups of `group_size` along the input dimension (the layout of GGUF's Q4_1 blocks). With the
-activation dtype of the kernel tier chosen for this CPU (layers/native.py: bf16 for avx512, fp32 for avx2 and
-portable) they run kvengine's own kernels: on int8-quantized activations for shapes that fit their 16-row tiles
-(the rule for every layer of the supported models); the avx512 tier also on bf16 activations otherwise (faster
-than PyTorch's at decode: docs/benchmarks.md, "Kernel measurements"). Elsewhere PyTorch's packed kernels
-(`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`), with a dense copy for large steps. Each module stores its
-weight in the layouts of the kernels it runs, and the tier it runs them on.
+activation dtype of the kernel tier chosen for this CPU (layers/native.py: fp32, bf16 for the avx512 tier
+forced with KVENGINE_ISA=avx512) they run kvengine's own kernels: on int8-quantized activations for shapes that
+fit their 16-row tiles (the rule for every layer of the supported models); the avx512 tier also on bf16
+activations otherwise (faster than PyTorch's at decode: docs/benchmarks.md, "Kernel measurements"). Elsewhere
+PyTorch's packed kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`), with a dense copy for large
+steps. Each module stores its weight in the layouts of the kernels it runs, and the tier it runs them on.
 """
 
 from __future__ import annotations

@@ -2,17 +2,20 @@
 chosen once per process from the CPU's flags, built on first use, loaded as torch ops, or none at all.
 
 Tiers, fastest first (TIERS; adding one is a source file and a line here):
-  avx512   AVX-512 BF16 + VNNI (packed_mm.cpp, vnni_mm.cpp, decode_layer.cpp): bf16 activations. `q4_gemm` /
-           `q8_gemm` multiply activations quantized to int8 in groups of 32 by int4 / int8 weight tiles
-           (VPDPBUSD); `q4_mm` / `q8_mm` / `bf16_mm` take bf16 activations for shapes the tiles do not fit;
-           `decode_layer` runs a whole Llama-family layer per op.
-  avx512vnni  AVX-512 + VNNI without BF16 (Cascade Lake, Ice Lake; fp32_mm.cpp with avx512_tiles.cpp,
-           fp32_layer.cpp): the avx2 tier's fp32 activations and operands, each 512-bit VPDPBUSD advancing a
-           whole 16-row tile by 4 inputs; the same integer sums as avx2, so the same results.
+  avx512vnni  AVX-512 + VNNI (fp32_mm.cpp with avx512_tiles.cpp, fp32_layer.cpp): the avx2 tier's fp32
+           activations and operands, each 512-bit VPDPBUSD advancing a whole 16-row tile by 4 inputs; the same
+           integer sums as avx2, so the same results. First on every AVX-512 VNNI CPU, BF16 or not: on an AMD
+           EPYC Zen 5 with AVX-512 BF16 it ran 1.1-1.35x the avx512 tier's prefill and 32-request rates
+           (docs/benchmarks.md), with fp32 activations and Q4_0's grid kept.
+  avx512   AVX-512 BF16 + VNNI (packed_mm.cpp, vnni_mm.cpp, decode_layer.cpp; KVENGINE_ISA=avx512): bf16
+           activations (a bf16 KV cache: half the fp32 tiers' bytes per token). `q4_gemm` / `q8_gemm` multiply
+           activations quantized to int8 in groups of 32 by int4 / int8 weight tiles (VPDPBUSD); `q4_mm` /
+           `q8_mm` / `bf16_mm` take bf16 activations for shapes the tiles do not fit; `decode_layer` runs a whole
+           Llama-family layer per op.
   avx2     AVX2 + FMA + F16C (fp32_mm.cpp with avx2_tiles.cpp, fp32_layer.cpp): fp32 activations, the same int8
            codes and weight tiles multiplied with VPMADDUBSW / VPMADDWD; `q4_gemm`, `q8_gemm`, `decode_layer`.
   avxvnni  the avx2 sources compiled with -mavxvnni: AVX-VNNI's 256-bit VPDPBUSD in place of each VPMADDUBSW /
-           VPMADDWD chain (CPUs with AVX-VNNI but no AVX-512 BF16); the same integer sums, so the same results.
+           VPMADDWD chain (CPUs with AVX-VNNI but no AVX-512 VNNI); the same integer sums, so the same results.
   portable plain C++ any compiler builds and vectorizes (portable_tiles.cpp instead of avx2_tiles.cpp).
 A tier's ops live in the namespace torch.ops.kvengine_<tier> (`ops(name)`), so one process can load several: the
 run uses `chosen()`, the tests run every tier in `cpu_tiers()`. KVENGINE_ISA=avx512|avx512vnni|avxvnni|avx2|portable
@@ -56,12 +59,12 @@ class Tier:
 
 
 TIERS = (
-    Tier("avx512", ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni", "f16c", "fma"),
-         ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-mf16c", "-mfma"),
-         ("packed_mm.cpp", "vnni_mm.cpp", "decode_layer.cpp"), torch.bfloat16, row_kernels=True, head_dim_step=16),
     Tier("avx512vnni", ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c", "fma"),
          ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx2", "-mf16c", "-mfma"),
          ("fp32_mm.cpp", "avx512_tiles.cpp", "fp32_layer.cpp"), torch.float32, symmetric_int4=True),
+    Tier("avx512", ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni", "f16c", "fma"),
+         ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-mf16c", "-mfma"),
+         ("packed_mm.cpp", "vnni_mm.cpp", "decode_layer.cpp"), torch.bfloat16, row_kernels=True, head_dim_step=16),
     Tier("avxvnni", ("avx2", "fma", "f16c", "avx_vnni"), ("-mavx2", "-mfma", "-mf16c", "-mavxvnni"),
          ("fp32_mm.cpp", "avx2_tiles.cpp", "fp32_layer.cpp"), torch.float32, symmetric_int4=True),
     Tier("avx2", ("avx2", "fma", "f16c"), ("-mavx2", "-mfma", "-mf16c"),

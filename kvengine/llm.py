@@ -49,12 +49,14 @@ class LLM:
         disk = open_disk_store(self.config)  # a bad directory or budget is refused before the model loads
         self.source: ModelSource = open_model_source(model, quiet=quiet)
         dtype = TORCH_DTYPES[self.config.resolved_dtype()]
-        net = load_model(self.source, dtype, self.config.device)
+        # int8/int4 weights are quantized from float32, so a Q4_0 source keeps its own grid whatever the activations
+        # (build_engine casts the rest of the model to `dtype`)
+        net = load_model(self.source, torch.float32 if self.config.quantized_weights else dtype, self.config.device)
         model_id = source_id(self.source, disk.root) if disk is not None else None
         note = f"{self.source.weights_note}; " if self.source.weights_note else ""
         if self.config.fast_chosen:  # weights="fast" (the CLI's default) chose int4 on this CPU's kernel tier
             note += "the fastest default for this CPU (--weights fp32: the exact reference): "
-        self.engine = build_engine(net, self.source.tokenizer(), self.config, disk, model_id, note)
+        self.engine = build_engine(net, self.source.tokenizer(), self.config, disk, model_id, note, dtype)
 
     @classmethod
     def from_model(cls, model: torch.nn.Module, tokenizer: Tokenizer | None = None, **engine_args: Any) -> LLM:

@@ -22,7 +22,7 @@ from kvengine.engine.config import EngineConfig
 from kvengine.engine.engine import LLMEngine
 from kvengine.errors import ConfigError
 from kvengine.layers import native
-from kvengine.layers.linear import describe_kernels, quantize_linears
+from kvengine.layers.linear import PackedLinear, describe_kernels, quantize_linears
 from kvengine.models.protocol import CausalLM
 from kvengine.weights.tokenizer import Tokenizer
 
@@ -30,14 +30,16 @@ UNBOUNDED_CONTEXT = 1 << 30  # the length limit when a KV window bounds the cach
 
 
 def build_engine(model: CausalLM, tokenizer: Tokenizer | None, config: EngineConfig,
-                 disk: DiskStore | None = None, model_id: str | None = None, weights_note: str = "") -> LLMEngine:
+                 disk: DiskStore | None = None, model_id: str | None = None, weights_note: str = "",
+                 dtype: torch.dtype | None = None) -> LLMEngine:
     """The engine for `model` under `config` (the model is changed in place: see the module docstring), with the
     KV disk tier over `disk` keyed by `model_id` and the rest of the fingerprint. `weights_note` goes before the
-    weights' description in run summaries."""
+    weights' description in run summaries. `dtype`: the compute dtype where the model was loaded in another (float32
+    weights quantized for bf16 activations); else the model's own."""
     mc: ModelConfig = model.config
     native.requested()  # a KVENGINE_ISA this CPU cannot run is a one-line error, whatever the weights
     max_len = context_limit(config, mc)
-    dtype = next(model.parameters()).dtype
+    dtype = dtype or next(model.parameters()).dtype
     weights = prepare_weights(model, config, dtype)
     pool = allocate_pool(config, mc, dtype, max_len)
     why_not = model.enable_fused_layers(pool) if config.fused_layers and (
@@ -68,8 +70,25 @@ def prepare_weights(model: torch.nn.Module, config: EngineConfig, dtype: torch.d
     if torch.device(config.device).type != "cpu":
         raise ConfigError(f"weights '{config.weights}' use CPU kernels; on {config.device} use bf16 or fp32")
     chosen = quantize_linears(model, config.quantized_weights, dtype, config.dense_above)
+    cast_float_parts(model, dtype)
     dense = any(getattr(m, "dense", None) is not None for m in model.modules())
     return describe_weights(dtype, chosen, config.dense_above if dense else None, describe_kernels(model, dtype))
+
+
+def cast_float_parts(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """The float parameters and buffers outside the quantized layers (embeddings, norms, rotary tables), to `dtype`
+    where they are another float dtype (a model loaded in float32 for its weights to be quantized exactly). float64
+    tables and the quantized layers' own buffers (the kernels' formats) stay as they are."""
+    packed = {id(m) for q in model.modules() if isinstance(q, PackedLinear) for m in q.modules()}
+    for m in model.modules():
+        if id(m) in packed:
+            continue
+        for p in m.parameters(recurse=False):
+            if p.dtype in (torch.float32, torch.bfloat16, torch.float16) and p.dtype != dtype:
+                p.data = p.data.to(dtype)
+        for name, b in m.named_buffers(recurse=False):
+            if b.dtype in (torch.float32, torch.bfloat16, torch.float16) and b.dtype != dtype:
+                m._buffers[name] = b.to(dtype)
 
 
 def allocate_pool(config: EngineConfig, mc: ModelConfig, dtype: torch.dtype, max_len: int) -> KVPool:

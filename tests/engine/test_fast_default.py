@@ -50,23 +50,24 @@ def test_fp32_stays_the_float_reference(default_llm):
 
 
 def test_a_q4_0_source_keeps_its_own_codes(tmp_path, default_gguf, kernel_tier):
-    """A Q4_0 GGUF (random tiny Llama) on an fp32 tier: every linear layer, the LM head too, is int4 on Q4_0's grid
-    with the file's own codes and scales (dequantized weights equal the file's), stored as scales alone on the
-    tiers that take them, run one op per layer; on every tier cached and uncached tokens are identical, logits bit
-    for bit. (The avx512 tier loads the weights in bf16 before quantizing them, which leaves the grid: its layers
-    stay asymmetric and its head int8.)"""
+    """A Q4_0 GGUF (random tiny Llama) on every tier: every linear layer, the LM head too, is int4 on Q4_0's grid
+    with the file's own codes and scales (dequantized weights equal the file's: they are quantized from a float32
+    load, also for the avx512 tier's bf16 activations), stored as scales alone on the tiers that take them, run one
+    op per layer; cached and uncached tokens are identical, logits bit for bit."""
     path = write_random_gguf(tmp_path / "tiny.Q4_0.gguf", "llama-tiny", "Q4_0", 0, default_gguf)
     llm = LLM(str(path), kv_cache_memory=16 << 20, max_num_seqs=1)
     model = llm.engine.model
     assert model.fused_layers_enabled
-    if kernel_tier.act_dtype == torch.float32:
-        layers = {n: m for n, m in model.named_modules() if isinstance(m, PackedLinear)}
-        assert "lm_head" in layers and all(isinstance(m, Int4Linear) and m.symmetric for m in layers.values())
-        assert all(m.stiles.dim() == (3 if kernel_tier.symmetric_int4 else 4) for m in layers.values())
-        source = GGUFFile(path)
-        embd = next(t for t in source.tensors() if t.name == "token_embd.weight").dequantize().float()
-        assert torch.equal(layers["lm_head"].dequantized(), embd)
-        assert "int4 Q4_0-grid" in llm.engine.weights_desc
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, PackedLinear)}
+    assert "lm_head" in layers and all(isinstance(m, Int4Linear) and m.symmetric for m in layers.values())
+    assert all(m.stiles.dim() == (3 if kernel_tier.symmetric_int4 else 4) for m in layers.values())
+    source = GGUFFile(path)
+    embd = next(t for t in source.tensors() if t.name == "token_embd.weight").dequantize().float()
+    assert torch.equal(layers["lm_head"].dequantized(), embd)
+    assert "int4 Q4_0-grid" in llm.engine.weights_desc
+    floats = {p.dtype for p in model.parameters()} | {b.dtype for n, b in model.named_buffers()
+                                                       if b.is_floating_point() and "inv_freq" not in n}
+    assert floats <= {kernel_tier.act_dtype, torch.float16}  # the rest of the model in the activations' dtype
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
     cached = llm.generate(prompt_token_ids=[[1, 2, 3, 4, 5]], sampling_params=params, verify=True)[0]
     uncached = llm.generate(prompt_token_ids=[[1, 2, 3, 4, 5]], sampling_params=params, use_cache=False)[0]

@@ -9,15 +9,16 @@ step: one sequence, several sequences (one padded gather), and a third once a st
 `StepBatch.max_context_len`, never the per-sequence lists, and the runner gives compiled steps slot lists, never
 start slots (engine/runner.py), so the graphs depend on neither. Prefill, mixed steps and windowed layouts run
 eagerly, and so do the decode steps of a model that runs them as one op per layer (the fused layer op,
-models/llama.py `enable_fused_layers`: then nothing is compiled). Inductor caches the compiled code on disk (under
-$KVENGINE_HOME/inductor); Dynamo's tracing is paid again in every process. `first_call_s` records what the
-first call of each kind took here.
+models/llama.py `enable_fused_layers`: then nothing is compiled). Inductor caches the compiled code on disk
+(`inductor_cache_dir`: one folder per ATen CPU capability); Dynamo's tracing is paid again in every process.
+`first_call_s` records what the first call of each kind took here.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import torch
 
@@ -28,7 +29,7 @@ from kvengine.weights.catalog import kvengine_home
 
 class CompiledDecode:
     def __init__(self, model: torch.nn.Module) -> None:
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(kvengine_home() / "inductor"))
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(inductor_cache_dir())
         # size_asserts off: Inductor's generated code otherwise checks every input's sizes and strides on every call
         # (~500 Python calls a step for a 30-layer model); the step's shapes are checked by Dynamo's guards anyway
         self._fn = torch.compile(model.forward, dynamic=True, options={"size_asserts": False})
@@ -61,3 +62,14 @@ class CompiledDecode:
         out = self._fn(batch, pool)
         self.first_call_s[kind] = time.perf_counter() - start
         return out
+
+
+def inductor_cache_dir() -> Path:
+    """Where Inductor caches compiled steps: $TORCHINDUCTOR_CACHE_DIR (set by the user, or by Inductor itself once
+    it has run in this process), else $KVENGINE_HOME/inductor, with a folder per ATen CPU capability under it
+    (cpu-avx512, cpu-avx2, ...). Inductor's cache keys do not tell them apart: code compiled under
+    ATEN_CPU_CAPABILITY=avx2 on an AVX-512 host, reused by a later run at the host's own capability, aborted that
+    run ("double free or corruption")."""
+    base = Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or kvengine_home() / "inductor")
+    folder = f"cpu-{torch.backends.cpu.get_cpu_capability().lower()}"
+    return base if base.name == folder else base / folder

@@ -4,7 +4,10 @@ several sequences, and the batch shrinking as requests finish (the number of seq
 from __future__ import annotations
 
 import io
+import os
 import re
+import subprocess
+import sys
 
 import torch
 from kvtest import tiny_pair
@@ -87,3 +90,22 @@ def test_one_graph_for_consecutive_and_scattered_blocks(monkeypatch):
         got.append(compiled.generate(prompt_token_ids=[second], sampling_params=params)[0].token_ids)
     assert got == want
     assert set(kinds[:n_first]) == {"consecutive"} and set(kinds[n_first:]) == {"scattered"}  # both were met
+
+
+def test_inductor_cache_has_a_folder_per_cpu_capability(tmp_path):
+    """Code Inductor compiled under ATEN_CPU_CAPABILITY=avx2 aborted a later run at an AVX-512 host's own
+    capability that found it in the same cache; each capability gets its own folder (under $KVENGINE_HOME/inductor
+    unless TORCHINDUCTOR_CACHE_DIR names another base)."""
+    code = "from kvengine.engine.compiled import inductor_cache_dir; print(inductor_cache_dir())"
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "ATEN_CPU_CAPABILITY")}
+    env["KVENGINE_HOME"] = str(tmp_path)
+
+    def folder(**extra: str) -> str:
+        run = subprocess.run([sys.executable, "-c", code], env={**env, **extra}, capture_output=True, text=True,
+                             timeout=120, check=True)
+        return run.stdout.strip()
+
+    own = torch.backends.cpu.get_cpu_capability().lower()
+    assert folder() == str(tmp_path / "inductor" / f"cpu-{own}")
+    assert folder(ATEN_CPU_CAPABILITY="default") == str(tmp_path / "inductor" / "cpu-default")
+    assert folder(TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "mine")) == str(tmp_path / "mine" / f"cpu-{own}")

@@ -79,15 +79,18 @@ def cast_float_parts(model: torch.nn.Module, dtype: torch.dtype) -> None:
     """The float parameters and buffers outside the quantized layers (embeddings, norms, rotary tables), to `dtype`
     where they are another float dtype (a model loaded in float32 for its weights to be quantized exactly). float64
     tables and the quantized layers' own buffers (the kernels' formats) stay as they are."""
+    def recast(t: torch.Tensor) -> bool:
+        return t.dtype in (torch.float32, torch.bfloat16, torch.float16) and t.dtype != dtype
+
     packed = {id(m) for q in model.modules() if isinstance(q, PackedLinear) for m in q.modules()}
     for m in model.modules():
         if id(m) in packed:
             continue
         for p in m.parameters(recurse=False):
-            if p.dtype in (torch.float32, torch.bfloat16, torch.float16) and p.dtype != dtype:
+            if recast(p):
                 p.data = p.data.to(dtype)
         for name, b in m.named_buffers(recurse=False):
-            if b.dtype in (torch.float32, torch.bfloat16, torch.float16) and b.dtype != dtype:
+            if recast(b):
                 m._buffers[name] = b.to(dtype)
 
 

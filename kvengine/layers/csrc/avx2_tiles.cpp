@@ -157,9 +157,12 @@ void q8_tile_row(const int8_t* xq, const int8_t* xa, const float* da, const uint
   _mm256_storeu_ps(y + 8, _mm256_mul_ps(a1, _mm256_loadu_ps(scale + 8)));
 }
 
+
+}  // namespace
+
 template <bool Symmetric>
-void q4_tile_rows(const int8_t* xq, const float* da, const float* sx, const uint8_t* w, const at::Half* dm, float* y,
-                  int R, int64_t K, int64_t N, int64_t t) {
+void q4_tile(const int8_t* xq, const float* da, const float* sx, const uint8_t* w, const at::Half* dm, float* y, int R,
+             int64_t K, int64_t N, int64_t t) {
   using S = Q4Scales<Symmetric>;
   const int64_t G = K / kGroup;
   const uint8_t* wt = w + t * G * 256;
@@ -185,14 +188,7 @@ void q4_tile_rows(const int8_t* xq, const float* da, const float* sx, const uint
     for (int i = 0; i < R; ++i) _mm256_storeu_ps(y + i * N + 16 * t + 8 * h, _mm256_load_ps(acc[i]));
   }
 }
-
-}  // namespace
-
-void q4_tile(const int8_t* xq, const float* da, const float* sx, const uint8_t* w, const at::Half* dm, float* y, int R,
-             int64_t K, int64_t N, int64_t t, bool symmetric) {
-  if (symmetric) return q4_tile_rows<true>(xq, da, sx, w, dm, y, R, K, N, t);
-  q4_tile_rows<false>(xq, da, sx, w, dm, y, R, K, N, t);
-}
+KV_Q4_TILE_FORMS
 
 const Q8Reads kQ8Reads = Q8Reads::kMagnitudes;
 

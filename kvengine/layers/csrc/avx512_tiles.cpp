@@ -88,9 +88,12 @@ void q4_tile_row(const int8_t* xq, const float* da, const float* sx, const uint8
   _mm512_storeu_ps(y, acc);
 }
 
+
+}  // namespace
+
 template <bool Symmetric>
-void q4_tile_rows(const int8_t* xq, const float* da, const float* sx, const uint8_t* w, const at::Half* dm, float* y,
-                  int R, int64_t K, int64_t N, int64_t t) {
+void q4_tile(const int8_t* xq, const float* da, const float* sx, const uint8_t* w, const at::Half* dm, float* y, int R,
+             int64_t K, int64_t N, int64_t t) {
   using S = Q4Scales<Symmetric>;
   const int64_t G = K / kGroup;
   const uint8_t* wt = w + t * G * 256;
@@ -114,14 +117,7 @@ void q4_tile_rows(const int8_t* xq, const float* da, const float* sx, const uint
   }
   for (int i = 0; i < R; ++i) _mm512_storeu_ps(y + i * N + 16 * t, _mm512_load_ps(acc[i]));
 }
-
-}  // namespace
-
-void q4_tile(const int8_t* xq, const float* da, const float* sx, const uint8_t* w, const at::Half* dm, float* y, int R,
-             int64_t K, int64_t N, int64_t t, bool symmetric) {
-  if (symmetric) return q4_tile_rows<true>(xq, da, sx, w, dm, y, R, K, N, t);
-  q4_tile_rows<false>(xq, da, sx, w, dm, y, R, K, N, t);
-}
+KV_Q4_TILE_FORMS
 
 const Q8Reads kQ8Reads = Q8Reads::kCodeSums;
 

@@ -48,11 +48,18 @@ inline void prefetch_lines(const void* p, int64_t ahead, int lines) {
 
 // Rows 0..R-1 of y (row stride N), outputs 16t..16t+15, from the int4 tile t: for each group g,
 // y[i, n] += d[n, g] * da[i, g] * sum_k q * xq[i, k] + m[n, g] * sx[i, g], with x's block of R rows as block_slot
-// lays it out (row i's group g at in_block(i, g, R): codes at that * 32, da and sx at that). `symmetric`: dm holds
+// lays it out (row i's group g at in_block(i, g, R): codes at that * 32, da and sx at that). `Symmetric`: dm holds
 // the scales d alone (32 bytes a tile and group, not 64) and m = -8 d (GGUF Q4_0's grid); q4_gemm then passes
 // sx = -8 da * sum(codes), and a group's step is y[i, n] += d[n, g] * (da[i, g] * sum_k q * xq[i, k] + sx[i, g]).
+// Each tier defines it and instantiates both forms (KV_Q4_TILE_FORMS); q4_gemm picks one per matmul.
+template <bool Symmetric>
 void q4_tile(const int8_t* xq, const float* da, const float* sx, const uint8_t* w, const at::Half* dm, float* y, int R,
-             int64_t K, int64_t N, int64_t t, bool symmetric);
+             int64_t K, int64_t N, int64_t t);
+#define KV_Q4_TILE_FORMS                                                                                            \
+  template void q4_tile<true>(const int8_t*, const float*, const float*, const uint8_t*, const at::Half*, float*, int, \
+                              int64_t, int64_t, int64_t);                                                           \
+  template void q4_tile<false>(const int8_t*, const float*, const float*, const uint8_t*, const at::Half*, float*,    \
+                               int, int64_t, int64_t, int64_t);
 // What a tier's q8_tile reads of x besides its codes and scales, made by q8_gemm once per matmul rather than once per
 // tile (kQ8Reads, set by the tier's *_tiles.cpp): avx2 the codes' magnitudes |xq| (its byte products' unsigned
 // operand; int8, laid out as the codes), avx512vnni -kQ8Offset times the sum of each group's codes (the start of

@@ -5,9 +5,10 @@
 
 namespace KV_OPS {
 
+template <bool Symmetric>
 void q4_tile(const int8_t* xq, const float* da, const float* sx, const uint8_t* w, const at::Half* dm, float* y, int R,
-             int64_t K, int64_t N, int64_t t, bool symmetric) {
-  const int64_t G = K / kGroup, halves = symmetric ? 16 : 32;  // fp16 values per tile and group (fp32_mm.h)
+             int64_t K, int64_t N, int64_t t) {
+  const int64_t G = K / kGroup, halves = Symmetric ? 16 : 32;  // fp16 values per tile and group (fp32_mm.h)
   const uint8_t* wt = w + t * G * 256;
   const at::Half* dmt = dm + t * G * halves;
   float acc[kRows][16] = {};
@@ -29,7 +30,7 @@ void q4_tile(const int8_t* xq, const float* da, const float* sx, const uint8_t* 
         int32_t dot = 0;
         for (int k = 0; k < kGroup; ++k) dot += q[l][k] * xg[k];
         const float d = static_cast<float>(dg[l]);
-        if (symmetric) {
+        if constexpr (Symmetric) {
           acc[i][l] += d * (static_cast<float>(dot) * a + s);  // s = -8 da * sum(codes) here (fp32_mm.h)
         } else {
           acc[i][l] += static_cast<float>(dot) * (d * a);
@@ -41,6 +42,7 @@ void q4_tile(const int8_t* xq, const float* da, const float* sx, const uint8_t* 
   for (int i = 0; i < R; ++i)
     for (int l = 0; l < 16; ++l) y[i * N + 16 * t + l] = acc[i][l];
 }
+KV_Q4_TILE_FORMS
 
 const Q8Reads kQ8Reads = Q8Reads::kNothing;
 

@@ -5,7 +5,7 @@
 // softmax(q.k * scale) . v for each query head of each row, in three passes over the tile, keys taken kKeyBlock
 // at a time and widened to fp32 once per block (not once per query):
 //   scores  a query's scores 16 keys at a time: per key, D/16 fused multiply-adds in 16 lanes, then the 16 keys'
-//           lanes folded into one register of 16 scores (fold16);
+//           lanes folded into one register of 16 scores (lanes.h's fold);
 //   softmax per query: the max, e^(s - max) 16 lanes at a time, their sum in 16 lanes then reduced;
 //   values  per query, block by block: its fp32 sums (scratch) += weight x value row, keys in order; rounded to
 //           bf16 once at the end.
@@ -16,21 +16,6 @@
 #pragma once
 
 using kvengine::layer::kKeyBlock;
-
-// 16 registers' lane sums as the lanes of one (lane k: the sum of a[k]), in one fixed order: neighbouring
-// registers pairwise within 128-bit lanes, then fours, then across the 128-bit lanes
-inline __m512 fold16(const __m512* a) {
-  __m512 t[8], u[4];
-  for (int i = 0; i < 8; ++i)
-    t[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
-  for (int i = 0; i < 4; ++i) {
-    const __m512d x = _mm512_castps_pd(t[2 * i]), y = _mm512_castps_pd(t[2 * i + 1]);
-    u[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
-  }
-  const __m512 w0 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x88), _mm512_shuffle_f32x4(u[0], u[1], 0xDD));
-  const __m512 w1 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x88), _mm512_shuffle_f32x4(u[2], u[3], 0xDD));
-  return _mm512_add_ps(_mm512_shuffle_f32x4(w0, w1, 0x88), _mm512_shuffle_f32x4(w0, w1, 0xDD));
-}
 
 // rows j0 .. j0 + n - 1 of a head's cache (at the sequence's slots, clamped to the first `valid`) as fp32 [n, D]
 inline void widen_block(const bf16* cache, const int64_t* slots, int64_t j0, int64_t n, int64_t valid, int64_t D,
@@ -50,7 +35,7 @@ inline __m512 dot16(const bf16* q, const float* kb, int64_t D) {
     const __m512 qc = load16(q + c);
     for (int j = 0; j < 16; ++j) a[j] = _mm512_fmadd_ps(qc, _mm512_loadu_ps(kb + j * D + c), a[j]);
   }
-  return fold16(a);
+  return kvengine::lanes::Lanes16::fold(a);
 }
 
 // softmax of one query's L scores in place (lanes past L become 0); returns 1 / the sum of the weights

@@ -26,6 +26,7 @@
 // rounded to bf16 here at the same point; inside an operation (a norm, a rotation, a softmax) the arithmetic is
 // fp32, where the PyTorch path sometimes rounds in between: logits agree within bf16 noise, not bit for bit.
 
+#include "lanes.h"  // (bf16_attention.h, included inside the namespace below)
 #include "packed_mm.h"
 #include "simd.h"
 #include "tier.h"

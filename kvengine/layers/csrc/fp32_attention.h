@@ -4,11 +4,15 @@
 //
 // softmax(q.k * scale) . v for each query head of each row, in three passes over the tile:
 //   scores  keys taken 64 at a time, each block serving every query of the tile while it is in L1; a query's
-//           scores 8 keys at a time: per key, D/8 fused multiply-adds in 8 lanes, then the 8 keys' lanes folded
-//           pairwise into one register of 8 scores;
+//           scores W keys at a time, W the lanes of the tier's widest registers (16 with AVX-512 where D is a
+//           multiple of 16, else 8): per key, D/W fused multiply-adds in W lanes, then the W keys' lanes folded
+//           into one register of W scores (lanes.h's fold);
 //   softmax per query: the max, e^(s - max) 8 lanes at a time (exp8), their sum in 8 lanes then folded;
-//   values  key blocks outermost again, each block serving every query of the tile; per query, the sum over its
-//           keys in order of weight x value row, 64 columns in registers at a time (16-lane ones with AVX-512).
+//   values  key blocks outermost again, each block serving every query of the tile; a row's query heads together
+//           (up to 4 with AVX-512, 2 with AVX2), sharing each value row's loads; per query, the sum over its keys in
+//           order of weight x value row, 64 columns (32 with AVX2) in registers at a time. For a tile of few rows
+//           (a decode step's), whose keys and values come from memory once, the rows a few keys ahead are
+//           prefetched.
 // Every number a query gets depends only on its own q and keys: not on the tile's other rows, nor on how many
 // there are. So a token attends alike in a decode step, in a long prefill and in the no-cache recomputation,
 // which is what keeps cached and uncached tokens identical. Keys past a query's length are computed in the last
@@ -51,119 +55,145 @@ void attend_each(const kvengine::layer::AttendTile<float>& t, float* p) {
 #if defined(__AVX2__) && defined(__FMA__)
 
 using kvengine::layer::kKeyBlock;
+using kvengine::lanes::Lanes8;
+using WideLanes = kvengine::lanes::Widest;  // 16 lanes where the tier has AVX-512
 
-// e^x for 8 lanes: x = k ln2 + r with |r| <= ln2 / 2 (ln2 in two parts), e^r by its Taylor series to r^6 (relative
-// error ~1e-7), times 2^k built in the exponent bits; x is clamped to [-87, 88] so 2^k stays a normal float
-// (e^-87 ~ 1.6e-38 is 0 to a softmax; silu's e^-x is finite).
-inline __m256 exp8(__m256 x) {
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.f)), _mm256_set1_ps(88.f));
-  const __m256 k = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693145752f), x);
-  r = _mm256_fnmadd_ps(k, _mm256_set1_ps(1.42860677e-06f), r);
-  __m256 p = _mm256_set1_ps(1.f / 720);
-  for (float c : {1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
-  const __m256i two_k = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(two_k));
-}
-
-// the 8 lanes' sum, folded in one fixed order
-inline float sum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-
-// the first n of 8 lanes kept (all for n >= 8), the rest `fill`
-inline __m256 keep_first(__m256 v, int64_t n, float fill) {
-  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  const __m256i count = _mm256_set1_epi32(static_cast<int>(std::min<int64_t>(n, 8)));
-  const __m256 keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(count, lane));
-  return _mm256_blendv_ps(_mm256_set1_ps(fill), v, keep);
-}
-
-// q . k for the 8 keys whose rows are kr[0..7], as the lanes of one register
-inline __m256 dot8(const float* q, const float* const* kr, int64_t D) {
-  __m256 a[8];
-  const __m256 q0 = _mm256_loadu_ps(q);
-  for (int j = 0; j < 8; ++j) a[j] = _mm256_mul_ps(q0, _mm256_loadu_ps(kr[j]));
-  for (int64_t c = 8; c < D; c += 8) {
-    const __m256 qc = _mm256_loadu_ps(q + c);
-    for (int j = 0; j < 8; ++j) a[j] = _mm256_fmadd_ps(qc, _mm256_loadu_ps(kr[j] + c), a[j]);
+// q . k for the W::kLanes keys whose rows are kr[0..], as the lanes of one register (D a multiple of W::kLanes)
+template <typename W>
+inline typename W::V dot_keys(const float* q, const float* const* kr, int64_t D) {
+  typename W::V a[W::kLanes];
+  const typename W::V q0 = W::load(q);
+  for (int j = 0; j < W::kLanes; ++j) a[j] = W::mul(q0, W::load(kr[j]));
+  for (int64_t c = W::kLanes; c < D; c += W::kLanes) {
+    const typename W::V qc = W::load(q + c);
+    for (int j = 0; j < W::kLanes; ++j) a[j] = W::fmadd(qc, W::load(kr[j] + c), a[j]);
   }
-  // hadd pairs neighbouring lanes: u0 = [a0..a3 lanes 0-3 | a0..a3 lanes 4-7], u1 the same for a4..a7
-  const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
-  const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
-  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+  return W::fold(a);
 }
 
-// scores pass: s[(r - r0) * group + g][j] = q.k_j * scale for j < lens[r] (rounded up to 8), key blocks outermost
+// fewer rows than this in a tile: its keys and values are read once (a decode step's), and prefetched
+constexpr int64_t kFewRows = 4;
+constexpr int64_t kKeysAhead = 16, kValuesAhead = 16;  // how far ahead, in keys
+
+// the cache lines of the D floats at `row` prefetched into L1
+inline void prefetch_row(const float* row, int64_t D) {
+  for (int64_t b = 0; b < D; b += 16) _mm_prefetch(reinterpret_cast<const char*>(row + b), _MM_HINT_T0);
+}
+
+// scores pass: s[(r - r0) * group + g][j] = q.k_j * scale for j < lens[r] (rounded up to W::kLanes), key blocks
+// outermost
+template <typename W>
 inline void tile_scores(const kvengine::layer::AttendTile<float>& t, float* s, int64_t stride) {
   const int64_t top_len = *std::max_element(t.lens + t.r0, t.lens + t.r1);
-  const __m256 scale = _mm256_set1_ps(t.scale);
+  const bool ahead = t.r1 - t.r0 < kFewRows;
+  const typename W::V scale = W::set1(t.scale);
   const float* kr[kKeyBlock];
   for (int64_t j0 = 0; j0 < top_len; j0 += kKeyBlock) {
     const int64_t block = std::min(kKeyBlock, top_len - j0);
-    for (int64_t j = 0; j < (block + 7) / 8 * 8; ++j) kr[j] = t.k + t.slots[std::min(j0 + j, top_len - 1)] * t.D;
+    for (int64_t j = 0; j < (block + W::kLanes - 1) / W::kLanes * W::kLanes; ++j)
+      kr[j] = t.k + t.slots[std::min(j0 + j, top_len - 1)] * t.D;
+    if (ahead)
+      for (int64_t j = j0 + kKeyBlock; j < std::min(j0 + kKeyBlock + kKeysAhead, top_len); ++j)
+        prefetch_row(t.k + t.slots[j] * t.D, t.D);
     for (int64_t r = t.r0; r < t.r1; ++r) {
       const int64_t end = std::min(t.lens[r] - j0, block);  // this row's keys in the block
       for (int64_t g = 0; g < t.group; ++g) {
         const float* q = t.q + r * t.q_stride + g * t.D;
         float* row = s + ((r - t.r0) * t.group + g) * stride + j0;
-        for (int64_t j = 0; j < end; j += 8) _mm256_storeu_ps(row + j, _mm256_mul_ps(dot8(q, kr + j, t.D), scale));
+        for (int64_t j = 0; j < end; j += W::kLanes) W::store(row + j, W::mul(dot_keys<W>(q, kr + j, t.D), scale));
       }
     }
   }
 }
 
-// softmax pass over one query's L scores in place (lanes past L become 0); returns 1 / the sum of the weights
+// softmax pass over one query's L scores in place, W's lanes at a time (lanes past L become 0); returns 1 / the sum
+// of the weights
+template <typename W>
 inline float softmax_row(float* p, int64_t L) {
-  __m256 top = _mm256_set1_ps(-INFINITY);
-  for (int64_t j = 0; j < L; j += 8) top = _mm256_max_ps(top, keep_first(_mm256_loadu_ps(p + j), L - j, -INFINITY));
-  __m128 m = _mm_max_ps(_mm256_castps256_ps128(top), _mm256_extractf128_ps(top, 1));
-  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-  const __m256 most = _mm256_set1_ps(_mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m))));
-  __m256 sum = _mm256_setzero_ps();
-  for (int64_t j = 0; j < L; j += 8) {
-    const __m256 e = keep_first(exp8(_mm256_sub_ps(_mm256_loadu_ps(p + j), most)), L - j, 0.f);
-    _mm256_storeu_ps(p + j, e);
-    sum = _mm256_add_ps(sum, e);
+  typename W::V top = W::set1(-INFINITY);
+  for (int64_t j = 0; j < L; j += W::kLanes) top = W::max(top, W::first(W::load(p + j), L - j, -INFINITY));
+  const typename W::V most = W::set1(W::reduce_max(top));
+  typename W::V sum = W::set1(0.f);
+  for (int64_t j = 0; j < L; j += W::kLanes) {
+    const typename W::V e = W::first(kvengine::lanes::exp<W>(W::sub(W::load(p + j), most)), L - j, 0.f);
+    W::store(p + j, e);
+    sum = W::add(sum, e);
   }
-  return 1.f / sum8(sum);
+  return 1.f / W::reduce_add(sum);
 }
 
-// the values pass's registers (lanes.h): 16-lane ones where the tier has AVX-512 (fewer instructions for the same
-// fused multiply-adds), 8-lane ones for the columns past the last 64
-using kvengine::lanes::Lanes8;
-using WideLanes = kvengine::lanes::Widest;
+// the values pass's registers (lanes.h): kValueRegs of WideLanes' for up to kValueQueries queries at a time, and
+// one query's 8-lane ones for the columns past the last multiple of kValueCols
+constexpr int kValueRegs = 4;
+constexpr int kValueQueries = WideLanes::kLanes == 16 ? 4 : 2;
+constexpr int64_t kValueCols = kValueRegs * WideLanes::kLanes;
 
-// out[c] += sum over keys j0..j1-1 of p[j] v_j[c], for C registers of W's columns from c0 (out at c0)
-template <typename W, int C>
-inline void add_values(const kvengine::layer::AttendTile<float>& t, const float* p, int64_t j0, int64_t j1,
-                       int64_t c0, float* out) {
-  typename W::V acc[C];
-  for (int i = 0; i < C; ++i) acc[i] = W::load(out + W::kLanes * i);
-  for (int64_t j = j0; j < j1; ++j) {
-    const float* row = t.v + t.slots[j] * t.D + c0;
-    for (int i = 0; i < C; ++i) acc[i] = W::fmadd(W::set1(p[j]), W::load(row + W::kLanes * i), acc[i]);
+// Up to kValueQueries queries of one row over the keys j0 .. j1 - 1, the columns c0 .. c0 + C * W::kLanes - 1 of
+// each: query a's weights at p + a * p_stride, its sums at out + a * D (out, and each value row, at column c0).
+// out_a[c] += p_a[j] v_j[c], keys in order; the queries share each value row's loads. With `ahead`, the value row
+// kValuesAhead keys on (up to key last) is prefetched.
+struct ValueRun {
+  const float* p;
+  int64_t p_stride, j0, j1, c0;
+  float* out;
+  bool ahead;
+  int64_t last;
+};
+
+template <typename W, int C, int NQ>
+inline void add_values(const kvengine::layer::AttendTile<float>& t, const ValueRun& u) {
+  typename W::V acc[NQ][C];
+  for (int a = 0; a < NQ; ++a)
+    for (int i = 0; i < C; ++i) acc[a][i] = W::load(u.out + a * t.D + W::kLanes * i);
+  for (int64_t j = u.j0; j < u.j1; ++j) {
+    if (u.ahead) prefetch_row(t.v + t.slots[std::min(j + kValuesAhead, u.last)] * t.D + u.c0, C * W::kLanes);
+    const float* row = t.v + t.slots[j] * t.D + u.c0;
+    typename W::V v[C];
+    for (int i = 0; i < C; ++i) v[i] = W::load(row + W::kLanes * i);
+    for (int a = 0; a < NQ; ++a) {
+      const typename W::V w = W::set1(u.p[a * u.p_stride + j]);
+      for (int i = 0; i < C; ++i) acc[a][i] = W::fmadd(w, v[i], acc[a][i]);
+    }
   }
-  for (int i = 0; i < C; ++i) W::store(out + W::kLanes * i, acc[i]);
+  for (int a = 0; a < NQ; ++a)
+    for (int i = 0; i < C; ++i) W::store(u.out + a * t.D + W::kLanes * i, acc[a][i]);
 }
 
-// one query's values over keys j0..j1: 64 columns at a time, then the rest 8 at a time (D is a multiple of 8)
-inline void query_values(const kvengine::layer::AttendTile<float>& t, const float* p, int64_t j0, int64_t j1,
-                         float* out) {
+template <int NQ>
+inline void wide_values(const kvengine::layer::AttendTile<float>& t, const ValueRun& u) {
+  add_values<WideLanes, kValueRegs, NQ>(t, u);
+}
+
+// the `group` queries of row r over keys j0 .. j1 - 1: kValueCols columns at a time, kValueQueries queries
+// together; then the rest 8 at a time, a query at a time (D is a multiple of 8)
+inline void row_values(const kvengine::layer::AttendTile<float>& t, const float* s, int64_t stride, int64_t r,
+                       int64_t j0, int64_t j1, bool ahead) {
+  const float* p = s + (r - t.r0) * t.group * stride;
+  float* out = t.out + r * t.out_stride;
+  const int64_t last = t.lens[r] - 1;
   int64_t c0 = 0;
-  for (; c0 + 64 <= t.D; c0 += 64) add_values<WideLanes, 64 / WideLanes::kLanes>(t, p, j0, j1, c0, out + c0);
-  switch ((t.D - c0) / 8) {
-    case 1: add_values<Lanes8, 1>(t, p, j0, j1, c0, out + c0); break;
-    case 2: add_values<Lanes8, 2>(t, p, j0, j1, c0, out + c0); break;
-    case 3: add_values<Lanes8, 3>(t, p, j0, j1, c0, out + c0); break;
-    case 4: add_values<Lanes8, 4>(t, p, j0, j1, c0, out + c0); break;
-    case 5: add_values<Lanes8, 5>(t, p, j0, j1, c0, out + c0); break;
-    case 6: add_values<Lanes8, 6>(t, p, j0, j1, c0, out + c0); break;
-    case 7: add_values<Lanes8, 7>(t, p, j0, j1, c0, out + c0); break;
-    default: break;
+  for (; c0 + kValueCols <= t.D; c0 += kValueCols)
+    for (int64_t a = 0; a < t.group; a += kValueQueries) {
+      const ValueRun u{p + a * stride, stride, j0, j1, c0, out + a * t.D + c0, ahead, last};
+      switch (std::min<int64_t>(kValueQueries, t.group - a)) {
+        case 1: wide_values<1>(t, u); break;
+        case 2: wide_values<2>(t, u); break;
+        case 3: wide_values<std::min(3, kValueQueries)>(t, u); break;
+        default: wide_values<kValueQueries>(t, u); break;
+      }
+    }
+  for (int64_t a = 0; a < t.group; ++a) {
+    const ValueRun u{p + a * stride, stride, j0, j1, c0, out + a * t.D + c0, ahead, last};
+    switch ((t.D - c0) / 8) {
+      case 1: add_values<Lanes8, 1, 1>(t, u); break;
+      case 2: add_values<Lanes8, 2, 1>(t, u); break;
+      case 3: add_values<Lanes8, 3, 1>(t, u); break;
+      case 4: add_values<Lanes8, 4, 1>(t, u); break;
+      case 5: add_values<Lanes8, 5, 1>(t, u); break;
+      case 6: add_values<Lanes8, 6, 1>(t, u); break;
+      case 7: add_values<Lanes8, 7, 1>(t, u); break;
+      default: break;
+    }
   }
 }
 
@@ -176,12 +206,11 @@ inline void tile_values(const kvengine::layer::AttendTile<float>& t, const float
   const int64_t top_len = *std::max_element(t.lens + t.r0, t.lens + t.r1);
   for (int64_t r = t.r0; r < t.r1; ++r)
     for (int64_t g = 0; g < t.group; ++g) std::fill_n(t.out + r * t.out_stride + g * t.D, t.D, 0.f);
+  const bool ahead = t.r1 - t.r0 < kFewRows;
   for (int64_t j0 = 0; j0 < top_len; j0 += kKeyBlock)
     for (int64_t r = t.r0; r < t.r1; ++r) {
       const int64_t j1 = std::min(t.lens[r], j0 + kKeyBlock);  // this row's keys in the block
-      if (j1 <= j0) continue;
-      for (int64_t g = 0; g < t.group; ++g)
-        query_values(t, s + ((r - t.r0) * t.group + g) * stride, j0, j1, t.out + r * t.out_stride + g * t.D);
+      if (j1 > j0) row_values(t, s, stride, r, j0, j1, ahead);
     }
   for (int64_t r = t.r0; r < t.r1; ++r)
     for (int64_t g = 0; g < t.group; ++g) {
@@ -191,17 +220,26 @@ inline void tile_values(const kvengine::layer::AttendTile<float>& t, const float
     }
 }
 
+// the scores and softmax passes in W's lanes: each query's weights in its row of s, 1 / their sum in inv_total
+template <typename W>
+inline void tile_weights(const kvengine::layer::AttendTile<float>& t, float* s, int64_t stride, float* inv_total) {
+  tile_scores<W>(t, s, stride);
+  for (int64_t r = t.r0; r < t.r1; ++r)
+    for (int64_t g = 0; g < t.group; ++g) {
+      const int64_t i = (r - t.r0) * t.group + g;
+      inv_total[i] = softmax_row<W>(s + i * stride, t.lens[r]);
+    }
+}
+
 void attend_tile(const kvengine::layer::AttendTile<float>& t, float* scratch) {
   if (t.D % 8 != 0) return attend_each(t, scratch);  // the op allows any even head_dim
   const int64_t top_len = *std::max_element(t.lens + t.r0, t.lens + t.r1);
   const int64_t stride = (top_len + 15) / 16 * 16, queries = (t.r1 - t.r0) * t.group;
-  tile_scores(t, scratch, stride);
   float* inv_total = scratch + queries * stride;  // past the scores (layer_flow.h leaves D + 1 floats a query)
-  for (int64_t r = t.r0; r < t.r1; ++r)
-    for (int64_t g = 0; g < t.group; ++g) {
-      const int64_t i = (r - t.r0) * t.group + g;
-      inv_total[i] = softmax_row(scratch + i * stride, t.lens[r]);
-    }
+  if (WideLanes::kLanes == 16 && t.D % 16 == 0)
+    tile_weights<WideLanes>(t, scratch, stride, inv_total);
+  else
+    tile_weights<Lanes8>(t, scratch, stride, inv_total);
   tile_values(t, scratch, stride, inv_total);
 }
 

@@ -2,7 +2,7 @@
 // counterpart of decode_layer.cpp (same operands and semantics, read its header), for CPUs without bf16
 // arithmetic. The matrix products are fp32_mm.h's (int8 activations in groups of 32, as the layer-by-layer path
 // runs them); attention is fp32_attention.h's; the rest are plain loops over fp32 that each tier's flags vectorize
-// (e^x with AVX2 is fp32_attention.h's exp8). Every row is computed on its own: a sequence's result does not depend
+// (e^x with AVX2 is lanes.h's exp). Every row is computed on its own: a sequence's result does not depend
 // on what it is batched with.
 //
 //   KV_OPS::decode_layer(x [M, H] fp32, weights, cos [M, D], sin [M, D], k_cache, v_cache, slots [S, L] int64,
@@ -24,7 +24,7 @@
 
 #include "fp32_mm.h"
 #if defined(__AVX2__)
-#include "lanes.h"  // (fp32_attention.h, included inside the namespace below)
+#include "lanes.h"  // (here, and in fp32_attention.h, included inside the namespace below)
 #endif
 
 namespace KV_OPS {
@@ -78,6 +78,20 @@ void rotate_heads(float* x, int64_t heads, int64_t D, const float* cos, const fl
 
 #include "fp32_attention.h"
 
+#if defined(__AVX2__) && defined(__FMA__)
+// out[i] = silu(gate[i]) * up[i] (gu: a row's [gate | up]) for i = i0 .. in W's lanes while they fill; returns
+// where it stopped. Each lane the same operations: the width does not change a value.
+template <typename W>
+int64_t silu_times(const float* gu, int64_t I, int64_t i, float* out) {
+  for (; i + W::kLanes <= I; i += W::kLanes) {
+    const typename W::V g = W::load(gu + i);
+    const typename W::V e = kvengine::lanes::exp<W>(W::sub(W::set1(0.f), g));
+    W::store(out + i, W::mul(W::div(g, W::add(W::set1(1.f), e)), W::load(gu + I + i)));
+  }
+  return i;
+}
+#endif
+
 // silu(gate) * up, row by row: gate_up [M, 2I] -> out [M, I]
 void swiglu(const float* gate_up, int64_t M, int64_t I, float* out) {
   at::parallel_for(0, M, 4, [&](int64_t r0, int64_t r1) {
@@ -85,12 +99,8 @@ void swiglu(const float* gate_up, int64_t M, int64_t I, float* out) {
       const float* gu = gate_up + r * 2 * I;
       int64_t i = 0;
 #if defined(__AVX2__) && defined(__FMA__)
-      for (; i + 8 <= I; i += 8) {
-        const __m256 g = _mm256_loadu_ps(gu + i);
-        const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), g));
-        _mm256_storeu_ps(out + r * I + i, _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.f), e)),
-                                                        _mm256_loadu_ps(gu + I + i)));
-      }
+      i = silu_times<kvengine::lanes::Widest>(gu, I, 0, out + r * I);
+      i = silu_times<kvengine::lanes::Lanes8>(gu, I, i, out + r * I);
 #endif
       for (; i < I; ++i) out[r * I + i] = gu[i] / (1.f + std::exp(-gu[i])) * gu[I + i];
     }

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("kernel_tier")
 # every linear layer fits the int4 tiles (hidden 128 in 4 heads of 32, 2 kv heads); a larger vocabulary and more
 # layers than the fused-op tests so greedy tokens vary
 TINY = dict(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
-            num_key_value_heads=2)
+            num_key_value_heads=2, max_position_embeddings=512)
 PROMPTS = [[3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3, 2, 3, 8, 4, 6, 2, 6, 4, 3, 3, 8, 3, 2, 7],
            [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 2, 8, 1], [200, 17, 99]]
 NEW_TOKENS = 24
@@ -68,10 +68,10 @@ def test_cached_and_uncached_tokens_and_logits_identical():
 
 
 def test_long_prompt_prefill_runs_through_the_op(monkeypatch):
-    """A prompt whose prefill reads many keys still runs through the op (one path for every step), and its tokens
-    equal the no-cache run's."""
+    """A prompt whose prefill reads many keys still runs through the op (one path for every step), its MLP in more
+    than one block of rows (tier.h's kMlpRows, 256), and its tokens equal the no-cache run's."""
     llm = _fast_engine()
-    prompt = [(7 * i + 3) % 256 for i in range(120)]
+    prompt = [(7 * i + 3) % 256 for i in range(300)]
     calls = _op_rows(monkeypatch)
     cached = llm.generate(prompt_token_ids=[prompt], sampling_params=_greedy())[0].token_ids
     layers = llm.model_config.num_layers

@@ -123,11 +123,16 @@ at::Tensor layer_flow(const at::Tensor& x, at::TensorList w, const at::Tensor& c
   at::Tensor out = x.clone();  // [M, H]: the residual stream
   add_into(out, linear(attn, w, 3));
 
-  // MLP block: down(silu(gate) * up)
-  at::Tensor gate_up = linear(rms_norm(out, w[5], eps), w, 6);  // [M, 2I]
-  const int64_t I = gate_up.size(1) / 2;
-  at::Tensor act = at::empty({M, I}, x.options());  // [M, I]
-  swiglu(gate_up.data_ptr<T>(), M, I, act.data_ptr<T>());
-  add_into(out, linear(act, w, 8));
+  // MLP block: down(silu(gate) * up), kMlpRows rows at a time (each row's result is its own, so the same)
+  const at::Tensor normed = rms_norm(out, w[5], eps);  // [M, H]
+  for (int64_t r0 = 0; r0 < M; r0 += kvengine::layer::kMlpRows) {
+    const int64_t rows = std::min(kvengine::layer::kMlpRows, M - r0);
+    at::Tensor gate_up = linear(normed.narrow(0, r0, rows), w, 6);  // [rows, 2I]
+    const int64_t I = gate_up.size(1) / 2;
+    at::Tensor act = at::empty({rows, I}, x.options());  // [rows, I]
+    swiglu(gate_up.data_ptr<T>(), rows, I, act.data_ptr<T>());
+    at::Tensor out_rows = out.narrow(0, r0, rows);  // [rows, H], contiguous
+    add_into(out_rows, linear(act, w, 8));
+  }
   return out;
 }

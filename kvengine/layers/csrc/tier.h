@@ -36,6 +36,11 @@ constexpr const char* kDecodeLayer =
 namespace kvengine::layer {
 constexpr int64_t kTileRows = 16;
 constexpr int64_t kKeyBlock = 64;  // keys an attend_tile pass takes at a time (kept in L1 for the tile's queries)
+// Rows of the MLP block computed at a time (layer_flow.h). A prompt's rows all at once made gate_up [M, 2I] and
+// act [M, I] bigger than glibc's largest mmap threshold (32 MiB), so each was mapped, zeroed by the kernel page by
+// page and unmapped again, every layer: 1,024 rows of a 1B Llama shape (I = 8,192) spent ~0.3 s of a 2.1 s
+// prefill in page faults. 256 rows keep a block's gate_up at 16 MiB for that shape, taken from the heap again.
+constexpr int64_t kMlpRows = 256;
 
 template <typename T>
 struct AttendTile {

@@ -197,19 +197,23 @@ FP32_TIERS_BESIDE_AVX2 = [t.name for t in native.TIERS if t.act_dtype == torch.f
 
 
 @pytest.mark.parametrize("tier_name", FP32_TIERS_BESIDE_AVX2)
-@pytest.mark.parametrize("rows", [1, 5, 64, 70])
-def test_fp32_tiers_equal_avx2_bit_for_bit(tier_name, rows, monkeypatch):
+@pytest.mark.parametrize("rows", [1, 5, 64, 65, 70])
+@pytest.mark.parametrize("outputs", [96, 112])
+def test_fp32_tiers_equal_avx2_bit_for_bit(tier_name, rows, outputs, monkeypatch):
     """avxvnni's 256-bit and avx512vnni's 512-bit VPDPBUSD sum the same integers as avx2's VPMADDUBSW + VPMADDWD,
     and the fp32 steps after are the same: their gemm results equal the avx2 tier's exactly (int8, int4 with
-    scales and minimums, int4 on Q4_0's grid), for one row, a block, a full block of 64 and more."""
+    scales and minimums, int4 on Q4_0's grid), for one row, a block, a full block of 64 and more (a last block of
+    one row), with an even number of tiles (avx512vnni's int4 kernel takes them two at a time: fp32_mm.h's
+    kQ4TileSpan) and an odd one (one at a time)."""
     runs = [t.name for t in native.cpu_tiers()]
     if tier_name not in runs:
         pytest.skip(f"this CPU cannot run the {tier_name} kernels (it runs {', '.join(runs)})")
     monkeypatch.setenv("KVENGINE_ISA", "avx2")  # layers tiled for the fp32 tiers (the tiles are every tier's)
     gen = torch.Generator().manual_seed(rows)
     x = torch.randn(rows, 576, generator=gen)
-    layers = [cls(torch.randn(96, 576, generator=gen) * 0.05, None, torch.float32) for cls in (Int4Linear, Int8Linear)]
-    layers.append(Int4Linear(q4_0_grid(96, 576, gen), None, torch.float32))
+    layers = [cls(torch.randn(outputs, 576, generator=gen) * 0.05, None, torch.float32)
+              for cls in (Int4Linear, Int8Linear)]
+    layers.append(Int4Linear(q4_0_grid(outputs, 576, gen), None, torch.float32))
     assert layers[-1].symmetric and not layers[0].symmetric
     for layer in layers:
         w, s = layer.wtiles, layer.stiles

@@ -157,12 +157,10 @@ void q8_tile_row(const int8_t* xq, const int8_t* xa, const float* da, const uint
   _mm256_storeu_ps(y + 8, _mm256_mul_ps(a1, _mm256_loadu_ps(scale + 8)));
 }
 
-
-}  // namespace
-
+// one tile (q4_tile takes them one at a time)
 template <bool Symmetric>
-void q4_tile(const int8_t* xq, const float* da, const float* sx, const uint8_t* w, const at::Half* dm, float* y, int R,
-             int64_t K, int64_t N, int64_t t) {
+void q4_one(const int8_t* xq, const float* da, const float* sx, const uint8_t* w, const at::Half* dm, float* y, int R,
+            int64_t K, int64_t N, int64_t t) {
   using S = Q4Scales<Symmetric>;
   const int64_t G = K / kGroup;
   const uint8_t* wt = w + t * G * 256;
@@ -188,7 +186,17 @@ void q4_tile(const int8_t* xq, const float* da, const float* sx, const uint8_t* 
     for (int i = 0; i < R; ++i) _mm256_storeu_ps(y + i * N + 16 * t + 8 * h, _mm256_load_ps(acc[i]));
   }
 }
+
+}  // namespace
+
+template <bool Symmetric>
+void q4_tile(const int8_t* xq, const float* da, const float* sx, const uint8_t* w, const at::Half* dm, float* y, int R,
+             int64_t K, int64_t N, int64_t t, int span) {
+  for (int u = 0; u < span; ++u) q4_one<Symmetric>(xq, da, sx, w, dm, y, R, K, N, t + u);
+}
 KV_Q4_TILE_FORMS
+
+const int kQ4TileSpan = 1;
 
 const Q8Reads kQ8Reads = Q8Reads::kMagnitudes;
 

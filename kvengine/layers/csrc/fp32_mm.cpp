@@ -130,8 +130,9 @@ at::Tensor q4_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& d
   const uint8_t* wp = w.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();
   const auto tile = symmetric ? q4_tile<true> : q4_tile<false>;
-  kvengine::tiles::for_tiles<kRows>(M, tiles, [&](int64_t t, int64_t i0, int64_t r) {
-    tile(qp + i0 * K, dp + i0 * G, sp + i0 * G, wp, dmp, yp + i0 * N, static_cast<int>(r), K, N, t);
+  const int span = tiles % kQ4TileSpan == 0 ? kQ4TileSpan : 1;
+  kvengine::tiles::for_tiles<kRows>(M, tiles / span, [&](int64_t p, int64_t i0, int64_t r) {
+    tile(qp + i0 * K, dp + i0 * G, sp + i0 * G, wp, dmp, yp + i0 * N, static_cast<int>(r), K, N, p * span, span);
   });
   return y;
 }

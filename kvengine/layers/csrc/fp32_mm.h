@@ -51,15 +51,20 @@ inline void prefetch_lines(const void* p, int64_t ahead, int lines) {
 // lays it out (row i's group g at in_block(i, g, R): codes at that * 32, da and sx at that). `Symmetric`: dm holds
 // the scales d alone (32 bytes a tile and group, not 64) and m = -8 d (GGUF Q4_0's grid); q4_gemm then passes
 // sx = -8 da * sum(codes), and a group's step is y[i, n] += d[n, g] * (da[i, g] * sum_k q * xq[i, k] + sx[i, g]).
-// Each tier defines it and instantiates both forms (KV_Q4_TILE_FORMS); q4_gemm picks one per matmul.
+// Each tier defines it and instantiates both forms (KV_Q4_TILE_FORMS); q4_gemm picks one per matmul. It computes
+// the `span` tiles t..t+span-1, span being 1 or the tier's kQ4TileSpan.
 template <bool Symmetric>
 void q4_tile(const int8_t* xq, const float* da, const float* sx, const uint8_t* w, const at::Half* dm, float* y, int R,
-             int64_t K, int64_t N, int64_t t);
+             int64_t K, int64_t N, int64_t t, int span);
 #define KV_Q4_TILE_FORMS                                                                                            \
   template void q4_tile<true>(const int8_t*, const float*, const float*, const uint8_t*, const at::Half*, float*, int, \
-                              int64_t, int64_t, int64_t);                                                           \
+                              int64_t, int64_t, int64_t, int);                                                      \
   template void q4_tile<false>(const int8_t*, const float*, const float*, const uint8_t*, const at::Half*, float*,    \
-                               int, int64_t, int64_t, int64_t);
+                               int, int64_t, int64_t, int64_t, int);
+// Int4 tiles a tier's q4_tile takes in one pass over a block of rows (set by its *_tiles.cpp): avx512vnni 2, so
+// that each broadcast of 4 bytes of x feeds two tiles' VPDPBUSD (their weights in 16 of the 32 registers), avx2
+// and portable 1 (AVX2's 16 registers hold one tile's half). q4_gemm passes it where the tiles divide by it.
+extern const int kQ4TileSpan;
 // What a tier's q8_tile reads of x besides its codes and scales, made by q8_gemm once per matmul rather than once per
 // tile (kQ8Reads, set by the tier's *_tiles.cpp): avx2 the codes' magnitudes |xq| (its byte products' unsigned
 // operand; int8, laid out as the codes), avx512vnni -kQ8Offset times the sum of each group's codes (the start of

@@ -5,9 +5,12 @@
 
 namespace KV_OPS {
 
+namespace {
+
+// one tile (q4_tile takes them one at a time)
 template <bool Symmetric>
-void q4_tile(const int8_t* xq, const float* da, const float* sx, const uint8_t* w, const at::Half* dm, float* y, int R,
-             int64_t K, int64_t N, int64_t t) {
+void q4_one(const int8_t* xq, const float* da, const float* sx, const uint8_t* w, const at::Half* dm, float* y, int R,
+            int64_t K, int64_t N, int64_t t) {
   const int64_t G = K / kGroup, halves = Symmetric ? 16 : 32;  // fp16 values per tile and group (fp32_mm.h)
   const uint8_t* wt = w + t * G * 256;
   const at::Half* dmt = dm + t * G * halves;
@@ -42,7 +45,17 @@ void q4_tile(const int8_t* xq, const float* da, const float* sx, const uint8_t* 
   for (int i = 0; i < R; ++i)
     for (int l = 0; l < 16; ++l) y[i * N + 16 * t + l] = acc[i][l];
 }
+
+}  // namespace
+
+template <bool Symmetric>
+void q4_tile(const int8_t* xq, const float* da, const float* sx, const uint8_t* w, const at::Half* dm, float* y, int R,
+             int64_t K, int64_t N, int64_t t, int span) {
+  for (int u = 0; u < span; ++u) q4_one<Symmetric>(xq, da, sx, w, dm, y, R, K, N, t + u);
+}
 KV_Q4_TILE_FORMS
+
+const int kQ4TileSpan = 1;
 
 const Q8Reads kQ8Reads = Q8Reads::kNothing;
 

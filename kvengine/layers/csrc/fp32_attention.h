@@ -1,13 +1,13 @@
 // The fp32 tiers' attention: attend_tile for fp32_layer.cpp (one kv head, a tile of rows of one sequence; tier.h's
-// AttendTile), and the 8-lane e^x it and the SwiGLU share. Included by fp32_layer.cpp only, inside its namespace
-// (each tier's copy is compiled with that tier's flags).
+// AttendTile). Included by fp32_layer.cpp only, inside its namespace (each tier's copy is compiled with that tier's
+// flags).
 //
 // softmax(q.k * scale) . v for each query head of each row, in three passes over the tile:
 //   scores  keys taken 64 at a time, each block serving every query of the tile while it is in L1; a query's
 //           scores W keys at a time, W the lanes of the tier's widest registers (16 with AVX-512 where D is a
 //           multiple of 16, else 8): per key, D/W fused multiply-adds in W lanes, then the W keys' lanes folded
 //           into one register of W scores (lanes.h's fold);
-//   softmax per query: the max, e^(s - max) 8 lanes at a time (exp8), their sum in 8 lanes then folded;
+//   softmax per query, W lanes at a time: the max, e^(s - max) (lanes.h's exp), their sum in W lanes then reduced;
 //   values  key blocks outermost again, each block serving every query of the tile; a row's query heads together
 //           (up to 4 with AVX-512, 2 with AVX2), sharing each value row's loads; per query, the sum over its keys in
 //           order of weight x value row, 64 columns (32 with AVX2) in registers at a time. For a tile of few rows
@@ -15,8 +15,8 @@
 //           prefetched.
 // Every number a query gets depends only on its own q and keys: not on the tile's other rows, nor on how many
 // there are. So a token attends alike in a decode step, in a long prefill and in the no-cache recomputation,
-// which is what keeps cached and uncached tokens identical. Keys past a query's length are computed in the last
-// group of 8 (reading a real key) and dropped.
+// which is what keeps cached and uncached tokens identical. Keys past a query's length are computed in its last
+// group of W (reading a real key) and dropped.
 //
 // Without AVX2 (the portable tier), or for a head_dim that is not a multiple of 8, each query runs attend_head: the
 // same three passes as plain loops the compiler vectorizes.

@@ -79,8 +79,8 @@ void rotate_heads(float* x, int64_t heads, int64_t D, const float* cos, const fl
 #include "fp32_attention.h"
 
 #if defined(__AVX2__) && defined(__FMA__)
-// out[i] = silu(gate[i]) * up[i] (gu: a row's [gate | up]) for i = i0 .. in W's lanes while they fill; returns
-// where it stopped. Each lane the same operations: the width does not change a value.
+// out[i] = silu(gate[i]) * up[i] (gu: a row's [gate | up]) from the given i on, W lanes at a time while they fill;
+// returns where it stopped. Each lane does the same operations: the width does not change a value.
 template <typename W>
 int64_t silu_times(const float* gu, int64_t I, int64_t i, float* out) {
   for (; i + W::kLanes <= I; i += W::kLanes) {

@@ -65,6 +65,16 @@ void q4_tile(const int8_t* xq, const float* da, const float* sx, const uint8_t* 
 // that each broadcast of 4 bytes of x feeds two tiles' VPDPBUSD (their weights in 16 of the 32 registers), avx2
 // and portable 1 (AVX2's 16 registers hold one tile's half). q4_gemm passes it where the tiles divide by it.
 extern const int kQ4TileSpan;
+// q4_tile and kQ4TileSpan for a tier whose passes take one tile: its one-tile kernel q4_one<Symmetric> (the operands
+// of q4_tile but span) for each tile in turn
+#define KV_Q4_TILES_ONE_AT_A_TIME                                                                                   \
+  template <bool Symmetric>                                                                                         \
+  void q4_tile(const int8_t* xq, const float* da, const float* sx, const uint8_t* w, const at::Half* dm, float* y,  \
+               int R, int64_t K, int64_t N, int64_t t, int span) {                                                  \
+    for (int u = 0; u < span; ++u) q4_one<Symmetric>(xq, da, sx, w, dm, y, R, K, N, t + u);                         \
+  }                                                                                                                 \
+  KV_Q4_TILE_FORMS                                                                                                  \
+  const int kQ4TileSpan = 1;
 // What a tier's q8_tile reads of x besides its codes and scales, made by q8_gemm once per matmul rather than once per
 // tile (kQ8Reads, set by the tier's *_tiles.cpp): avx2 the codes' magnitudes |xq| (its byte products' unsigned
 // operand; int8, laid out as the codes), avx512vnni -kQ8Offset times the sum of each group's codes (the start of

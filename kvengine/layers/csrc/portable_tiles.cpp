@@ -48,14 +48,7 @@ void q4_one(const int8_t* xq, const float* da, const float* sx, const uint8_t* w
 
 }  // namespace
 
-template <bool Symmetric>
-void q4_tile(const int8_t* xq, const float* da, const float* sx, const uint8_t* w, const at::Half* dm, float* y, int R,
-             int64_t K, int64_t N, int64_t t, int span) {
-  for (int u = 0; u < span; ++u) q4_one<Symmetric>(xq, da, sx, w, dm, y, R, K, N, t + u);
-}
-KV_Q4_TILE_FORMS
-
-const int kQ4TileSpan = 1;
+KV_Q4_TILES_ONE_AT_A_TIME
 
 const Q8Reads kQ8Reads = Q8Reads::kNothing;
 

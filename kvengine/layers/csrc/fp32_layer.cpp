@@ -52,7 +52,7 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
   const int64_t n = x.size(1);
   at::Tensor y = at::empty_like(x);  // [M, H]
   const float* wp = w.data_ptr<float>();
-  at::parallel_for(0, x.size(0), 16, [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, x.size(0), kvengine::grain_for(n), [&](int64_t r0, int64_t r1) {
     for (int64_t row = r0; row < r1; ++row) {
       const float* xp = x.data_ptr<float>() + row * n;
       float* yp = y.data_ptr<float>() + row * n;

@@ -95,7 +95,7 @@ QuantizedRows quantize_rows(const at::Tensor& x, Q8Reads side = Q8Reads::kNothin
   int8_t *qp = r.codes, *ap = r.magnitude;
   int32_t* cp = r.code_sum;
   float *dp = r.scale, *sp = r.sum;
-  at::parallel_for(0, M * G, 256, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, M * G, kvengine::grain_for(kGroup), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const float* v = xp + b * kGroup;
       const float amax = group_amax(v);

@@ -90,7 +90,7 @@ at::Tensor layer_flow(const at::Tensor& x, at::TensorList w, const at::Tensor& c
   T* kc = k_cache.data_ptr<T>();
   T* vc = v_cache.data_ptr<T>();
   const int64_t head_stride = k_cache.stride(0);
-  at::parallel_for(0, M, 16, [&](int64_t i0, int64_t i1) {
+  at::parallel_for(0, M, kvengine::grain_for(width), [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       T* row = qkv.data_ptr<T>() + i * width;
       rotate_heads(row, Hq + Hkv, D, cos.data_ptr<T>() + i * D, sin.data_ptr<T>() + i * D);

@@ -203,8 +203,8 @@ def test_fp32_tiers_equal_avx2_bit_for_bit(tier_name, rows, outputs, monkeypatch
     """avxvnni's 256-bit and avx512vnni's 512-bit VPDPBUSD sum the same integers as avx2's VPMADDUBSW + VPMADDWD,
     and the fp32 steps after are the same: their gemm results equal the avx2 tier's exactly (int8, int4 with
     scales and minimums, int4 on Q4_0's grid), for one row, a block, a full block of 64 and more (a last block of
-    one row), with an even number of tiles (avx512vnni's int4 kernel takes them two at a time: fp32_mm.h's
-    kQ4TileSpan) and an odd one (one at a time)."""
+    one row), with an even number of tiles (avx512vnni's kernels take them two at a time: fp32_mm.h's
+    kTileSpan) and an odd one (one at a time)."""
     runs = [t.name for t in native.cpu_tiers()]
     if tier_name not in runs:
         pytest.skip(f"this CPU cannot run the {tier_name} kernels (it runs {', '.join(runs)})")

@@ -187,14 +187,9 @@ void q4_one(const int8_t* xq, const float* da, const float* sx, const uint8_t* w
   }
 }
 
-}  // namespace
-
-KV_Q4_TILES_ONE_AT_A_TIME
-
-const Q8Reads kQ8Reads = Q8Reads::kMagnitudes;
-
-void q8_tile(const int8_t* xq, const Q8Side& side, const float* da, const uint8_t* w, const float* scale, float* y,
-             int R, int64_t K, int64_t N, int64_t t) {
+// one int8 tile (q8_tile takes them one at a time)
+void q8_one(const int8_t* xq, const Q8Side& side, const float* da, const uint8_t* w, const float* scale, float* y,
+            int R, int64_t K, int64_t N, int64_t t) {
   const int64_t G = K / kGroup;
   const int8_t* xa = side.magnitudes;
   const uint8_t* wt = w + t * K * 16;
@@ -219,5 +214,11 @@ void q8_tile(const int8_t* xq, const Q8Side& side, const float* da, const uint8_
     for (int i = 0; i < R; ++i) _mm256_storeu_ps(y + i * N + 16 * t + 8 * h, _mm256_mul_ps(_mm256_load_ps(acc[i]), sc));
   }
 }
+
+}  // namespace
+
+KV_TILES_ONE_AT_A_TIME
+
+const Q8Reads kQ8Reads = Q8Reads::kMagnitudes;
 
 }  // namespace KV_OPS

@@ -52,7 +52,7 @@ inline void prefetch_lines(const void* p, int64_t ahead, int lines) {
 // the scales d alone (32 bytes a tile and group, not 64) and m = -8 d (GGUF Q4_0's grid); q4_gemm then passes
 // sx = -8 da * sum(codes), and a group's step is y[i, n] += d[n, g] * (da[i, g] * sum_k q * xq[i, k] + sx[i, g]).
 // Each tier defines it and instantiates both forms (KV_Q4_TILE_FORMS); q4_gemm picks one per matmul. It computes
-// the `span` tiles t..t+span-1, span being 1 or the tier's kQ4TileSpan.
+// the `span` tiles t..t+span-1, span being 1 or the tier's kTileSpan.
 template <bool Symmetric>
 void q4_tile(const int8_t* xq, const float* da, const float* sx, const uint8_t* w, const at::Half* dm, float* y, int R,
              int64_t K, int64_t N, int64_t t, int span);
@@ -61,20 +61,7 @@ void q4_tile(const int8_t* xq, const float* da, const float* sx, const uint8_t* 
                               int64_t, int64_t, int64_t, int);                                                      \
   template void q4_tile<false>(const int8_t*, const float*, const float*, const uint8_t*, const at::Half*, float*,    \
                                int, int64_t, int64_t, int64_t, int);
-// Int4 tiles a tier's q4_tile takes in one pass over a block of rows (set by its *_tiles.cpp): avx512vnni 2, so
-// that each broadcast of 4 bytes of x feeds two tiles' VPDPBUSD (their weights in 16 of the 32 registers), avx2
-// and portable 1 (AVX2's 16 registers hold one tile's half). q4_gemm passes it where the tiles divide by it.
-extern const int kQ4TileSpan;
-// q4_tile and kQ4TileSpan for a tier whose passes take one tile: its one-tile kernel q4_one<Symmetric> (the operands
-// of q4_tile but span) for each tile in turn
-#define KV_Q4_TILES_ONE_AT_A_TIME                                                                                   \
-  template <bool Symmetric>                                                                                         \
-  void q4_tile(const int8_t* xq, const float* da, const float* sx, const uint8_t* w, const at::Half* dm, float* y,  \
-               int R, int64_t K, int64_t N, int64_t t, int span) {                                                  \
-    for (int u = 0; u < span; ++u) q4_one<Symmetric>(xq, da, sx, w, dm, y, R, K, N, t + u);                         \
-  }                                                                                                                 \
-  KV_Q4_TILE_FORMS                                                                                                  \
-  const int kQ4TileSpan = 1;
+
 // What a tier's q8_tile reads of x besides its codes and scales, made by q8_gemm once per matmul rather than once per
 // tile (kQ8Reads, set by the tier's *_tiles.cpp): avx2 the codes' magnitudes |xq| (its byte products' unsigned
 // operand; int8, laid out as the codes), avx512vnni -kQ8Offset times the sum of each group's codes (the start of
@@ -87,8 +74,29 @@ struct Q8Side {
   const int32_t* code_sums;
 };
 // The same from the int8 tile t (bytes q + 128): y[i, n] = scale[n] * sum_g da[i, g] * sum_k q * xq[i, k].
+// Like q4_tile, it computes the `span` tiles t..t+span-1.
 void q8_tile(const int8_t* xq, const Q8Side& side, const float* da, const uint8_t* w, const float* scale, float* y,
-             int R, int64_t K, int64_t N, int64_t t);
+             int R, int64_t K, int64_t N, int64_t t, int span);
+
+// Weight tiles a tier's q4_tile and q8_tile take in one pass over a block of rows (set by its *_tiles.cpp):
+// avx512vnni 2, so that each broadcast of 4 bytes of x feeds two tiles' VPDPBUSD (their weights in 16 of the 32
+// registers), avx2 and portable 1 (AVX2's 16 registers hold one tile's half). The gemms pass it where the tiles
+// divide by it.
+extern const int kTileSpan;
+// q4_tile, q8_tile and kTileSpan for a tier whose passes take one tile: its one-tile kernels q4_one<Symmetric> and
+// q8_one (the operands of q4_tile and q8_tile but span) for each tile in turn
+#define KV_TILES_ONE_AT_A_TIME                                                                                      \
+  template <bool Symmetric>                                                                                         \
+  void q4_tile(const int8_t* xq, const float* da, const float* sx, const uint8_t* w, const at::Half* dm, float* y,  \
+               int R, int64_t K, int64_t N, int64_t t, int span) {                                                  \
+    for (int u = 0; u < span; ++u) q4_one<Symmetric>(xq, da, sx, w, dm, y, R, K, N, t + u);                         \
+  }                                                                                                                 \
+  KV_Q4_TILE_FORMS                                                                                                  \
+  void q8_tile(const int8_t* xq, const Q8Side& side, const float* da, const uint8_t* w, const float* scale,         \
+               float* y, int R, int64_t K, int64_t N, int64_t t, int span) {                                        \
+    for (int u = 0; u < span; ++u) q8_one(xq, side, da, w, scale, y, R, K, N, t + u);                               \
+  }                                                                                                                 \
+  const int kTileSpan = 1;
 
 // x [M, K] fp32, w [N/16, K/32, 4, 64] uint8 (native.tile_int4), dm [N/16, K/32, 2, 16] or, for symmetric weights,
 // [N/16, K/32, 16] fp16 (native.tile_int4_scales) -> [M, N] fp32

@@ -46,14 +46,9 @@ void q4_one(const int8_t* xq, const float* da, const float* sx, const uint8_t* w
     for (int l = 0; l < 16; ++l) y[i * N + 16 * t + l] = acc[i][l];
 }
 
-}  // namespace
-
-KV_Q4_TILES_ONE_AT_A_TIME
-
-const Q8Reads kQ8Reads = Q8Reads::kNothing;
-
-void q8_tile(const int8_t* xq, const Q8Side& /*side: nothing made for this tier*/, const float* da, const uint8_t* w,
-             const float* scale, float* y, int R, int64_t K, int64_t N, int64_t t) {
+// one int8 tile (q8_tile takes them one at a time)
+void q8_one(const int8_t* xq, const Q8Side& /*side: nothing made for this tier*/, const float* da, const uint8_t* w,
+            const float* scale, float* y, int R, int64_t K, int64_t N, int64_t t) {
   const int64_t G = K / kGroup;
   const uint8_t* wt = w + t * K * 16;
   float acc[kRows][16] = {};
@@ -76,5 +71,11 @@ void q8_tile(const int8_t* xq, const Q8Side& /*side: nothing made for this tier*
   for (int i = 0; i < R; ++i)
     for (int l = 0; l < 16; ++l) y[i * N + 16 * t + l] = acc[i][l] * scale[16 * t + l];
 }
+
+}  // namespace
+
+KV_TILES_ONE_AT_A_TIME
+
+const Q8Reads kQ8Reads = Q8Reads::kNothing;
 
 }  // namespace KV_OPS

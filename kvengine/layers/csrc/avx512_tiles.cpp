@@ -7,8 +7,8 @@
 // tile by 4 inputs: no halves, half the instructions of the avx2 tier's VPMADDUBSW / VPMADDWD chains, a quarter of
 // their products' instructions. The loops are the avx2 tier's: the one-row kernels keep the row's sums in a
 // register and ask for the weights 2 KB ahead; the many-row kernels unpack a group once for all R <= kRows rows of
-// x, whose sums wait in L1. With 32 registers they take two tiles per pass (kTileSpan), each broadcast of x
-// feeding both.
+// x, whose sums wait in L1. With 32 registers they take two tiles per pass (kTileSpan, tiles_pass), each
+// broadcast of x feeding both.
 //   int4: weights 0..15 are VPDPBUSD's unsigned operand, x's codes its signed one.
 //   int8: the stored bytes q + 128 are the unsigned operand as they are; a group's int32 sum starts at -128 times
 //         the sum of the row's codes in it (q8_gemm makes those once per step: kQ8Reads), which takes the 128 back.
@@ -37,15 +37,30 @@ inline void q4_group(const uint8_t* wg, __m512i* wv) {
   }
 }
 
-// sum over a group's 32 inputs of w * x for the tile's 16 rows, from `start` (two chains: VPDPBUSD's latency)
-inline __m512i dot32(const __m512i* wv, const int8_t* xg, __m512i start) {
-  __m512i s0 = _mm512_dpbusd_epi32(start, wv[0], codes4(xg));
-  __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv[1], codes4(xg + 4));
-  for (int c = 2; c < 8; c += 2) {
-    s0 = _mm512_dpbusd_epi32(s0, wv[c], codes4(xg + 4 * c));
-    s1 = _mm512_dpbusd_epi32(s1, wv[c + 1], codes4(xg + 4 * c + 4));
+// sums over a group's 32 inputs of w * x for P tiles' 16 rows each (tile u's unpacked group at wv[u]), each from
+// `start`: two chains a tile (VPDPBUSD's latency), each broadcast of 4 bytes of x feeding the P tiles
+template <int P>
+inline void dot32_tiles(const __m512i* const* wv, const int8_t* xg, __m512i start, __m512i* sum) {
+  __m512i s0[P], s1[P];
+  for (int u = 0; u < P; ++u) {
+    s0[u] = start;
+    s1[u] = _mm512_setzero_si512();
   }
-  return _mm512_add_epi32(s0, s1);
+  for (int c = 0; c < 8; c += 2) {
+    const __m512i x0 = codes4(xg + 4 * c), x1 = codes4(xg + 4 * c + 4);
+    for (int u = 0; u < P; ++u) {
+      s0[u] = _mm512_dpbusd_epi32(s0[u], wv[u][c], x0);
+      s1[u] = _mm512_dpbusd_epi32(s1[u], wv[u][c + 1], x1);
+    }
+  }
+  for (int u = 0; u < P; ++u) sum[u] = _mm512_add_epi32(s0[u], s1[u]);
+}
+
+// the same for one tile
+inline __m512i dot32(const __m512i* wv, const int8_t* xg, __m512i start) {
+  __m512i sum;
+  dot32_tiles<1>(&wv, xg, start, &sum);
+  return sum;
 }
 
 inline __m512 q4_dot(const __m512i* wv, const int8_t* xg) {
@@ -83,50 +98,62 @@ void q4_tile_row(const int8_t* xq, const float* da, const float* sx, const uint8
   _mm512_storeu_ps(y, acc);
 }
 
-// The many-row kernel over P consecutive tiles t..t+P-1 (P = 1 or 2) and R > 1 rows of a block: a group's P tiles
-// unpacked once into 8 P registers, then for each row every broadcast of 4 bytes of x feeds the P tiles' VPDPBUSD
-// (two chains a tile: its latency); the rows' sums wait in L1. Two tiles at a time ran 1.14-1.20x faster than one at
-// 32 and 256 rows of the 1B shape's matmuls (AMD EPYC Zen 5), the same sums.
-template <bool Symmetric, int P>
-void q4_pass(const int8_t* xq, const float* da, const float* sx, const uint8_t* w, const at::Half* dm, float* y, int R,
-             int64_t K, int64_t N, int64_t t) {
-  using S = Q4Scales<Symmetric>;
-  const int64_t G = K / kGroup;
+// The many-row kernels' pass over P consecutive tiles t..t+P-1 (P = 1 or 2) and the R > 1 rows of a block, for a
+// weight format F (Q4Pass, Q8Pass): a group's P tiles loaded once (F::load: 8 P registers of weights and what
+// else the format reads per group), then each row's P sums from dot32_tiles, started at F::start and added to the
+// row's sums by F::step; the rows' sums wait in L1, and F::finish turns them into y. Two tiles at a time ran
+// 1.14-1.20x (int4) and 1.15-1.24x (int8) faster than one at 32 and 256 rows of the 1B shape's matmuls (AMD EPYC
+// Zen 5), the same sums.
+template <int P, typename F>
+void tiles_pass(const F& f, const int8_t* xq, float* y, int R, int64_t G, int64_t N, int64_t t) {
   alignas(64) float acc[kRows][P][16];  // [row][tile][output]
   for (int i = 0; i < R; ++i)
     for (int u = 0; u < P; ++u) _mm512_store_ps(acc[i][u], _mm512_setzero_ps());
 #pragma GCC unroll 1
   for (int64_t g = 0; g < G; ++g) {
-    __m512i wv[P][8];
-    S sc[P];
+    typename F::Group group[P];
+    const __m512i* wv[P];
     for (int u = 0; u < P; ++u) {
-      q4_group(w + ((t + u) * G + g) * 256, wv[u]);
-      sc[u] = S(dm + ((t + u) * G + g) * S::kHalves, 0);
+      f.load(group[u], t + u, g);
+      wv[u] = group[u].wv;
     }
     const int64_t s = in_block(0, g, R);  // the group's R rows follow one another (fp32_mm.h's block_slot)
     const int8_t* xg = xq + s * kGroup;
-    const float *dag = da + s, *sxg = sx + s;
 #pragma GCC unroll 1
     for (int i = 0; i < R; ++i) {
-      const int8_t* xr = xg + i * kGroup;
-      __m512i sum[P][2];
-      for (int u = 0; u < P; ++u) sum[u][0] = sum[u][1] = _mm512_setzero_si512();
-      for (int c = 0; c < 8; c += 2) {
-        const __m512i x0 = codes4(xr + 4 * c), x1 = codes4(xr + 4 * c + 4);
-        for (int u = 0; u < P; ++u) {
-          sum[u][0] = _mm512_dpbusd_epi32(sum[u][0], wv[u][c], x0);
-          sum[u][1] = _mm512_dpbusd_epi32(sum[u][1], wv[u][c + 1], x1);
-        }
-      }
-      for (int u = 0; u < P; ++u) {
-        const __m512 dot = _mm512_cvtepi32_ps(_mm512_add_epi32(sum[u][0], sum[u][1]));  // dot32's sum
-        _mm512_store_ps(acc[i][u], sc[u].step(_mm512_load_ps(acc[i][u]), dot, dag[i], sxg[i]));
-      }
+      __m512i sum[P];
+      dot32_tiles<P>(wv, xg + i * kGroup, f.start(s + i), sum);
+      for (int u = 0; u < P; ++u)
+        _mm512_store_ps(acc[i][u], f.step(_mm512_load_ps(acc[i][u]), sum[u], group[u], s + i));
     }
   }
   for (int i = 0; i < R; ++i)
-    for (int u = 0; u < P; ++u) _mm512_storeu_ps(y + i * N + 16 * (t + u), _mm512_load_ps(acc[i][u]));
+    for (int u = 0; u < P; ++u)
+      _mm512_storeu_ps(y + i * N + 16 * (t + u), f.finish(_mm512_load_ps(acc[i][u]), t + u));
 }
+
+// The int4 format for tiles_pass: a group's unpacked codes and scales; x's scale da and sum sx per block slot
+template <bool Symmetric>
+struct Q4Pass {
+  using S = Q4Scales<Symmetric>;
+  struct Group {
+    __m512i wv[8];
+    S scales;
+  };
+  const float *da, *sx;
+  const uint8_t* w;
+  const at::Half* dm;
+  int64_t G;
+  void load(Group& group, int64_t tile, int64_t g) const {
+    q4_group(w + (tile * G + g) * 256, group.wv);
+    group.scales = S(dm + (tile * G + g) * S::kHalves, 0);
+  }
+  __m512i start(int64_t) const { return _mm512_setzero_si512(); }
+  __m512 step(__m512 acc, __m512i sum, const Group& group, int64_t slot) const {
+    return group.scales.step(acc, _mm512_cvtepi32_ps(sum), da[slot], sx[slot]);  // q4_dot's sum
+  }
+  __m512 finish(__m512 acc, int64_t) const { return acc; }
+};
 
 }  // namespace
 
@@ -140,8 +167,9 @@ void q4_tile(const int8_t* xq, const float* da, const float* sx, const uint8_t* 
       q4_tile_row<Symmetric>(xq, da, sx, w + (t + u) * G * 256, dm + (t + u) * G * S::kHalves, y + 16 * (t + u), G);
     return;
   }
-  if (span == 2) return q4_pass<Symmetric, 2>(xq, da, sx, w, dm, y, R, K, N, t);
-  q4_pass<Symmetric, 1>(xq, da, sx, w, dm, y, R, K, N, t);
+  const Q4Pass<Symmetric> format{da, sx, w, dm, G};
+  if (span == 2) return tiles_pass<2>(format, xq, y, R, G, N, t);
+  tiles_pass<1>(format, xq, y, R, G, N, t);
 }
 KV_Q4_TILE_FORMS
 
@@ -165,50 +193,23 @@ void q8_tile_row(const int8_t* xq, const int32_t* cs, const float* da, const uin
   _mm512_storeu_ps(y, _mm512_mul_ps(acc, _mm512_loadu_ps(scale)));
 }
 
-// The many-row int8 kernel over P consecutive tiles t..t+P-1 (P = 1 or 2), as q4_pass: a group's P tiles in 8 P
-// registers, each broadcast of 4 bytes of x feeding the P tiles' VPDPBUSD, the rows' sums in L1; each sum starts
-// at the row's -128 * sum of codes (kQ8Reads). Two tiles ran 1.15-1.24x faster than one at 32 and 256 rows (AMD
-// EPYC Zen 5), the same sums.
-template <int P>
-void q8_pass(const int8_t* xq, const int32_t* cs, const float* da, const uint8_t* w, const float* scale, float* y,
-             int R, int64_t K, int64_t N, int64_t t) {
-  const int64_t G = K / kGroup;
-  alignas(64) float acc[kRows][P][16];  // [row][tile][output]
-  for (int i = 0; i < R; ++i)
-    for (int u = 0; u < P; ++u) _mm512_store_ps(acc[i][u], _mm512_setzero_ps());
-#pragma GCC unroll 1
-  for (int64_t g = 0; g < G; ++g) {
-    __m512i wv[P][8];
-    for (int u = 0; u < P; ++u) q8_group(w + (t + u) * K * 16 + g * 512, wv[u]);
-    const int64_t s = in_block(0, g, R);
-    const int8_t* xg = xq + s * kGroup;
-#pragma GCC unroll 1
-    for (int i = 0; i < R; ++i) {
-      const int8_t* xr = xg + i * kGroup;
-      __m512i sum[P][2];
-      for (int u = 0; u < P; ++u) {
-        sum[u][0] = _mm512_set1_epi32(cs[s + i]);
-        sum[u][1] = _mm512_setzero_si512();
-      }
-      for (int c = 0; c < 8; c += 2) {
-        const __m512i x0 = codes4(xr + 4 * c), x1 = codes4(xr + 4 * c + 4);
-        for (int u = 0; u < P; ++u) {
-          sum[u][0] = _mm512_dpbusd_epi32(sum[u][0], wv[u][c], x0);
-          sum[u][1] = _mm512_dpbusd_epi32(sum[u][1], wv[u][c + 1], x1);
-        }
-      }
-      const __m512 d = _mm512_set1_ps(da[s + i]);
-      for (int u = 0; u < P; ++u) {  // q8_step's sum and step
-        const __m512 dot = _mm512_cvtepi32_ps(_mm512_add_epi32(sum[u][0], sum[u][1]));
-        _mm512_store_ps(acc[i][u], _mm512_fmadd_ps(dot, d, _mm512_load_ps(acc[i][u])));
-      }
-    }
+// The int8 format for tiles_pass: a group's 8 loads of the stored bytes; each row's sum starts at its -128 * sum of
+// codes (kQ8Reads) and steps by x's scale, and the tile's scale multiplies the total at the end (q8_step's sums)
+struct Q8Pass {
+  struct Group {
+    __m512i wv[8];
+  };
+  const int32_t* code_sums;
+  const float *da, *scale;
+  const uint8_t* w;
+  int64_t K;
+  void load(Group& group, int64_t tile, int64_t g) const { q8_group(w + tile * K * 16 + g * 512, group.wv); }
+  __m512i start(int64_t slot) const { return _mm512_set1_epi32(code_sums[slot]); }
+  __m512 step(__m512 acc, __m512i sum, const Group&, int64_t slot) const {
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(da[slot]), acc);
   }
-  for (int i = 0; i < R; ++i)
-    for (int u = 0; u < P; ++u)
-      _mm512_storeu_ps(y + i * N + 16 * (t + u),
-                       _mm512_mul_ps(_mm512_load_ps(acc[i][u]), _mm512_loadu_ps(scale + 16 * (t + u))));
-}
+  __m512 finish(__m512 acc, int64_t tile) const { return _mm512_mul_ps(acc, _mm512_loadu_ps(scale + 16 * tile)); }
+};
 
 }  // namespace
 
@@ -220,8 +221,9 @@ void q8_tile(const int8_t* xq, const Q8Side& side, const float* da, const uint8_
       q8_tile_row(xq, cs, da, w + (t + u) * K * 16, scale + 16 * (t + u), y + 16 * (t + u), K / kGroup);
     return;
   }
-  if (span == 2) return q8_pass<2>(xq, cs, da, w, scale, y, R, K, N, t);
-  q8_pass<1>(xq, cs, da, w, scale, y, R, K, N, t);
+  const Q8Pass format{cs, da, scale, w, K};
+  if (span == 2) return tiles_pass<2>(format, xq, y, R, K / kGroup, N, t);
+  tiles_pass<1>(format, xq, y, R, K / kGroup, N, t);
 }
 
 }  // namespace KV_OPS

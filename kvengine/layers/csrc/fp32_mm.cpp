@@ -130,7 +130,7 @@ at::Tensor q4_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& d
   const uint8_t* wp = w.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();
   const auto tile = symmetric ? q4_tile<true> : q4_tile<false>;
-  const int span = tiles % kTileSpan == 0 ? kTileSpan : 1;
+  const int span = tile_span(tiles);
   kvengine::tiles::for_tiles<kRows>(M, tiles / span, [&](int64_t p, int64_t i0, int64_t r) {
     tile(qp + i0 * K, dp + i0 * G, sp + i0 * G, wp, dmp, yp + i0 * N, static_cast<int>(r), K, N, p * span, span);
   });
@@ -148,7 +148,7 @@ at::Tensor q8_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
   const float *dp = xr.scale, *sp = scale.data_ptr<float>();
   const uint8_t* wp = w.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();
-  const int span = tiles % kTileSpan == 0 ? kTileSpan : 1;
+  const int span = tile_span(tiles);
   kvengine::tiles::for_tiles<kRows>(M, tiles / span, [&](int64_t p, int64_t i0, int64_t r) {
     const Q8Side side{ap ? ap + i0 * K : nullptr, cp ? cp + i0 * G : nullptr};
     q8_tile(qp + i0 * K, side, dp + i0 * G, wp, sp, yp + i0 * N, static_cast<int>(r), K, N, p * span, span);

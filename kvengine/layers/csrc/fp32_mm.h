@@ -81,8 +81,9 @@ void q8_tile(const int8_t* xq, const Q8Side& side, const float* da, const uint8_
 // Weight tiles a tier's q4_tile and q8_tile take in one pass over a block of rows (set by its *_tiles.cpp):
 // avx512vnni 2, so that each broadcast of 4 bytes of x feeds two tiles' VPDPBUSD (their weights in 16 of the 32
 // registers), avx2 and portable 1 (AVX2's 16 registers hold one tile's half). The gemms pass it where the tiles
-// divide by it.
+// divide by it (tile_span).
 extern const int kTileSpan;
+inline int tile_span(int64_t tiles) { return tiles % kTileSpan == 0 ? kTileSpan : 1; }
 // q4_tile, q8_tile and kTileSpan for a tier whose passes take one tile: its one-tile kernels q4_one<Symmetric> and
 // q8_one (the operands of q4_tile and q8_tile but span) for each tile in turn
 #define KV_TILES_ONE_AT_A_TIME                                                                                      \

@@ -89,8 +89,9 @@ FLAGS: dict[str, Flag] = {
     "device": Flag(str, "cpu", ("--device",), "cpu, cuda or cuda:N."),
     "weights": Flag(str, "auto", ("--weights",), "Weight storage: auto (the dtype), fp32, bf16, fp16, int8, int4."),
     "num_threads": Flag(int | None, None, ("--threads",), "CPU threads for PyTorch (default: PyTorch's choice)."),
-    "kv_cache_dtype": Flag(str, "auto", ("--kv-dtype",), "KV cache dtype: auto (the model's dtype), float32, "
-                           "bfloat16, float16, fp8, int8, int8-token, int4 (docs/kv-dtypes.md)."),
+    "kv_cache_dtype": Flag(str, "auto", ("--kv-dtype",), "KV cache dtype: auto (the model's dtype; bfloat16 where "
+                           "the fast path's layer op runs fp32 activations), float32, bfloat16, float16, fp8, int8, "
+                           "int8-token, int4 (docs/kv-dtypes.md)."),
     "kv_cache_memory": Flag(float | None, None, ("--kv-cache-memory",), "KV pool budget: bytes (e.g. 2e9) or a "
                             "fraction of free memory (e.g. 0.5)."),
     "kv_window": Flag(int | None, None, ("--kv-window",), "Keep only the last W tokens' KV in every layer (plus "

@@ -41,7 +41,7 @@ class EngineConfig:
     # max_num_seqs sequences of max_model_len, capped at a quarter of free memory and at DEFAULT_BUDGET_CAP
     # (cache/pool.py num_blocks_for_budget).
     kv_cache_memory: float | int | None = None
-    kv_cache_dtype: str = "auto"
+    kv_cache_dtype: str = "auto"  # auto = dtype; bfloat16 where the fused layer op runs fp32 activations (assembly)
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None

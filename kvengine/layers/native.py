@@ -14,6 +14,8 @@ Tiers, fastest first (TIERS; adding one is a source file and a line here):
            Llama-family layer per op.
   avx2     AVX2 + FMA + F16C (fp32_mm.cpp with avx2_tiles.cpp, fp32_layer.cpp): fp32 activations, the same int8
            codes and weight tiles multiplied with VPMADDUBSW / VPMADDWD; `q4_gemm`, `q8_gemm`, `decode_layer`.
+           Its `decode_layer` (and avx512vnni's, avxvnni's, portable's) keeps K/V in an fp32, bf16 or fp16 cache
+           (`narrow_kv`); the engine's "auto" KV dtype is bf16 there (engine/assembly.py `fast_kv_dtype`).
   avxvnni  the avx2 sources compiled with -mavxvnni: AVX-VNNI's 256-bit VPDPBUSD in place of each VPMADDUBSW /
            VPMADDWD chain (CPUs with AVX-VNNI but no AVX-512 VNNI); the same integer sums, so the same results.
   portable plain C++ any compiler builds and vectorizes (portable_tiles.cpp instead of avx2_tiles.cpp).
@@ -52,25 +54,33 @@ class Tier:
     row_kernels: bool = False  # q4_mm / q8_mm / bf16_mm for shapes the tiles do not fit
     head_dim_step: int = 2  # decode_layer takes head_dim a multiple of this (its operand check, layer_flow.h)
     symmetric_int4: bool = False  # q4_gemm also takes scales alone for weights on Q4_0's grid (tile_int4_scales)
+    # decode_layer's KV caches besides act_dtype: narrower floats (half the bytes a token) it rounds K/V to as it
+    # writes them and widens as it reads
+    narrow_kv: tuple[torch.dtype, ...] = ()
+
+    def reads_kv(self, dtype: torch.dtype | None) -> bool:
+        """Whether decode_layer takes caches of `dtype`."""
+        return dtype == self.act_dtype or dtype in self.narrow_kv
 
     @property
     def namespace(self) -> str:
         return f"kvengine_{self.name}"
 
 
+HALF = (torch.bfloat16, torch.float16)  # the fp32 tiers' narrow KV caches (fp32_attention.h)
 TIERS = (
     Tier("avx512vnni", ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c", "fma"),
          ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx2", "-mf16c", "-mfma"),
-         ("fp32_mm.cpp", "avx512_tiles.cpp", "fp32_layer.cpp"), torch.float32, symmetric_int4=True),
+         ("fp32_mm.cpp", "avx512_tiles.cpp", "fp32_layer.cpp"), torch.float32, symmetric_int4=True, narrow_kv=HALF),
     Tier("avx512", ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni", "f16c", "fma"),
          ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-mf16c", "-mfma"),
          ("packed_mm.cpp", "vnni_mm.cpp", "decode_layer.cpp"), torch.bfloat16, row_kernels=True, head_dim_step=16),
     Tier("avxvnni", ("avx2", "fma", "f16c", "avx_vnni"), ("-mavx2", "-mfma", "-mf16c", "-mavxvnni"),
-         ("fp32_mm.cpp", "avx2_tiles.cpp", "fp32_layer.cpp"), torch.float32, symmetric_int4=True),
+         ("fp32_mm.cpp", "avx2_tiles.cpp", "fp32_layer.cpp"), torch.float32, symmetric_int4=True, narrow_kv=HALF),
     Tier("avx2", ("avx2", "fma", "f16c"), ("-mavx2", "-mfma", "-mf16c"),
-         ("fp32_mm.cpp", "avx2_tiles.cpp", "fp32_layer.cpp"), torch.float32, symmetric_int4=True),
+         ("fp32_mm.cpp", "avx2_tiles.cpp", "fp32_layer.cpp"), torch.float32, symmetric_int4=True, narrow_kv=HALF),
     Tier("portable", (), (), ("fp32_mm.cpp", "portable_tiles.cpp", "fp32_layer.cpp"), torch.float32,
-         symmetric_int4=True),
+         symmetric_int4=True, narrow_kv=HALF),
 )
 _status: dict[str, str] = {}
 

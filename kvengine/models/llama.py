@@ -135,6 +135,7 @@ class LlamaForCausalLM(DecoderLM):
         # per layer: the fused layer op's weights (enable_fused_layers), None while the model runs layer by layer
         self.fused_layer_weights: list[list[torch.Tensor]] | None = None
         self.fused_tier = ""  # the kernel tier (layers/native.py) whose decode_layer runs them
+        self.fused_kv_dtype = dtype  # the engine pool's K/V dtype, which no-cache steps' scratch K/V take too
 
     def enable_fused_layers(self, pool: KVPool) -> str:
         """Run every step as one `kvengine::decode_layer` op per layer: decode steps (one sequence or several),
@@ -150,16 +151,15 @@ class LlamaForCausalLM(DecoderLM):
             act = "bf16" if chosen is None or chosen.act_dtype == torch.bfloat16 else "fp32"
             bf16 = " or bf16 weights" if act == "bf16" else ""
             return f"it needs {act} activations, and kvengine's tile kernels{bf16} in every linear layer"
-        if not self._op_reads(pool, tier):
-            return f"it needs a {str(tier.act_dtype).removeprefix('torch.')} KV cache that keeps every token"
+        if not tier.reads_kv(pool.plain_dtype()):
+            names = [str(d).removeprefix("torch.") for d in (tier.act_dtype, *tier.narrow_kv)]
+            kinds = " or ".join(filter(None, [", ".join(names[:-1]), names[-1]]))
+            return f"it needs a {kinds} KV cache that keeps every token"
         if self.config.head_dim % tier.head_dim_step:
             return f"it needs a head_dim that is a multiple of {tier.head_dim_step}"
         self.fused_layer_weights, self.fused_tier = weights, tier.name
+        self.fused_kv_dtype = pool.plain_dtype()
         return ""
-
-    @staticmethod
-    def _op_reads(pool: KVPool, tier: native.Tier) -> bool:
-        return pool.plain_dtype() == tier.act_dtype
 
     @property
     def fused_layers_enabled(self) -> bool:
@@ -169,7 +169,7 @@ class LlamaForCausalLM(DecoderLM):
         """Whether the enabled op can read `pool`: the engine's pool was checked by enable_fused_layers, but a
         runner of its own (eval's scoring runner, a quantized or bf16 KV cache) may hold another; that one's steps
         run layer by layer."""
-        return self.fused_layers_enabled and self._op_reads(pool, native.tier(self.fused_tier))
+        return self.fused_layers_enabled and native.tier(self.fused_tier).reads_kv(pool.plain_dtype())
 
     def runs_fused_layers(self, batch: StepBatch, kv: KVPool | None) -> bool:
         """Whether forward(batch, kv) takes the one-op-per-layer path: every step once enable_fused_layers took the
@@ -188,7 +188,8 @@ class LlamaForCausalLM(DecoderLM):
         x = self.embed_tokens(batch.input_ids)  # [T, hidden]
         if kv is None:
             meta = no_cache_rows(batch)
-            scratch = step_scratch(batch.num_tokens, c.num_kv_heads, c.head_dim, x.dtype, x.device)  # [Hkv, T, D]
+            scratch = step_scratch(batch.num_tokens, c.num_kv_heads, c.head_dim, self.fused_kv_dtype,
+                                   x.device)  # [Hkv, T, D] each
             layer_kvs = [scratch] * len(self.layers)
         else:
             meta, layer_kvs = batch.kv[0].metadata, kv.layers

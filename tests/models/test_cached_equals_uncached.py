@@ -50,10 +50,19 @@ def _op_rows(monkeypatch) -> list[int]:
     return calls
 
 
-def test_cached_and_uncached_tokens_and_logits_identical():
+@pytest.mark.parametrize("kv", ["auto", "float32", "float16"])
+def test_cached_and_uncached_tokens_and_logits_identical(kv):
     """Prompts prefilled together and in chunks (a small token budget), a prefix-cache hit, then the same prompts
-    without any cache, then verify mode: the same tokens, and logits equal bit for bit."""
-    llm = _fast_engine(max_num_batched_tokens=8, max_num_seqs=3)
+    without any cache, then verify mode: the same tokens, and logits equal bit for bit. With the default KV dtype
+    (auto: bf16 on every tier, the fp32 tiers' narrow cache or the bf16 tier's own), and with an fp32 or fp16
+    cache on the fp32 tiers (a no-cache step's scratch K/V take the pool's dtype, so its keys are rounded alike);
+    the bf16 tier's op reads neither (that engine runs layer by layer)."""
+    llm = _fast_engine(max_num_batched_tokens=8, max_num_seqs=3, kv_cache_dtype=kv)
+    kept = llm.engine.pool.plain_dtype()
+    assert kept == (torch.bfloat16 if kv == "auto" else getattr(torch, kv))
+    if not native.chosen().reads_kv(kept):
+        assert not llm.engine.model.fused_layers_enabled
+        return
     assert llm.engine.model.fused_layers_enabled
     cached = [o.token_ids for o in llm.generate(prompt_token_ids=PROMPTS, sampling_params=_greedy())]
     uncached = [o.token_ids for o in llm.generate(prompt_token_ids=PROMPTS, sampling_params=_greedy(),

@@ -31,7 +31,8 @@ SHARED = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8]  # three blocks of 4: the second r
 PROMPTS = [SHARED + [7, 7], SHARED + [2, 8, 1]]
 NEW_TOKENS = 12
 # logits of the two paths: bf16 rounding at different points of a 2-layer model, measured 0.7% of the range here;
-# on fp32 the order of float sums, measured below 1e-5
+# on fp32 activations the order of float sums (measured below 1e-5 with an fp32 cache), which with the default bf16
+# cache can move an activation's int8 code by a step now and then
 LOGIT_TOL = 0.02
 
 
@@ -49,8 +50,12 @@ def act_name() -> str:
 
 
 def _engine(fused: bool, **kw) -> LLM:
+    """A tiny random Llama on the forced tier, its KV cache in the activations' dtype unless asked otherwise (the
+    fp32 tiers' default bf16 cache moves logits by ~1% here, which on random weights flips near-tied tokens:
+    test_narrow_kv_cache_through_the_op_as_layer_by_layer compares that cache on prompts without such ties)."""
     model, _ = tiny_pair("llama", **TINY)
     kw.setdefault("kv_cache_memory", 1 << 20)
+    kw.setdefault("kv_cache_dtype", act_name())
     kw.setdefault("weights", "int4")
     return LLM.from_model(model.to(act_dtype()), None, block_size=4, fused_layers=fused, **kw)
 
@@ -129,8 +134,9 @@ def test_head_dim_not_a_multiple_of_8():
 def test_fused_layers_says_when_it_runs_and_why_not():
     assert fused_line(_engine(True)) == "one kvengine op per layer"
     assert fused_line(_engine(False)) is None  # turned off: not mentioned
+    kinds = "bfloat16" if act_dtype() == torch.bfloat16 else "float32, bfloat16 or float16"
     assert fused_line(_engine(True, kv_cache_dtype="int8")) == (
-        f"layer by layer (it needs a {act_name()} KV cache that keeps every token)")
+        f"layer by layer (it needs a {kinds} KV cache that keeps every token)")
     other = torch.float32 if act_dtype() == torch.bfloat16 else torch.bfloat16
     model, _ = tiny_pair("llama", **TINY)  # the other activation dtype: the tier's kernels do not take it
     wrong = LLM.from_model(model.to(other), None, weights="int4", block_size=4, kv_cache_memory=1 << 20)
@@ -144,6 +150,30 @@ def test_fused_layers_says_when_it_runs_and_why_not():
     assert fused_line(LLM.from_model(model, None, block_size=4, kv_cache_memory=1 << 20)) is None
     if act_dtype() == torch.bfloat16:  # bf16 weights: through the op (bf16_mm)
         assert fused_line(_engine(True, weights="bf16")) == "one kvengine op per layer"
+
+
+@pytest.mark.parametrize("kv", ["auto", "float16"])
+def test_narrow_kv_cache_through_the_op_as_layer_by_layer(kv):
+    """The fp32 tiers' op keeps K/V in a bf16 cache by default ("auto"), or an fp16 one when asked: half the bytes a
+    token, each new key and value rounded to nearest even as it is written (as the layer-by-layer path's pool
+    rounds it) and widened exactly as attention reads it. The same tokens as layer by layer over the same cache
+    dtype, logits within LOGIT_TOL (the two attentions sum in different orders, and a last-bit difference can move
+    an activation's int8 code). The bf16 tier's "auto" is its own bf16 cache; an fp16 one it does not read, and
+    that engine runs layer by layer and says why."""
+    fused = _engine(True, kv_cache_dtype=kv)
+    kept = fused.engine.pool.plain_dtype()
+    assert kept == (torch.bfloat16 if kv == "auto" else getattr(torch, kv))
+    plain = _engine(False, kv_cache_dtype=str(kept).removeprefix("torch."))  # (its "auto" is the activations')
+    if act_dtype() == torch.bfloat16 and kv == "float16":
+        assert fused_line(fused) == "layer by layer (it needs a bfloat16 KV cache that keeps every token)"
+        return
+    assert fused_line(fused) == "one kvengine op per layer"
+    (got, got_logits, _), (want, want_logits, _) = _decode(fused), _decode(plain)
+    assert got == want and [len(t) for t in got] == [NEW_TOKENS] * 2
+    worst = max(((g - w).abs().max() / w.abs().max()).item() for g, w in zip(got_logits, want_logits, strict=True))
+    assert worst <= LOGIT_TOL, worst
+    bm = fused.engine.block_tables
+    assert bm.num_free_blocks == bm.manager.num_blocks
 
 
 def test_bf16_weights_decode_through_the_op_as_layer_by_layer():
@@ -311,6 +341,12 @@ def test_decode_layer_rejects_wrong_inputs():
         call(1, torch.ones(2, c.head_dim, dtype=act_dtype()))
     with pytest.raises(RuntimeError, match=f"norm weights must be \\[H\\] {act}"):
         call(0, [w.to(other) if i == 0 else w for i, w in enumerate(model.fused_layer_weights[0])])
+    kinds = "bfloat16" if act_dtype() == torch.bfloat16 else "float32, bfloat16 or float16"
+    bad_cache = f"caches must be \\[Hkv, slots, D\\] {kinds} with rows of D, both of one dtype"
+    with pytest.raises(RuntimeError, match=bad_cache):
+        call(3, layer.k.to(torch.int8))
+    with pytest.raises(RuntimeError, match=bad_cache):  # keys and values of different dtypes
+        call(4, layer.v.to(torch.float16 if act_dtype() == torch.bfloat16 else torch.bfloat16))
     if act_dtype() != torch.bfloat16:
         return
     bf16 = _engine(True, weights="bf16").engine.model.fused_layer_weights[0]  # qkv as a float weight [N, K]

@@ -8,9 +8,13 @@
 //   KV_OPS::decode_layer(x [M, H] fp32, weights, cos [M, D], sin [M, D], k_cache, v_cache, slots [S, L] int64,
 //                        seq [M] int64, lens [M] int64, num_heads, num_kv_heads, eps, scale) -> [M, H] fp32
 //     weights: input norm [H], qkv (w, s), o (w, s), post-attention norm [H], gate_up (w, s), down (w, s), each
-//     linear layer's (w, s) q4_gemm's or q8_gemm's operands; norms, cos, sin and the caches fp32.
+//     linear layer's (w, s) q4_gemm's or q8_gemm's operands; norms, cos and sin fp32; the caches fp32, or bf16 or
+//     fp16 (half the bytes a token: the new keys and values rounded to nearest even as they are written, as PyTorch
+//     rounds them for the layer-by-layer path's cache, and widened to fp32 exactly as attention reads them).
 
 #include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #if defined(__AVX2__)
 #include <immintrin.h>
@@ -20,6 +24,7 @@
 #include <atomic>
 #include <cmath>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 #include "fp32_mm.h"
@@ -120,10 +125,19 @@ at::Tensor decode_layer(const at::Tensor& x, at::TensorList w, const at::Tensor&
                         const at::Tensor& seq, const at::Tensor& lens, int64_t num_heads, int64_t num_kv_heads,
                         double eps, double scale) {
   check_layer_operands(x, w, cos, sin, k_cache, v_cache, slots, seq, lens, num_heads, num_kv_heads, at::kFloat,
-                       "float32", 2);
+                       "float32", 2, {{at::kBFloat16, at::kHalf}, "float32, bfloat16 or float16"});
   for (int i : {1, 3, 6, 8})
     TORCH_CHECK(w[i].dim() == 4 || w[i].dim() == 3, "decode_layer: linear weights must be q4_gemm's or q8_gemm's tiles");
-  return layer_flow<float>(x, w, cos, sin, k_cache, v_cache, slots, seq, lens, num_heads, num_kv_heads, eps, scale);
+  switch (k_cache.scalar_type()) {
+    case at::kBFloat16:
+      return layer_flow<float, c10::BFloat16>(x, w, cos, sin, k_cache, v_cache, slots, seq, lens, num_heads,
+                                              num_kv_heads, eps, scale);
+    case at::kHalf:
+      return layer_flow<float, c10::Half>(x, w, cos, sin, k_cache, v_cache, slots, seq, lens, num_heads, num_kv_heads,
+                                          eps, scale);
+    default:
+      return layer_flow<float>(x, w, cos, sin, k_cache, v_cache, slots, seq, lens, num_heads, num_kv_heads, eps, scale);
+  }
 }
 
 }  // namespace

@@ -4,6 +4,7 @@
 // width never changes a result, except where a step sums across lanes (fold).
 #pragma once
 
+#include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <immintrin.h>
 
@@ -13,6 +14,12 @@ struct Lanes8 {
   using V = __m256;
   static constexpr int kLanes = 8;
   static V load(const float* p) { return _mm256_loadu_ps(p); }
+  // kLanes fp16 values as fp32 (F16C), and kLanes bf16 values (an fp32's top 16 bits): both exact
+  static V load(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+  static V load(const c10::BFloat16* p) {
+    const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+  }
   static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
   static V set1(float x) { return _mm256_set1_ps(x); }
   static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
@@ -45,8 +52,6 @@ struct Lanes8 {
     m = _mm_max_ps(m, _mm_movehl_ps(m, m));
     return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
   }
-  // kLanes fp16 values as fp32 (F16C)
-  static V halves(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
   // kLanes registers' lane sums as the lanes of one (lane k: the sum of a[k]'s lanes), in one fixed order: hadd
   // pairs neighbouring lanes, then fours, then the 128-bit halves
   static V fold(const V* a) {
@@ -61,6 +66,11 @@ struct Lanes16 {
   using V = __m512;
   static constexpr int kLanes = 16;
   static V load(const float* p) { return _mm512_loadu_ps(p); }
+  static V load(const at::Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+  static V load(const c10::BFloat16* p) {
+    const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+  }
   static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
   static V set1(float x) { return _mm512_set1_ps(x); }
   static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
@@ -81,9 +91,6 @@ struct Lanes16 {
   }
   static float reduce_add(V v) { return _mm512_reduce_add_ps(v); }
   static float reduce_max(V v) { return _mm512_reduce_max_ps(v); }
-  static V halves(const at::Half* p) {
-    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  }
   // kLanes registers' lane sums as the lanes of one (lane k: the sum of a[k]'s lanes), in one fixed order:
   // neighbouring registers pairwise within 128-bit lanes, then fours, then across the 128-bit lanes
   static V fold(const V* a) {

@@ -3,7 +3,7 @@
 // inside their namespace after defining, for their element type T, the steps it calls by name:
 //   linear(x, w, i), rms_norm(x, norm, eps), add_into(out, y)      tensors of T
 //   rotate_heads(T* x, heads, D, cos, sin), swiglu(gate_up, M, I, out)   rows of T
-//   attend_tile(tile, scratch)        one kv head's attention for a tile of rows (tier.h's AttendTile), with
+//   attend_tile(tile, scratch)        one kv head's attention for a tile of rows (tier.h's AttendTile<T, C>), with
 //                                     kTileRows * group * (L rounded up to 16 + D + 1) + kKeyBlock * D floats of
 //                                     scratch
 //   kMaxHeadDim
@@ -12,12 +12,20 @@
 // <atomic>, <memory> and <vector>.
 #pragma once
 
-// Every operand of decode_layer whose activations, norms, cos/sin and caches are `dtype` (named `name` in the
-// errors), with head_dim a multiple of `head_dim_step`.
+// The dtypes a tier's caches may have besides its activations' (none: the caches are the activations' dtype) and
+// their names for the errors
+struct CacheDtypes {
+  std::vector<at::ScalarType> narrower;
+  const char* names;
+};
+
+// Every operand of decode_layer whose activations, norms and cos/sin are `dtype` (named `name` in the errors), caches
+// that too or one of `caches`' (the two caches alike), with head_dim a multiple of `head_dim_step`.
 inline void check_layer_operands(const at::Tensor& x, at::TensorList w, const at::Tensor& cos, const at::Tensor& sin,
                                  const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& slots,
                                  const at::Tensor& seq, const at::Tensor& lens, int64_t Hq, int64_t Hkv,
-                                 at::ScalarType dtype, const char* name, int64_t head_dim_step) {
+                                 at::ScalarType dtype, const char* name, int64_t head_dim_step,
+                                 const CacheDtypes& caches = {{}, nullptr}) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == dtype && x.is_contiguous(), "decode_layer: x must be [M, H] ", name);
   TORCH_CHECK(w.size() == 10, "decode_layer: 10 weight tensors expected");
   const int64_t M = x.size(0), H = x.size(1), D = k_cache.size(2);
@@ -27,9 +35,13 @@ inline void check_layer_operands(const at::Tensor& x, at::TensorList w, const at
   TORCH_CHECK(D % head_dim_step == 0 && D <= kMaxHeadDim && Hq % Hkv == 0 && k_cache.size(0) == Hkv,
               "decode_layer: head_dim must be a multiple of ", head_dim_step, " up to ", kMaxHeadDim,
               ", heads a multiple of kv heads");
+  const at::ScalarType kept = k_cache.scalar_type();
+  const bool known = kept == dtype || std::find(caches.narrower.begin(), caches.narrower.end(), kept) !=
+                                          caches.narrower.end();
   for (const at::Tensor* c : {&k_cache, &v_cache})
-    TORCH_CHECK(c->scalar_type() == dtype && c->stride(2) == 1 && c->stride(1) == D,
-                "decode_layer: caches must be [Hkv, slots, D] ", name, " with rows of D");
+    TORCH_CHECK(known && c->scalar_type() == kept && c->stride(2) == 1 && c->stride(1) == D,
+                "decode_layer: caches must be [Hkv, slots, D] ", caches.names ? caches.names : name,
+                " with rows of D, both of one dtype");
   TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.dim() == 2 &&
                   seq.scalar_type() == at::kLong && seq.is_contiguous() && seq.numel() == M &&
                   lens.scalar_type() == at::kLong && lens.is_contiguous() && lens.numel() == M,
@@ -74,8 +86,9 @@ inline std::vector<RowTile> row_tiles(const int64_t* seq, const int64_t* lens, i
   return tiles;
 }
 
-// The layer on checked operands: x [M, H] -> [M, H], the new tokens' K/V written into the caches on the way.
-template <typename T>
+// The layer on checked operands: x [M, H] -> [M, H], the new tokens' K/V written into the caches (of C: T, or a
+// narrower float whose constructor from T rounds to nearest even, as PyTorch's conversion does) on the way.
+template <typename T, typename C = T>
 at::Tensor layer_flow(const at::Tensor& x, at::TensorList w, const at::Tensor& cos, const at::Tensor& sin,
                       const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& slots,
                       const at::Tensor& seq, const at::Tensor& lens, int64_t Hq, int64_t Hkv, double eps,
@@ -87,8 +100,8 @@ at::Tensor layer_flow(const at::Tensor& x, at::TensorList w, const at::Tensor& c
   at::Tensor qkv = linear(rms_norm(x, w[0], eps), w, 1);  // [M, (Hq + 2 Hkv) D]
   const int64_t width = (Hq + 2 * Hkv) * D;
   TORCH_CHECK(qkv.size(1) == width, "decode_layer: qkv weight must have (heads + 2 kv heads) * D rows");
-  T* kc = k_cache.data_ptr<T>();
-  T* vc = v_cache.data_ptr<T>();
+  C* kc = k_cache.data_ptr<C>();
+  C* vc = v_cache.data_ptr<C>();
   const int64_t head_stride = k_cache.stride(0);
   at::parallel_for(0, M, kvengine::grain_for(width), [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
@@ -113,7 +126,7 @@ at::Tensor layer_flow(const at::Tensor& x, at::TensorList w, const at::Tensor& c
     for (int64_t n = next++; n < items; n = next++) {
       const RowTile& t = tiles[n / Hkv];
       const int64_t kv = n % Hkv;
-      const kvengine::layer::AttendTile<T> tile{qkv.data_ptr<T>() + kv * group * D, width, t.r0, t.r1, group,
+      const kvengine::layer::AttendTile<T, C> tile{qkv.data_ptr<T>() + kv * group * D, width, t.r0, t.r1, group,
                                                 kc + kv * head_stride, vc + kv * head_stride, sp + qp[t.r0] * Lmax,
                                                 lp, D, static_cast<float>(scale),
                                                 attn.data_ptr<T>() + kv * group * D, Hq * D};

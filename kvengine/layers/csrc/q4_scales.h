@@ -23,7 +23,7 @@ struct Q4Scales<false, L> {
   typename L::V d, m;
   Q4Scales() = default;
   // rows L::kLanes * h .. of the tile (h = 0 where L covers all 16)
-  Q4Scales(const at::Half* dg, int h) : d(L::halves(dg + L::kLanes * h)), m(L::halves(dg + 16 + L::kLanes * h)) {}
+  Q4Scales(const at::Half* dg, int h) : d(L::load(dg + L::kLanes * h)), m(L::load(dg + 16 + L::kLanes * h)) {}
   typename L::V step(typename L::V acc, typename L::V dot, float da, float sx) const {
     return L::fmadd(m, L::set1(sx), L::fmadd(dot, L::mul(d, L::set1(da)), acc));
   }
@@ -34,7 +34,7 @@ struct Q4Scales<true, L> {
   static constexpr int64_t kHalves = 16;
   typename L::V d;
   Q4Scales() = default;
-  Q4Scales(const at::Half* dg, int h) : d(L::halves(dg + L::kLanes * h)) {}
+  Q4Scales(const at::Half* dg, int h) : d(L::load(dg + L::kLanes * h)) {}
   typename L::V step(typename L::V acc, typename L::V dot, float da, float sx) const {
     return L::fmadd(d, L::fmadd(dot, L::set1(da), L::set1(sx)), acc);
   }

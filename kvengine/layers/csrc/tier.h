@@ -31,8 +31,8 @@ constexpr const char* kDecodeLayer =
 
 // What decode_layer's attention hands a tier's attend_tile (layer_flow.h): one kv head's attention for a tile of
 // at most kTileRows rows of one sequence. Query head g of row r (g < group) is q[r * q_stride + g * D ..]; it reads
-// the first lens[r] of the sequence's `slots` in the head's caches k, v ([slots, D] rows); its result goes to
-// out[r * out_stride + g * D ..].
+// the first lens[r] of the sequence's `slots` in the head's caches k, v ([slots, D] rows of C: the activations' T,
+// or on the fp32 tiers a narrower bf16 / fp16 cache); its result goes to out[r * out_stride + g * D ..].
 namespace kvengine::layer {
 constexpr int64_t kTileRows = 16;
 constexpr int64_t kKeyBlock = 64;  // keys an attend_tile pass takes at a time (kept in L1 for the tile's queries)
@@ -42,11 +42,11 @@ constexpr int64_t kKeyBlock = 64;  // keys an attend_tile pass takes at a time (
 // prefill in page faults. 256 rows keep a block's gate_up at 16 MiB for that shape, taken from the heap again.
 constexpr int64_t kMlpRows = 256;
 
-template <typename T>
+template <typename T, typename C = T>
 struct AttendTile {
   const T* q;
   int64_t q_stride, r0, r1, group;
-  const T *k, *v;
+  const C *k, *v;
   const int64_t *slots, *lens;
   int64_t D;
   float scale;

@@ -103,11 +103,13 @@ class ConcurrentRun:
 def fresh_engine(llm: LLM, max_num_seqs: int, max_model_len: int, prefix_caching: bool = True,
                  **engine_args: Any) -> LLM:
     """A new engine on the same model weights, its empty KV pool holding `max_num_seqs` whole sequences of
-    `max_model_len` tokens (so nothing is preempted for lack of blocks)."""
+    `max_model_len` tokens (so nothing is preempted for lack of blocks) in `llm`'s KV dtype (its "auto" may have
+    been the fast path's bf16, which the new engine's config, without the weights format, would not choose)."""
     spec = llm.kv_cache_spec
     blocks = max_num_seqs * -(-max_model_len // spec.block_size)
     engine_args.setdefault("kv_cache_memory", int(blocks * spec.bytes_per_block) + 1)
     engine_args.setdefault("block_size", spec.block_size)
+    engine_args.setdefault("kv_cache_dtype", spec.dtype)
     return LLM.from_model(llm.engine.model, llm.tokenizer, dtype=llm.config.dtype, device=llm.config.device,
                           max_num_seqs=max_num_seqs, max_model_len=max_model_len,
                           enable_prefix_caching=prefix_caching, **engine_args)

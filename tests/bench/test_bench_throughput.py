@@ -50,3 +50,24 @@ def test_concurrent_run_percentiles_from_token_times():
     assert d["ttft_p50_s"] == pytest.approx(0.2) and d["itl_p50_s"] == pytest.approx(0.1)
     assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5 and percentile([1.0, 2.0, 3.0, 4.0], 99) == pytest.approx(3.97)
     assert percentile([], 50) is None
+
+
+def test_fresh_engine_keeps_the_kv_dtype_and_room_for_every_sequence():
+    """The concurrency benches build a new engine on the same (already quantized) model: it keeps the first
+    engine's KV dtype, the fast path's bf16 "auto" included (the new config, without a weights format, would
+    resolve "auto" to fp32 and fit half the sequences in the budget sized for bf16), and holds max_num_seqs whole
+    sequences at once."""
+    from kvtest import tiny_pair
+
+    from kvengine.bench.throughput import fresh_engine
+    from kvengine.layers import native
+    from kvengine.llm import LLM
+
+    tier = native.chosen()
+    model, _ = tiny_pair("llama", hidden_size=128, intermediate_size=128, num_attention_heads=4,
+                         num_key_value_heads=2)
+    llm = LLM.from_model(model.to(tier.act_dtype), None, weights="int4", block_size=4, kv_cache_memory=1 << 20)
+    assert llm.kv_cache_spec.dtype == "bfloat16" and llm.engine.model.fused_layers_enabled
+    fresh = fresh_engine(llm, 4, 30)
+    assert fresh.kv_cache_spec.dtype == "bfloat16"
+    assert fresh.engine.block_tables.num_free_blocks >= 4 * 8  # four sequences of 30 tokens in blocks of 4

@@ -45,7 +45,7 @@ def build_engine(model: CausalLM, tokenizer: Tokenizer | None, config: EngineCon
     narrow = fast_kv_dtype(config, dtype) if fused else None
     pool = allocate_pool(config, mc, narrow or dtype, max_len)
     why_not = model.enable_fused_layers(pool) if fused else None  # None: nothing to say
-    if narrow is not None and why_not:  # the op does not run: the model's dtype after all
+    if narrow is not None and why_not != "":  # the op does not take the model: "auto" is its dtype after all
         pool = allocate_pool(config, mc, dtype, max_len)
         why_not = model.enable_fused_layers(pool)
     if why_not is not None:

@@ -176,6 +176,19 @@ def test_narrow_kv_cache_through_the_op_as_layer_by_layer(kv):
     assert bm.num_free_blocks == bm.manager.num_blocks
 
 
+def test_auto_kv_dtype_is_bf16_only_where_the_op_runs():
+    """"auto" KV is bf16 where the op runs (the fp32 tiers' narrow cache, the bf16 tier's own), and the activations'
+    dtype where it does not: the op turned off, or a family it does not take (Gemma 3 has no fused path; GPT-2 says
+    why not). Layer by layer, a cache narrower than the activations would make the no-cache baseline differ."""
+    from kvtest import tiny_gemma_pair
+
+    assert _engine(True, kv_cache_dtype="auto").engine.pool.plain_dtype() == torch.bfloat16
+    assert _engine(False, kv_cache_dtype="auto").engine.pool.plain_dtype() == act_dtype()
+    gemma, _ = tiny_gemma_pair(intermediate_size=128)
+    llm = LLM.from_model(gemma.to(act_dtype()), None, weights="int4", block_size=4, kv_cache_memory=1 << 20)
+    assert not llm.engine.model.fused_layers_enabled and llm.kv_cache_spec.dtype == act_name()
+
+
 def test_bf16_weights_decode_through_the_op_as_layer_by_layer():
     """Unquantized bf16 weights: the op multiplies with PyTorch's bf16 matmul; same tokens as layer by layer,
     logits within bf16 noise, for requests prefilled and decoded together. (On the fp32 tiers bf16 weights run

@@ -296,9 +296,9 @@ inline void attend_lanes(const kvengine::layer::AttendTile<float, C>& t, float* 
 }
 
 // scratch (layer_flow.h's): the scores [queries, stride], the inverse sums of their weights [queries]. A narrow
-// cache's key block [kKeyBlock, D] is widened into a buffer of the thread's own, not the scratch's tail: there, 4 KB
-// score rows (1,024 keys) put it at the same page offsets as the score stores, and the CPU's store-to-load checks
-// took the block's loads for dependent (prefill 0.81x the fp32 cache's; 1.04-1.07x in a buffer of its own).
+// cache's key block [kKeyBlock, D] is widened into a buffer of the thread's own, not the scratch's tail: there a
+// 1,024-row prefill ran 0.81x the fp32 cache's time (1.04-1.07x in a buffer of its own), 4 KB score rows putting the
+// block at the page offsets of the score stores (4K aliasing the likely cause, not confirmed with counters).
 template <typename C>
 void attend_tile(const kvengine::layer::AttendTile<float, C>& t, float* scratch) {
   if (t.D % 8 != 0) return attend_each(t, scratch);  // the op allows any even head_dim

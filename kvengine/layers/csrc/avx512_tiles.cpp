@@ -155,6 +155,13 @@ struct Q4Pass {
   __m512 finish(__m512 acc, int64_t) const { return acc; }
 };
 
+// tiles_pass over the `span` (1 or 2) tiles from t
+template <typename F>
+void pass_span(const F& f, const int8_t* xq, float* y, int R, int64_t G, int64_t N, int64_t t, int span) {
+  if (span == 2) return tiles_pass<2>(f, xq, y, R, G, N, t);
+  tiles_pass<1>(f, xq, y, R, G, N, t);
+}
+
 }  // namespace
 
 template <bool Symmetric>
@@ -167,12 +174,9 @@ void q4_tile(const int8_t* xq, const float* da, const float* sx, const uint8_t* 
       q4_tile_row<Symmetric>(xq, da, sx, w + (t + u) * G * 256, dm + (t + u) * G * S::kHalves, y + 16 * (t + u), G);
     return;
   }
-  const Q4Pass<Symmetric> format{da, sx, w, dm, G};
-  if (span == 2) return tiles_pass<2>(format, xq, y, R, G, N, t);
-  tiles_pass<1>(format, xq, y, R, G, N, t);
+  pass_span(Q4Pass<Symmetric>{da, sx, w, dm, G}, xq, y, R, G, N, t, span);
 }
 KV_Q4_TILE_FORMS
-
 
 const Q8Reads kQ8Reads = Q8Reads::kCodeSums;
 const int kTileSpan = 2;
@@ -221,9 +225,7 @@ void q8_tile(const int8_t* xq, const Q8Side& side, const float* da, const uint8_
       q8_tile_row(xq, cs, da, w + (t + u) * K * 16, scale + 16 * (t + u), y + 16 * (t + u), K / kGroup);
     return;
   }
-  const Q8Pass format{cs, da, scale, w, K};
-  if (span == 2) return tiles_pass<2>(format, xq, y, R, K / kGroup, N, t);
-  tiles_pass<1>(format, xq, y, R, K / kGroup, N, t);
+  pass_span(Q8Pass{cs, da, scale, w, K}, xq, y, R, K / kGroup, N, t, span);
 }
 
 }  // namespace KV_OPS

@@ -124,19 +124,20 @@ at::Tensor decode_layer(const at::Tensor& x, at::TensorList w, const at::Tensor&
                         const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& slots,
                         const at::Tensor& seq, const at::Tensor& lens, int64_t num_heads, int64_t num_kv_heads,
                         double eps, double scale) {
+  static const CacheDtypes kNarrowCaches{{at::kBFloat16, at::kHalf}, "float32, bfloat16 or float16"};  // once
   check_layer_operands(x, w, cos, sin, k_cache, v_cache, slots, seq, lens, num_heads, num_kv_heads, at::kFloat,
-                       "float32", 2, {{at::kBFloat16, at::kHalf}, "float32, bfloat16 or float16"});
+                       "float32", 2, kNarrowCaches);
   for (int i : {1, 3, 6, 8})
     TORCH_CHECK(w[i].dim() == 4 || w[i].dim() == 3, "decode_layer: linear weights must be q4_gemm's or q8_gemm's tiles");
+  // the layer with caches of C, named by a value of it
+  const auto flow = [&](auto cache_value) {
+    return layer_flow<float, decltype(cache_value)>(x, w, cos, sin, k_cache, v_cache, slots, seq, lens, num_heads,
+                                                    num_kv_heads, eps, scale);
+  };
   switch (k_cache.scalar_type()) {
-    case at::kBFloat16:
-      return layer_flow<float, c10::BFloat16>(x, w, cos, sin, k_cache, v_cache, slots, seq, lens, num_heads,
-                                              num_kv_heads, eps, scale);
-    case at::kHalf:
-      return layer_flow<float, c10::Half>(x, w, cos, sin, k_cache, v_cache, slots, seq, lens, num_heads, num_kv_heads,
-                                          eps, scale);
-    default:
-      return layer_flow<float>(x, w, cos, sin, k_cache, v_cache, slots, seq, lens, num_heads, num_kv_heads, eps, scale);
+    case at::kBFloat16: return flow(c10::BFloat16{});
+    case at::kHalf: return flow(c10::Half{});
+    default: return flow(0.f);
   }
 }
 

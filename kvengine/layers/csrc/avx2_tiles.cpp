@@ -129,8 +129,7 @@ void q4_tile_row(const int8_t* xq, const float* da, const float* sx, const uint8
   for (int64_t g = 0; g < G; ++g) {
     __m256i w0[8], w1[8];
     const at::Half* dg = dmt + g * S::kHalves;
-    prefetch_lines(wt + g * 256, kPrefetchBytes, 4);  // a later group's 256 bytes of codes
-    prefetch_lines(dg, kPrefetchBytes / 256 * 2 * S::kHalves, 1);  // and its scales, as many groups ahead
+    prefetch_q4_group(wt + g * 256, dg, S::kHalves, kPrefetchBytes);  // a later group's codes and scales
     q4_half(wt + g * 256, 0, w0);
     q4_half(wt + g * 256, 1, w1);
     const int8_t* xg = xq + g * kGroup;
@@ -172,6 +171,7 @@ void q4_one(const int8_t* xq, const float* da, const float* sx, const uint8_t* w
 #pragma GCC unroll 1  // unrolled, GCC keeps two groups' weights and spills them (1.2x slower on Zen 3)
     for (int64_t g = 0; g < G; ++g) {
       __m256i wv[8];
+      if (h == 0) prefetch_q4_group(wt + g * 256, dmt + g * S::kHalves, S::kHalves, kPassPrefetchBytes);
       q4_half(wt + g * 256, h, wv);
       const S sc(dmt + g * S::kHalves, h);
       const int64_t s = in_block(0, g, R);  // the group's R rows follow one another (fp32_mm.h's block_slot)
@@ -200,6 +200,7 @@ void q8_one(const int8_t* xq, const Q8Side& side, const float* da, const uint8_t
 #pragma GCC unroll 1
     for (int64_t g = 0; g < G; ++g) {
       __m256i wv[8];
+      if (h == 0) prefetch_lines(wt + g * 512, kPassPrefetchBytes, 8);
       q8_half(wt + g * 512, h, wv);
       alignas(32) __m256i wa[8];
       for (int c = 0; c < 8; ++c) wa[c] = _mm256_abs_epi8(wv[c]);

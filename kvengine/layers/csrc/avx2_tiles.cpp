@@ -7,7 +7,8 @@
 // groups: a group's weights are loaded (and, for int4, unpacked) into 8 registers once, then serve every one of
 // the pass's R <= kRows (64) rows of x, whose sums wait in a small L1 array (kRows = 4 kept them in registers and
 // redid the unpacking every 4 rows: ~20% slower at 32 and more rows); x's codes come group-major (fp32_mm.h's
-// block_slot), and the int4 kernel takes 4 rows' products at a time.
+// block_slot), the int4 kernel takes 4 rows' products at a time, and the first half's pass asks for the tile's
+// weights 1 KB ahead (fp32_mm.h's kPassPrefetchBytes).
 //   int4: weights 0..15 are the unsigned operand; a group's 8 products per lane stay below 8 * 2 * 15 * 127 =
 //         30480, so they are summed in int16 and widened once per group.
 //   int8: the stored bytes q + 128 turn back into signed q (xor 0x80); one row's kernel then has VPMADDUBSW take

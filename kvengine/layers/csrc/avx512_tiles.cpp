@@ -7,8 +7,8 @@
 // tile by 4 inputs: no halves, half the instructions of the avx2 tier's VPMADDUBSW / VPMADDWD chains, a quarter of
 // their products' instructions. The loops are the avx2 tier's: the one-row kernels keep the row's sums in a
 // register and ask for the weights 2 KB ahead; the many-row kernels unpack a group once for all R <= kRows rows of
-// x, whose sums wait in L1. With 32 registers they take two tiles per pass (kTileSpan, tiles_pass), each
-// broadcast of x feeding both.
+// x, whose sums wait in L1, and ask for a tile's weights 1 KB ahead (fp32_mm.h's kPassPrefetchBytes). With 32
+// registers they take two tiles per pass (kTileSpan, tiles_pass), each broadcast of x feeding both.
 //   int4: weights 0..15 are VPDPBUSD's unsigned operand, x's codes its signed one.
 //   int8: the stored bytes q + 128 are the unsigned operand as they are; a group's int32 sum starts at -128 times
 //         the sum of the row's codes in it (q8_gemm makes those once per step: kQ8Reads), which takes the 128 back.
@@ -99,10 +99,10 @@ void q4_tile_row(const int8_t* xq, const float* da, const float* sx, const uint8
 
 // The many-row kernels' pass over P consecutive tiles t..t+P-1 (P = 1 or 2) and the R > 1 rows of a block, for a
 // weight format F (Q4Pass, Q8Pass): a group's P tiles loaded once (F::load: 8 P registers of weights and what
-// else the format reads per group; F::prefetch asks for a later group's, kPassPrefetchBytes ahead), then each row's P sums from dot32_tiles, started at F::start and added to the
-// row's sums by F::step; the rows' sums wait in L1, and F::finish turns them into y. Two tiles at a time ran
-// 1.14-1.20x (int4) and 1.15-1.24x (int8) faster than one at 32 and 256 rows of the 1B shape's matmuls (AMD EPYC
-// Zen 5), the same sums.
+// else the format reads per group; F::prefetch asks for a later group's, kPassPrefetchBytes ahead), then each
+// row's P sums from dot32_tiles, started at F::start and added to the row's sums by F::step; the rows' sums wait
+// in L1, and F::finish turns them into y. Two tiles at a time ran 1.14-1.20x (int4) and 1.15-1.24x (int8) faster
+// than one at 32 and 256 rows of the 1B shape's matmuls (AMD EPYC Zen 5), the same sums.
 template <int P, typename F>
 void tiles_pass(const F& f, const int8_t* xq, float* y, int R, int64_t G, int64_t N, int64_t t) {
   alignas(64) float acc[kRows][P][16];  // [row][tile][output]

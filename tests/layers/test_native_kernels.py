@@ -192,6 +192,34 @@ def test_gemm_equals_matmul_of_its_quantized_activations(kernel_tier, cls, rows)
     assert all(torch.equal(got[i:i + 1], layer(x[i:i + 1])) for i in range(rows))
 
 
+@pytest.mark.parametrize("cls", [Int4Linear, Int8Linear])
+def test_gemm_result_does_not_depend_on_the_thread_count(kernel_tier, cls):
+    """The gemms cut their (row chunk, weight tile) items into one run per thread by rows x tiles (tier.h's
+    for_tiles): whatever the cut, every item is computed once and alike, so 1, 2 and 3 threads give equal results,
+    at row counts whose last chunk of 64 is full, short or a few rows, with an even and an odd number of tiles.
+    Before each call a freed block of NaN of the output's size leaves NaN where the allocator hands it back, so an
+    item no run took would show."""
+    gen = torch.Generator().manual_seed(11)
+    act = kernel_tier.act_dtype
+    threads = torch.get_num_threads()
+    try:
+        for outputs in (96, 112):
+            layer = cls(torch.randn(outputs, 576, generator=gen) * 0.05, None, act)
+            assert layer.wtiles is not None
+            for rows in (3, 64, 70, 131):
+                x = torch.randn(rows, 576, generator=gen).to(act)
+                results = {}
+                for n in (1, 2, 3):
+                    torch.set_num_threads(n)
+                    poison = torch.full((rows, outputs), float("nan"), dtype=act)
+                    del poison
+                    results[n] = layer.gemm(x)
+                assert not results[1].isnan().any()
+                assert all(torch.equal(results[n], results[1]) for n in (2, 3)), (outputs, rows)
+    finally:
+        torch.set_num_threads(threads)
+
+
 FP32_TIERS_BESIDE_AVX2 = [t.name for t in native.TIERS if t.act_dtype == torch.float32 and t.name not in
                           ("avx2", "portable")]
 

@@ -118,8 +118,8 @@ void for_tiles(int64_t M, int64_t tiles, const F& f) {
         const auto from = [&](int64_t w) {
           return std::min(tiles, (std::max<int64_t>(0, w - base) + rows - 1) / rows);
         };
-        const int64_t end = first + rows;
-        for (int64_t t = from(w0); t < from(w1); ++t)
+        const int64_t end = first + rows, t1 = from(w1);
+        for (int64_t t = from(w0); t < t1; ++t)
           for (int64_t i0 = first; i0 < end; i0 += kRows) f(t, i0, std::min<int64_t>(kRows, end - i0));
       }
     }

@@ -144,12 +144,14 @@ struct Q4Pass {
   const uint8_t* w;
   const at::Half* dm;
   int64_t G;
+  const uint8_t* codes(int64_t tile, int64_t g) const { return w + (tile * G + g) * 256; }
+  const at::Half* scales(int64_t tile, int64_t g) const { return dm + (tile * G + g) * S::kHalves; }
   void prefetch(int64_t tile, int64_t g) const {
-    prefetch_q4_group(w + (tile * G + g) * 256, dm + (tile * G + g) * S::kHalves, S::kHalves, kPassPrefetchBytes);
+    prefetch_q4_group(codes(tile, g), scales(tile, g), S::kHalves, kPassPrefetchBytes);
   }
   void load(Group& group, int64_t tile, int64_t g) const {
-    q4_group(w + (tile * G + g) * 256, group.wv);
-    group.scales = S(dm + (tile * G + g) * S::kHalves, 0);
+    q4_group(codes(tile, g), group.wv);
+    group.scales = S(scales(tile, g), 0);
   }
   __m512i start(int64_t) const { return _mm512_setzero_si512(); }
   __m512 step(__m512 acc, __m512i sum, const Group& group, int64_t slot) const {
@@ -210,8 +212,9 @@ struct Q8Pass {
   const float *da, *scale;
   const uint8_t* w;
   int64_t K;
-  void prefetch(int64_t tile, int64_t g) const { prefetch_lines(w + tile * K * 16 + g * 512, kPassPrefetchBytes, 8); }
-  void load(Group& group, int64_t tile, int64_t g) const { q8_group(w + tile * K * 16 + g * 512, group.wv); }
+  const uint8_t* codes(int64_t tile, int64_t g) const { return w + tile * K * 16 + g * 512; }
+  void prefetch(int64_t tile, int64_t g) const { prefetch_lines(codes(tile, g), kPassPrefetchBytes, 8); }
+  void load(Group& group, int64_t tile, int64_t g) const { q8_group(codes(tile, g), group.wv); }
   __m512i start(int64_t slot) const { return _mm512_set1_epi32(code_sums[slot]); }
   __m512 step(__m512 acc, __m512i sum, const Group&, int64_t slot) const {
     return _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(da[slot]), acc);

@@ -305,7 +305,8 @@ void attend_tile(const kvengine::layer::AttendTile<float, C>& t, float* scratch)
   const int64_t top_len = *std::max_element(t.lens + t.r0, t.lens + t.r1);
   const int64_t stride = (top_len + 15) / 16 * 16, queries = (t.r1 - t.r0) * t.group;
   float* inv_total = scratch + queries * stride;
-  if (std::is_same_v<C, float> || t.r1 - t.r0 < kFewRows) return attend_lanes<C>(t, scratch, stride, inv_total, nullptr);
+  if (std::is_same_v<C, float> || t.r1 - t.r0 < kFewRows)
+    return attend_lanes<C>(t, scratch, stride, inv_total, nullptr);
   alignas(64) static thread_local float block[kKeyBlock * kMaxHeadDim];
   attend_lanes<float>(t, scratch, stride, inv_total, block);
 }

@@ -2,6 +2,10 @@
 chosen once per process from the CPU's flags, built on first use, loaded as torch ops, or none at all.
 
 Tiers, fastest first (TIERS; adding one is a source file and a line here):
+  amx      AVX-512 VNNI + AMX-INT8 (fp32_mm.cpp with amx_tiles.cpp, fp32_layer.cpp; Intel Xeon Sapphire Rapids and
+           later): the avx512vnni tier, whose blocks of 16 or more rows take their integer products from AMX tile
+           multiplies (16 rows x 16 outputs x 32 inputs each) instead of VPDPBUSD; the same sums, so the same
+           results bit for bit. Decode of one sequence is avx512vnni's.
   avx512vnni  AVX-512 + VNNI (fp32_mm.cpp with avx512_tiles.cpp, fp32_layer.cpp): the avx2 tier's fp32
            activations and operands, each 512-bit VPDPBUSD advancing a whole 16-row tile by 4 inputs; the same
            integer sums as avx2, so the same results. First on every AVX-512 VNNI CPU, BF16 or not: on an AMD
@@ -20,7 +24,7 @@ Tiers, fastest first (TIERS; adding one is a source file and a line here):
            VPMADDWD chain (CPUs with AVX-VNNI but no AVX-512 VNNI); the same integer sums, so the same results.
   portable plain C++ any compiler builds and vectorizes (portable_tiles.cpp instead of avx2_tiles.cpp).
 A tier's ops live in the namespace torch.ops.kvengine_<tier> (`ops(name)`), so one process can load several: the
-run uses `chosen()`, the tests run every tier in `cpu_tiers()`. KVENGINE_ISA=avx512|avx512vnni|avxvnni|avx2|portable
+run uses `chosen()`, the tests run every tier in `cpu_tiers()`. KVENGINE_ISA=amx|avx512|avx512vnni|avxvnni|avx2|portable
 forces a tier the CPU can run (others are a ConfigError naming the ones it can); KVENGINE_NATIVE=0 turns them all off.
 A tier is compiled with the machine's g++ the first time it is used (scripts/setup does it ahead; ~30-60 s,
 then cached by torch under ~/.cache/torch_extensions), saying so on stderr; a failed build says why in one line
@@ -69,6 +73,10 @@ class Tier:
 
 HALF = (torch.bfloat16, torch.float16)  # the fp32 tiers' narrow KV caches (fp32_attention.h)
 TIERS = (
+    Tier("amx", ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "amx_tile", "amx_int8", "f16c", "fma"),
+         ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mamx-tile", "-mamx-int8", "-mavx2", "-mf16c",
+          "-mfma"),
+         ("fp32_mm.cpp", "amx_tiles.cpp", "fp32_layer.cpp"), torch.float32, symmetric_int4=True, narrow_kv=HALF),
     Tier("avx512vnni", ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c", "fma"),
          ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx2", "-mf16c", "-mfma"),
          ("fp32_mm.cpp", "avx512_tiles.cpp", "fp32_layer.cpp"), torch.float32, symmetric_int4=True, narrow_kv=HALF),

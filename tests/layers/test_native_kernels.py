@@ -77,8 +77,8 @@ def test_the_fastest_tier_runs_by_default(monkeypatch):
 def test_unknown_or_unrunnable_tier_is_one_clear_error(monkeypatch):
     runs = ", ".join(t.name for t in native.cpu_tiers())
     monkeypatch.setenv("KVENGINE_ISA", "sse9")
-    with pytest.raises(ConfigError, match="^KVENGINE_ISA=sse9 is not a kernel tier \\(avx512vnni, avx512, avxvnni, "
-                                          f"avx2, portable\\); this CPU runs {runs}$"):
+    with pytest.raises(ConfigError, match="^KVENGINE_ISA=sse9 is not a kernel tier \\(amx, avx512vnni, avx512, "
+                                          f"avxvnni, avx2, portable\\); this CPU runs {runs}$"):
         native.requested()
     missing = [t for t in native.TIERS if t not in native.cpu_tiers()]
     if missing:  # an AVX2 host asked for avx512
@@ -225,14 +225,15 @@ FP32_TIERS_BESIDE_AVX2 = [t.name for t in native.TIERS if t.act_dtype == torch.f
 
 
 @pytest.mark.parametrize("tier_name", FP32_TIERS_BESIDE_AVX2)
-@pytest.mark.parametrize("rows", [1, 5, 64, 65, 70])
+@pytest.mark.parametrize("rows", [1, 5, 16, 17, 40, 64, 65, 70])
 @pytest.mark.parametrize("outputs", [96, 112])
 def test_fp32_tiers_equal_avx2_bit_for_bit(tier_name, rows, outputs, monkeypatch):
-    """avxvnni's 256-bit and avx512vnni's 512-bit VPDPBUSD sum the same integers as avx2's VPMADDUBSW + VPMADDWD,
-    and the fp32 steps after are the same: their gemm results equal the avx2 tier's exactly (int8, int4 with
-    scales and minimums, int4 on Q4_0's grid), for one row, a block, a full block of 64 and more (a last block of
-    one row), with an even number of tiles (avx512vnni's kernels take them two at a time: fp32_mm.h's
-    kTileSpan) and an odd one (one at a time)."""
+    """avxvnni's 256-bit and avx512vnni's 512-bit VPDPBUSD and amx's tile multiplies sum the same integers as
+    avx2's VPMADDUBSW + VPMADDWD, and the fp32 steps after are the same: their gemm results equal the avx2 tier's
+    exactly (int8, int4 with scales and minimums, int4 on Q4_0's grid), for one row, blocks shorter than amx's
+    kAmxRows, blocks that end inside a 16-row tile, a full block of 64 and more (a last block of one row), with an
+    even number of tiles (avx512vnni's and amx's kernels take them two at a time: fp32_mm.h's kTileSpan) and an
+    odd one (one at a time)."""
     runs = [t.name for t in native.cpu_tiers()]
     if tier_name not in runs:
         pytest.skip(f"this CPU cannot run the {tier_name} kernels (it runs {', '.join(runs)})")

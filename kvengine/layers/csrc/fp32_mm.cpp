@@ -84,7 +84,7 @@ QuantizedRows quantize_rows(const at::Tensor& x, Q8Reads side = Q8Reads::kNothin
   thread_local std::vector<int8_t> code_rows, magnitude_rows;
   thread_local std::vector<int32_t> code_sum_rows;
   thread_local std::vector<float> scale_rows, sum_rows;
-  code_rows.resize(M * K);
+  code_rows.resize(M * K + kCodePadding);
   magnitude_rows.resize(magnitudes ? M * K : 0);
   code_sum_rows.resize(code_sums ? M * G : 0);
   scale_rows.resize(M * G);

@@ -29,6 +29,9 @@ constexpr int kRows = 64;
 // 8 KB apart, all in the same L1 sets: 1.1-1.2x slower on Zen 3). Codes start at slot * 32, scale and sum at slot.
 // in_block is the slot within a block (row i of its R rows): what the tile kernels, given a block, read.
 inline int64_t in_block(int64_t i, int64_t g, int64_t R) { return g * R + i; }
+// Codes quantize_rows leaves readable past x's last: the amx tier's tile loads take a group's rows 16 at a time,
+// those past a block's end too (multiplied and dropped)
+constexpr int64_t kCodePadding = 16 * kGroup;
 
 inline int64_t block_slot(int64_t i, int64_t g, int64_t M, int64_t G) {
   const int64_t i0 = i / kRows * kRows, R = std::min<int64_t>(kRows, M - i0);

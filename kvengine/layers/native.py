@@ -34,6 +34,7 @@ and the next tier down runs instead. Where none loads, layers/linear.py keeps Py
 
 from __future__ import annotations
 
+import ctypes
 import os
 import sys
 from dataclasses import dataclass
@@ -95,12 +96,26 @@ _status: dict[str, str] = {}
 
 @cache
 def cpu_flags() -> set[str]:
+    """The CPU's flags in /proc/cpuinfo, less AMX's where the OS does not let this process use it."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return set()
     line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
-    return set(line.partition(":")[2].split())
+    flags = set(line.partition(":")[2].split())
+    if "amx_tile" in flags and not _amx_granted():
+        flags -= {"amx_tile", "amx_int8", "amx_bf16"}
+    return flags
+
+
+def _amx_granted() -> bool:
+    """Linux (5.16 and later) gives a process AMX's tile registers only once asked: arch_prctl(ARCH_REQ_XCOMP_PERM,
+    XFEATURE_XTILEDATA), process-wide; amx_tiles.cpp asks again before its first tile multiply."""
+    sys_arch_prctl, req_xcomp_perm, xfeature_xtiledata = 158, 0x1023, 18  # x86-64 Linux's numbers
+    try:
+        return ctypes.CDLL(None, use_errno=True).syscall(sys_arch_prctl, req_xcomp_perm, xfeature_xtiledata) == 0
+    except (OSError, AttributeError):
+        return False
 
 
 def tier(name: str) -> Tier:

@@ -12,6 +12,8 @@ tests are skipped only on CPUs without AVX-512 BF16/VNNI, where that tier cannot
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from kvtest import q4_0_grid
@@ -86,6 +88,21 @@ def test_unknown_or_unrunnable_tier_is_one_clear_error(monkeypatch):
         with pytest.raises(ConfigError, match=f"^KVENGINE_ISA={missing[0].name}: this CPU cannot run the "
                                               f"{missing[0].name} kernels; it runs {runs}$"):
             native.requested()
+
+
+def test_amx_runs_where_the_cpu_has_it_and_the_os_allows_it(monkeypatch):
+    """The amx tier is offered where /proc/cpuinfo lists AMX-INT8 and Linux grants this process AMX's tile state;
+    where Linux refuses (kernels before 5.16; its answer stubbed here: bookkeeping only), the CPU's AMX flags are
+    dropped and the avx512vnni tier comes first."""
+    listed = "amx_int8" in Path("/proc/cpuinfo").read_text()
+    assert (native.tier("amx") in native.cpu_tiers()) == (listed and native._amx_granted())
+    native.cpu_flags.cache_clear()
+    monkeypatch.setattr(native, "_amx_granted", lambda: False)
+    try:
+        assert not {"amx_tile", "amx_int8"} & native.cpu_flags()
+        assert native.tier("amx") not in native.cpu_tiers()
+    finally:
+        native.cpu_flags.cache_clear()
 
 
 def test_a_failed_build_says_why_and_what_runs_instead(monkeypatch, capsys):

@@ -12,8 +12,9 @@
 // part: on an Intel Xeon with AMX, one step of 16 rows x 2 tiles took 16.5 ns of tile loads, multiplies and stores
 // alone, 30 ns of fp32 steps alone, 39 ns interleaved as amx_pass does (a C program in a loop, one core).
 //
-// Linux gives a process AMX's tile state only once asked (arch_prctl ARCH_REQ_XCOMP_PERM); where it says no, every
-// block takes the avx512vnni kernels.
+// Linux gives a process AMX's tile state only once asked (arch_prctl ARCH_REQ_XCOMP_PERM): native.py asks before it
+// offers this tier, and tiles_granted asks again here; where the answer is no, every block takes the avx512vnni
+// kernels.
 
 #include <sys/syscall.h>
 #include <unistd.h>

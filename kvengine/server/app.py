@@ -197,7 +197,9 @@ def _add_generation_routes(app: FastAPI, state: ServerState) -> None:
         state.check_model(body.model)
         prompts = body.prompts()
         ids = [await state.text.encode(p) if isinstance(p, str) else p for p in prompts]
-        echo = [p if isinstance(p, str) else await state.text.decode(p) for p in prompts] if body.echo else None
+        echo = None
+        if body.echo:
+            echo = [p if isinstance(p, str) else await state.text.decode(p, "prompt") for p in prompts]
         return await _generate(state, request, "completion", body, ids, body.max_tokens, salt, echo)
 
     @app.post("/v1/chat/completions")
@@ -234,10 +236,6 @@ def _add_token_routes(app: FastAPI, state: ServerState) -> None:
         state.authorize(request)
         body = await _parse(request, DetokenizeRequest)
         state.check_model(body.model)
-        tokenizer = state.engine.tokenizer
-        vocab = tokenizer.vocab_size if tokenizer is not None else 0
-        if any(not 0 <= t < vocab for t in body.tokens):
-            raise RequestError(f"token ids must be in [0, {vocab})", param="tokens")
         return {"prompt": await state.text.decode(body.tokens)}
 
 

@@ -71,8 +71,12 @@ class TextCodec:
         return body.tool_plan(tokenizer.chat_template if tokenizer else None,
                               tokenizer is not None and tokenizer.supports_tools)
 
-    async def decode(self, ids: list[int]) -> str:
+    async def decode(self, ids: list[int], param: str = "tokens") -> str:
+        """The text of token ids a client sent (`param`: the field they came in); ids outside the tokenizer's
+        vocabulary are a 400, not a 5xx from the tokenizer's own conversion."""
         tokenizer = self._need("it cannot detokenize")
+        if any(not 0 <= t < tokenizer.vocab_size for t in ids):
+            raise RequestError(f"token ids must be in [0, {tokenizer.vocab_size})", param=param)
         return await asyncio.to_thread(tokenizer.decode, ids)
 
     def token_text(self) -> Callable[[int], str]:

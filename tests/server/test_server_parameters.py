@@ -187,4 +187,9 @@ def test_tokenize_and_detokenize(tiny_server, tiny_reference):
     status, _, text = tiny_server.request("POST", "/detokenize", {"tokens": tok.encode(PROMPT)})
     assert status == 200 and text["prompt"] == tok.decode(tok.encode(PROMPT))
     assert_error(tiny_server.request("POST", "/detokenize", {"tokens": [10**6]}), 400, param="tokens")
+    for bad in (-1, 2**40):  # the tokenizer's own conversion overflowed on these (a 500 before the check)
+        assert_error(tiny_server.request("POST", "/detokenize", {"tokens": [bad]}), 400, param="tokens")
+        body = {"model": "tiny", "prompt": [bad], "max_tokens": 1, "echo": True}
+        assert_error(tiny_server.request("POST", "/v1/completions", body), 400, param="prompt",
+                     contains="token ids must be in [0, ")
     assert_error(tiny_server.request("POST", "/tokenize", {}), 400, param="prompt")

@@ -24,6 +24,7 @@
 namespace KV_OPS {
 namespace {
 
+using avx512::BlockSums;
 using avx512::Q4Pass;
 using avx512::Q8Pass;
 
@@ -86,10 +87,11 @@ void configure_tiles() { _tile_loadconfig(&kTileConfig); }
 template <int P, typename F>
 void amx_pass(const F& f, const int8_t* xq, float* y, int R, int64_t G, int64_t N, int64_t t) {
   using Group = typename F::Group;
-  alignas(64) float acc[kRows][P][16];       // [row][tile][output]
-  alignas(64) uint8_t b[P][kGroup * 16];     // [tile][8 rows of 64 bytes]
-  alignas(64) int32_t c[2][P][16][16];       // [step parity][tile][row][output]
-  Group group[2][P];                         // [group parity][tile]
+  BlockSums<P> sums(R);
+  auto& acc = sums.acc;
+  alignas(64) uint8_t b[P][kGroup * 16];  // [tile][8 rows of 64 bytes]
+  alignas(64) int32_t c[2][P][16][16];    // [step parity][tile][row][output]
+  Group group[2][P];                      // [group parity][tile]
   struct Pending {
     int64_t slot;  // of its first row
     int i0, rows, parity;
@@ -103,8 +105,6 @@ void amx_pass(const F& f, const int8_t* xq, float* y, int R, int64_t G, int64_t 
         _mm512_store_ps(a, f.step(_mm512_load_ps(a), sum, p.group[u], p.slot + i));
       }
   };
-  for (int i = 0; i < R; ++i)
-    for (int u = 0; u < P; ++u) _mm512_store_ps(acc[i][u], _mm512_setzero_ps());
   configure_tiles();
   int parity = 0;
 #pragma GCC unroll 1
@@ -132,9 +132,7 @@ void amx_pass(const F& f, const int8_t* xq, float* y, int R, int64_t G, int64_t 
   }
   step_rows(pending);
   _tile_release();
-  for (int i = 0; i < R; ++i)
-    for (int u = 0; u < P; ++u)
-      _mm512_storeu_ps(y + i * N + 16 * (t + u), f.finish(_mm512_load_ps(acc[i][u]), t + u));
+  sums.store(f, y, R, N, t);
 }
 
 template <typename F>

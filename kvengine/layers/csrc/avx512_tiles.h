@@ -105,11 +105,27 @@ void q4_tile_row(const int8_t* xq, const float* da, const float* sx, const uint8
 // row's P sums from dot32_tiles, started at F::start and added to the row's sums by F::step; the rows' sums wait
 // in L1, and F::finish turns them into y. Two tiles at a time ran 1.14-1.20x (int4) and 1.15-1.24x (int8) faster
 // than one at 32 and 256 rows of the 1B shape's matmuls (AMD EPYC Zen 5), the same sums.
+// The many-row kernels' sums for a block's R rows and P tiles, in L1, from zero; store() hands them to y through
+// F::finish (rows 0..R-1, row stride N, outputs of tiles t..t+P-1)
+template <int P>
+struct BlockSums {
+  alignas(64) float acc[kRows][P][16];  // [row][tile][output]
+  explicit BlockSums(int R) {
+    for (int i = 0; i < R; ++i)
+      for (int u = 0; u < P; ++u) _mm512_store_ps(acc[i][u], _mm512_setzero_ps());
+  }
+  template <typename F>
+  void store(const F& f, float* y, int R, int64_t N, int64_t t) const {
+    for (int i = 0; i < R; ++i)
+      for (int u = 0; u < P; ++u)
+        _mm512_storeu_ps(y + i * N + 16 * (t + u), f.finish(_mm512_load_ps(acc[i][u]), t + u));
+  }
+};
+
 template <int P, typename F>
 void tiles_pass(const F& f, const int8_t* xq, float* y, int R, int64_t G, int64_t N, int64_t t) {
-  alignas(64) float acc[kRows][P][16];  // [row][tile][output]
-  for (int i = 0; i < R; ++i)
-    for (int u = 0; u < P; ++u) _mm512_store_ps(acc[i][u], _mm512_setzero_ps());
+  BlockSums<P> sums(R);
+  auto& acc = sums.acc;
 #pragma GCC unroll 1
   for (int64_t g = 0; g < G; ++g) {
     typename F::Group group[P];
@@ -129,9 +145,7 @@ void tiles_pass(const F& f, const int8_t* xq, float* y, int R, int64_t G, int64_
         _mm512_store_ps(acc[i][u], f.step(_mm512_load_ps(acc[i][u]), sum[u], group[u], s + i));
     }
   }
-  for (int i = 0; i < R; ++i)
-    for (int u = 0; u < P; ++u)
-      _mm512_storeu_ps(y + i * N + 16 * (t + u), f.finish(_mm512_load_ps(acc[i][u]), t + u));
+  sums.store(f, y, R, N, t);
 }
 
 // The int4 format for tiles_pass: a group's unpacked codes and scales; x's scale da and sum sx per block slot

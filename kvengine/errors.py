@@ -5,6 +5,8 @@ Internal bugs stay ordinary exceptions so they keep their tracebacks.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 
 class KVEngineError(Exception):
     """Base of every error a user can cause. `param` names the offending field when there is one."""
@@ -46,3 +48,9 @@ class AuthenticationError(KVEngineError):
 class OverloadedError(KVEngineError):
     status_code = 429
     error_type = "rate_limit_error"
+
+
+def check_token_ids(ids: Iterable[int], vocab_size: int, param: str, what: str = "token ids") -> None:
+    """Token ids a user sent must lie in [0, vocab_size); else a RequestError naming the field `param`."""
+    if any(not 0 <= t < vocab_size for t in ids):
+        raise RequestError(f"{what} must be in [0, {vocab_size})", param=param)

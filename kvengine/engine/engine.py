@@ -28,7 +28,7 @@ from kvengine.engine.runner import ModelRunner
 from kvengine.engine.scheduler import ScheduledSeq, Scheduler
 from kvengine.engine.sequence import FinishReason, Sequence, SequenceStatus
 from kvengine.engine.stats import EngineStats, RequestBlocks
-from kvengine.errors import RequestError
+from kvengine.errors import RequestError, check_token_ids
 from kvengine.sampling import Sample, Sampler, SampleRow, SamplingParams
 from kvengine.structured import GrammarCompiler, available
 from kvengine.weights.tokenizer import Tokenizer
@@ -125,9 +125,7 @@ class LLMEngine:
         ids = list(prompt_token_ids)
         if not ids:
             raise RequestError("the prompt is empty", param="prompt")
-        vocab = self.model_config.vocab_size
-        if any(not 0 <= t < vocab for t in ids):
-            raise RequestError(f"prompt token ids must be in [0, {vocab})", param="prompt")
+        check_token_ids(ids, self.model_config.vocab_size, "prompt", "prompt token ids")
         return ids
 
     def _check_fits(self, n_prompt: int, max_tokens: int, use_cache: bool) -> None:

@@ -14,7 +14,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from kvengine.errors import RequestError
+from kvengine.errors import RequestError, check_token_ids
 from kvengine.server.protocol import ChatCompletionRequest
 from kvengine.tools.plan import ToolPlan
 from kvengine.weights.tokenizer import Tokenizer
@@ -75,8 +75,7 @@ class TextCodec:
         """The text of token ids a client sent (`param`: the field they came in); ids outside the tokenizer's
         vocabulary are a 400, not a 5xx from the tokenizer's own conversion."""
         tokenizer = self._need("it cannot detokenize")
-        if any(not 0 <= t < tokenizer.vocab_size for t in ids):
-            raise RequestError(f"token ids must be in [0, {tokenizer.vocab_size})", param=param)
+        check_token_ids(ids, tokenizer.vocab_size, param)
         return await asyncio.to_thread(tokenizer.decode, ids)
 
     def token_text(self) -> Callable[[int], str]:

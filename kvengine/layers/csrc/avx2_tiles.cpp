@@ -51,26 +51,34 @@ inline void q4_half(const uint8_t* wg, int h, __m256i* wv) {
   }
 }
 
-// sum over the group's 32 inputs of q * x for the half's 8 rows, as fp32 lanes
+// sum over the group's 32 inputs of q * x for the half's 8 rows, as fp32 lanes. `Tree`: the 8 products summed as a
+// tree, 3 adds deep instead of a chain of 7 (integers: the order changes nothing, so both forms give the same sums).
+// In the many-row kernel, 4 rows' chains in flight, the chain's latency showed: the tree ran 1.03-1.09x (int4 gemms
+// of the default and 1B shapes at 32 and 256 rows, AMD EPYC Zen 3, AVX2 only). The one-row kernel, whose two halves
+// are already two chains and which waits on its weight reads, keeps the chain (its A/B: 0.88-1.23x, noise), and so
+// does the int8 kernel (its sums as a tree: 0.97-1.0x).
+template <bool Tree = false>
 inline __m256 q4_dot(const __m256i* wv, const int8_t* xg) {
 #ifdef __AVXVNNI__
   __m256i s = _mm256_setzero_si256();
   for (int c = 0; c < 8; ++c) s = _mm256_dpbusd_avx_epi32(s, wv[c], codes4(xg + 4 * c));
   return _mm256_cvtepi32_ps(s);
 #else
-  // the 8 products summed as a tree, 3 adds deep instead of a chain of 7 (integers: the order changes nothing).
-  // With 4 rows' chains in flight the chain's latency showed: the tree ran 1.03-1.09x (int4 gemms of the default
-  // and 1B shapes at 32 and 256 rows, AMD EPYC Zen 3, AVX2 only); the int8 kernel's sums as a tree did not (0.97-1.0x)
-  __m256i p[8];
-  for (int c = 0; c < 8; ++c) p[c] = _mm256_maddubs_epi16(wv[c], codes4(xg + 4 * c));
-  for (int w = 4; w > 0; w /= 2)
-    for (int c = 0; c < w; ++c) p[c] = _mm256_add_epi16(p[c], p[c + w]);
-  return _mm256_cvtepi32_ps(_mm256_madd_epi16(p[0], _mm256_set1_epi16(1)));
+  if constexpr (Tree) {
+    __m256i p[8];
+    for (int c = 0; c < 8; ++c) p[c] = _mm256_maddubs_epi16(wv[c], codes4(xg + 4 * c));
+    for (int w = 4; w > 0; w /= 2)
+      for (int c = 0; c < w; ++c) p[c] = _mm256_add_epi16(p[c], p[c + w]);
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(p[0], _mm256_set1_epi16(1)));
+  }
+  __m256i s = _mm256_maddubs_epi16(wv[0], codes4(xg));
+  for (int c = 1; c < 8; ++c) s = _mm256_add_epi16(s, _mm256_maddubs_epi16(wv[c], codes4(xg + 4 * c)));
+  return _mm256_cvtepi32_ps(_mm256_madd_epi16(s, _mm256_set1_epi16(1)));
 #endif
 }
 
 // q4_dot as an object the shared group step (q4_scales.h) calls inline
-constexpr auto q4_dot_of = [](const __m256i* wv, const int8_t* xg) { return q4_dot(wv, xg); };
+constexpr auto q4_dot_of = [](const __m256i* wv, const int8_t* xg) { return q4_dot<true>(wv, xg); };
 
 // a group's scales for one half of a tile (its 8 rows) and the many-row group step: q4_scales.h
 using Lanes = kvengine::lanes::Lanes8;

@@ -112,10 +112,14 @@ void swiglu(const float* gate_up, int64_t M, int64_t I, float* out) {
   });
 }
 
+// x += y (the residual add), split between the threads past kParallelValues values: a prefill's adds ran on the
+// calling thread alone while the other waited (2.6% of SmolLM2's 32-request run, AMD EPYC Zen 3)
 void add_into(at::Tensor& x, const at::Tensor& y) {
   float* xp = x.data_ptr<float>();
   const float* yp = y.data_ptr<float>();
-  for (int64_t i = 0; i < x.numel(); ++i) xp[i] += yp[i];
+  at::parallel_for(0, x.numel(), kvengine::grain_for(1), [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) xp[i] += yp[i];
+  });
 }
 
 #include "layer_flow.h"

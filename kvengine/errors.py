@@ -50,7 +50,12 @@ class OverloadedError(KVEngineError):
     error_type = "rate_limit_error"
 
 
+def first_outside_vocab(ids: Iterable[int], vocab_size: int) -> int | None:
+    """The first of `ids` outside [0, vocab_size), or None."""
+    return next((t for t in ids if not 0 <= t < vocab_size), None)
+
+
 def check_token_ids(ids: Iterable[int], vocab_size: int, param: str, what: str = "token ids") -> None:
     """Token ids a user sent must lie in [0, vocab_size); else a RequestError naming the field `param`."""
-    if any(not 0 <= t < vocab_size for t in ids):
+    if first_outside_vocab(ids, vocab_size) is not None:
         raise RequestError(f"{what} must be in [0, {vocab_size})", param=param)

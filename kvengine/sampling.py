@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvengine.errors import RequestError
+from kvengine.errors import RequestError, first_outside_vocab
 from kvengine.structured import StructuredOutput
 
 MAX_LOGPROBS = 20  # top alternatives per token (OpenAI's limit)
@@ -102,10 +102,9 @@ class SamplingParams:
     def check_vocab(self, vocab_size: int) -> None:
         """Token ids the parameters name must exist in the model's vocabulary."""
         for name, ids in (("stop_token_ids", self.stop_token_ids), ("logit_bias", list(self.logit_bias))):
-            bad = [t for t in ids if not 0 <= t < vocab_size]
-            if bad:
-                raise RequestError(f"{name}: token id {bad[0]} is outside the vocabulary [0, {vocab_size})",
-                                   param=name)
+            bad = first_outside_vocab(ids, vocab_size)
+            if bad is not None:
+                raise RequestError(f"{name}: token id {bad} is outside the vocabulary [0, {vocab_size})", param=name)
 
 
 @dataclass(slots=True)

@@ -99,12 +99,6 @@ void q4_tile_row(const int8_t* xq, const float* da, const float* sx, const uint8
   _mm512_storeu_ps(y, acc);
 }
 
-// The many-row kernels' pass over P consecutive tiles t..t+P-1 (P = 1 or 2) and the R > 1 rows of a block, for a
-// weight format F (Q4Pass, Q8Pass): a group's P tiles loaded once (F::load: 8 P registers of weights and what
-// else the format reads per group; F::prefetch asks for a later group's, kPassPrefetchBytes ahead), then each
-// row's P sums from dot32_tiles, started at F::start and added to the row's sums by F::step; the rows' sums wait
-// in L1, and F::finish turns them into y. Two tiles at a time ran 1.14-1.20x (int4) and 1.15-1.24x (int8) faster
-// than one at 32 and 256 rows of the 1B shape's matmuls (AMD EPYC Zen 5), the same sums.
 // The many-row kernels' sums for a block's R rows and P tiles, in L1, from zero; store() hands them to y through
 // F::finish (rows 0..R-1, row stride N, outputs of tiles t..t+P-1)
 template <int P>
@@ -122,6 +116,12 @@ struct BlockSums {
   }
 };
 
+// The many-row kernels' pass over P consecutive tiles t..t+P-1 (P = 1 or 2) and the R > 1 rows of a block, for a
+// weight format F (Q4Pass, Q8Pass): a group's P tiles loaded once (F::load: 8 P registers of weights and what
+// else the format reads per group; F::prefetch asks for a later group's, kPassPrefetchBytes ahead), then each
+// row's P sums from dot32_tiles, started at F::start and added to the row's sums by F::step; the rows' sums wait
+// in L1, and F::finish turns them into y. Two tiles at a time ran 1.14-1.20x (int4) and 1.15-1.24x (int8) faster
+// than one at 32 and 256 rows of the 1B shape's matmuls (AMD EPYC Zen 5), the same sums.
 template <int P, typename F>
 void tiles_pass(const F& f, const int8_t* xq, float* y, int R, int64_t G, int64_t N, int64_t t) {
   BlockSums<P> sums(R);

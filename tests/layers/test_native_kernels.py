@@ -211,8 +211,9 @@ def test_gemm_equals_matmul_of_its_quantized_activations(kernel_tier, cls, rows)
 
 @pytest.mark.parametrize("cls", [Int4Linear, Int8Linear])
 def test_gemm_result_does_not_depend_on_the_thread_count(kernel_tier, cls):
-    """The gemms cut their (row chunk, weight tile) items into one run per thread by rows x tiles (tier.h's
-    for_tiles): whatever the cut, every item is computed once and alike, so 1, 2 and 3 threads give equal results,
+    """The gemms cut their (row chunk, weight tile) items into one run per thread by rows x tiles, and each run into
+    pieces that any thread may take once its own are done (tier.h's for_tiles): whatever the cut and whichever
+    thread takes a piece, every item is computed once and alike, so 1, 2 and 3 threads give equal results,
     at row counts whose last chunk of 64 is full, short or a few rows, with an even and an odd number of tiles.
     Before each call a freed block of NaN of the output's size leaves NaN where the allocator hands it back, so an
     item no run took would show."""

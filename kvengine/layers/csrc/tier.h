@@ -10,7 +10,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
+#include <memory>
 
 #ifndef KV_OPS
 #define KV_OPS kvengine_dev
@@ -97,32 +99,49 @@ namespace kvengine::tiles {
 
 // Rows of x taken kChunk at a time, so their int8 codes stay in cache while every weight tile passes over them.
 // The (chunk, tile) items, in that order, are cut into one run per thread holding an equal share of rows x tiles (an
-// item weighs its chunk's rows). Cut by the items' number, a last chunk of few rows left one thread more of the
-// work (100 rows: 64 against 36; 131 rows: 2.7x the other's). Weighed, prefills of 100 and 200 tokens ran
-// 1.17-1.32x (1B shape) and 1.08-1.22x (SmolLM2) faster on avx512vnni, 1.20-1.34x and 1.12-1.37x held to AVX2, the
-// 1,155 rows of 32 prompts 1.02-1.07x, 1,024 rows 1.00x (AMD EPYC Zen 5, 2 threads). f(t, i0, rows) for each of
-// the chunk's blocks of up to kRows rows, the tile's weights in cache.
+// item weighs its chunk's rows). Cut by the items' number, a last chunk of few rows left one thread more of the work
+// (100 rows: 64 against 36; 131 rows: 2.7x the other's); weighed, prefills of 100 and 200 tokens ran 1.17-1.32x (1B
+// shape) and 1.08-1.22x (SmolLM2) faster on avx512vnni, 1.20-1.34x and 1.12-1.37x held to AVX2 (AMD EPYC Zen 5, 2
+// threads).
+// Each run is cut into kPiecesPerThread pieces. A thread takes its own run's pieces in order, then the pieces of the
+// others' runs that they have not started, so a thread slowed by a shared core or woken late no longer holds the
+// other at the barrier. SmolLM2's 32 x 64 decodes, old and new kernels alternating in one process (AMD EPYC Zen 3,
+// AVX2 only, 2 threads): with another busy process on one of the two cores, a decode step took 99 ms against 162
+// (medians; rounds 0.93-2.05x); on idle cores 1.00x (0.95-1.05), the 1B shape's batch-1 decode too. Its own pieces
+// first keep each thread's weight reads one stream, as a batch-1 decode wants (any piece, first come first served:
+// 0.96x).
+// f(t, i0, rows) for each of a piece's blocks of up to kRows rows, the tile's weights in cache. Which thread computes
+// a block changes nothing in its result.
 constexpr int64_t kChunk = 64;
+constexpr int64_t kPiecesPerThread = 8;
 
 template <int kRows, typename F>
 void for_tiles(int64_t M, int64_t tiles, const F& f) {
   static_assert(kChunk % kRows == 0, "a block of rows starts at a multiple of kRows (fp32_mm.h's block_slot)");
   const int64_t chunks = (M + kChunk - 1) / kChunk, work = M * tiles;
   const int64_t runs = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), chunks * tiles));
-  at::parallel_for(0, runs, 1, [&](int64_t k0, int64_t k1) {
-    for (int64_t k = k0; k < k1; ++k) {
-      const int64_t w0 = work * k / runs, w1 = work * (k + 1) / runs;  // this run's share of rows x tiles
-      for (int64_t c = 0; c < chunks; ++c) {
-        const int64_t first = c * kChunk, rows = std::min(kChunk, M - first), base = first * tiles;
-        // the tiles whose item starts (base + t * rows) lie in [w0, w1)
-        const auto from = [&](int64_t w) {
-          return std::min(tiles, (std::max<int64_t>(0, w - base) + rows - 1) / rows);
-        };
-        const int64_t end = first + rows, t1 = from(w1);
-        for (int64_t t = from(w0); t < t1; ++t)
-          for (int64_t i0 = first; i0 < end; i0 += kRows) f(t, i0, std::min<int64_t>(kRows, end - i0));
-      }
+  const int64_t pieces = std::max(runs, std::min(runs * kPiecesPerThread, chunks * tiles));
+  const auto piece = [&](int64_t k) {
+    const int64_t w0 = work * k / pieces, w1 = work * (k + 1) / pieces;  // this piece's share of rows x tiles
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t first = c * kChunk, rows = std::min(kChunk, M - first), base = first * tiles;
+      // the tiles whose item starts (base + t * rows) lie in [w0, w1)
+      const auto from = [&](int64_t w) { return std::min(tiles, (std::max<int64_t>(0, w - base) + rows - 1) / rows); };
+      const int64_t end = first + rows, t1 = from(w1);
+      for (int64_t t = from(w0); t < t1; ++t)
+        for (int64_t i0 = first; i0 < end; i0 += kRows) f(t, i0, std::min<int64_t>(kRows, end - i0));
     }
+  };
+  // run v holds pieces pieces * v / runs .. pieces * (v + 1) / runs - 1; taken[v] of them are taken
+  std::unique_ptr<std::atomic<int64_t>[]> taken(new std::atomic<int64_t>[runs]);
+  for (int64_t v = 0; v < runs; ++v) taken[v] = 0;
+  const auto take = [&](int64_t v) {
+    const int64_t first = pieces * v / runs, count = pieces * (v + 1) / runs - first;
+    for (int64_t i = taken[v]++; i < count; i = taken[v]++) piece(first + i);
+  };
+  at::parallel_for(0, runs, 1, [&](int64_t k0, int64_t k1) {
+    for (int64_t v = k0; v < k1; ++v) take(v);
+    for (int64_t d = 1; d < runs; ++d) take((k0 + d) % runs);
   });
 }
 

@@ -26,15 +26,16 @@ class TextCodec:
         self.max_model_len = max_model_len
         self._max_token_bytes: int | None = None
 
-    def _need(self, what: str) -> Tokenizer:
+    def _need(self, what: str, param: str) -> Tokenizer:
+        """The tokenizer, or a 400 naming the field (`param`) whose text needs one."""
         if self.tokenizer is None:
-            raise RequestError(f"this model has no tokenizer; {what}", param="prompt")
+            raise RequestError(f"this model has no tokenizer; {what}", param=param)
         return self.tokenizer
 
     def max_token_bytes(self) -> int:
         """The longest token's UTF-8 length (computed once, on a worker thread)."""
         if self._max_token_bytes is None:
-            tok = self._need("send token ids")
+            tok = self._need("send token ids", "prompt")
             self._max_token_bytes = max(len(tok.decode([i], skip_special_tokens=False).encode())
                                         for i in range(tok.vocab_size))
         return self._max_token_bytes
@@ -46,7 +47,7 @@ class TextCodec:
                                f"token spans at most {most} bytes, so it cannot fit", param=param)
 
     async def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        tokenizer = self._need("send the prompt as token ids")
+        tokenizer = self._need("send the prompt as token ids", "prompt")
 
         def encode() -> list[int]:
             self.check_size(len(text), "prompt")
@@ -56,7 +57,7 @@ class TextCodec:
     async def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
                           tools: list[dict[str, Any]] | None = None) -> list[int]:
         """The chat template applied (with the tools a request offers) and encoded."""
-        tokenizer = self._need("send token ids to /v1/completions")
+        tokenizer = self._need("send token ids to /v1/completions", "messages")
 
         def encode() -> list[int]:
             self.check_size(sum(len(m["content"]) for m in messages), "messages")
@@ -74,7 +75,7 @@ class TextCodec:
     async def decode(self, ids: list[int], param: str = "tokens") -> str:
         """The text of token ids a client sent (`param`: the field they came in); ids outside the tokenizer's
         vocabulary are a 400, not a 5xx from the tokenizer's own conversion."""
-        tokenizer = self._need("it cannot detokenize")
+        tokenizer = self._need("it cannot detokenize", param)
         check_token_ids(ids, tokenizer.vocab_size, param)
         return await asyncio.to_thread(tokenizer.decode, ids)
 

@@ -83,13 +83,16 @@ class Served:
 
 @pytest.fixture(scope="module")
 def start_server(tiny_folder):
-    """start_server(**app_args) -> Served on a fresh tiny engine; every server is stopped after the module."""
+    """start_server(**app_args) -> Served on a fresh tiny engine (or on `llm=`, one the test built); every server is
+    stopped after the module."""
     servers: list[Served] = []
 
-    def start(**app_args: Any) -> Served:
-        llm = LLM(str(tiny_folder), weights="fp32", kv_cache_memory=app_args.pop("kv_cache_memory", TINY_KV_BYTES),
-                  max_num_seqs=app_args.pop("max_num_seqs", 64), kv_disk_dir=app_args.pop("kv_disk_dir", None),
-                  max_model_len=app_args.pop("max_model_len", None))
+    def start(llm: LLM | None = None, **app_args: Any) -> Served:
+        if llm is None:
+            llm = LLM(str(tiny_folder), weights="fp32",
+                      kv_cache_memory=app_args.pop("kv_cache_memory", TINY_KV_BYTES),
+                      max_num_seqs=app_args.pop("max_num_seqs", 64), kv_disk_dir=app_args.pop("kv_disk_dir", None),
+                      max_model_len=app_args.pop("max_model_len", None))
         servers.append(Served(llm, **app_args))
         return servers[-1]
 

@@ -206,3 +206,27 @@ def test_disconnect_while_waiting_without_streaming_aborts(start_server):
     finally:
         served.state.engine.resume()
     assert 'finish_reason="length"' not in served.request("GET", "/metrics")[2]
+
+
+
+def test_a_model_without_a_tokenizer_names_the_field_that_needs_one(start_server):
+    """A model served with no tokenizer (LLM.from_model without one) takes token ids only: text sent to a route
+    that would need a tokenizer is one 400 naming the field it came in, and token ids still generate."""
+    from kvtest import tiny_pair
+
+    from kvengine.llm import LLM
+
+    model, _ = tiny_pair("llama", num_hidden_layers=2)
+    served = start_server(llm=LLM.from_model(model, None, kv_cache_memory=1 << 20, block_size=4))
+    name = served.request("GET", "/v1/models")[2]["data"][0]["id"]
+    cases = [(COMPLETIONS, {"model": name, "prompt": "hello", "max_tokens": 2}, "prompt"),
+             (CHAT, {"model": name, "messages": USER, "max_tokens": 2}, "messages"),
+             ("/tokenize", {"prompt": "hello"}, "prompt"),
+             ("/detokenize", {"tokens": [1, 2]}, "tokens")]
+    for path, body, param in cases:
+        assert_error(served.request("POST", path, body), 400, param=param, contains="no tokenizer")
+    status, _, body = served.request("POST", COMPLETIONS, {"model": name, "prompt": [1, 2, 3], "max_tokens": 2})
+    assert status == 200, body
+    assert body["usage"]["completion_tokens"] == 2
+    state = served.state_json()
+    assert state["requests"] == [] and state["blocks_used"] == 0

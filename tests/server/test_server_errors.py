@@ -1,6 +1,6 @@
 """Bad input and faults, over raw HTTP: OpenAI-style error bodies with the right status, api keys (401),
-per-key tenants, a full waiting queue (429 + Retry-After), and a client that disconnects mid-stream (its
-request is aborted and its blocks come back)."""
+per-key tenants, a full waiting queue (429 + Retry-After), a client that disconnects mid-stream (its request is
+aborted and its blocks come back), and text sent to a model with no tokenizer (a 400 naming the field)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,9 @@ import json
 import threading
 
 import pytest
+from kvtest import tiny_pair
+
+from kvengine.llm import LLM
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
@@ -208,14 +211,9 @@ def test_disconnect_while_waiting_without_streaming_aborts(start_server):
     assert 'finish_reason="length"' not in served.request("GET", "/metrics")[2]
 
 
-
 def test_a_model_without_a_tokenizer_names_the_field_that_needs_one(start_server):
     """A model served with no tokenizer (LLM.from_model without one) takes token ids only: text sent to a route
     that would need a tokenizer is one 400 naming the field it came in, and token ids still generate."""
-    from kvtest import tiny_pair
-
-    from kvengine.llm import LLM
-
     model, _ = tiny_pair("llama", num_hidden_layers=2)
     served = start_server(llm=LLM.from_model(model, None, kv_cache_memory=1 << 20, block_size=4))
     name = served.request("GET", "/v1/models")[2]["data"][0]["id"]

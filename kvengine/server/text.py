@@ -32,16 +32,15 @@ class TextCodec:
             raise RequestError(f"this model has no tokenizer; {what}", param=param)
         return self.tokenizer
 
-    def max_token_bytes(self) -> int:
+    def max_token_bytes(self, tokenizer: Tokenizer) -> int:
         """The longest token's UTF-8 length (computed once, on a worker thread)."""
         if self._max_token_bytes is None:
-            tok = self._need("send token ids", "prompt")
-            self._max_token_bytes = max(len(tok.decode([i], skip_special_tokens=False).encode())
-                                        for i in range(tok.vocab_size))
+            self._max_token_bytes = max(len(tokenizer.decode([i], skip_special_tokens=False).encode())
+                                        for i in range(tokenizer.vocab_size))
         return self._max_token_bytes
 
-    def check_size(self, chars: int, param: str) -> None:
-        limit, most = self.max_model_len, self.max_token_bytes()
+    def check_size(self, tokenizer: Tokenizer, chars: int, param: str) -> None:
+        limit, most = self.max_model_len, self.max_token_bytes(tokenizer)
         if chars > limit * most:
             raise RequestError(f"the {param} has {chars} characters; this model's context is {limit} tokens and a "
                                f"token spans at most {most} bytes, so it cannot fit", param=param)
@@ -50,7 +49,7 @@ class TextCodec:
         tokenizer = self._need("send the prompt as token ids", "prompt")
 
         def encode() -> list[int]:
-            self.check_size(len(text), "prompt")
+            self.check_size(tokenizer, len(text), "prompt")
             return tokenizer.encode(text, add_special_tokens)
         return await asyncio.to_thread(encode)
 
@@ -60,9 +59,9 @@ class TextCodec:
         tokenizer = self._need("send token ids to /v1/completions", "messages")
 
         def encode() -> list[int]:
-            self.check_size(sum(len(m["content"]) for m in messages), "messages")
+            self.check_size(tokenizer, sum(len(m["content"]) for m in messages), "messages")
             if tools:
-                self.check_size(len(json.dumps(tools)), "tools")
+                self.check_size(tokenizer, len(json.dumps(tools)), "tools")
             return tokenizer.encode_chat(messages, add_generation_prompt, tools)
         return await asyncio.to_thread(encode)
 

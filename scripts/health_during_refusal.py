@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 
-from kvengine.server.app import MAX_BODY_BYTES
+from kvengine.server.state import MAX_BODY_BYTES
 
 
 def post(port: int, path: str, body: bytes, out: list) -> None:

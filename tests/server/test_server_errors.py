@@ -77,7 +77,7 @@ def test_bad_values_are_400(tiny_server, path, body, param, contains):
 
 
 def test_oversized_body_is_413(tiny_server, monkeypatch):
-    monkeypatch.setattr("kvengine.server.app.MAX_BODY_BYTES", 1000)
+    monkeypatch.setattr("kvengine.server.state.MAX_BODY_BYTES", 1000)
     resp = tiny_server.request("POST", COMPLETIONS, {"prompt": "x" * 2000})
     assert_error(resp, 413, contains="at most 1000")
 

@@ -214,6 +214,12 @@ def slots_of(block_table: list[int], positions: torch.Tensor, block_size: int,
     return (table[positions // block_size] * block_size + positions % block_size).to(device)
 
 
+def plain_kv_dtype(spec: KVCacheSpec) -> torch.dtype | None:
+    """The element dtype of a pool for `spec` when every layer's K/V are plain float tensors (`LayerKV.k` / `.v`, no
+    codes or scales) in one group that keeps every token, known before the pool is allocated. None otherwise."""
+    return FLOAT_STORAGE[spec.dtype] if spec.kv_dtype.is_float and spec.prefix_cacheable else None
+
+
 @dataclass(slots=True)
 class KVPool:
     """The KV pool: `num_blocks` blocks of `spec.block_size` token slots for every layer."""
@@ -263,12 +269,8 @@ class KVPool:
         return self.layers[i]
 
     def plain_dtype(self) -> torch.dtype | None:
-        """The element dtype when every layer's K/V are plain float tensors (`LayerKV.k` / `.v`, no codes or
-        scales) in one group that keeps every token: what ops reading the pool's tensors directly (the fused layer
-        op) need. None otherwise."""
-        if not (self.spec.kv_dtype.is_float and self.spec.prefix_cacheable):
-            return None
-        return self.kv.dtype
+        """plain_kv_dtype of the pool's spec: what ops reading its tensors directly (the fused layer op) need."""
+        return plain_kv_dtype(self.spec)
 
     # ---- whole blocks (the disk tier) ---------------------------------------------------------------
     # Every pool tensor keeps slots (or, for per-block key scales, blocks) on axis 3: a block's bytes are its

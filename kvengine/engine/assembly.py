@@ -13,7 +13,7 @@ import torch
 from kvengine.cache.disk_store import DiskStore
 from kvengine.cache.disk_tier import KVDiskTier
 from kvengine.cache.fingerprint import kv_fingerprint
-from kvengine.cache.pool import KVPool, num_blocks_for_budget
+from kvengine.cache.pool import KVPool, num_blocks_for_budget, plain_kv_dtype
 from kvengine.cache.retention import max_blocks
 from kvengine.cache.spec import KVCacheSpec
 from kvengine.cache.spec import kv_dtype as resolve_kv_dtype
@@ -43,11 +43,12 @@ def build_engine(model: CausalLM, tokenizer: Tokenizer | None, config: EngineCon
     weights = prepare_weights(model, config, dtype)
     fused = config.fused_layers and (config.quantized_weights or dtype == torch.bfloat16)
     narrow = fast_kv_dtype(config, dtype) if fused else None
-    pool = allocate_pool(config, mc, narrow or dtype, max_len)
-    why_not = model.enable_fused_layers(pool) if fused else None  # None: nothing to say
+    spec = pool_spec(config, mc, narrow or dtype)
+    why_not = model.enable_fused_layers(plain_kv_dtype(spec)) if fused else None  # None: nothing to say
     if narrow is not None and why_not != "":  # the op does not take the model: "auto" is its dtype after all
-        pool = allocate_pool(config, mc, dtype, max_len)
-        why_not = model.enable_fused_layers(pool)
+        spec = pool_spec(config, mc, dtype)
+        why_not = model.enable_fused_layers(plain_kv_dtype(spec))
+    pool = allocate_pool(config, spec, max_len)  # (once: the op's answer needs only the pool's spec)
     if why_not is not None:
         weights += "; steps: " + (f"layer by layer ({why_not})" if why_not else "one kvengine op per layer")
     tier = None
@@ -108,12 +109,15 @@ def fast_kv_dtype(config: EngineConfig, dtype: torch.dtype) -> torch.dtype | Non
     return torch.bfloat16 if tier is not None and torch.bfloat16 in tier.narrow_kv else None
 
 
-def allocate_pool(config: EngineConfig, mc: ModelConfig, dtype: torch.dtype, max_len: int) -> KVPool:
-    """The KV pool, sized from `config.kv_cache_memory` (and no larger than max_num_seqs sequences need), in
-    `config.kv_cache_dtype` or, for "auto", `dtype`."""
+def pool_spec(config: EngineConfig, mc: ModelConfig, dtype: torch.dtype) -> KVCacheSpec:
+    """The KV pool's geometry, in `config.kv_cache_dtype` or, for "auto", `dtype`."""
     kv_name = str(dtype).removeprefix("torch.") if config.kv_cache_dtype == "auto" else config.kv_cache_dtype
-    spec = KVCacheSpec(mc.num_layers, mc.num_kv_heads, mc.head_dim, resolve_kv_dtype(kv_name).name, config.block_size,
+    return KVCacheSpec(mc.num_layers, mc.num_kv_heads, mc.head_dim, resolve_kv_dtype(kv_name).name, config.block_size,
                        mc.layer_windows, config.kv_window, config.sink_tokens)
+
+
+def allocate_pool(config: EngineConfig, spec: KVCacheSpec, max_len: int) -> KVPool:
+    """The KV pool of `spec`, sized from `config.kv_cache_memory` (and no larger than max_num_seqs sequences need)."""
     per_seq = max_blocks(spec.groups, max_len, config.max_num_batched_tokens, config.block_size)
     num_blocks = num_blocks_for_budget(spec, config.kv_cache_memory, config.device, config.max_num_seqs * per_seq)
     return KVPool.allocate(spec, num_blocks, config.device)

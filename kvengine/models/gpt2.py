@@ -133,7 +133,7 @@ class GPT2ForCausalLM(DecoderLM):
                                  f"{self.config.max_position_embeddings} learned positions")
         return self.wte(batch.input_ids) + self.wpe(batch.positions)  # [T, hidden]
 
-    def enable_fused_layers(self, pool: KVPool) -> str:
+    def enable_fused_layers(self, kv_dtype: torch.dtype | None) -> str:
         """GPT-2 runs layer by layer; the reason goes into the run summary."""
         return FUSED_LAYERS_REASON
 

@@ -137,13 +137,13 @@ class LlamaForCausalLM(DecoderLM):
         self.fused_tier = ""  # the kernel tier (layers/native.py) whose decode_layer runs them
         self.fused_kv_dtype = dtype  # the engine pool's K/V dtype, which no-cache steps' scratch K/V take too
 
-    def enable_fused_layers(self, pool: KVPool) -> str:
+    def enable_fused_layers(self, kv_dtype: torch.dtype | None) -> str:
         """Run every step as one `kvengine::decode_layer` op per layer: decode steps (one sequence or several),
         prefill of any length, and no-cache steps (the PyTorch ops' dispatch otherwise costs more than their
         arithmetic in decode steps; compilation removes it too, but traces again in every process). One path for
         every step is what makes cached and uncached tokens the same: the op computes each row on its own, so a
-        token's keys, values and logits do not depend on the step that computed it. Returns "" when enabled, else
-        why not, for the run summary."""
+        token's keys, values and logits do not depend on the step that computed it. `kv_dtype`: the engine pool's
+        plain dtype (cache/pool.py plain_kv_dtype). Returns "" when enabled, else why not, for the run summary."""
         tier = native.tier_for(self.norm.weight.dtype)
         weights = [layer.fused_weights() for layer in self.layers]
         if tier is None or any(w is None for w in weights):
@@ -151,14 +151,14 @@ class LlamaForCausalLM(DecoderLM):
             act = "bf16" if chosen is None or chosen.act_dtype == torch.bfloat16 else "fp32"
             bf16 = " or bf16 weights" if act == "bf16" else ""
             return f"it needs {act} activations, and kvengine's tile kernels{bf16} in every linear layer"
-        if not tier.reads_kv(pool.plain_dtype()):
+        if not tier.reads_kv(kv_dtype):
             names = [str(d).removeprefix("torch.") for d in (tier.act_dtype, *tier.narrow_kv)]
             kinds = " or ".join(filter(None, [", ".join(names[:-1]), names[-1]]))
             return f"it needs a {kinds} KV cache that keeps every token"
         if self.config.head_dim % tier.head_dim_step:
             return f"it needs a head_dim that is a multiple of {tier.head_dim_step}"
         self.fused_layer_weights, self.fused_tier = weights, tier.name
-        self.fused_kv_dtype = pool.plain_dtype()
+        self.fused_kv_dtype = kv_dtype
         return ""
 
     @property

@@ -60,10 +60,11 @@ class CausalLM(Protocol):
         ...
 
     # -- optional: whole decoder layers as one kernel op ----------------------------------------------------------
-    def enable_fused_layers(self, pool: KVPool) -> str | None:
+    def enable_fused_layers(self, kv_dtype: torch.dtype | None) -> str | None:
         """Run the steps it can (decode steps, prefill steps of short prompts) as one kvengine op per decoder layer,
-        reading `pool`. Returns "" when enabled, else why not (for the run summary); None where the family has no
-        such path and nothing to say about it."""
+        reading the engine's pool, whose plain dtype (cache/pool.py plain_kv_dtype, asked before the pool is
+        allocated) is `kv_dtype`. Returns "" when enabled, else why not (for the run summary); None where the family
+        has no such path and nothing to say about it."""
         return None
 
     @property

@@ -10,6 +10,7 @@ import pytest
 import torch
 from gpt2test import tiny_gpt2_pair
 
+from kvengine.cache.pool import KVPool
 from kvengine.engine.sequence import Sequence
 from kvengine.layers.linear import Int4Linear, Int8Linear
 from kvengine.llm import LLM
@@ -34,6 +35,24 @@ def test_quantized_gpt2_tracks_fp32_and_says_why_layer_by_layer(weights, dtype, 
     assert out.verify.passed and out.verify.first_divergence is None
     assert (logits(llm) - logits(ref)).abs().max() < 0.05
     assert llm.engine.block_tables.num_used_blocks == 0
+
+
+def test_one_pool_when_the_fused_op_refuses_the_model(monkeypatch):
+    """On an fp32 tier the "auto" KV dtype of quantized weights is bf16 where the fused op runs; GPT-2 runs layer by
+    layer, so "auto" is its compute dtype after all, and the engine allocates that pool alone (it used to allocate
+    the bf16 one first and drop it). A spy records what KVPool.allocate is asked for (engine bookkeeping)."""
+    asked: list[str] = []
+    allocate = KVPool.allocate
+
+    def spy(spec, num_blocks, device):
+        asked.append(spec.dtype)
+        return allocate(spec, num_blocks, device)
+
+    monkeypatch.setattr(KVPool, "allocate", staticmethod(spy))
+    model, _ = tiny_gpt2_pair(n_embd=128, n_head=4)
+    llm = LLM.from_model(model, None, weights="int8", dtype="float32", kv_cache_memory=1 << 20)
+    assert asked == ["float32"]
+    assert llm.engine.pool.plain_dtype() == torch.float32
 
 
 def logits(llm: LLM) -> torch.Tensor:

@@ -56,8 +56,8 @@ inline void q4_half(const uint8_t* wg, int h, __m256i* wv) {
 // In the many-row kernel, 4 rows' chains in flight, the chain's latency showed: the tree ran 1.03-1.09x (int4 gemms
 // of the default and 1B shapes at 32 and 256 rows, AMD EPYC Zen 3, AVX2 only). The one-row kernel, whose two halves
 // are already two chains and which waits on its weight reads, keeps the chain (its A/B: 0.88-1.23x; again, whole
-// batch-1 decode steps in one process: default model 0.97x, 1B shape 1.0x), and so does the int8 kernel (its sums as a tree: 0.97-1.0x). The avxvnni build ignores `Tree`: each VPDPBUSD adds into
-// the sum itself.
+// batch-1 decode steps in one process: default model 0.97x, 1B shape 1.0x), and so does the int8 kernel (its sums
+// as a tree: 0.97-1.0x). The avxvnni build ignores `Tree`: each VPDPBUSD adds into the sum itself.
 template <bool Tree = false>
 inline __m256 q4_dot(const __m256i* wv, const int8_t* xg) {
 #ifdef __AVXVNNI__
@@ -202,7 +202,9 @@ void q4_one(const int8_t* xq, const float* da, const float* sx, const uint8_t* w
   }
 }
 
-// one int8 tile (q8_tile takes them one at a time)
+// one int8 tile (q8_tile takes them one at a time). Its passes repeat q4_one's around a different group step; one
+// template taking both steps as lambdas gave the same results but ran the int4 gemms 0.93-0.99x (32 and 1,024 rows
+// of the default and 1B shapes, old and new alternating in one process, AMD EPYC Zen 3), so each keeps its loop.
 void q8_one(const int8_t* xq, const Q8Side& side, const float* da, const uint8_t* w, const float* scale, float* y,
             int R, int64_t K, int64_t N, int64_t t) {
   const int64_t G = K / kGroup;

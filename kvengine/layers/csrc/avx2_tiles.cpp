@@ -20,10 +20,11 @@
 // The integer sums equal vnni_mm.cpp's exactly; the fp32 steps after them are the same operations in the same order.
 //
 // One row of x (a decode step of one sequence) takes its own kernels: both halves in one pass over the groups, the
-// row's sums in registers and each broadcast of x serving both halves, the weights asked for 2 KB ahead: at one row
-// the many-row loop's stores of each group's sums to L1 and its two passes cost more than its products (1.2-1.6x on
-// the model's shapes, AMD EPYC Zen 3). They do the same arithmetic per output in the same order, so a row's result
-// does not depend on how many rows it is multiplied with.
+// row's sums in registers and each broadcast of x serving both halves, the weights asked for 2 KB ahead and
+// non-temporally (fp32_mm.h's Reuse::kOnce: read once a step, they leave the caches to the layer's other reads).
+// At one row the many-row loop's stores of each group's sums to L1 and its two passes cost more than its products
+// (1.2-1.6x on the model's shapes, AMD EPYC Zen 3). They do the same arithmetic per output in the same order, so a
+// row's result does not depend on how many rows it is multiplied with.
 //
 // The avxvnni tier compiles this same file with -mavxvnni (__AVXVNNI__): AVX-VNNI's 256-bit VPDPBUSD (Alder Lake
 // and later, Zen 4 and later) does a lane's 4-byte dot product and its int32 sum in one instruction, in place of
@@ -144,7 +145,7 @@ void q4_tile_row(const int8_t* xq, const float* da, const float* sx, const uint8
   for (int64_t g = 0; g < G; ++g) {
     __m256i w0[8], w1[8];
     const at::Half* dg = dmt + g * S::kHalves;
-    prefetch_q4_group(wt + g * 256, dg, S::kHalves, kPrefetchBytes);  // a later group's codes and scales
+    prefetch_q4_group<Reuse::kOnce>(wt + g * 256, dg, S::kHalves, kPrefetchBytes);  // a later group
     q4_half(wt + g * 256, 0, w0);
     q4_half(wt + g * 256, 1, w1);
     const int8_t* xg = xq + g * kGroup;
@@ -161,7 +162,7 @@ void q8_tile_row(const int8_t* xq, const int8_t* xa, const float* da, const uint
   __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
     __m256i w0[8], w1[8];
-    prefetch_lines(wt + g * 512, kPrefetchBytes, 8);
+    prefetch_lines<Reuse::kOnce>(wt + g * 512, kPrefetchBytes, 8);
     q8_half(wt + g * 512, 0, w0);
     q8_half(wt + g * 512, 1, w1);
     a0 = q8_step(a0, q8_dot(w0, xq + g * kGroup, xa + g * kGroup), da[g]);

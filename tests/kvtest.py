@@ -165,6 +165,24 @@ def assert_tracks_reference(got: torch.Tensor, ref: torch.Tensor, ids: list[int]
     assert abs(ratio - 1) < 0.02 and agree >= 0.9, (ratio, agree)
 
 
+def fused_op_rows(monkeypatch, layers: int) -> list[int]:
+    """A list that grows by the rows of every `kvengine::decode_layers` call (the fused op: one call a step, all
+    the model's layers; models/llama.py looks the op up per call), each call checked to carry all `layers`."""
+    from kvengine.layers import native
+
+    calls: list[int] = []
+    ops = native.ops(native.chosen().name)
+    real_op = ops.decode_layers
+
+    def counted(x, weights, cos, sin, k_caches, *rest):
+        assert len(k_caches) == layers and len(weights) == 10 * layers
+        calls.append(len(x))
+        return real_op(x, weights, cos, sin, k_caches, *rest)
+
+    monkeypatch.setattr(ops, "decode_layers", counted)
+    return calls
+
+
 def run_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
     """`kvengine ARGS` through the real main() in-process: (exit code, stdout, stderr)."""
     import sys

@@ -134,13 +134,15 @@ class LlamaForCausalLM(DecoderLM):
         self.lm_head = tied_head(config, self.embed_tokens, dtype)
         # per layer: the fused layer op's weights (enable_fused_layers), None while the model runs layer by layer
         self.fused_layer_weights: list[list[torch.Tensor]] | None = None
+        self.fused_operands: list[torch.Tensor] = []  # the same, layer after layer: decode_layers' weights
         self.fused_tier = ""  # the kernel tier (layers/native.py) whose decode_layer runs them
         self.fused_kv_dtype = dtype  # the engine pool's K/V dtype, which no-cache steps' scratch K/V take too
 
     def enable_fused_layers(self, kv_dtype: torch.dtype | None) -> str:
-        """Run every step as one `kvengine::decode_layer` op per layer: decode steps (one sequence or several),
-        prefill of any length, and no-cache steps (the PyTorch ops' dispatch otherwise costs more than their
-        arithmetic in decode steps; compilation removes it too, but traces again in every process). One path for
+        """Run every step as one `kvengine::decode_layer` op per layer (all of them in one `decode_layers` call):
+        decode steps (one sequence or several), prefill of any length, and no-cache steps (the PyTorch ops'
+        dispatch otherwise costs more than their arithmetic in decode steps; compilation removes it too, but
+        traces again in every process). One path for
         every step is what makes cached and uncached tokens the same: the op computes each row on its own, so a
         token's keys, values and logits do not depend on the step that computed it. `kv_dtype`: the engine pool's
         plain dtype (cache/pool.py plain_kv_dtype). Returns "" when enabled, else why not, for the run summary."""
@@ -158,6 +160,7 @@ class LlamaForCausalLM(DecoderLM):
         if self.config.head_dim % tier.head_dim_step:
             return f"it needs a head_dim that is a multiple of {tier.head_dim_step}"
         self.fused_layer_weights, self.fused_tier = weights, tier.name
+        self.fused_operands = [w for layer in weights for w in layer]
         self.fused_kv_dtype = kv_dtype
         return ""
 
@@ -195,10 +198,10 @@ class LlamaForCausalLM(DecoderLM):
             meta, layer_kvs = batch.kv[0].metadata, kv.layers
         assert isinstance(meta, FusedLayersMetadata)
         cos, sin = self.rotary.table(batch.positions, batch.max_context_len)  # [T, 1, D] each
-        decode_layer, scale = native.ops(self.fused_tier).decode_layer, c.attn_scale  # looked up once per step
-        for weights, layer_kv in zip(self.fused_layer_weights, layer_kvs, strict=True):
-            x = decode_layer(x, weights, cos, sin, layer_kv.k, layer_kv.v, meta.slots, meta.row_seq, meta.row_lens,
-                             c.num_heads, c.num_kv_heads, c.rms_norm_eps, scale)  # [T, hidden]
+        # every layer in one call (layers/csrc/layer_stack.h): a call per layer cost more than a small layer's work
+        x = native.ops(self.fused_tier).decode_layers(
+            x, self.fused_operands, cos, sin, [kv.k for kv in layer_kvs], [kv.v for kv in layer_kvs], meta.slots,
+            meta.row_seq, meta.row_lens, c.num_heads, c.num_kv_heads, c.rms_norm_eps, c.attn_scale)  # [T, hidden]
         x = self.norm(x[batch.logits_indices])  # [N, hidden]
         head = self.lm_head
         if (type(head) is Linear and head.weight.dtype == torch.bfloat16 and len(x) <= BF16_MM_ROWS

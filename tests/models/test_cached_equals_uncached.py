@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kvtest import step_outputs, tiny_pair
+from kvtest import fused_op_rows, step_outputs, tiny_pair
 
 from kvengine.accounting.flops import request_flops
 from kvengine.layers import native
@@ -39,15 +39,6 @@ def _fast_engine(fused: bool = True, **kw) -> LLM:
 
 def _greedy(**kw) -> SamplingParams:
     return SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True, **kw)
-
-
-def _op_rows(monkeypatch) -> list[int]:
-    """Grows by each `decode_layer` call's rows."""
-    calls: list[int] = []
-    ops = native.ops(native.chosen().name)
-    real_op = ops.decode_layer
-    monkeypatch.setattr(ops, "decode_layer", lambda x, *a: calls.append(len(x)) or real_op(x, *a))
-    return calls
 
 
 @pytest.mark.parametrize("kv", ["auto", "float32", "float16"])
@@ -81,10 +72,9 @@ def test_long_prompt_prefill_runs_through_the_op(monkeypatch):
     than one block of rows (tier.h's kMlpRows, 256), and its tokens equal the no-cache run's."""
     llm = _fast_engine()
     prompt = [(7 * i + 3) % 256 for i in range(300)]
-    calls = _op_rows(monkeypatch)
+    calls = fused_op_rows(monkeypatch, llm.model_config.num_layers)
     cached = llm.generate(prompt_token_ids=[prompt], sampling_params=_greedy())[0].token_ids
-    layers = llm.model_config.num_layers
-    assert calls == [len(prompt)] * layers + [1] * layers * (NEW_TOKENS - 1)
+    assert calls == [len(prompt)] + [1] * (NEW_TOKENS - 1)
     assert llm.generate(prompt_token_ids=[prompt], sampling_params=_greedy(), use_cache=False)[0].token_ids == cached
 
 
@@ -93,11 +83,9 @@ def test_no_cache_recomputes_every_token_and_counts_the_same_flops(monkeypatch):
     the run's FLOPs are those of the no-cache baseline, the same as the layer-by-layer engine counts."""
     prompts = PROMPTS[1:]
     llm = _fast_engine(max_num_seqs=2)
-    calls = _op_rows(monkeypatch)
+    calls = fused_op_rows(monkeypatch, llm.model_config.num_layers)
     outs = llm.generate(prompt_token_ids=prompts, sampling_params=_greedy(), use_cache=False)
-    layers = llm.model_config.num_layers
-    texts = [sum(len(p) + k for p in prompts) for k in range(NEW_TOKENS)]  # both whole texts, step by step
-    assert calls == [n for n in texts for _ in range(layers)]
+    assert calls == [sum(len(p) + k for p in prompts) for k in range(NEW_TOKENS)]  # both whole texts, step by step
     assert llm.engine.pool.nbytes and llm.engine.block_tables.num_used_blocks == 0
     monkeypatch.undo()
     plain = _fast_engine(fused=False, max_num_seqs=2).generate(prompt_token_ids=prompts, sampling_params=_greedy(),

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kvtest import assert_tracks_reference, held_out_ids, step_outputs, tiny_pair
+from kvtest import assert_tracks_reference, fused_op_rows, held_out_ids, step_outputs, tiny_pair
 
 from kvengine.engine.runner import ModelRunner
 from kvengine.engine.scheduler import ScheduledSeq
@@ -60,16 +60,6 @@ def _engine(fused: bool, **kw) -> LLM:
     return LLM.from_model(model.to(act_dtype()), None, block_size=4, fused_layers=fused, **kw)
 
 
-def count_decode_layer_calls(monkeypatch) -> list[int]:
-    """A list that grows at every `kvengine::decode_layer` call by the call's rows (sequences); the model looks
-    the op up per call."""
-    calls: list[int] = []
-    ops = native.ops(native.chosen().name)
-    real_op = ops.decode_layer
-    monkeypatch.setattr(ops, "decode_layer", lambda x, *a: calls.append(len(x)) or real_op(x, *a))
-    return calls
-
-
 def _decode(llm: LLM) -> tuple[list[list[int]], list[torch.Tensor], list[bool]]:
     """Greedy tokens of PROMPTS one request after another; the decode steps' logits and whether each step's
     keys came in consecutive blocks."""
@@ -98,12 +88,12 @@ def _decode(llm: LLM) -> tuple[list[list[int]], list[torch.Tensor], list[bool]]:
 def test_fused_layers_equals_layer_by_layer(monkeypatch):
     fused, plain = _engine(True), _engine(False)
     assert fused.engine.model.fused_layer_weights is not None and plain.engine.model.fused_layer_weights is None
-    calls = count_decode_layer_calls(monkeypatch)
+    calls = fused_op_rows(monkeypatch, fused.model_config.num_layers)
     got, got_logits, blocks = _decode(fused)
-    # every step of both requests, 2 layers each: the prompt's uncached tokens (14; then 3, the shared 12 hit the
-    # prefix cache), then 11 one-token decode steps
+    # every step of both requests, one op call each for both layers: the prompt's uncached tokens (14; then 3, the
+    # shared 12 hit the prefix cache), then 11 one-token decode steps
     prefill = [len(PROMPTS[0]), len(PROMPTS[1]) - len(SHARED)]
-    assert calls == [n for p in prefill for n in [p] * 2 + [1] * 2 * (NEW_TOKENS - 1)]
+    assert calls == [n for p in prefill for n in [p] + [1] * (NEW_TOKENS - 1)]
     want, want_logits, _ = _decode(plain)
     assert got == want and [len(t) for t in got] == [NEW_TOKENS] * 2
     assert True in blocks and False in blocks  # a fresh request's blocks, then a prefix-cache hit's
@@ -210,7 +200,7 @@ def test_bf16_weights_decode_through_the_op_as_layer_by_layer():
 
 
 def _generate_recording(llm: LLM, prompts: list[list[int]]):
-    """Greedy NEW_TOKENS for `prompts` together: (outputs, decode_layer calls' rows, the sequences of each decode
+    """Greedy NEW_TOKENS for `prompts` together: (outputs, the fused op's calls' rows, the sequences of each decode
     step, the logits of every step)."""
     rows: list[int] = []
     logits: list[torch.Tensor] = []
@@ -224,7 +214,7 @@ def _generate_recording(llm: LLM, prompts: list[list[int]]):
         return out
 
     with pytest.MonkeyPatch.context() as mp:
-        calls = count_decode_layer_calls(mp)
+        calls = fused_op_rows(mp, llm.model_config.num_layers)
         mp.setattr(ModelRunner, "run", run)
         outs = llm.generate(prompt_token_ids=prompts, sampling_params=SamplingParams(
             max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True))
@@ -265,7 +255,7 @@ def test_several_sequences_decode_together_as_layer_by_layer():
         llm = _engine(fused, max_num_seqs=4)
         outs, calls, rows, logits = _generate_recording(llm, prompts)
         prefill = sum(map(len, prompts))  # the four prompts in one step, then decode steps of four rows
-        assert calls == ([n for n in [prefill, *rows] for _ in range(2)] if fused else [])  # 2 layers each
+        assert calls == ([prefill, *rows] if fused else [])  # a call a step, both layers in it
         bm = llm.engine.block_tables
         assert bm.num_free_blocks == bm.manager.num_blocks
         results.append(([o.token_ids for o in outs], rows, logits))
@@ -305,7 +295,7 @@ def test_fused_layers_under_preemption_prefix_hits_and_chunked_prefill():
                       max_num_seqs=6)
         assert llm.engine.block_tables.num_blocks == 12
         with pytest.MonkeyPatch.context() as mp:
-            rows = count_decode_layer_calls(mp)
+            rows = fused_op_rows(mp, llm.model_config.num_layers)
             outs = llm.generate(prompt_token_ids=prompts, sampling_params=SamplingParams(
                 max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True))
         assert sum(o.metrics.num_preemptions for o in outs) > 0
@@ -317,7 +307,7 @@ def test_fused_layers_under_preemption_prefix_hits_and_chunked_prefill():
     assert results[0] == results[1] and all(len(t) == NEW_TOKENS for t in results[0])
 
 
-def test_decode_layer_rejects_wrong_inputs():
+def test_decode_layer_and_decode_layers_reject_wrong_inputs():
     llm = _engine(True)
     model, pool = llm.engine.model, llm.engine.pool
     c, layer = model.config, pool.layers[0]
@@ -360,11 +350,48 @@ def test_decode_layer_rejects_wrong_inputs():
         call(3, layer.k.to(torch.int8))
     with pytest.raises(RuntimeError, match=bad_cache):  # keys and values of different dtypes
         call(4, layer.v.to(torch.float16 if act_dtype() == torch.bfloat16 else torch.bfloat16))
+    # decode_layers (every layer in one call): its own counts, then each layer's checks as decode_layer's
+    stack = native.ops(native.chosen().name).decode_layers
+    ks, vs = [kv.k for kv in pool.layers], [kv.v for kv in pool.layers]
+    rest = (slots, seq, lens, c.num_heads, c.num_kv_heads, 1e-5, 0.1)
+    per_layer = "one k and one v cache and 10 weight tensors per layer expected"
+    with pytest.raises(RuntimeError, match=per_layer):
+        stack(x, model.fused_operands[:-1], cos, sin, ks, vs, *rest)
+    with pytest.raises(RuntimeError, match=per_layer):
+        stack(x, model.fused_operands, cos, sin, ks, vs[:1], *rest)
+    with pytest.raises(RuntimeError, match=per_layer):
+        stack(x, [], cos, sin, [], [], *rest)
+    with pytest.raises(RuntimeError, match="lens must lie in 1..L"):
+        stack(x, model.fused_operands, cos, sin, ks, vs, slots, seq, torch.tensor([3]), *rest[3:])
     if act_dtype() != torch.bfloat16:
         return
     bf16 = _engine(True, weights="bf16").engine.model.fused_layer_weights[0]  # qkv as a float weight [N, K]
     with pytest.raises(RuntimeError, match="a float weight must be \\[N, K\\] bfloat16"):
         call(0, [w.float() if i == 1 else w for i, w in enumerate(bf16)])
+
+
+def test_decode_layers_equals_decode_layer_in_turn():
+    """The op the model calls once a step (every layer in turn) gives bit for bit what decode_layer called once a
+    layer gives, the caches too: three rows of two sequences, one a prefill of two tokens."""
+    llm = _engine(True)
+    model, pool = llm.engine.model, llm.engine.pool
+    c = model.config
+    ops = native.ops(native.chosen().name)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, c.hidden_size, generator=gen).to(act_dtype())  # [3, H]
+    cos, sin = (torch.randn(3, c.head_dim, generator=gen).to(act_dtype()) for _ in range(2))  # [3, D] each
+    slots, seq, lens = torch.tensor([[4, 5, 6], [9, 2, 2]]), torch.tensor([0, 0, 1]), torch.tensor([2, 3, 1])
+    rest = (slots, seq, lens, c.num_heads, c.num_kv_heads, c.rms_norm_eps, c.attn_scale)
+    for kv in pool.layers:  # (the pool starts uninitialized: NaNs would compare unequal to themselves)
+        kv.k.zero_()
+        kv.v.zero_()
+    fresh = [(kv.k.clone(), kv.v.clone()) for kv in pool.layers]
+    got = ops.decode_layers(x, model.fused_operands, cos, sin, [k for k, _ in fresh], [v for _, v in fresh], *rest)
+    want = x
+    for weights, kv in zip(model.fused_layer_weights, pool.layers, strict=True):
+        want = ops.decode_layer(want, weights, cos, sin, kv.k, kv.v, *rest)
+    assert torch.equal(got, want)
+    assert all(torch.equal(k, kv.k) and torch.equal(v, kv.v) for (k, v), kv in zip(fresh, pool.layers, strict=True))
 
 
 def test_default_model_fused_layers_tracks_fp32(default_gguf, default_llm, monkeypatch):
@@ -377,7 +404,7 @@ def test_default_model_fused_layers_tracks_fp32(default_gguf, default_llm, monke
     assert llm.engine.model.fused_layer_weights is not None
     ids = held_out_ids(llm.tokenizer)
     ref = default_llm.engine.runner.full_logits_no_cache(ids, 0)  # [n, vocab]
-    calls = count_decode_layer_calls(monkeypatch)
+    calls = fused_op_rows(monkeypatch, llm.model_config.num_layers)
     got = torch.cat([s.logits for s in score_chunks(llm.engine.model, ids, act_name(), chunk_size=1)])
-    assert len(calls) == len(ids) * llm.model_config.num_layers  # every one-token step, the first too
+    assert calls == [1] * len(ids)  # every one-token step, the first too
     assert_tracks_reference(got, ref, ids)

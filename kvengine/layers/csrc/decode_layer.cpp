@@ -147,10 +147,16 @@ at::Tensor decode_layer(const at::Tensor& x, at::TensorList w, const at::Tensor&
   return layer_flow<bf16>(x, w, cos, sin, k_cache, v_cache, slots, seq, lens, num_heads, num_kv_heads, eps, scale);
 }
 
+#include "layer_stack.h"
+
 }  // namespace
 
 KV_LIBRARY_FRAGMENT(KV_OPS, m) {
   m.def(kvengine::schema::kDecodeLayer);
+  m.def(kvengine::schema::kDecodeLayers);
 }
 
-KV_LIBRARY_IMPL(KV_OPS, CPU, m) { m.impl("decode_layer", &decode_layer); }
+KV_LIBRARY_IMPL(KV_OPS, CPU, m) {
+  m.impl("decode_layer", &decode_layer);
+  m.impl("decode_layers", &decode_layers);
+}

@@ -146,11 +146,17 @@ at::Tensor decode_layer(const at::Tensor& x, at::TensorList w, const at::Tensor&
   }
 }
 
+#include "layer_stack.h"
+
 }  // namespace
 }  // namespace KV_OPS
 
 KV_LIBRARY_FRAGMENT(KV_OPS, m) {
   m.def(kvengine::schema::kDecodeLayer);
+  m.def(kvengine::schema::kDecodeLayers);
 }
 
-KV_LIBRARY_IMPL(KV_OPS, CPU, m) { m.impl("decode_layer", &KV_OPS::decode_layer); }
+KV_LIBRARY_IMPL(KV_OPS, CPU, m) {
+  m.impl("decode_layer", &KV_OPS::decode_layer);
+  m.impl("decode_layers", &KV_OPS::decode_layers);
+}

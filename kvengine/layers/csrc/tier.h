@@ -29,6 +29,10 @@ constexpr const char* kQ8Gemm = "q8_gemm(Tensor x, Tensor w, Tensor scale) -> Te
 constexpr const char* kDecodeLayer =
     "decode_layer(Tensor x, Tensor[] weights, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, "
     "Tensor slots, Tensor seq, Tensor lens, int num_heads, int num_kv_heads, float eps, float scale) -> Tensor";
+constexpr const char* kDecodeLayers =
+    "decode_layers(Tensor x, Tensor[] weights, Tensor cos, Tensor sin, Tensor(a!)[] k_caches, "
+    "Tensor(b!)[] v_caches, Tensor slots, Tensor seq, Tensor lens, int num_heads, int num_kv_heads, float eps, "
+    "float scale) -> Tensor";
 }  // namespace kvengine::schema
 
 // What decode_layer's attention hands a tier's attend_tile (layer_flow.h): one kv head's attention for a tile of

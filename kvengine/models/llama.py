@@ -142,10 +142,10 @@ class LlamaForCausalLM(DecoderLM):
         """Run every step as one `kvengine::decode_layer` op per layer (all of them in one `decode_layers` call):
         decode steps (one sequence or several), prefill of any length, and no-cache steps (the PyTorch ops'
         dispatch otherwise costs more than their arithmetic in decode steps; compilation removes it too, but
-        traces again in every process). One path for
-        every step is what makes cached and uncached tokens the same: the op computes each row on its own, so a
-        token's keys, values and logits do not depend on the step that computed it. `kv_dtype`: the engine pool's
-        plain dtype (cache/pool.py plain_kv_dtype). Returns "" when enabled, else why not, for the run summary."""
+        traces again in every process). One path for every step is what makes cached and uncached tokens the
+        same: the op computes each row on its own, so a token's keys, values and logits do not depend on the step
+        that computed it. `kv_dtype`: the engine pool's plain dtype (cache/pool.py plain_kv_dtype). Returns ""
+        when enabled, else why not, for the run summary."""
         tier = native.tier_for(self.norm.weight.dtype)
         weights = [layer.fused_weights() for layer in self.layers]
         if tier is None or any(w is None for w in weights):

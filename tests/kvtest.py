@@ -16,6 +16,8 @@ from kvengine.cache.spec import KVCacheSpec
 from kvengine.engine.runner import ModelRunner
 from kvengine.engine.scheduler import ScheduledSeq
 from kvengine.engine.sequence import Sequence
+from kvengine.layers import native
+from kvengine.models.llama import WEIGHTS_PER_LAYER
 from kvengine.models.registry import config_from_hf
 
 
@@ -168,14 +170,12 @@ def assert_tracks_reference(got: torch.Tensor, ref: torch.Tensor, ids: list[int]
 def fused_op_rows(monkeypatch, layers: int) -> list[int]:
     """A list that grows by the rows of every `kvengine::decode_layers` call (the fused op: one call a step, all
     the model's layers; models/llama.py looks the op up per call), each call checked to carry all `layers`."""
-    from kvengine.layers import native
-
     calls: list[int] = []
     ops = native.ops(native.chosen().name)
     real_op = ops.decode_layers
 
     def counted(x, weights, cos, sin, k_caches, *rest):
-        assert len(k_caches) == layers and len(weights) == 10 * layers
+        assert len(k_caches) == layers and len(weights) == WEIGHTS_PER_LAYER * layers
         calls.append(len(x))
         return real_op(x, weights, cos, sin, k_caches, *rest)
 

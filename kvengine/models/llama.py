@@ -132,9 +132,9 @@ class LlamaForCausalLM(DecoderLM):
         self.layers = torch.nn.ModuleList(LlamaDecoderLayer(config, i, dtype) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
         self.lm_head = tied_head(config, self.embed_tokens, dtype)
-        # per layer: the fused layer op's weights (enable_fused_layers), None while the model runs layer by layer
-        self.fused_layer_weights: list[list[torch.Tensor]] | None = None
-        self.fused_operands: list[torch.Tensor] = []  # the same, layer after layer: decode_layers' weights
+        # the fused layer op's weights (enable_fused_layers), layer after layer, WEIGHTS_PER_LAYER each, as
+        # decode_layers takes them; None while the model runs layer by layer
+        self.fused_layer_weights: list[torch.Tensor] | None = None
         self.fused_tier = ""  # the kernel tier (layers/native.py) whose decode_layer runs them
         self.fused_kv_dtype = dtype  # the engine pool's K/V dtype, which no-cache steps' scratch K/V take too
 
@@ -159,8 +159,7 @@ class LlamaForCausalLM(DecoderLM):
             return f"it needs a {kinds} KV cache that keeps every token"
         if self.config.head_dim % tier.head_dim_step:
             return f"it needs a head_dim that is a multiple of {tier.head_dim_step}"
-        self.fused_layer_weights, self.fused_tier = weights, tier.name
-        self.fused_operands = [w for layer in weights for w in layer]
+        self.fused_layer_weights, self.fused_tier = [w for layer in weights for w in layer], tier.name
         self.fused_kv_dtype = kv_dtype
         return ""
 
@@ -200,7 +199,7 @@ class LlamaForCausalLM(DecoderLM):
         cos, sin = self.rotary.table(batch.positions, batch.max_context_len)  # [T, 1, D] each
         # every layer in one call (layers/csrc/layer_stack.h): a call per layer cost more than a small layer's work
         x = native.ops(self.fused_tier).decode_layers(
-            x, self.fused_operands, cos, sin, [kv.k for kv in layer_kvs], [kv.v for kv in layer_kvs], meta.slots,
+            x, self.fused_layer_weights, cos, sin, [kv.k for kv in layer_kvs], [kv.v for kv in layer_kvs], meta.slots,
             meta.row_seq, meta.row_lens, c.num_heads, c.num_kv_heads, c.rms_norm_eps, c.attn_scale)  # [T, hidden]
         x = self.norm(x[batch.logits_indices])  # [N, hidden]
         head = self.lm_head
@@ -248,6 +247,7 @@ class LlamaForCausalLM(DecoderLM):
         return hf, tensor
 
 
+WEIGHTS_PER_LAYER = 10  # decode_layer's weights for one layer (LlamaDecoderLayer.fused_weights; layer_flow.h)
 BF16_MM_ROWS = 4  # steps of at most this many rows multiply bf16 weights with bf16_mm (decode_layer.cpp's kFewRows)
 
 

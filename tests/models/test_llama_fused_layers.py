@@ -21,6 +21,7 @@ from kvengine.engine.scheduler import ScheduledSeq
 from kvengine.engine.sequence import Sequence
 from kvengine.layers import native
 from kvengine.llm import LLM
+from kvengine.models.llama import WEIGHTS_PER_LAYER
 from kvengine.sampling import SamplingParams
 
 pytestmark = pytest.mark.usefixtures("kernel_tier")
@@ -314,8 +315,8 @@ def test_decode_layer_and_decode_layers_reject_wrong_inputs():
     cos = sin = torch.ones(1, c.head_dim, dtype=act_dtype())
     x = torch.zeros(1, c.hidden_size, dtype=act_dtype())
     slots, seq, lens = torch.tensor([[0, 1]]), torch.tensor([0]), torch.tensor([2])
-    args = (model.fused_layer_weights[0], cos, sin, layer.k, layer.v, slots, seq, lens, c.num_heads, c.num_kv_heads,
-            1e-5, 0.1)
+    first = model.fused_layer_weights[:WEIGHTS_PER_LAYER]  # layer 0's
+    args = (first, cos, sin, layer.k, layer.v, slots, seq, lens, c.num_heads, c.num_kv_heads, 1e-5, 0.1)
 
     op = native.ops(native.chosen().name).decode_layer
     act, other = act_name(), torch.float32 if act_dtype() == torch.bfloat16 else torch.bfloat16
@@ -337,13 +338,13 @@ def test_decode_layer_and_decode_layers_reject_wrong_inputs():
     with pytest.raises(RuntimeError, match="lens must lie in 1..L"):
         call(7, torch.tensor([3]))
     with pytest.raises(RuntimeError, match="10 weight tensors expected"):
-        call(0, model.fused_layer_weights[0][:9])
+        call(0, first[:-1])
     with pytest.raises(RuntimeError, match="slots must lie in the cache"):
         call(5, torch.tensor([[0, layer.k.shape[1]]]))
     with pytest.raises(RuntimeError, match=f"cos/sin must be \\[M, D\\] {act}"):
         call(1, torch.ones(2, c.head_dim, dtype=act_dtype()))
     with pytest.raises(RuntimeError, match=f"norm weights must be \\[H\\] {act}"):
-        call(0, [w.to(other) if i == 0 else w for i, w in enumerate(model.fused_layer_weights[0])])
+        call(0, [w.to(other) if i == 0 else w for i, w in enumerate(first)])
     kinds = "bfloat16" if act_dtype() == torch.bfloat16 else "float32, bfloat16 or float16"
     bad_cache = f"caches must be \\[Hkv, slots, D\\] {kinds} with rows of D, both of one dtype"
     with pytest.raises(RuntimeError, match=bad_cache):
@@ -356,16 +357,16 @@ def test_decode_layer_and_decode_layers_reject_wrong_inputs():
     rest = (slots, seq, lens, c.num_heads, c.num_kv_heads, 1e-5, 0.1)
     per_layer = "one k and one v cache and 10 weight tensors per layer expected"
     with pytest.raises(RuntimeError, match=per_layer):
-        stack(x, model.fused_operands[:-1], cos, sin, ks, vs, *rest)
+        stack(x, model.fused_layer_weights[:-1], cos, sin, ks, vs, *rest)
     with pytest.raises(RuntimeError, match=per_layer):
-        stack(x, model.fused_operands, cos, sin, ks, vs[:1], *rest)
+        stack(x, model.fused_layer_weights, cos, sin, ks, vs[:1], *rest)
     with pytest.raises(RuntimeError, match=per_layer):
         stack(x, [], cos, sin, [], [], *rest)
     with pytest.raises(RuntimeError, match="lens must lie in 1..L"):
-        stack(x, model.fused_operands, cos, sin, ks, vs, slots, seq, torch.tensor([3]), *rest[3:])
+        stack(x, model.fused_layer_weights, cos, sin, ks, vs, slots, seq, torch.tensor([3]), *rest[3:])
     if act_dtype() != torch.bfloat16:
         return
-    bf16 = _engine(True, weights="bf16").engine.model.fused_layer_weights[0]  # qkv as a float weight [N, K]
+    bf16 = _engine(True, weights="bf16").engine.model.fused_layer_weights[:WEIGHTS_PER_LAYER]  # qkv: a float [N, K]
     with pytest.raises(RuntimeError, match="a float weight must be \\[N, K\\] bfloat16"):
         call(0, [w.float() if i == 1 else w for i, w in enumerate(bf16)])
 
@@ -386,9 +387,10 @@ def test_decode_layers_equals_decode_layer_in_turn():
         kv.k.zero_()
         kv.v.zero_()
     fresh = [(kv.k.clone(), kv.v.clone()) for kv in pool.layers]
-    got = ops.decode_layers(x, model.fused_operands, cos, sin, [k for k, _ in fresh], [v for _, v in fresh], *rest)
+    got = ops.decode_layers(x, model.fused_layer_weights, cos, sin, [k for k, _ in fresh], [v for _, v in fresh], *rest)
     want = x
-    for weights, kv in zip(model.fused_layer_weights, pool.layers, strict=True):
+    for i, kv in enumerate(pool.layers):
+        weights = model.fused_layer_weights[i * WEIGHTS_PER_LAYER:(i + 1) * WEIGHTS_PER_LAYER]
         want = ops.decode_layer(want, weights, cos, sin, kv.k, kv.v, *rest)
     assert torch.equal(got, want)
     assert all(torch.equal(k, kv.k) and torch.equal(v, kv.v) for (k, v), kv in zip(fresh, pool.layers, strict=True))

@@ -145,7 +145,7 @@ void q4_tile_row(const int8_t* xq, const float* da, const float* sx, const uint8
   for (int64_t g = 0; g < G; ++g) {
     __m256i w0[8], w1[8];
     const at::Half* dg = dmt + g * S::kHalves;
-    prefetch_q4_group<Reuse::kOnce>(wt + g * 256, dg, S::kHalves, kPrefetchBytes);  // a later group
+    prefetch_q4_group<Reuse::kOnce>(wt + g * 256, dg, S::kHalves, kPrefetchBytes);  // a later group's codes, scales
     q4_half(wt + g * 256, 0, w0);
     q4_half(wt + g * 256, 1, w1);
     const int8_t* xg = xq + g * kGroup;
